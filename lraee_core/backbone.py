@@ -192,15 +192,12 @@ def build_backbone(config: BackboneConfig, *, cache_dir: str | None = None) -> C
             model, _, preprocess = open_clip.create_model_and_transforms(
                 config.model_name, pretrained=pretrained, cache_dir=cache_dir
             )
-    except BackboneError:
-        raise
-    except RuntimeError as exc:
-        # open_clip raises RuntimeError for mismatched state dicts: say which architecture was expected.
-        raise BackboneError(
-            f"could not load weights {pretrained!r} into {config.model_name}: {str(exc).splitlines()[0]}"
-        ) from exc
-    except Exception as exc:  # hub download without network, unreadable file, ...
-        raise BackboneError(f"could not build {config.model_name} with {pretrained!r}: {exc}") from exc
+    except Exception as exc:  # mismatched state dict, hub download without network, unreadable file, ...
+        hint = ""
+        if pretrained is not None and weights_sha256 is None:
+            hint = " (pretrained tags are downloaded from the hub; offline, pass a local weights file instead)"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BackboneError(f"could not load weights {pretrained!r} into {config.model_name}: {reason}{hint}") from exc
     if pretrained is not None and weights_sha256 is None:
         weights_sha256 = _hub_file_sha256(config.model_name, pretrained, cache_dir)
     tokenizer = open_clip.get_tokenizer(config.model_name)

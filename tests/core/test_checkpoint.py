@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lraee_core.backbone import build_backbone
+from lraee_core.checkpoint import MANIFEST, TENSORS, load_classifier, read_manifest
+from lraee_core.config import BackboneConfig
+from lraee_core.engine import EarlyExitClassifier
+from lraee_core.errors import CheckpointError
+from lraee_core.random_init import untrained_checkpoint
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> Path:
+    """A private copy each test may damage."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, target)
+    return target
+
+
+def _edit_manifest(directory: Path, **changes: object) -> None:
+    data = json.loads((directory / MANIFEST).read_text())
+    data.update(changes)
+    (directory / MANIFEST).write_text(json.dumps(data))
+
+
+def test_round_trip_describes_itself(checkpoint: Path) -> None:
+    manifest = read_manifest(checkpoint)
+    assert manifest.backbone.model_name == "lraee-tiny-vit12"
+    assert manifest.backbone.model_config_file == "lraee-tiny-vit12.json"  # travels with the checkpoint
+    assert (checkpoint / "lraee-tiny-vit12.json").is_file()
+    assert manifest.quant_mode == "paper" and manifest.quantized_modules == 24
+    assert manifest.candidate_layers == (9, 11, 12)
+    assert manifest.calibration["kind"] == "untrained"
+    classifier = EarlyExitClassifier.from_checkpoint(checkpoint)
+    assert classifier.checkpoint_id == "untrained"
+    assert set(classifier.policy.names) == {"half", "never", "always"}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / MANIFEST).unlink(), "no manifest.json"),
+        (lambda d: (d / MANIFEST).write_text("{not json"), "unreadable"),
+        (lambda d: (d / MANIFEST).write_text("[1, 2]"), "JSON object"),
+        (lambda d: _edit_manifest(d, format_version=99), "format 99 is not supported"),
+        (lambda d: _edit_manifest(d, candidate_layers=[11, 9]), "ascending"),
+        (lambda d: _edit_manifest(d, candidate_layers=[9, 11, 13]), "within 1..12"),
+        (lambda d: _edit_manifest(d, default_operating_point="turbo"), "default operating point 'turbo'"),
+        (lambda d: _edit_manifest(d, operating_points={"half": {"9": 1.5}}), "outside \\[0, 1\\]"),
+        (lambda d: _edit_manifest(d, quant_mode="int4"), "unknown quant mode"),
+        (lambda d: _edit_manifest(d, quantized_modules=48), "converted 24 modules here but 48"),
+        (lambda d: _edit_manifest(d, num_layers=24, candidate_layers=[9, 11, 12]), "the checkpoint expects"),
+        (lambda d: _edit_manifest(d, heads_sha256="0" * 64), "does not match the SHA-256"),
+        (lambda d: (d / TENSORS).write_bytes(b"garbage"), "does not match the SHA-256"),
+        (lambda d: (d / TENSORS).unlink(), "missing"),
+        (lambda d: (d / "lraee-tiny-vit12.json").unlink(), "model config file not found"),
+        (lambda d: _edit_manifest(d, backbone=None), "malformed manifest"),
+    ],
+)
+def test_damaged_checkpoints_fail_with_the_reason(checkpoint: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    damage(checkpoint)
+    with pytest.raises(CheckpointError, match=message):
+        EarlyExitClassifier.from_checkpoint(checkpoint)
+
+
+def test_gate_tensors_of_the_wrong_shape_are_refused(checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lraee_core.backbone import sha256_of_file
+
+    tensors = load_file(str(checkpoint / TENSORS))
+    tensors["gates.9.weight"] = torch.zeros(4)
+    save_file(tensors, str(checkpoint / TENSORS))
+    _edit_manifest(checkpoint, heads_sha256=sha256_of_file(checkpoint / TENSORS))
+    with pytest.raises(CheckpointError, match="layer 9 gate"):
+        EarlyExitClassifier.from_checkpoint(checkpoint)
+
+
+@pytest.mark.slow
+def test_vit_b32_local_weights_checkpoint_end_to_end(tmp_path: Path) -> None:
+    """The real path: ViT-B-32 weights in a local file -> checkpoint -> classifier; swapped weights are refused."""
+    backbone = build_backbone(BackboneConfig("ViT-B-32"))
+    weights = tmp_path / "vit-b-32.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(weights))
+    config = BackboneConfig("ViT-B-32", pretrained=str(weights))
+    manifest = untrained_checkpoint(tmp_path / "ckpt", config, hidden_dim=256)
+    assert manifest.backbone.pretrained_kind == "file" and manifest.backbone.weights_sha256
+    assert manifest.quantized_modules == 24
+    classifier = load_classifier(tmp_path / "ckpt")
+    image = torch.randn(2, 3, 224, 224)
+    results = classifier.classify(image, ["cat", "dog"], operating_point="always")
+    assert [r.exit_layer for r in results] == [9, 9]
+    # other weights of the same shape under the recorded path: refused by hash
+    other = build_backbone(BackboneConfig("ViT-B-32", random_init_seed=1))
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(weights))
+    with pytest.raises(CheckpointError, match="not the ones this checkpoint was calibrated on"):
+        load_classifier(tmp_path / "ckpt")

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lraee_core.engine import EarlyExitClassifier
+from lraee_core.errors import InputError
+from lraee_core.heads import class_logits
+
+LABELS = ["cat", "dog", "car", "tree", "boat"]
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_checkpoint: Path) -> EarlyExitClassifier:
+    return EarlyExitClassifier.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def _mixed_thresholds(classifier: EarlyExitClassifier, images: torch.Tensor) -> dict[int, float]:
+    """Thresholds at the median gate probability of each layer, so some images leave and some go on."""
+    from lraee_core.gate import gate_features
+
+    thresholds = {}
+    text = classifier.text_embeddings(LABELS)
+    with torch.inference_mode():
+        hidden = classifier.backbone.embed(images)
+        for layer in range(1, classifier.num_layers + 1):
+            hidden = classifier.backbone.block(layer, hidden)
+            if layer in classifier.heads:
+                head = classifier.heads[layer]
+                logits = class_logits(head(head.pool(hidden)), text, classifier.backbone.logit_scale)
+                probability = classifier.gates[layer].probability(gate_features(logits, hidden))
+                thresholds[layer] = float(probability.median()) + 1e-6
+    return thresholds
+
+
+def test_batch_gives_each_image_its_own_result(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    thresholds = _mixed_thresholds(classifier, images)
+    batched = classifier.classify(images, LABELS, thresholds=thresholds, top_k=5)
+    paths = {(r.exit_layer, r.exit_path) for r in batched}
+    assert len(paths) > 1, "the thresholds should split the batch across exits"
+    for i, result in enumerate(batched):
+        alone = classifier.classify(images[i : i + 1], LABELS, thresholds=thresholds, top_k=5)[0]
+        assert (alone.exit_layer, alone.exit_path, alone.flops) == (result.exit_layer, result.exit_path, result.flops)
+        assert [p.label for p in alone.predictions] == [p.label for p in result.predictions]
+        for a, b in zip(alone.predictions, result.predictions, strict=True):
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_thresholds_at_one_equal_the_full_depth_int8_model(
+    classifier: EarlyExitClassifier, images: torch.Tensor
+) -> None:
+    results = classifier.classify(images, LABELS, operating_point="never", top_k=5)
+    with torch.inference_mode():
+        features = F.normalize(classifier.backbone.model.encode_image(images), dim=-1)  # quantized tower
+        text = classifier.text_embeddings(LABELS)
+        probs = class_logits(features, text, classifier.backbone.logit_scale).softmax(-1)
+    for row, result in enumerate(results):
+        assert result.exit_path == "full" and result.exit_layer == 12 and not result.exited_early
+        assert result.gate_probability is None
+        for prediction in result.predictions:
+            assert prediction.score == pytest.approx(float(probs[row, LABELS.index(prediction.label)]), abs=1e-5)
+        # every candidate head was evaluated on the way, so full depth costs a little more than plain CLIP
+        assert result.flops_saved < 0
+
+
+def test_thresholds_at_zero_leave_at_the_first_candidate(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    first = classifier.policy.candidate_layers[0]
+    cost = classifier.flops(len(LABELS))
+    for result in classifier.classify(images, LABELS, operating_point="always"):
+        assert result.exit_layer == first and result.exit_path == "head" and result.exited_early
+        assert result.flops == cost.embed + first * cost.block + cost.head + cost.gate
+        assert result.flops_saved == pytest.approx(1 - result.flops / cost.full_depth)
+        assert result.gate_probability is not None
+
+
+def test_forced_exits_follow_the_requested_layers(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    layers = classifier.policy.candidate_layers
+    plan = [layers[0], layers[1], layers[2], None] * 2
+    results = classifier.classify(images, LABELS, forced_exits=plan)
+    assert [r.exit_layer for r in results] == [layers[0], layers[1], layers[2], 12] * 2
+    assert [r.exit_path for r in results] == ["head", "head", "head", "full"] * 2
+
+
+def test_predictions_are_sorted_top_k_probabilities(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    result = classifier.classify(images[:1], LABELS, top_k=3)[0]
+    scores = [p.score for p in result.predictions]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    full = classifier.classify(images[:1], LABELS, top_k=100)[0]
+    assert sum(p.score for p in full.predictions) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_custom_templates_and_bad_requests(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    a = classifier.classify(images[:1], LABELS, templates=["a drawing of a {}"])[0]
+    b = classifier.classify(images[:1], LABELS)[0]
+    assert a.predictions != b.predictions
+    with pytest.raises(InputError, match="unknown operating point 'turbo'; this model has"):
+        classifier.classify(images[:1], LABELS, operating_point="turbo")
+    with pytest.raises(InputError, match="must contain"):
+        classifier.classify(images[:1], LABELS, templates=["no slot"])
+    with pytest.raises(InputError, match="duplicate label"):
+        classifier.classify(images[:1], ["cat", "cat"])
+    with pytest.raises(InputError, match="non-empty image batch"):
+        classifier.classify(images[:0], LABELS)
