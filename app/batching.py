@@ -1,0 +1,264 @@
+"""Micro-batching: concurrent requests that share a label set become one engine batch, run on one worker thread.
+
+Requests are grouped by a key (labels, templates, operating point): only images of the same group can share an
+engine call, since the text embeddings and thresholds are per call. The oldest waiting image decides which group
+runs next, so no group starves. A group runs when it holds ``max_batch_size`` images or its oldest image has waited
+``max_wait`` seconds; while the worker is busy, images pile up and the next batch leaves at once, so the wait only
+costs latency when the service is idle.
+
+One worker thread runs every batch: torch already spreads one batch over the intra-op threads, and two batches at
+once on two cores would only fight over them. The queue is bounded in images; a request that does not fit is
+refused whole (429) rather than partly admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from lraee_core.engine import ExitResult
+
+from .errors import QueueFull, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# (group key, images [B, 3, H, W], top_k) -> one result per image; blocking, runs on the worker thread.
+RunBatch = Callable[[Hashable, torch.Tensor, int], list[ExitResult]]
+# (batch size, engine seconds, results) after each batch, for metrics.
+BatchObserver = Callable[[int, float, Sequence[ExitResult]], None]
+DepthObserver = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one image got from the engine, with where its time went."""
+
+    result: ExitResult
+    queue_seconds: float  # from admission to the start of its engine batch
+    inference_seconds: float  # the whole engine batch it was part of
+    batch_size: int  # images in that batch
+
+
+@dataclass
+class _Job:
+    image: torch.Tensor  # [3, H, W]
+    top_k: int
+    future: asyncio.Future[BatchOutcome]
+    admitted_at: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Bounded queue of images grouped by key, drained by one consumer task onto one worker thread."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_wait_seconds: float,
+        capacity: int,
+        threads: int,
+        on_batch: BatchObserver | None = None,
+        on_depth: DepthObserver | None = None,
+    ) -> None:
+        self._run_batch: RunBatch | None = None
+        self.max_batch_size = max_batch_size
+        self.max_wait_seconds = max_wait_seconds
+        self.capacity = capacity
+        self._on_batch = on_batch
+        self._on_depth = on_depth
+        self._groups: dict[Hashable, deque[_Job]] = {}
+        self._depth = 0
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._consumer: asyncio.Task[None] | None = None
+        self._batch_seconds = 0.05  # moving average of a batch's engine time, for Retry-After
+        # torch's thread count is per thread under OpenMP, so the worker sets its own.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="lraee-infer", initializer=torch.set_num_threads, initargs=(threads,)
+        )
+
+    @property
+    def running(self) -> bool:
+        """True while the consumer task drains the queue."""
+        return not self._closed and self._consumer is not None and not self._consumer.done()
+
+    @property
+    def depth(self) -> int:
+        """Images admitted and not yet handed to the engine."""
+        return self._depth
+
+    async def run_in_worker(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` on the inference worker thread (loading and warm-up use the serving thread)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def start(self, run_batch: RunBatch) -> None:
+        """Start draining the queue into ``run_batch`` (a consumer task on the running loop)."""
+        self._run_batch = run_batch
+        if self._consumer is None:
+            self._consumer = asyncio.get_running_loop().create_task(self._consume(), name="lraee-batcher")
+            self._consumer.add_done_callback(self._consumer_done)
+
+    def _consumer_done(self, task: asyncio.Task[None]) -> None:
+        # Only a bug ends the consumer early; then nobody would answer the waiting requests, so fail them now
+        # (readiness turns 503 at the same moment, since ``running`` is False).
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the batch consumer died", exc_info=task.exception())
+        self._fail_waiting("the inference worker has stopped")
+
+    def _fail_waiting(self, reason: str) -> None:
+        for group in self._groups.values():
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(ServiceUnavailable(reason))
+        self._groups.clear()
+        self._set_depth(0)
+
+    async def stop(self) -> None:
+        """Refuse new work, fail what waits with 503, let the running batch finish, stop the worker."""
+        self._closed = True
+        self._fail_waiting("the service is shutting down")
+        self._wakeup.set()
+        if self._consumer is not None:
+            # Returns once the batch in flight, if any, has answered its requests (a crash was logged already).
+            await asyncio.gather(self._consumer, return_exceptions=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    def retry_after(self) -> int:
+        """Seconds until the current queue has probably drained (at least 1)."""
+        batches = self._depth / self.max_batch_size + 1
+        return max(1, min(60, math.ceil(batches * self._batch_seconds)))
+
+    async def submit(self, key: Hashable, images: Sequence[torch.Tensor], top_k: int) -> list[BatchOutcome]:
+        """Queue ``images`` (all or none) under ``key`` and wait for their results, in order.
+
+        Raises :class:`QueueFull` when they do not fit and :class:`ServiceUnavailable` when stopping. If the caller
+        is cancelled (client gone), images not yet running are withdrawn; a running batch finishes regardless.
+        """
+        if not self.running:
+            raise ServiceUnavailable("the inference worker is not running")
+        if self._depth + len(images) > self.capacity:
+            raise QueueFull(self.retry_after())
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(image=image, top_k=top_k, future=loop.create_future()) for image in images]
+        self._groups.setdefault(key, deque()).extend(jobs)
+        self._set_depth(self._depth + len(jobs))
+        self._wakeup.set()
+        try:
+            outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        except asyncio.CancelledError:
+            self._withdraw(key, jobs)
+            raise
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [outcome for outcome in outcomes if isinstance(outcome, BatchOutcome)]
+
+    def _withdraw(self, key: Hashable, jobs: list[_Job]) -> None:
+        group = self._groups.get(key)
+        if group is None:
+            return
+        leaving = {id(job) for job in jobs}
+        kept = deque(job for job in group if id(job) not in leaving)
+        self._set_depth(self._depth - (len(group) - len(kept)))
+        if kept:
+            self._groups[key] = kept
+        else:
+            del self._groups[key]
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self._on_depth is not None:
+            self._on_depth(depth)
+
+    def _oldest_key(self) -> Hashable | None:
+        if not self._groups:
+            return None
+        return min(self._groups, key=lambda key: self._groups[key][0].admitted_at)
+
+    async def _consume(self) -> None:
+        while not self._closed:
+            key = self._oldest_key()
+            if key is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._let_group_fill(key)
+            jobs = self._take(key)
+            if jobs:
+                await self._execute(key, jobs)
+
+    async def _let_group_fill(self, key: Hashable) -> None:
+        """Wait until the group is full or its oldest image has waited ``max_wait_seconds``."""
+        while True:
+            group = self._groups.get(key)
+            if group is None or len(group) >= self.max_batch_size:
+                return
+            remaining = group[0].admitted_at + self.max_wait_seconds - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self, key: Hashable) -> list[_Job]:
+        group = self._groups.get(key)
+        if group is None:
+            return []
+        jobs = [group.popleft() for _ in range(min(self.max_batch_size, len(group)))]
+        if not group:
+            del self._groups[key]
+        self._set_depth(self._depth - len(jobs))
+        # Futures cancelled by a departed client are skipped here rather than computed for nobody.
+        return [job for job in jobs if not job.future.done()]
+
+    async def _execute(self, key: Hashable, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        top_k = max(job.top_k for job in jobs)
+        try:
+            started, seconds, results = await loop.run_in_executor(
+                self._executor, self._timed_run, key, [job.image for job in jobs], top_k
+            )
+        except Exception as exc:
+            log.exception("engine batch of %d images failed", len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(jobs), seconds, results)
+            except Exception:  # observability must never cost a request its answer
+                log.exception("batch observer failed")
+        for job, result in zip(jobs, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(
+                    BatchOutcome(
+                        result=result,
+                        queue_seconds=max(0.0, started - job.admitted_at),
+                        inference_seconds=seconds,
+                        batch_size=len(jobs),
+                    )
+                )
+
+    def _timed_run(
+        self, key: Hashable, images: list[torch.Tensor], top_k: int
+    ) -> tuple[float, float, list[ExitResult]]:
+        assert self._run_batch is not None, "start() sets it before the first batch"
+        started = time.perf_counter()
+        results = self._run_batch(key, torch.stack(images), top_k)  # [B, 3, H, W]
+        if len(results) != len(images):
+            raise RuntimeError(f"the engine returned {len(results)} results for {len(images)} images")
+        return started, time.perf_counter() - started, results

@@ -1,0 +1,86 @@
+"""The FastAPI application: ``create_app`` wires settings, routes, errors and metrics; the lifespan loads the model.
+
+Readiness: the lifespan loads the checkpoint and runs one warm-up batch before the server accepts connections;
+``/readyz`` is 200 from then until shutdown begins. A checkpoint that cannot be loaded stops start-up (uvicorn exits
+non-zero) with a message naming LRAEE_CHECKPOINT; there is no half-started state serving 503s forever.
+
+Run: ``uvicorn app.main:create_app --factory`` (``make serve``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .auth import ApiKeyMiddleware
+from .batching import MicroBatcher
+from .deps import Runtime
+from .errors import install_error_handlers
+from .images import ImageDecoder, set_pil_pixel_limit
+from .metrics import Metrics, RequestMetricsMiddleware
+from .routers import classify, health, model
+from .service import ModelService
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load and warm the model, start the batcher and decoder; on shutdown stop taking work and drain."""
+    runtime: Runtime = app.state.runtime
+    settings = runtime.settings
+    set_pil_pixel_limit(settings.max_image_pixels)
+    batcher: MicroBatcher | None = None
+    decoder: ImageDecoder | None = None
+    try:
+        # Loading happens on the inference worker too: nothing blocks the loop, and warm-up initialises the very
+        # thread (and its torch thread pool) that serves requests.
+        batcher = MicroBatcher(
+            max_batch_size=settings.max_batch_size,
+            max_wait_seconds=settings.max_batch_wait_seconds,
+            capacity=settings.queue_capacity,
+            threads=settings.threads,
+            on_batch=runtime.metrics.observe_batch,
+            on_depth=runtime.metrics.queue_depth.set,
+        )
+        service = await batcher.run_in_worker(ModelService.load, settings)
+        await batcher.run_in_worker(service.warm_up)
+        decoder = ImageDecoder(service.preprocess, max_pixels=settings.max_image_pixels)
+        batcher.start(service.run_batch)
+        runtime.metrics.bind_model(service.classifier)
+        runtime.service, runtime.batcher, runtime.decoder = service, batcher, decoder
+        runtime.phase = "ready"
+        log.info("ready: %s", service.classifier.checkpoint_id)
+        yield
+    finally:
+        runtime.phase = "stopping"
+        if batcher is not None:
+            await batcher.stop()
+        if decoder is not None:
+            decoder.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; settings come from ``LRAEE_*`` environment variables unless given."""
+    settings = settings if settings is not None else Settings()
+    app = FastAPI(
+        title="LRA-EE zero-shot classification",
+        summary="Zero-shot image classification on an INT8 CLIP with layer-wise early exit",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    metrics = Metrics()
+    app.state.runtime = Runtime(settings=settings, metrics=metrics)
+    install_error_handlers(app)
+    app.include_router(classify.router)
+    app.include_router(model.router)
+    app.include_router(health.router)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    # Added last, so outermost: it also counts what the key check refuses.
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

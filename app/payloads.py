@@ -1,0 +1,232 @@
+"""Request bodies of the classify routes: bounded reading, then JSON (base64 images) or multipart (files).
+
+Both forms end as the same :class:`ParsedRequest`: raw image bytes plus :class:`ClassifyOptions`, validated by the
+same pydantic model, so the two content types cannot drift apart. The service never fetches anything: an image
+given as a URL is simply invalid base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Message, Receive
+
+from .errors import (
+    BadRequest,
+    ClientClosedRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    validation_details,
+    validation_message,
+)
+from .schemas import BatchJsonRequest, ClassifyJsonRequest, ClassifyOptions
+from .settings import MAX_TEMPLATES, Settings
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+_LIST_FIELDS = ("labels", "templates")  # repeated form fields, or one field holding a JSON list
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """What a classify request asks for, before any image is decoded."""
+
+    images: list[bytes]  # encoded image files, in request order
+    options: ClassifyOptions
+
+
+def media_type(request: Request) -> str:
+    """The request's media type without parameters, lower-cased ('' when absent)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes: by Content-Length up front, then by bytes received
+    (a client can lie about, or omit, its Content-Length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BadRequest(f"invalid Content-Length {declared!r}") from None
+        if length > limit:
+            raise PayloadTooLarge(f"the request body ({length} bytes) exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosedRequest("the client disconnected while sending the body") from None
+    return b"".join(chunks)
+
+
+def _validate_options(model: type[ClassifyOptions], data: dict[str, Any]) -> ClassifyOptions:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        raise InvalidInput(
+            validation_message(errors), code="validation_error", details=validation_details(errors)
+        ) from None
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """Image bytes from plain base64 or a ``data:<type>;base64,`` URL; line breaks, URL-safe alphabet and missing
+    padding are tolerated. Size is checked before decoding."""
+    payload = text.strip()
+    if payload[:5].lower() == "data:":
+        header, comma, payload = payload.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise BadRequest(
+                "a data: URL image must be base64-encoded (data:<type>;base64,<data>)", code="invalid_base64"
+            )
+    payload = "".join(payload.split())
+    if not payload:
+        raise BadRequest("the image is empty", code="empty_image")
+    if len(payload) // 4 * 3 > max_bytes + 3:
+        raise PayloadTooLarge(f"the image exceeds {max_bytes} bytes", code="image_too_large")
+    payload = payload.replace("-", "+").replace("_", "/") + "=" * (-len(payload) % 4)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("the image is not valid base64 (URLs are not fetched)", code="invalid_base64") from None
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {max_bytes}", code="image_too_large")
+    return data
+
+
+def _parse_json(body: bytes, settings: Settings, *, batch: bool) -> ParsedRequest:
+    if not body.strip():
+        raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
+        raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the JSON body must be an object", code="validation_error")
+    parsed = _validate_options(BatchJsonRequest if batch else ClassifyJsonRequest, data)
+    if isinstance(parsed, BatchJsonRequest):
+        encoded = parsed.images
+        _check_batch_count(len(encoded), settings)
+    else:
+        assert isinstance(parsed, ClassifyJsonRequest)
+        encoded = [parsed.image]
+    images = []
+    for index, text in enumerate(encoded):
+        try:
+            images.append(decode_base64(text, settings.max_upload_bytes))
+        except (BadRequest, PayloadTooLarge) as exc:
+            raise exc.for_image(index) if batch else exc from None
+    return ParsedRequest(images, parsed)
+
+
+def _check_batch_count(count: int, settings: Settings) -> None:
+    if count < 1:
+        raise InvalidInput("at least one image is required", code="no_images")
+    if count > settings.max_batch_images:
+        raise InvalidInput(f"too many images: {count} > {settings.max_batch_images}", code="too_many_images")
+
+
+def _list_field(name: str, values: list[str | UploadFile]) -> list[str]:
+    """Repeated text fields, or one field holding a JSON list of strings."""
+    texts = []
+    for value in values:
+        if not isinstance(value, str):
+            raise InvalidInput(f"{name} must be text fields, not files", code="validation_error")
+        texts.append(value)
+    if len(texts) == 1 and texts[0].lstrip().startswith("["):
+        try:
+            parsed = json.loads(texts[0])
+        except (ValueError, RecursionError):
+            raise InvalidInput(f"{name} looks like a JSON list but is not valid JSON", code=f"invalid_{name}") from None
+        if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+            raise InvalidInput(f"{name} as one field must be a JSON list of strings", code=f"invalid_{name}")
+        return parsed
+    return texts
+
+
+async def _files(form: FormData, name: str, settings: Settings, *, batch: bool) -> list[bytes]:
+    values = form.getlist(name)
+    images = []
+    for index, value in enumerate(values):
+        try:
+            if not isinstance(value, UploadFile):
+                raise UnsupportedMediaType(f"'{name}' must be a file upload", code="invalid_image")
+            if value.size is not None and value.size > settings.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"the image is {value.size} bytes; the limit is {settings.max_upload_bytes}", code="image_too_large"
+                )
+            data = await value.read(settings.max_upload_bytes + 1)
+            if len(data) > settings.max_upload_bytes:
+                raise PayloadTooLarge(f"the image exceeds {settings.max_upload_bytes} bytes", code="image_too_large")
+        except (UnsupportedMediaType, PayloadTooLarge) as exc:
+            raise exc.for_image(index) if batch else exc from None
+        images.append(data)
+    return images
+
+
+async def _parse_multipart(request: Request, body: bytes, settings: Settings, *, batch: bool) -> ParsedRequest:
+    image_field = "images" if batch else "image"
+    replayed = Request(request.scope, receive=_replay(body))
+    try:
+        async with replayed.form(
+            max_files=settings.max_batch_images if batch else 1,
+            max_fields=settings.max_labels + MAX_TEMPLATES + 8,
+        ) as form:
+            if batch:
+                _check_batch_count(len(form.getlist(image_field)), settings)
+            elif not form.getlist(image_field):
+                raise InvalidInput("the multipart field 'image' (a file) is required", code="validation_error")
+            images = await _files(form, image_field, settings, batch=batch)
+            data: dict[str, Any] = {}
+            for name in dict.fromkeys(form.keys()):
+                if name == image_field:
+                    continue
+                values = form.getlist(name)
+                if name in _LIST_FIELDS:
+                    data[name] = _list_field(name, values)
+                elif len(values) == 1 and values[0] == "":
+                    continue  # an empty optional form field means "not given" (what HTML forms send)
+                else:
+                    data[name] = values[0] if len(values) == 1 else values
+    except StarletteHTTPException as exc:  # starlette's multipart parser reports limits and syntax this way
+        raise BadRequest(f"malformed multipart body: {exc.detail}", code="invalid_multipart") from None
+    return ParsedRequest(images, _validate_options(ClassifyOptions, data))
+
+
+def _replay(body: bytes) -> Receive:
+    """An ASGI receive that hands over an already read body once."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def parse_classify_request(request: Request, settings: Settings, *, batch: bool) -> ParsedRequest:
+    """Read and parse a ``/classify`` (``batch=False``) or ``/classify/batch`` body of either content type."""
+    kind = media_type(request)
+    if kind != JSON and not kind.endswith("+json") and kind != MULTIPART:
+        raise UnsupportedMediaType(f"content type {kind or '(none)'!r} is not supported; send {MULTIPART} or {JSON}")
+    body = await read_body(request, settings.body_limit(settings.max_batch_images if batch else 1))
+    if kind == MULTIPART:
+        return await _parse_multipart(request, body, settings, batch=batch)
+    return _parse_json(body, settings, batch=batch)

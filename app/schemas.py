@@ -1,0 +1,151 @@
+"""Request and response bodies of the HTTP API (pydantic v2)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---- requests --------------------------------------------------------------------------------------------------
+
+
+class ClassifyOptions(BaseModel):
+    """What to classify against; shared by single and batch requests, JSON and multipart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[str] = Field(
+        description="Candidate labels (1..LRAEE_MAX_LABELS, unique, non-empty, at most LRAEE_MAX_LABEL_CHARS each)",
+        examples=[["cat", "dog", "car"]],
+    )
+    templates: list[str] | None = Field(
+        default=None,
+        description="Prompt templates, each containing '{}' where the label goes; default: open_clip's 7 simple "
+        "ImageNet templates",
+        examples=[["a photo of a {}."]],
+    )
+    top_k: int = Field(default=5, description="Predictions returned (1..LRAEE_MAX_LABELS; capped at the label count)")
+    operating_point: str | None = Field(
+        default=None, description="A stored threshold set (see GET /model); default: the checkpoint's default"
+    )
+
+
+class ClassifyJsonRequest(ClassifyOptions):
+    """``POST /classify`` as JSON."""
+
+    image: str = Field(description="The image file, base64 (plain or a data: URL); never a URL to fetch")
+
+
+class BatchJsonRequest(ClassifyOptions):
+    """``POST /classify/batch`` as JSON."""
+
+    images: list[str] = Field(description="Image files, base64 (plain or data: URLs); 1..LRAEE_MAX_BATCH_IMAGES")
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+
+
+class PredictionOut(BaseModel):
+    """One label and its probability over the request's label set."""
+
+    label: str
+    score: float
+
+
+class Timing(BaseModel):
+    """Where the request's time went, in milliseconds."""
+
+    decode: float = Field(description="Decoding and preprocessing this image")
+    queue: float = Field(description="Waiting for its engine batch to start")
+    inference: float = Field(description="The engine batch this image was part of")
+
+
+class ClassifyResponse(BaseModel):
+    """The answer for one image."""
+
+    predictions: list[PredictionOut] = Field(description="Top-k labels, highest score first")
+    exit_layer: int = Field(description="1-based layer the answer came from (num_layers on the full-depth path)")
+    num_layers: int = Field(description="Blocks in the vision tower")
+    exited_early: bool = Field(description="True when the image skipped at least one block")
+    exit_path: Literal["head", "full"] = Field(description="'head': an exit head answered; 'full': the CLIP path")
+    gate_probability: float | None = Field(description="The gate's probability at the exit layer (null on 'full')")
+    flops: float = Field(description="GFLOPs spent on this image, heads and gates included")
+    flops_saved: float = Field(description="Fraction of full-depth FLOPs not spent (negative if heads cost more)")
+    operating_point: str = Field(description="The operating point actually used")
+    model: str = Field(description="Checkpoint id")
+    timing_ms: Timing
+
+
+class BatchResponse(BaseModel):
+    """One result per image, in request order."""
+
+    results: list[ClassifyResponse]
+
+
+class OperatingPointOut(BaseModel):
+    """A stored threshold set."""
+
+    thresholds: dict[str, float] = Field(description="Candidate layer -> gate threshold (>= 1 never exits)")
+
+
+class PrunedLayerOut(BaseModel):
+    """A candidate layer removed by pathological-layer pruning."""
+
+    layer: int
+    inr: float
+    reason: str
+
+
+class ModelSummary(BaseModel):
+    """What ``GET /model`` tells about the loaded checkpoint."""
+
+    model: str = Field(description="Checkpoint id")
+    backbone: str = Field(description="open_clip architecture / weights source")
+    quant_mode: str
+    quantized_modules: int = Field(description="Modules converted to dynamic INT8")
+    num_layers: int
+    image_size: int
+    candidate_layers: list[int]
+    pruned_layers: list[PrunedLayerOut]
+    operating_points: dict[str, OperatingPointOut]
+    default_operating_point: str
+    calibration: dict[str, Any] = Field(description="How the thresholds were calibrated")
+    metrics: dict[str, Any] = Field(description="Accuracies and FLOPs measured at calibration")
+    limits: dict[str, int] = Field(description="Request limits of this service")
+
+
+class Status(BaseModel):
+    """Health probe answer."""
+
+    status: str
+
+
+class ErrorDetail(BaseModel):
+    """The one error shape's inner object."""
+
+    code: str = Field(examples=["invalid_image"])
+    message: str
+    status: int
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the service answers."""
+
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request (JSON, base64, multipart, empty image)",
+    401: "Missing or wrong API key",
+    413: "Body, image bytes or image pixels over the limit",
+    415: "Unsupported content type, or not an image",
+    422: "Invalid labels, templates, top_k, operating point, or a damaged image",
+    429: "Queue full; see Retry-After",
+    503: "Model not loaded yet, or shutting down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries in the error shape for ``statuses``."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}

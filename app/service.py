@@ -1,0 +1,200 @@
+"""The loaded model as the service sees it: loading with actionable errors, warm-up, request validation against
+the checkpoint (labels, templates, operating points), the blocking batch call the worker thread makes, and the
+summary ``GET /model`` shows. Knows nothing of HTTP transport; raises the service's errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lraee_core.checkpoint import MANIFEST, load_classifier
+from lraee_core.engine import EarlyExitClassifier, ExitResult
+from lraee_core.errors import InputError, LraeeError
+from lraee_core.text import validate_labels, validate_templates
+
+from .errors import InvalidInput, StartupError
+from .schemas import ClassifyOptions, ClassifyResponse, ModelSummary, OperatingPointOut, PredictionOut, PrunedLayerOut
+from .schemas import Timing as TimingOut
+from .settings import MAX_PROMPTS, MAX_TEMPLATES, Settings
+
+log = logging.getLogger(__name__)
+
+WARM_UP_LABELS = ("a photo",)
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must share to ride in one engine batch: the text side and the thresholds."""
+
+    labels: tuple[str, ...]  # validated, stripped, in request order
+    templates: tuple[str, ...] | None  # None: the engine's default templates
+    operating_point: str  # resolved name (never None, so "default" and its explicit name batch together)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated request: its batch key and how many predictions it wants."""
+
+    key: BatchKey
+    top_k: int
+
+
+class ModelService:
+    """An :class:`EarlyExitClassifier` plus the service's limits."""
+
+    def __init__(self, classifier: EarlyExitClassifier, settings: Settings) -> None:
+        self.classifier = classifier
+        self.settings = settings
+        if settings.max_labels > classifier.max_labels:
+            raise StartupError(
+                f"LRAEE_MAX_LABELS={settings.max_labels} exceeds the engine's limit of {classifier.max_labels}"
+            )
+
+    @classmethod
+    def load(cls, settings: Settings) -> ModelService:
+        """Load the configured checkpoint (blocking); :class:`StartupError` says what to fix."""
+        path = settings.checkpoint
+        if not (path / MANIFEST).is_file():
+            raise StartupError(
+                f"no LRA-EE checkpoint at {path} ({MANIFEST} not found). Set LRAEE_CHECKPOINT to a checkpoint "
+                "directory (manifest.json + heads.safetensors), e.g. one written by `lraee-train`."
+            )
+        weights = settings.backbone_weights
+        if weights is not None and not weights.is_file():
+            raise StartupError(f"LRAEE_BACKBONE_WEIGHTS={weights} is not a file")
+        try:
+            classifier = load_classifier(
+                path,
+                weights=str(weights) if weights is not None else None,
+                text_cache_capacity=settings.text_cache_size,
+                cache_dir=str(settings.open_clip_cache_dir) if settings.open_clip_cache_dir is not None else None,
+            )
+        except LraeeError as exc:
+            raise StartupError(f"cannot load the checkpoint LRAEE_CHECKPOINT={path}: {exc}") from exc
+        log.info(
+            "loaded checkpoint %s: %s, quant %s (%d modules), candidate layers %s",
+            classifier.checkpoint_id,
+            classifier.backbone.name,
+            classifier.quant_report.mode,
+            len(classifier.quant_report.converted),
+            list(classifier.policy.candidate_layers),
+        )
+        return cls(classifier, settings)
+
+    def preprocess(self, image: Image.Image) -> Any:
+        """The backbone's own transform: RGB PIL image -> [3, H, W] tensor."""
+        return self.classifier.backbone.preprocess(image)
+
+    def warm_up(self) -> None:
+        """One tiny batch through every stage (blocking), so the first request pays no lazy initialisation."""
+        size = self.classifier.backbone.shape.image_size
+        image = self.preprocess(Image.new("RGB", (size, size), (128, 128, 128)))
+        self.classifier.classify(image.unsqueeze(0), WARM_UP_LABELS, top_k=1)
+
+    def prepare(self, options: ClassifyOptions) -> Query:
+        """Validate a request's text side and options against the limits and the checkpoint."""
+        settings = self.settings
+        try:
+            labels = validate_labels(options.labels, settings.max_labels, settings.max_label_chars)
+        except InputError as exc:
+            raise InvalidInput(str(exc), code="invalid_labels") from exc
+        templates = None
+        if options.templates is not None:
+            if len(options.templates) > MAX_TEMPLATES:
+                raise InvalidInput(
+                    f"too many templates: {len(options.templates)} > {MAX_TEMPLATES}", code="invalid_templates"
+                )
+            if any(len(template) > settings.max_label_chars for template in options.templates):
+                raise InvalidInput(
+                    f"templates must be at most {settings.max_label_chars} characters", code="invalid_templates"
+                )
+            try:
+                templates = validate_templates(options.templates)
+            except InputError as exc:
+                raise InvalidInput(str(exc), code="invalid_templates") from exc
+            if len(labels) * len(templates) > MAX_PROMPTS:
+                raise InvalidInput(
+                    f"{len(labels)} labels x {len(templates)} templates = {len(labels) * len(templates)} prompts; "
+                    f"the limit is {MAX_PROMPTS}",
+                    code="invalid_templates",
+                )
+        policy = self.classifier.policy
+        operating_point = options.operating_point or policy.default_operating_point
+        if operating_point not in policy.names:
+            raise InvalidInput(
+                f"unknown operating point {operating_point!r}; this model has {list(policy.names)}",
+                code="unknown_operating_point",
+            )
+        if not 1 <= options.top_k <= settings.max_labels:
+            raise InvalidInput(f"top_k must be between 1 and {settings.max_labels}", code="invalid_top_k")
+        return Query(BatchKey(labels, templates, operating_point), options.top_k)
+
+    def run_batch(self, key: Hashable, images: torch.Tensor, top_k: int) -> list[ExitResult]:
+        """One engine call (blocking; the batcher's worker thread makes it)."""
+        assert isinstance(key, BatchKey)
+        try:
+            return self.classifier.classify(
+                images, key.labels, templates=key.templates, top_k=top_k, operating_point=key.operating_point
+            )
+        except InputError as exc:  # prepare() checks all of this first; kept so a gap is a 422, not a 500
+            raise InvalidInput(str(exc)) from exc
+
+    def response(self, result: ExitResult, *, top_k: int, operating_point: str, timing: TimingOut) -> ClassifyResponse:
+        """The API's view of one engine result (predictions cut to this request's ``top_k``)."""
+        return ClassifyResponse(
+            predictions=[PredictionOut(label=p.label, score=p.score) for p in result.predictions[:top_k]],
+            exit_layer=result.exit_layer,
+            num_layers=result.num_layers,
+            exited_early=result.exited_early,
+            exit_path=result.exit_path,
+            gate_probability=result.gate_probability,
+            flops=result.flops / 1e9,
+            flops_saved=result.flops_saved,
+            operating_point=operating_point,
+            model=self.classifier.checkpoint_id,
+            timing_ms=timing,
+        )
+
+    def summary(self) -> ModelSummary:
+        """Manifest summary for ``GET /model``."""
+        classifier = self.classifier
+        manifest = classifier.manifest
+        policy = classifier.policy
+        settings = self.settings
+        return ModelSummary(
+            model=classifier.checkpoint_id,
+            backbone=classifier.backbone.name,
+            quant_mode=classifier.quant_report.mode,
+            quantized_modules=len(classifier.quant_report.converted),
+            num_layers=classifier.num_layers,
+            image_size=classifier.backbone.shape.image_size,
+            candidate_layers=list(policy.candidate_layers),
+            pruned_layers=[
+                PrunedLayerOut(layer=p.layer, inr=p.inr, reason=p.reason)
+                for p in (manifest.pruned_layers if manifest is not None else ())
+            ],
+            operating_points={
+                point.name: OperatingPointOut(
+                    thresholds={str(layer): value for layer, value in sorted(point.thresholds.items())}
+                )
+                for point in policy.operating_points
+            },
+            default_operating_point=policy.default_operating_point,
+            calibration=dict(manifest.calibration) if manifest is not None else {},
+            metrics=dict(manifest.metrics) if manifest is not None else {},
+            limits={
+                "max_labels": settings.max_labels,
+                "max_label_chars": settings.max_label_chars,
+                "max_templates": MAX_TEMPLATES,
+                "max_prompts": MAX_PROMPTS,
+                "max_batch_images": settings.max_batch_images,
+                "max_upload_bytes": settings.max_upload_bytes,
+                "max_image_pixels": settings.max_image_pixels,
+            },
+        )

@@ -1,0 +1,78 @@
+"""Service configuration: one ``BaseSettings`` read from ``LRAEE_*`` environment variables, validated at start-up.
+
+The deploy files use exactly these names; a bad value stops the process before it binds its port.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lraee_core.assets import DEFAULT_CHECKPOINT
+from lraee_core.text import MAX_LABEL_CHARS
+
+MIB = 1024 * 1024
+MAX_TEMPLATES = 100  # prompt templates per request; each label is encoded once per template
+# Prompts (labels x templates) one request may send to the text tower: 1000 labels x the 7 default templates fit.
+# New labels are encoded on the inference worker, so this bounds how long one request can hold it.
+MAX_PROMPTS = 10_000
+# Room in a request body for everything but the images (labels, templates, options, multipart framing). JSON may
+# escape one character as up to 6 bytes ("\uXXXX"), hence the factor.
+_TEXT_BYTES_PER_CHAR = 6
+_BODY_SLACK_BYTES = 64 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment (prefix ``LRAEE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LRAEE_", frozen=True, extra="ignore")
+
+    checkpoint: Path = Field(
+        default=DEFAULT_CHECKPOINT, description="LRA-EE checkpoint directory (manifest.json + heads)"
+    )
+    backbone_weights: Path | None = Field(
+        default=None, description="local backbone weights file overriding the manifest's"
+    )
+    open_clip_cache_dir: Path | None = Field(default=None, description="open_clip download cache")
+    threads: int = Field(default=2, ge=1, le=256, description="torch intra-op threads of the inference worker")
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="images per engine batch")
+    max_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="how long a batch waits for company")
+    queue_capacity: int = Field(default=256, ge=1, description="images waiting for the engine before 429")
+    max_upload_bytes: int = Field(default=10 * MIB, ge=1024, description="bytes of one encoded image")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height of one image (bomb guard)")
+    max_labels: int = Field(default=1000, ge=1, le=10_000, description="labels per request")
+    max_label_chars: int = Field(default=200, ge=1, le=MAX_LABEL_CHARS, description="characters per label / template")
+    max_batch_images: int = Field(default=32, ge=1, le=1024, description="images per /classify/batch request")
+    text_cache_size: int = Field(default=8192, ge=1, description="label embeddings kept in the engine's LRU")
+    api_key: SecretStr | None = Field(default=None, description="when set, required on everything but health probes")
+
+    @field_validator("api_key")
+    @classmethod
+    def _blank_key_means_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # Deploy templates often render an unset secret as an empty variable; that must not become the key "".
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _batch_fits_queue(self) -> Self:
+        # A batch request is admitted to the queue all at once; a bigger batch than the queue could never run.
+        if self.max_batch_images > self.queue_capacity:
+            raise ValueError(
+                f"LRAEE_MAX_BATCH_IMAGES ({self.max_batch_images}) must not exceed "
+                f"LRAEE_QUEUE_CAPACITY ({self.queue_capacity})"
+            )
+        return self
+
+    @property
+    def max_batch_wait_seconds(self) -> float:
+        """``max_batch_wait_ms`` in seconds."""
+        return self.max_batch_wait_ms / 1000.0
+
+    def body_limit(self, images: int) -> int:
+        """Largest request body accepted for ``images`` images: base64 of each (4/3) plus the text allowance."""
+        text = (self.max_labels + MAX_TEMPLATES) * self.max_label_chars * _TEXT_BYTES_PER_CHAR
+        return images * (self.max_upload_bytes * 4 // 3 + 4) + text + _BODY_SLACK_BYTES

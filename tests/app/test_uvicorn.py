@@ -1,0 +1,88 @@
+"""The real thing: a uvicorn process on loopback, started the way `make serve` starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from . import imagegen
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(checkpoint: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LRAEE_")}
+    env.update(LRAEE_CHECKPOINT=str(checkpoint), LRAEE_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
+    return subprocess.Popen(
+        [*command, "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> str:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.stdout is not None
+    return process.stdout.read().decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_uvicorn_serves_a_real_png(tiny_checkpoint: Path) -> None:
+    port = free_port()
+    process = start(tiny_checkpoint, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, stop(process)
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "uvicorn did not become ready in 90 s"
+            time.sleep(0.2)
+        response = httpx.post(
+            f"{base}/classify",
+            files={"image": ("cat.png", imagegen.noise_png(5), "image/png")},
+            data={"labels": ["cat", "dog"]},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["label"] in {"cat", "dog"}
+        assert "lraee_requests_total" in httpx.get(f"{base}/metrics", timeout=5).text
+    finally:
+        output = stop(process)
+    # Graceful shutdown on SIGTERM (recent uvicorn re-raises the signal after it, hence -SIGTERM).
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+
+
+@pytest.mark.slow
+def test_uvicorn_refuses_to_start_without_a_checkpoint(tmp_path: Path) -> None:
+    process = start(tmp_path / "no-checkpoint", free_port())
+    try:
+        process.wait(timeout=90)
+    finally:
+        output = stop(process)
+    assert process.returncode != 0
+    assert "LRAEE_CHECKPOINT" in output and "Application startup failed" in output
