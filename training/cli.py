@@ -1,0 +1,253 @@
+"""``lraee-train <step>``: the offline jobs from the command line.
+
+Every step takes the same options. The run's configuration is resolved as: defaults, then the work dir's
+``config.json`` from an earlier call, then ``--config FILE``, then the options given on this command line; the
+result is written back to ``<work dir>/config.json``, so later steps in the same work dir need only ``--work-dir``.
+A step runs the steps it reads from first (each skipped when up to date), like ``make``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lraee_core.config import QUANT_MODES
+from lraee_core.errors import LraeeError
+
+from .build import STEPS, run_build
+from .calibrate import OPERATING_POINTS
+from .config import BuildConfig, ConfigError, Job, load_build_config, write_json
+from .data import WORLD_PREFIX
+from .evaluate import EngineMismatchError
+
+log = logging.getLogger("training")
+CONFIG_FILE = "config.json"
+
+
+def _path(value: str) -> str:
+    return str(Path(value).expanduser().resolve())
+
+
+def _pretrained(value: str) -> str:
+    """A weights file becomes an absolute path (config.json is reused from any directory); a tag stays a tag."""
+    return _path(value) if Path(value).expanduser().exists() or "/" in value else value
+
+
+def _source(value: str) -> str:
+    return value if value.startswith(WORLD_PREFIX) else _path(value)
+
+
+def _split_size(value: str) -> float | int:
+    """ "0.2" -> a fraction, "500" -> a count (scikit-learn's test_size convention)."""
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
+def _layers(value: str) -> tuple[int, ...]:
+    return tuple(sorted({int(part) for part in value.split(",") if part.strip()}))
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option that sets one config field."""
+
+    flag: str  # e.g. "--model"
+    field: str  # dotted path into BuildConfig, e.g. "backbone.model_name"
+    parse: Callable[[str], Any]  # text -> value
+    help: str  # shown by --help
+    choices: Sequence[str] | None = None  # allowed values
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--model", "backbone.model_name", str, "open_clip model name, e.g. ViT-B-32"),
+    Option("--pretrained", "backbone.pretrained", _pretrained, "open_clip pretrained tag or a local weights file"),
+    Option("--model-config", "backbone.model_config_file", _path, "open_clip JSON architecture to register"),
+    Option("--random-init-seed", "backbone.random_init_seed", int, "seed of a backbone without pretrained weights"),
+    Option("--quant", "quant_mode", str, "vision-tower quantization", QUANT_MODES),
+    Option("--data", "data.source", _source, "ImageFolder root, .csv/.jsonl manifest, or world:SPLIT:LABEL_SET:N"),
+    Option("--eval-data", "data.eval_source", _source, "separate evaluation images (no eval split is carved)"),
+    Option("--classes-tsv", "data.classes_tsv", _path, "ImageNet table wnid<TAB>index<TAB>name... for wnid folders"),
+    Option("--classes-file", "data.classes_file", _path, "one class name per line: the label set"),
+    Option(
+        "--label-space",
+        "data.label_space",
+        str,
+        "label set: classes in --data, or all 1000 ImageNet ones",
+        ("present", "imagenet-1k"),
+    ),
+    Option("--head-split", "data.head_split", _split_size, "head-training images: fraction or count"),
+    Option("--gate-split", "data.gate_split", _split_size, "gate-fitting images: fraction or count"),
+    Option("--calib-split", "data.calib_split", _split_size, "calibration images: fraction or count"),
+    Option("--eval-split", "data.eval_split", _split_size, "evaluation images: fraction or count"),
+    Option("--per-class-limit", "data.per_class_limit", int, "at most this many images per class"),
+    Option("--eval-limit", "data.eval_limit", int, "at most this many evaluation images"),
+    Option("--split-seed", "data.seed", int, "seed of the split"),
+    Option("--profile-images", "profile.num_images", int, "calibration images profiled"),
+    Option("--profile-batch-size", "profile.batch_size", int, "profile batch size"),
+    Option(
+        "--candidate-layers",
+        "extract.candidate_layers",
+        _layers,
+        "cached layers, e.g. 6,7,8,9,10,11,12; unset: every layer >= depth/2",
+    ),
+    Option("--batch-size", "extract.batch_size", int, "extraction batch size"),
+    Option("--shard-size", "extract.shard_size", int, "images per feature shard"),
+    Option("--workers", "extract.num_workers", int, "image-decoding workers"),
+    Option("--epochs", "heads.epochs", int, "head-training epochs"),
+    Option("--head-batch-size", "heads.batch_size", int, "head-training batch size"),
+    Option("--lr", "heads.lr", float, "Adam learning rate"),
+    Option("--weight-decay", "heads.weight_decay", float, "Adam weight decay"),
+    Option("--distill-weight", "heads.distill_weight", float, "lambda of the cosine distillation loss"),
+    Option("--hidden-dim", "heads.hidden_dim", int, "exit-head MLP hidden width; unset: the token width"),
+    Option("--head-seed", "heads.seed", int, "head initialisation and shuffling seed"),
+    Option("--gate-l2", "gate.l2", float, "ridge penalty of the gate fit"),
+    Option("--gate-max-iter", "gate.max_iter", int, "Newton iterations of the gate fit"),
+    Option("--grid-points", "calibrate.grid_points", int, "thresholds per layer in [0, 1]"),
+    Option("--prune-fraction", "calibrate.prune_fraction", float, "prune INR < this x neighbours' mean (0: off)"),
+    Option("--max-candidates", "calibrate.max_candidates", int, "most exit layers in the checkpoint"),
+    Option("--joint-search-max-layers", "calibrate.joint_search_max_layers", int, "joint grid up to this many"),
+    Option("--coordinate-rounds", "calibrate.coordinate_rounds", int, "coordinate-descent passes beyond that"),
+    Option("--accurate-budget", "calibrate.accurate_budget", float, "minimum FLOPs saving of 'accurate'"),
+    Option("--balanced-budget", "calibrate.balanced_budget", float, "minimum FLOPs saving of 'balanced'"),
+    Option("--fast-budget", "calibrate.fast_budget", float, "minimum FLOPs saving of 'fast'"),
+    Option(
+        "--default-operating-point",
+        "calibrate.default_operating_point",
+        str,
+        "operating point used when a request names none",
+        OPERATING_POINTS,
+    ),
+    Option("--checkpoint-id", "calibrate.checkpoint_id", str, "checkpoint name shown by the service"),
+    Option("--patience", "evaluate.patience", int, "PABEE patience (consecutive agreeing heads)"),
+    Option("--engine-check-images", "evaluate.engine_check_images", int, "images run through the real engine"),
+    Option("--out", "checkpoint_dir", _path, "checkpoint directory; unset: <work dir>/checkpoint"),
+    Option("--report-dir", "report_dir", _path, "report directory; unset: <checkpoint>/report"),
+)
+STEP_HELP = {
+    "split": "scan the data and write the disjoint head/gate/calib/eval splits",
+    "profile": "QIRC profile: FP32 vs INT8 hidden states per layer (NSR, INR, cosine, MSE, max activation)",
+    "extract": "run the frozen backbones once and cache per-layer features",
+    "train-heads": "train SSA (hard, distilled) and CLS exit heads on cached features",
+    "fit-gate": "fit the per-layer logistic gates",
+    "calibrate": "prune layers, choose candidates and thresholds, write the checkpoint",
+    "evaluate": "compare every method on the evaluation split and write the report",
+    "build": "all of the above in order",
+}
+
+
+def _field_name(option: Option) -> str:
+    return option.field.replace(".", "__")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``lraee-train`` argument parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--work-dir", required=True, type=_path, help="caches and step outputs")
+    common.add_argument("--config", type=_path, help="a BuildConfig JSON file (e.g. a work dir's config.json)")
+    common.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--force", action="store_true", help="redo this step (build: every step) even if up to date")
+    common.add_argument(
+        "--template", action="append", dest="templates", help="prompt template with {} (repeat; default: 7 simple)"
+    )
+    defaults = BuildConfig()
+    for option in OPTIONS:
+        default = _get(defaults, option.field)
+        common.add_argument(
+            option.flag,
+            dest=_field_name(option),
+            type=option.parse,
+            choices=option.choices,
+            metavar=None if option.choices else option.flag.lstrip("-").replace("-", "_").upper(),
+            help=option.help if default in (None, "") else f"{option.help} (default: {default})",
+        )
+    root = argparse.ArgumentParser(prog="lraee-train", description=__doc__.split("\n\n")[0])
+    commands = root.add_subparsers(dest="step", required=True, metavar="STEP")
+    for name, text in STEP_HELP.items():
+        commands.add_parser(name, parents=[common], help=text, description=text)
+    return root
+
+
+def _get(config: Any, path: str) -> Any:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _set(config: Any, path: str, value: Any) -> Any:
+    head, _, rest = path.partition(".")
+    if not rest:
+        return dataclasses.replace(config, **{head: value})
+    return dataclasses.replace(config, **{head: _set(getattr(config, head), rest, value)})
+
+
+def resolve_config(args: argparse.Namespace) -> BuildConfig:
+    """Defaults <- work dir config.json <- --config <- command-line options."""
+    saved = Path(args.work_dir) / CONFIG_FILE
+    config = BuildConfig()
+    if args.config:
+        config = load_build_config(args.config)
+    elif saved.is_file():
+        config = load_build_config(saved)
+    for option in OPTIONS:
+        value = getattr(args, _field_name(option))
+        if value is not None:
+            config = _set(config, option.field, value)
+    if args.templates:
+        config = _set(config, "data.templates", tuple(args.templates))
+    return config
+
+
+def _log_to_stderr() -> None:
+    """Progress lines of the jobs on stderr. The root logger stays at WARNING so open_clip's INFO chatter stays
+    quiet; an existing root handler (pytest's, an embedding application's) is left alone."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lraee-train``; returns the process exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(arguments)
+    _log_to_stderr()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    config = resolve_config(args)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_json(work_dir / CONFIG_FILE, config.to_json())
+    force = frozenset(STEPS) if args.force and args.step == "build" else frozenset({args.step} if args.force else ())
+    job = Job(config=config, work_dir=work_dir, force=force, argv=("lraee-train", *arguments))
+    started = time.perf_counter()
+    try:
+        if args.step == "build":
+            run_build(job)
+        else:
+            STEPS[args.step](job)
+    except (ConfigError, LraeeError, EngineMismatchError, FileNotFoundError) as exc:
+        log.error("error: %s", exc)
+        return 1
+    summary = ", ".join(f"{step}: {status}" for step, status in job.statuses.items())
+    log.info("done in %.1f s (%s)", time.perf_counter() - started, summary)
+    if args.step in ("calibrate", "build", "evaluate"):
+        log.info("checkpoint: %s", job.checkpoint_dir)
+    if args.step in ("evaluate", "build"):
+        log.info("report: %s", job.report_dir / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,335 @@
+"""Frozen configuration of the offline jobs, its JSON round trip, and the step records that make jobs resumable.
+
+One :class:`BuildConfig` describes a whole run (backbone, data, every step). Each step hashes only the parts of
+it that change its output, chained with the hashes of the steps it reads from, and writes a ``step.json`` record
+next to its output; a later run whose hash matches skips the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import wraps
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from lraee_core.config import BackboneConfig, QuantMode
+from lraee_core.text import DEFAULT_TEMPLATES
+
+log = logging.getLogger("training")
+
+LabelSpace = Literal["present", "imagenet-1k"]
+SplitSize = float | int  # like scikit-learn's test_size: a float is a fraction of the images, an int a count
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (the message says which and why)."""
+
+
+SPLIT_NAMES: tuple[str, ...] = ("head", "gate", "calib", "eval")  # head training, gate fitting, calibration, eval
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the labelled images come from, how labels become prompts, and how the images are split."""
+
+    source: str = ""  # ImageFolder root, a .csv/.jsonl manifest (path,label), or "world:SPLIT:LABEL_SET:N"
+    classes_tsv: str | None = None  # ImageNet table (wnid, index, name, ...): wnid folders -> IMAGENET_CLASSNAMES
+    classes_file: str | None = None  # one class name per line: the label set in index order (else inferred)
+    label_space: LabelSpace = "present"  # "present": classes found in the data; "imagenet-1k": all 1000 names
+    eval_source: str | None = None  # separate evaluation images (same formats); then no eval split is carved
+    head_split: SplitSize = 0.5  # images that train the exit heads
+    gate_split: SplitSize = 0.2  # images that fit the gates
+    calib_split: SplitSize = 0.15  # images for the QIRC profile, pruning and the threshold search
+    eval_split: SplitSize = 0.15  # images for the report (ignored when eval_source is set)
+    per_class_limit: int | None = None  # cap on images per class of ``source`` before splitting (quick runs)
+    eval_limit: int | None = None  # cap on the evaluation images (a stratified subsample)
+    seed: int = 0  # seed of the split
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompt templates of the label ensemble ("{}" = class name)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """The QIRC profile: FP32 vs INT8 hidden states block by block."""
+
+    num_images: int = 512  # calibration images profiled (the first N of the calib split)
+    batch_size: int = 32  # images per forward pass
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The one pass of the frozen INT8 backbone whose outputs every later step reads."""
+
+    candidate_layers: tuple[int, ...] | None = None  # layers cached for heads; None: every layer >= num_layers / 2
+    batch_size: int = 64  # images per forward pass
+    shard_size: int = 2048  # images per feature shard on disk
+    num_workers: int = 0  # DataLoader workers decoding images
+
+
+@dataclass(frozen=True)
+class HeadTrainConfig:
+    """Exit-head training on cached features (defaults after the paper)."""
+
+    epochs: int = 3  # passes over the head split
+    batch_size: int = 64  # images per Adam step
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay
+    distill_weight: float = 1.0  # lambda of the cosine loss to the FP32 final embedding ("distilled" heads)
+    hidden_dim: int | None = None  # MLP hidden width; None: the backbone's token width
+    seed: int = 0  # head initialisation and shuffling
+
+
+@dataclass(frozen=True)
+class GateFitConfig:
+    """Per-layer logistic regression of "this layer's head is right" on (confidence, margin, sav)."""
+
+    l2: float = 1e-3  # ridge penalty on the standardised weights (keeps separable data finite)
+    max_iter: int = 100  # Newton iterations
+    tol: float = 1e-9  # stop when the loss improves less than this
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Layer pruning, candidate selection and the threshold search."""
+
+    grid_points: int = 25  # thresholds per layer, evenly spaced in [0, 1] (1.0 disables the layer's exit)
+    prune_fraction: float = 0.5  # prune a layer whose INR < this x mean INR of its neighbouring layers (0: none)
+    max_candidates: int = 3  # most exit layers kept (each one costs a head and a gate on every image reaching it)
+    joint_search_max_layers: int = 4  # joint grid over all combinations up to this many layers, else coordinate
+    coordinate_rounds: int = 4  # coordinate-descent passes over the layers when the joint grid is too large
+    accurate_budget: float = 0.0  # "accurate": best accuracy with FLOPs saving >= this
+    balanced_budget: float = 0.10  # "balanced": best accuracy with FLOPs saving >= this
+    fast_budget: float = 0.25  # "fast": best accuracy with FLOPs saving >= this (or the most saving achievable)
+    default_operating_point: str = "balanced"  # used when a request names none
+    checkpoint_id: str = "lraee"  # name shown by the service
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluation report."""
+
+    patience: int = 2  # PABEE: leave once this many consecutive exit heads agree on the top-1 class
+    engine_check_images: int = 32  # evaluation images also run through the real engine (0: skip the check)
+    engine_check_tolerance: float = 1e-4  # gate probabilities this close to a threshold may flip either way
+
+
+DEFAULT_BACKBONE = BackboneConfig("ViT-B-32")  # random weights unless --pretrained names some
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A whole run: which backbone, which data, and every step's settings."""
+
+    backbone: BackboneConfig = DEFAULT_BACKBONE  # the open_clip CLIP to calibrate
+    quant_mode: QuantMode = "paper"  # INT8 mode of the vision tower
+    data: DataConfig = DataConfig()  # images, labels, splits
+    profile: ProfileConfig = ProfileConfig()  # QIRC profile
+    extract: ExtractConfig = ExtractConfig()  # feature cache
+    heads: HeadTrainConfig = HeadTrainConfig()  # exit heads
+    gate: GateFitConfig = GateFitConfig()  # gates
+    calibrate: CalibrateConfig = CalibrateConfig()  # pruning, candidates, thresholds
+    evaluate: EvaluateConfig = EvaluateConfig()  # report
+    checkpoint_dir: str | None = None  # where the checkpoint goes; None: <work dir>/checkpoint
+    report_dir: str | None = None  # where the report goes; None: <checkpoint dir>/report
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return to_jsonable(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildConfig:
+        """Inverse of :meth:`to_json`; ``ValueError`` naming any unknown key."""
+        return from_jsonable(cls, data)
+
+
+# ---- JSON round trip ---------------------------------------------------------------------------------------------
+Config = TypeVar("Config")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists, recursively."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _decode(annotation: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _decode(arg, value)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        return from_jsonable(annotation, value)
+    if origin is tuple or isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def from_jsonable(cls: type[Config], data: dict[str, Any]) -> Config:
+    """Build dataclass ``cls`` from a dict written by :func:`to_jsonable`; missing keys take their defaults."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected some of {sorted(names)}")
+    return cls(**{name: _decode(hints[name], value) for name, value in data.items()})
+
+
+def load_build_config(path: str | Path) -> BuildConfig:
+    """Read a BuildConfig JSON file."""
+    return BuildConfig.from_json(json.loads(Path(path).read_text()))
+
+
+# ---- hashing and step records -----------------------------------------------------------------------------------
+def config_hash(*parts: Any) -> str:
+    """Short stable hash of JSON-able parts (dataclasses allowed); the identity of a step's output."""
+    text = json.dumps([to_jsonable(p) for p in parts], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | None) -> dict[str, Any] | None:
+    """Cheap identity of a local file (size + mtime) so a replaced weights file invalidates cached steps."""
+    if path is None or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def backbone_identity(config: BuildConfig) -> dict[str, Any]:
+    """What about the backbone changes cached outputs: its config, local files' fingerprints, the quant mode."""
+    backbone = config.backbone
+    return {
+        "backbone": to_jsonable(backbone),
+        "weights": file_fingerprint(backbone.pretrained),
+        "model_config": file_fingerprint(backbone.model_config_file),
+        "quant_mode": config.quant_mode,
+    }
+
+
+STEP_RECORD = "step.json"
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a finished step wrote next to its output."""
+
+    step: str  # step name
+    config_hash: str  # identity of the inputs it ran on
+    finished_at: float  # Unix time
+    summary: dict[str, Any] = field(default_factory=dict)  # small facts for logs and later steps
+
+
+def read_record(directory: Path) -> StepRecord | None:
+    """The step record in ``directory``, or None when absent or unreadable."""
+    path = directory / STEP_RECORD
+    try:
+        return StepRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def is_done(directory: Path, wanted_hash: str) -> bool:
+    """True when ``directory`` holds a finished step computed from the inputs ``wanted_hash`` names."""
+    record = read_record(directory)
+    return record is not None and record.config_hash == wanted_hash
+
+
+def write_record(directory: Path, step: str, wanted_hash: str, summary: dict[str, Any] | None = None) -> StepRecord:
+    """Mark a step finished (written last, atomically, so an interrupted step never looks done)."""
+    record = StepRecord(step=step, config_hash=wanted_hash, finished_at=time.time(), summary=summary or {})
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (STEP_RECORD + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    tmp.replace(directory / STEP_RECORD)
+    return record
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (tmp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class Job:
+    """A resolved run: its config, where it works, and run-time switches (not part of any hash)."""
+
+    config: BuildConfig  # the whole run
+    work_dir: Path  # caches and step outputs
+    force: frozenset[str] = frozenset()  # steps to redo even when their record matches
+    argv: tuple[str, ...] = ()  # the command line, recorded in the manifest
+    results: dict[str, Any] = field(default_factory=dict, compare=False)  # step -> its result in this process
+    statuses: dict[str, str] = field(default_factory=dict, compare=False)  # step -> "ran" or "skipped"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the checkpoint is written."""
+        return Path(self.config.checkpoint_dir) if self.config.checkpoint_dir else self.work_dir / "checkpoint"
+
+    @property
+    def report_dir(self) -> Path:
+        """Where the evaluation report is written."""
+        return Path(self.config.report_dir) if self.config.report_dir else self.checkpoint_dir / "report"
+
+    def step_dir(self, step: str) -> Path:
+        """Output directory of one step inside the work dir."""
+        return self.work_dir / step
+
+    def should_skip(self, step: str, wanted_hash: str, outputs: Sequence[Path] = ()) -> bool:
+        """True (and logged) when the step's record matches these inputs, the ``outputs`` it wrote outside its
+        own directory still exist, and the step is not forced."""
+        present = all(path.exists() for path in outputs)
+        if step not in self.force and present and is_done(self.step_dir(step), wanted_hash):
+            log.info("%s: up to date (hash %s), skipped", step, wanted_hash)
+            self.statuses[step] = "skipped"
+            return True
+        log.info("%s: running (hash %s)", step, wanted_hash)
+        self.statuses[step] = "ran"
+        return False
+
+
+Result = TypeVar("Result")
+
+
+def step(name: str) -> Callable[[Callable[[Job], Result]], Callable[[Job], Result]]:
+    """Run a step at most once per process and job: later steps ask for their inputs by calling earlier steps,
+    and this keeps a whole build from re-checking (or re-scanning the data for) the same step repeatedly."""
+
+    def decorate(function: Callable[[Job], Result]) -> Callable[[Job], Result]:
+        @wraps(function)
+        def run(job: Job) -> Result:
+            if name not in job.results:
+                job.results[name] = function(job)
+            result: Result = job.results[name]
+            return result
+
+        return run
+
+    return decorate

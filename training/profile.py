@@ -1,0 +1,154 @@
+"""Step ``profile``: the layer-wise quantization-noise profile (QIRC) of the INT8 vision tower.
+
+For each layer ``l`` (hidden state after ``l`` blocks) both towers run the same images; ``h_l`` is the FP32
+state, ``hq_l`` the INT8 one (its own trajectory from the shared input, so noise accumulates with depth as it does
+at inference). Norms are over all tokens and channels of an image; expectations are means over images.
+
+* ``NSR_l = E||hq_l - h_l||^2 / E||h_l - h_{l-1}||^2``: the paper's formula was lost in extraction; we divide the
+  quantization noise by the block's own representational change (what block ``l`` adds to the residual stream in
+  FP32), so NSR says how loud the noise is against the signal the block contributes. A spike marks a block whose
+  INT8 error is large for the work it does.
+* ``INR_l = 1 / NSR_l`` (capped at 1e12 when there is no noise, e.g. quant mode "none").
+* ``cosine_l``: mean over tokens and images of cos(hq_l[t], h_l[t]).
+* ``mse_l``: mean squared error over every element; ``max_abs_fp32_l`` / ``max_abs_int8_l``: largest activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from .config import Job, backbone_identity, config_hash, read_json, step, write_json, write_record
+from .data import ImageDataset, run_split
+from .features import build_backbones
+
+PROFILE_FILE = "profile.json"
+PROFILE_PLOT = "profile.png"
+MAX_INR = 1e12
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Quantization-noise statistics of one layer (see module docstring)."""
+
+    layer: int  # 1-based layer: hidden state after this many blocks
+    nsr: float  # noise-to-signal ratio
+    inr: float  # information-to-noise ratio, 1 / nsr
+    cosine: float  # mean token cosine between INT8 and FP32 states
+    mse: float  # mean squared elementwise error
+    max_abs_fp32: float  # largest |activation| of the FP32 state
+    max_abs_int8: float  # largest |activation| of the INT8 state
+    noise: float  # E||hq_l - h_l||^2 per image
+    change: float  # E||h_l - h_{l-1}||^2 per image
+
+
+class ProfileAccumulator:
+    """Running sums over image batches of the statistics :class:`LayerProfile` reports."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        size = num_layers + 1  # index 0 is the embedding output, reported layers are 1..L
+        self.noise = torch.zeros(size, dtype=torch.float64)
+        self.change = torch.zeros(size, dtype=torch.float64)
+        self.cosine = torch.zeros(size, dtype=torch.float64)
+        self.squared_error = torch.zeros(size, dtype=torch.float64)
+        self.max_fp32 = torch.zeros(size, dtype=torch.float64)
+        self.max_int8 = torch.zeros(size, dtype=torch.float64)
+        self.images = 0
+        self.tokens = 0
+        self.elements = 0
+
+    def update(self, fp32_states: Sequence[torch.Tensor], int8_states: Sequence[torch.Tensor]) -> None:
+        """Add a batch: ``num_layers + 1`` states each (layer 0 = embedding output), every one [B, T, D]."""
+        if len(fp32_states) != self.num_layers + 1 or len(int8_states) != self.num_layers + 1:
+            raise ValueError(f"expected {self.num_layers + 1} states per tower (layer 0..{self.num_layers})")
+        batch, tokens, width = fp32_states[0].shape
+        for layer, (h, hq) in enumerate(zip(fp32_states, int8_states, strict=True)):
+            h, hq = h.double(), hq.double()
+            error = hq - h
+            self.noise[layer] += error.square().sum()
+            if layer > 0:
+                self.change[layer] += (h - fp32_states[layer - 1].double()).square().sum()
+            self.cosine[layer] += F.cosine_similarity(hq, h, dim=-1).sum()
+            self.squared_error[layer] += error.square().sum()
+            self.max_fp32[layer] = max(float(self.max_fp32[layer]), float(h.abs().max()))
+            self.max_int8[layer] = max(float(self.max_int8[layer]), float(hq.abs().max()))
+        self.images += batch
+        self.tokens += batch * tokens
+        self.elements += batch * tokens * width
+
+    def result(self) -> list[LayerProfile]:
+        """Per-layer statistics for layers 1..L."""
+        if self.images == 0:
+            raise ValueError("no images profiled")
+        out = []
+        for layer in range(1, self.num_layers + 1):
+            noise = float(self.noise[layer]) / self.images
+            change = float(self.change[layer]) / self.images
+            nsr = noise / change if change > 0 else float("inf")
+            out.append(
+                LayerProfile(
+                    layer=layer,
+                    nsr=nsr,
+                    inr=min(MAX_INR, 1.0 / nsr) if nsr > 0 else MAX_INR,
+                    cosine=float(self.cosine[layer]) / self.tokens,
+                    mse=float(self.squared_error[layer]) / self.elements,
+                    max_abs_fp32=float(self.max_fp32[layer]),
+                    max_abs_int8=float(self.max_int8[layer]),
+                    noise=noise,
+                    change=change,
+                )
+            )
+        return out
+
+
+def profile_hash(job: Job, splits_hash: str) -> str:
+    """Identity of the profile: the splits, the backbone and quant mode, the profile settings."""
+    return config_hash("profile", splits_hash, backbone_identity(job.config), job.config.profile)
+
+
+@step("profile")
+def run_profile(job: Job) -> str:
+    """Step ``profile``: write ``profile/profile.json`` and ``profile.png``; returns the step hash."""
+    from .report import plot_profile  # matplotlib is imported only when a plot is drawn
+
+    splits = run_split(job)
+    wanted = profile_hash(job, splits.content_hash)
+    directory = job.step_dir("profile")
+    if job.should_skip("profile", wanted):
+        return wanted
+    config = job.config
+    quantized, fp32, _ = build_backbones(config)
+    calib = splits.splits["calib"]
+    count = min(config.profile.num_images, len(calib.items))
+    dataset = Subset(ImageDataset(calib, quantized.preprocess), range(count))
+    accumulator = ProfileAccumulator(quantized.shape.num_layers)
+    with torch.inference_mode():
+        for images, _ in tqdm(DataLoader(dataset, batch_size=config.profile.batch_size), desc="profile", leave=False):
+            states = {}
+            for name, backbone in (("fp32", fp32), ("int8", quantized)):
+                hidden = backbone.embed(images)
+                trajectory = [hidden]
+                for layer in range(1, backbone.shape.num_layers + 1):
+                    hidden = backbone.block(layer, hidden)
+                    trajectory.append(hidden)
+                states[name] = trajectory
+            accumulator.update(states["fp32"], states["int8"])
+    layers = accumulator.result()
+    write_json(
+        directory / PROFILE_FILE,
+        {"images": count, "quant_mode": config.quant_mode, "layers": [asdict(p) for p in layers]},
+    )
+    plot_profile(layers, directory / PROFILE_PLOT, title=f"{quantized.name}, INT8 {config.quant_mode}")
+    write_record(directory, "profile", wanted, {"images": count})
+    return wanted
+
+
+def load_profile(job: Job) -> list[LayerProfile]:
+    """The per-layer statistics the ``profile`` step wrote."""
+    return [LayerProfile(**p) for p in read_json(job.step_dir("profile") / PROFILE_FILE)["layers"]]
