@@ -1,0 +1,1 @@
+"""Deployment files (image, compose, Prometheus, Grafana, Kubernetes) and their live check, ``deploy.check``."""
