@@ -1,0 +1,125 @@
+"""Where the time of one transformer block goes, per backend: the diagnosis behind the torch INT8 figures.
+
+One block (the first of the tower) is timed at batch 1 and batch 32 in each backend, with and without the engine's
+per-image activation-scale wrapper, and the engine's paper-mode block is profiled op by op at batch 32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from .backends import BackboneUnderTest, plain_quantize_dynamic
+from .timing import median, time_passes, timed_calls
+from .workloads import LARGE_BATCH
+
+# Profiler op names -> what they are in a block; first match wins, anything else is "other".
+_OP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("INT8 matmul (dynamic quant + GEMM)", ("quantized::linear_dynamic", "quantized::linear")),
+    ("per-image split/concat (wrapper)", ("aten::cat", "aten::slice", "aten::select", "aten::unbind")),
+    (
+        "attention FP32 (projections, scores, softmax)",
+        (
+            "aten::_native_multi_head_attention",
+            "aten::scaled_dot_product_attention",
+            "aten::_scaled_dot_product",
+            "aten::_transformer",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::baddbmm",
+            "aten::matmul",
+            "aten::mm",
+            "aten::_softmax",
+            "aten::softmax",
+        ),
+    ),
+    ("layer norm", ("aten::layer_norm", "aten::native_layer_norm")),
+    ("GELU", ("aten::gelu",)),
+)
+
+
+@dataclass
+class BlockTiming:
+    """Milliseconds per image of one block in one backend (medians)."""
+
+    backend: str
+    batch1_ms_per_image: float
+    batch32_ms_per_image: float
+
+
+def _per_image_ms(run: Callable[[torch.Tensor], object], hidden: torch.Tensor, warmup: int, repeats: int) -> float:
+    times = time_passes(lambda: timed_calls([lambda: run(hidden)]), warmup=warmup, repeats=repeats)
+    return median(times.passes) / hidden.shape[0] * 1e3
+
+
+def block_timings(under_test: BackboneUnderTest, *, warmup: int, repeats: int) -> list[BlockTiming]:
+    """Block 1 of every backend at batch 1 and 32."""
+    fp32 = under_test.fp32
+    shape = fp32.shape
+    images = torch.randn(LARGE_BATCH, 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        hidden = fp32.embed(images)  # [32, T, D]
+    paper = under_test.engines["paper"].backbone.visual.transformer.resblocks[0]
+    full = under_test.engines["full"].backbone.visual.transformer.resblocks[0]
+    ort_image = under_test.engines["ort-image"].backbone
+    ort_batch = under_test.engines["ort-batch"].backbone
+    runs: list[tuple[str, Callable[[torch.Tensor], object]]] = [
+        ("torch FP32", fp32.visual.transformer.resblocks[0]),
+        ("torch INT8 paper, per-image scales (engine)", paper),
+        ("torch INT8 paper, plain quantize_dynamic", plain_quantize_dynamic(copy.deepcopy(paper))),
+        ("torch INT8 full, per-image scales (engine)", full),
+        ("torch INT8 full, plain quantize_dynamic", plain_quantize_dynamic(copy.deepcopy(full))),
+        ("ORT INT8, per-batch scales", lambda h: ort_batch.block(1, h)),
+        ("ORT INT8, per-image scales", lambda h: ort_image.block(1, h)),
+    ]
+    timings = []
+    with torch.inference_mode():
+        for backend, run in runs:
+            timings.append(
+                BlockTiming(
+                    backend,
+                    _per_image_ms(run, hidden[:1], warmup, repeats * 5),
+                    _per_image_ms(run, hidden, warmup, repeats),
+                )
+            )
+    return timings
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ side logs its start and stop there, past Python."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def profile_block(under_test: BackboneUnderTest, *, repeats: int) -> dict[str, float]:
+    """Share of self CPU time per op group of the engine's paper-mode block 1 at batch 32."""
+    block: nn.Module = under_test.engines["paper"].backbone.visual.transformer.resblocks[0]
+    shape = under_test.fp32.shape
+    hidden = torch.randn(LARGE_BATCH, shape.num_tokens, shape.width, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        block(hidden)
+        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(max(1, repeats)):
+                block(hidden)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        group = next((name for name, ops in _OP_GROUPS if event.key in ops), "other")
+        totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total
+    overall = sum(totals.values()) or 1.0
+    return {group: value / overall for group, value in sorted(totals.items(), key=lambda kv: -kv[1])}

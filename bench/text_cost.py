@@ -1,0 +1,77 @@
+"""What a label set costs in text encoding: cold (fresh cache, every prompt through the text tower) vs cached.
+
+Measured through the engine's own :class:`~lraee_core.text.TextEmbeddingCache` with the engine's default templates,
+and once more with the trimmed-context encoder of :mod:`bench.text_trim` (a proposal for the engine).
+The last cold cache is handed back so the benchmark's engines share it instead of encoding the set again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lraee_core.engine import EarlyExitClassifier
+from lraee_core.text import DEFAULT_TEMPLATES, TextEmbeddingCache
+
+from .text_trim import trimmed_encoder
+from .timing import median
+
+
+@dataclass
+class TextCost:
+    """Seconds to get the embeddings of one label set (medians; each run's seconds kept)."""
+
+    labels: int  # labels in the set
+    templates: int  # prompts per label
+    cold_s: float  # median over fresh caches
+    cached_s: float  # median over a filled cache
+    cold_runs_s: list[float]
+    cached_runs_s: list[float]
+    trimmed_cold_s: float | None = None  # median cold seconds with the trimmed-context encoder (proposal)
+    trimmed_cold_runs_s: list[float] | None = None
+    trimmed_max_abs_difference: float | None = None  # largest |trimmed - engine| over the FP16 embeddings
+
+    @property
+    def cold_over_cached(self) -> float:
+        """How many times a cold label set costs a cached one."""
+        return self.cold_s / self.cached_s
+
+
+def measure_text_cost(
+    engine: EarlyExitClassifier, labels: Sequence[str], *, cold_repeats: int, cached_repeats: int
+) -> tuple[TextCost, TextEmbeddingCache]:
+    """Time ``labels`` cold ``cold_repeats`` times and cached ``cached_repeats`` times; returns the filled cache."""
+    cold, cache = _cold(engine, engine.backbone.encode_text, labels, cold_repeats)
+    cached = []
+    embeddings = cache.get(labels, DEFAULT_TEMPLATES)
+    for _ in range(cached_repeats):
+        started = time.perf_counter()
+        cache.get(labels, DEFAULT_TEMPLATES)
+        cached.append(time.perf_counter() - started)
+    cost = TextCost(len(labels), len(DEFAULT_TEMPLATES), median(cold), median(cached), cold, cached)
+    trimmed = trimmed_encoder(engine.backbone)
+    if trimmed is not None:
+        trimmed_runs, trimmed_cache = _cold(engine, trimmed, labels, cold_repeats)
+        difference = (trimmed_cache.get(labels, DEFAULT_TEMPLATES).float() - embeddings.float()).abs().max()
+        cost.trimmed_cold_s = median(trimmed_runs)
+        cost.trimmed_cold_runs_s = trimmed_runs
+        cost.trimmed_max_abs_difference = float(difference)
+    return cost, cache
+
+
+def _cold(
+    engine: EarlyExitClassifier, encode: Callable[[list[str]], torch.Tensor], labels: Sequence[str], repeats: int
+) -> tuple[list[float], TextEmbeddingCache]:
+    """Seconds to fill a fresh cache with ``labels``, ``repeats`` times; returns the last cache filled."""
+    encode([DEFAULT_TEMPLATES[0].format(labels[0])])  # first-call set-up, excluded
+    seconds: list[float] = []
+    cache = engine.text_cache
+    for _ in range(max(1, repeats)):
+        cache = TextEmbeddingCache(encode, engine.checkpoint_id, capacity=max(engine.text_cache.capacity, len(labels)))
+        started = time.perf_counter()
+        cache.get(labels, DEFAULT_TEMPLATES)
+        seconds.append(time.perf_counter() - started)
+    return seconds, cache

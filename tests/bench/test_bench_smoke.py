@@ -1,0 +1,80 @@
+"""The benchmark end to end in --quick mode on the tiny model: every row present and positive, every ratio the
+quotient of the medians stored beside it. No timing thresholds: this machine's speed is not under test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bench.run import main
+
+BASELINES = {"openclip_fp32", "torch_int8", "ort_int8"}
+ENGINES = ("paper", "full", "ort_image", "ort_batch")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("bench-results")
+    # One thread: two OpenMP threads on a 2-core machine shared with other work stall at every barrier (50x slower
+    # on the tiny model), and this test checks the result's structure, not its speed.
+    threads = torch.get_num_threads()
+    try:
+        code = main(["--quick", "--backbones", "default", "--skip-service", "--threads", "1", "--output-dir", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return json.loads((out / "latest.json").read_text()), out
+
+
+@pytest.mark.slow
+def test_every_row_is_measured_with_positive_numbers(result: tuple[dict[str, Any], Path]) -> None:
+    data, out = result
+    backbone = data["backbones"]["default"]
+    keys = [row["key"] for row in backbone["rows"]]
+    own = backbone["quant_mode"]
+    expected = BASELINES | {f"lraee_{engine}_full_depth" for engine in ENGINES}
+    expected |= {f"lraee_{own}_op_{point}" for point in backbone["operating_points"]}
+    if set(backbone["candidate_layers"]) >= {9, 11, 12}:
+        expected |= {f"lraee_{engine}_paper_mix" for engine in ENGINES}
+    assert set(keys) == expected
+    assert len(keys) == len(set(keys))
+    for row in backbone["rows"]:
+        for metric in ("batch1_images_per_s", "batch32_images_per_s", "latency_p50_ms", "latency_p95_ms"):
+            assert row[metric] > 0, (row["key"], metric)
+        assert row["latency_p95_ms"] >= row["latency_p50_ms"]
+        assert len(row["batch1_pass_s"]) == data["meta"]["repeats"] == len(row["batch32_pass_s"])
+        if row["key"].startswith("lraee_"):
+            assert row["flops_saving_batch32"] is not None
+            assert sum(row["exit_shares_batch32"].values()) == pytest.approx(1.0)
+    text = backbone["text"]
+    assert text["labels"] == 1000 and text["cold_s"] > 0 and text["cached_s"] > 0
+    assert 0 < backbone["flops"]["head_plus_gate_share"] < 1
+    assert backbone["service"] is None
+    assert all(
+        t["batch1_ms_per_image"] > 0 and t["batch32_ms_per_image"] > 0 for t in backbone["block_anatomy"]["timings"]
+    )
+    assert data["peak_rss_mib"] > 0
+    assert (out / "latest.md").is_file() and len(list(out.glob("bench-*.json"))) == 1
+
+
+@pytest.mark.slow
+def test_ratios_are_quotients_of_the_stored_medians(result: tuple[dict[str, Any], Path]) -> None:
+    backbone = result[0]["backbones"]["default"]
+    rows = {row["key"]: row for row in backbone["rows"]}
+    assert backbone["ratios"]
+    for ratio in backbone["ratios"]:
+        metric = ratio["metric"]
+        assert ratio["value"] == pytest.approx(rows[ratio["numerator"]][metric] / rows[ratio["denominator"]][metric])
+    mix_targets = {r["numerator"] for r in backbone["ratios"] if r["target"] is not None}
+    assert mix_targets == {key for key in rows if key.endswith("_paper_mix")}
+    assert backbone["early_exit_efficiency"]
+    for item in backbone["early_exit_efficiency"]:
+        row, reference = rows[item["row"]], rows[item["reference"]]
+        time_saving = 1 - reference[item["metric"]] / row[item["metric"]]
+        assert item["time_saving"] == pytest.approx(time_saving)
+        if item["ratio"] is not None:
+            assert item["ratio"] == pytest.approx(time_saving / item["flops_saving"])
