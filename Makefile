@@ -7,7 +7,10 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup serve test lint format bench deploy-check clean
+.PHONY: setup tools serve test lint format bench deploy-check clean
+# System tools the deploy tests drive for real: Prometheus (+ promtool), nginx, and a compose client to parse
+# docker-compose.yml. Installed with apt-get when missing and possible (root); otherwise those tests skip, saying why.
+DEPLOY_TOOLS := prometheus promtool nginx docker-compose
 
 setup: $(STAMP)
 
@@ -21,7 +24,16 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
 
-test: setup
+tools:
+	@missing=""; for t in $(DEPLOY_TOOLS); do command -v $$t >/dev/null 2>&1 || test -x /usr/sbin/$$t || missing=1; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing prometheus, nginx-light, docker-compose with apt-get"; \
+		(apt-get install -y -q prometheus nginx-light docker-compose >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q prometheus nginx-light docker-compose >/dev/null 2>&1)) || \
+		echo "apt-get could not install the deploy tools; the deploy tests that need them will skip"; \
+	fi
+
+test: setup tools
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -35,6 +47,10 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Real Prometheus on loopback scraping a local uvicorn; every dashboard query must return data (also in make test).
+deploy-check: setup tools
+	$(BIN)/python -m deploy.check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

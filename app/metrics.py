@@ -67,6 +67,12 @@ class Metrics:
             buckets=FLOPS_SAVED_BUCKETS,
             registry=registry,
         )
+        # Compute-weighted saving = 1 - rate(lraee_flops_total) / rate(lraee_flops_full_total); the histogram above
+        # has a negative bucket (heads can cost more than they save), so it carries no usable _sum.
+        self.flops_spent = Counter("lraee_flops", "FLOPs spent on images, heads and gates included", registry=registry)
+        self.flops_full = Counter(
+            "lraee_flops_full", "FLOPs the same images would have cost at full depth", registry=registry
+        )
         self.batch_size = Histogram(
             "lraee_batch_size", "Images per engine batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
@@ -99,6 +105,8 @@ class Metrics:
         for result in results:
             self.exit_layer.labels(layer=str(result.exit_layer) if result.exit_path == "head" else FULL_PATH).inc()
             self.flops_saved.observe(result.flops_saved)
+            self.flops_spent.inc(result.flops)
+            self.flops_full.inc(result.flops_full)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

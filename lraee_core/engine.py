@@ -49,7 +49,8 @@ class ExitResult:
     exit_path: ExitPath  # "head": an exit head answered; "full": the full-depth CLIP path answered
     gate_probability: float | None  # the gate's probability at the exit layer (None on the full path)
     flops: int  # FLOPs actually spent on this image, heads and gates included
-    flops_saved: float  # 1 - flops / full-depth FLOPs
+    flops_saved: float  # 1 - flops / flops_full
+    flops_full: int  # FLOPs of the plain full-depth CLIP path for this label set (the reference)
 
     @property
     def exited_early(self) -> bool:
@@ -207,6 +208,7 @@ class EarlyExitClassifier:
                     gate_probability=gate_prob[row],
                     flops=spent,
                     flops_saved=cost.saved(spent),
+                    flops_full=cost.full_depth,
                 )
             )
         return results

@@ -205,6 +205,7 @@ def fake_result() -> ExitResult:
         gate_probability=None,
         flops=1,
         flops_saved=0.0,
+        flops_full=1,
     )
 
 

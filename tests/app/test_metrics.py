@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,9 +52,11 @@ def test_every_metric_with_its_labels(make_settings: Any) -> None:
         hits_before = value(before, "lraee_text_cache_hits_total")
 
         labels = ["metric-a", "metric-b", "metric-c"]
+        answers = []
         for _ in range(2):  # the second request's labels all come from the cache
-            assert client.post("/classify", **multipart(imagegen.png(), labels=labels)).status_code == 200
-        assert client.post("/classify", **multipart(imagegen.png(), labels, operating_point="never")).status_code == 200
+            answers.append(client.post("/classify", **multipart(imagegen.png(), labels=labels)))
+        answers.append(client.post("/classify", **multipart(imagegen.png(), labels, operating_point="never")))
+        assert [answer.status_code for answer in answers] == [200, 200, 200]
         assert client.post("/classify", **multipart(b"not an image")).status_code == 415
         assert client.get("/nowhere/123").status_code == 404
         assert client.get("/readyz").status_code == 200
@@ -70,6 +73,12 @@ def test_every_metric_with_its_labels(make_settings: Any) -> None:
         assert value(after, "lraee_exit_layer_total", layer="full") == 1  # the "never" request
         assert sum(v for _, v in after["lraee_exit_layer_total"]) == 3
         assert value(after, "lraee_flops_saved_ratio_count") == 3
+        # The FLOPs counters add up what the responses reported (GFLOPs there), so a dashboard's compute-weighted
+        # saving 1 - spent / full is the responses' saving.
+        spent = sum(answer.json()["flops"] for answer in answers) * 1e9
+        full = sum(a.json()["flops"] / (1 - a.json()["flops_saved"]) for a in answers) * 1e9
+        assert value(after, "lraee_flops_total") == pytest.approx(spent, rel=1e-3)
+        assert value(after, "lraee_flops_full_total") == pytest.approx(full, rel=1e-3)
         buckets = {labels["le"] for labels, _ in after["lraee_batch_size_bucket"]}
         assert buckets == {"1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "+Inf"}
         assert value(after, "lraee_batch_size_count") == 3

@@ -56,6 +56,8 @@ SERVICE_METRICS = {
     "lraee_inference_seconds": "histogram",
     "lraee_exit_layer_total": "counter",
     "lraee_flops_saved_ratio": "histogram",
+    "lraee_flops_total": "counter",
+    "lraee_flops_full_total": "counter",
     "lraee_batch_size": "histogram",
     "lraee_queue_depth": "gauge",
     "lraee_text_cache_hits_total": "counter",
@@ -353,6 +355,7 @@ def test_dashboard_covers_what_operators_of_an_early_exit_service_watch(dashboar
         "lraee_exit_layer_total",  # exit-layer distribution and early-exit rate
         'layer!="full"',
         "lraee_flops_saved_ratio",
+        "1 - sum(rate(lraee_flops_total[$__rate_interval])) / sum(rate(lraee_flops_full_total",  # mean saving
         "lraee_requests_total",
         "histogram_quantile(0.99, sum by (le) (rate(lraee_request_duration_seconds_bucket",
         "lraee_batch_size",
