@@ -250,6 +250,19 @@ def _count(size: SplitSize, total: int, name: str) -> int:
     return int(size) if isinstance(size, int) else round(float(size) * total)
 
 
+def _counts(splits: Sequence[SplitSize], total: int, names: Sequence[str]) -> list[int]:
+    """Image counts of the splits. Fractions are rounded cumulatively (each split gets round(cum * total) minus
+    the previous cumulative round), so fractions summing to at most 1 never ask for more than ``total`` images."""
+    sizes = [_count(size, total, name) for size, name in zip(splits, names, strict=True)]
+    cumulative, previous = 0.0, 0
+    for i, size in enumerate(splits):
+        if isinstance(size, float):
+            cumulative += size
+            upto = round(cumulative * total)
+            sizes[i], previous = upto - previous, upto
+    return sizes
+
+
 def stratified_order(labels: Sequence[int], seed: int) -> list[int]:
     """Indices ordered so that every prefix (and every consecutive run) holds each class in proportion."""
     rng = np.random.default_rng(seed)
@@ -307,7 +320,7 @@ def make_splits(config: DataConfig, work_dir: Path) -> Splits:
         order = stratified_order([label for _, label in items], config.seed)
     total = len(order)
     names = SPLIT_NAMES if eval_source is None else SPLIT_NAMES[:-1]
-    sizes = [_count(getattr(config, f"{name}_split"), total, name) for name in names]
+    sizes = _counts([getattr(config, f"{name}_split") for name in names], total, names)
     if sum(sizes) > total:
         raise DataError(f"split sizes {dict(zip(names, sizes, strict=True))} need {sum(sizes)} images; have {total}")
     result: dict[str, SplitItems] = {}

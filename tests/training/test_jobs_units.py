@@ -389,3 +389,12 @@ def test_threshold_grid_is_25_points_in_the_unit_interval() -> None:
     grid = threshold_grid(25)
     assert len(grid) == 25 and grid[0] == 0.0 and grid[-1] == 1.0
     assert np.allclose(np.diff(grid), 1 / 24)
+
+
+@pytest.mark.parametrize("total", [7, 24, 25, 101])
+def test_fractional_split_sizes_never_ask_for_more_images_than_there_are(total: int) -> None:
+    from training.data import _counts
+
+    sizes = _counts([0.5, 0.2, 0.15, 0.15], total, ["head", "gate", "calib", "eval"])
+    assert sum(sizes) == total  # 24 images once asked for 12 + 5 + 4 + 4 = 25
+    assert _counts([10, 0.5, 0.5], 30, ["a", "b", "c"]) == [10, 15, 15]

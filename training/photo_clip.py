@@ -1,0 +1,343 @@
+"""Contrastive training of the tiny open_clip CLIP (``lraee-tiny-vit12``) on real ImageNet-class photos.
+
+The photos are the Tiny-ImageNet training photos of ``../shared/data/imagenet-photos/`` (202 ImageNet-1k classes,
+64×64): an ImageFolder tree of WordNet-id folders, named through ``classes.tsv`` as ``open_clip.IMAGENET_CLASSNAMES``.
+Each image is paired with a caption made from its class name and one of open_clip's 80 OpenAI ImageNet templates,
+drawn at random every time, so the text tower learns the wordings a user will send.
+
+A batch of 128 over 202 classes holds repeated classes, so the loss is CLIP's symmetric InfoNCE with every
+same-class pair counted as a positive (the target distribution of a row is uniform over its positives) instead of
+treating a matching class as a negative.
+
+``holdout_per_class`` photos of every class (seeded choice) never reach the contrastive training: they are written
+to ``holdout.csv`` (path,label) for ``lraee-train build``, whose heads and gates must be fitted on images the
+backbone has not memorised. Validation photos are never read during training; the final zero-shot accuracy in
+``training_log.json`` is measured on them (and on the ILSVRC2012 photos of the 202 classes when given).
+
+Runs are resumable (``state.pt``), batches are a pure function of (seed, step), like ``training.world_clip``.
+
+Run: ``python -m training.photo_clip --train-dir data/imagenet-photos/train --classes-tsv .../classes.tsv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from training.data import IMAGE_SUFFIXES, disambiguate, read_classes_tsv
+from training.photos import CLASSES_TSV, SOURCE_DIR
+from training.world_clip import (
+    LOG_FILE,
+    MODEL_NAME,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    Preprocess,
+    Tokenizer,
+    _optimizer,
+    _save_state,
+    build_model,
+    learning_rate,
+    save_weights,
+)
+
+HOLDOUT_FILE = "holdout.csv"
+# A resumed run must draw the same data as the run it continues.
+_RESUME_MUST_MATCH = ("seed", "batch_size", "train_dir", "holdout_per_class", "classes_tsv")
+_MAX_LOGIT_SCALE = math.log(100.0)
+TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+
+@dataclass(frozen=True)
+class PhotoClipConfig:
+    """One contrastive training run of the tiny CLIP on labelled photos."""
+
+    train_dir: str = "data/imagenet-photos/train"  # ImageFolder of WordNet-id folders (the extracted tiny-train tars)
+    classes_tsv: str = str(SOURCE_DIR / CLASSES_TSV)  # wnid -> ImageNet-1k index (class names)
+    output_dir: str = "runs/photo_clip"  # holds state.pt, weights.safetensors, holdout.csv, training_log.json
+    holdout_per_class: int = 50  # photos per class kept out of training, for the LRA-EE build's splits
+    steps: int = 1800  # optimizer steps in total (a resumed run continues up to this)
+    batch_size: int = 128  # image-caption pairs per step
+    lr: float = 1e-3  # peak learning rate after warmup, cosine decay to min_lr
+    min_lr: float = 0.0  # learning rate at the last step
+    warmup_steps: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay of matrices only (open_clip's rule)
+    beta2: float = 0.98  # AdamW second-moment decay, as CLIP
+    grad_clip_norm: float | None = 1.0  # global gradient-norm clip; None: none
+    crop_scale_min: float = 0.35  # RandomResizedCrop's smallest area fraction (augmentation)
+    seed: int = 0  # model init, holdout choice and batch draws
+    threads: int = 2  # torch.set_num_threads
+    device: str = "cpu"  # torch device
+    log_every: int = 20  # steps between log history entries
+    checkpoint_every: int = 100  # steps between writes of state.pt (and at the last step)
+    eval_dirs: str = ""  # comma-separated ImageFolder roots for the final zero-shot evaluation (e.g. val,acuity)
+    half: bool = True  # store weights.safetensors in FP16
+    progress: bool = True  # show a tqdm progress bar
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2 or self.steps < 1 or self.holdout_per_class < 0:
+            raise ValueError("batch_size must be >= 2, steps >= 1, holdout_per_class >= 0")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError("crop_scale_min must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PhotoSet:
+    """Labelled photos of an ImageFolder tree restricted to the classes of a wnid table."""
+
+    paths: tuple[Path, ...]  # image files
+    labels: tuple[int, ...]  # index into names
+    wnids: tuple[str, ...]  # folder name per class index
+    names: tuple[str, ...]  # class name per class index (ImageNet names, repeats disambiguated)
+
+
+def scan_photos(root: str | Path, classes_tsv: str | Path, wnids: Sequence[str] | None = None) -> PhotoSet:
+    """Photos under ``root/<wnid>/``; the class list is ``wnids`` when given (to score another set in the same
+    label space), else the sorted folders of ``root``. Photos of folders outside that list are skipped."""
+    root = Path(root)
+    index = read_classes_tsv(classes_tsv)
+    if wnids is None:
+        wnids = sorted(d.name for d in root.iterdir() if d.is_dir())
+    unknown = [w for w in wnids if w not in index]
+    if unknown:
+        raise ValueError(f"{root}: folders {unknown[:3]} are not wnids of {classes_tsv}")
+    names = disambiguate([open_clip.IMAGENET_CLASSNAMES[index[w]] for w in wnids])
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, wnid in enumerate(wnids):
+        folder = root / wnid
+        if not folder.is_dir():
+            continue
+        for image in sorted(folder.iterdir()):
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(image)
+                labels.append(label)
+    if not paths:
+        raise ValueError(f"{root}: no photos of the {len(wnids)} classes")
+    return PhotoSet(tuple(paths), tuple(labels), tuple(wnids), names)
+
+
+def split_holdout(photos: PhotoSet, per_class: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, holdout indices): ``per_class`` seeded photos of every class go to the holdout."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(photos.labels):
+        by_class.setdefault(label, []).append(i)
+    train, holdout = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        chosen = set(rng.permutation(len(members))[:per_class].tolist())
+        for rank, i in enumerate(members):
+            (holdout if rank in chosen else train).append(i)
+    return sorted(train), sorted(holdout)
+
+
+def load_pixels(paths: Sequence[Path], size: int, progress: bool = True) -> torch.Tensor:
+    """All photos decoded to RGB uint8 ``[N, 3, size, size]`` (resized, shorter side, centre crop if needed)."""
+    resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, path in enumerate(tqdm(paths, desc="decode", disable=not progress, dynamic_ncols=True)):
+        with Image.open(path) as image:
+            pixels = v2.functional.pil_to_tensor(image.convert("RGB"))
+        out[i] = pixels if pixels.shape[-2:] == (size, size) else resize(pixels)
+    return out
+
+
+def multi_positive_loss(
+    image_features: torch.Tensor,  # [B, D] normalised
+    text_features: torch.Tensor,  # [B, D] normalised
+    logit_scale: torch.Tensor,  # scalar, exp already applied
+    labels: torch.Tensor,  # [B] class of each pair
+) -> torch.Tensor:
+    """Symmetric InfoNCE where every same-class pair is a positive (target uniform over a row's positives)."""
+    logits = logit_scale * image_features @ text_features.T  # [B, B]
+    positives = (labels[:, None] == labels[None, :]).float()  # [B, B], symmetric
+    target = positives / positives.sum(dim=1, keepdim=True)
+    image_loss = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    text_loss = -(target * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return (image_loss + text_loss) / 2
+
+
+class _Augment:
+    """RandomResizedCrop + horizontal flip on uint8 batches, then CLIP normalisation; seeded per step."""
+
+    def __init__(self, size: int, scale_min: float, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.crop = v2.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            crops = torch.stack([self.crop(p) for p in pixels])  # [B, 3, S, S]
+        flip = torch.rand(len(pixels), generator=generator) < 0.5
+        crops[flip] = crops[flip].flip(-1)
+        return (crops.float() / 255.0 - self.mean) / self.std
+
+
+@torch.no_grad()
+def zero_shot_top1(
+    model: open_clip.CLIP,
+    tokenizer: Tokenizer,
+    preprocess: Preprocess,
+    photos: PhotoSet,
+    templates: Sequence[str] = TEMPLATES,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """FP32 zero-shot top-1 / top-5 over ``photos.names`` with prompt-ensembled class embeddings."""
+    model.eval()
+    classifier = []
+    for name in photos.names:
+        text = model.encode_text(tokenizer([t.format(name) for t in templates]), normalize=True).mean(0)
+        classifier.append(F.normalize(text, dim=0))
+    weights = torch.stack(classifier, dim=1)  # [D, C]
+    top1 = top5 = 0
+    labels = torch.tensor(photos.labels)
+    for start in range(0, len(photos.paths), batch_size):
+        chunk = photos.paths[start : start + batch_size]
+        images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in chunk])
+        ranked = (model.encode_image(images, normalize=True) @ weights).topk(min(5, weights.shape[1]), dim=1).indices
+        truth = labels[start : start + len(chunk), None]
+        top1 += int((ranked[:, :1] == truth).sum())
+        top5 += int((ranked == truth).any(dim=1).sum())
+    n = len(photos.paths)
+    return {"top1": top1 / n, "top5": top5 / n, "images": n, "classes": len(photos.names)}
+
+
+def train_photo_clip(cfg: PhotoClipConfig) -> Path:
+    """Train (or resume) the tiny CLIP on the photos; returns the path of ``weights.safetensors``."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    model, preprocess, tokenizer = build_model(seed=cfg.seed, device=device)
+    image_size = model.visual.image_size
+    size = image_size[0] if isinstance(image_size, tuple) else int(image_size)
+
+    photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
+    train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
+    with (output_dir / HOLDOUT_FILE).open("w") as handle:
+        handle.write("path,label\n")
+        for i in holdout_idx:
+            handle.write(f"{photos.paths[i].resolve()},{photos.wnids[photos.labels[i]]}\n")
+
+    optimizer = _optimizer(model, cfg)  # type: ignore[arg-type]  # duck-typed: weight_decay, beta2, lr schedule
+    step, train_seconds = 0, 0.0
+    history: list[dict[str, Any]] = []
+    state_path = output_dir / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+        changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != asdict(cfg)[k]]
+        if changed:
+            raise ValueError(f"{state_path} was written with different {', '.join(changed)}; use a new output_dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, train_seconds = state["step"], json.loads(state["history"]), state["train_seconds"]
+
+    pixels = load_pixels([photos.paths[i] for i in train_idx], size, cfg.progress)  # [N, 3, S, S] uint8
+    labels = torch.tensor([photos.labels[i] for i in train_idx])
+    # Every (class, template) prompt tokenised once: [C, T, context]
+    prompts = tokenizer([t.format(name) for name in photos.names for t in TEMPLATES])
+    prompts = prompts.view(len(photos.names), len(TEMPLATES), -1)
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    augment = _Augment(size, cfg.crop_scale_min, mean, std)
+
+    model.train()
+    window: list[float] = []
+    session_start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc="photo-clip", disable=not cfg.progress, dynamic_ncols=True)
+    while step < cfg.steps:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        rows = torch.randint(0, len(train_idx), (cfg.batch_size,), generator=generator)
+        templates = torch.randint(0, len(TEMPLATES), (cfg.batch_size,), generator=generator)
+        batch_labels = labels[rows]
+        images = augment(pixels[rows], generator).to(device)
+        texts = prompts[batch_labels, templates].to(device)
+        lr = learning_rate(step, cfg)  # type: ignore[arg-type]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        output = model(images, texts)
+        loss = multi_positive_loss(
+            output["image_features"], output["text_features"], output["logit_scale"], batch_labels.to(device)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
+        window.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            history.append(
+                {
+                    "step": step,
+                    "loss": float(np.mean(window)),
+                    "lr": lr,
+                    "logit_scale": model.logit_scale.detach().exp().item(),
+                    "elapsed_s": round(train_seconds + time.perf_counter() - session_start, 3),
+                }
+            )
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{lr:.2e}")
+            window = []
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            elapsed = train_seconds + time.perf_counter() - session_start
+            _save_state(state_path, model, optimizer, cfg, step, history, elapsed)  # type: ignore[arg-type]
+    bar.close()
+    train_seconds += time.perf_counter() - session_start
+
+    model.eval()
+    weights_path = save_weights(model, output_dir / WEIGHTS_FILE, half=cfg.half)
+    zero_shot = {}
+    for root in filter(None, (d.strip() for d in cfg.eval_dirs.split(","))):
+        zero_shot[root] = zero_shot_top1(model, tokenizer, preprocess, scan_photos(root, cfg.classes_tsv, photos.wnids))
+    log = {
+        "model_name": MODEL_NAME,
+        "config": asdict(cfg),
+        "data": {"train_images": len(train_idx), "holdout_images": len(holdout_idx), "classes": len(photos.names)},
+        "steps": step,
+        "final_loss": history[-1]["loss"] if history else None,
+        "wall_time_s": round(train_seconds, 3),
+        "weights": WEIGHTS_FILE,
+        "weights_dtype": "float16" if cfg.half else "float32",
+        "zero_shot_fp32": zero_shot,  # {eval root: top1/top5}, 80 OpenAI templates, the training classes
+        "history": history,
+    }
+    (output_dir / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+    return weights_path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: every scalar PhotoClipConfig field is a flag (``--steps 1800 --output-dir runs/x``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = PhotoClipConfig()
+    for config_field in dataclasses.fields(PhotoClipConfig):
+        default = getattr(defaults, config_field.name)
+        flag = "--" + config_field.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, int | float | str):
+            parser.add_argument(flag, type=type(default), default=default)
+    print(train_photo_clip(PhotoClipConfig(**vars(parser.parse_args(argv)))))
+
+
+if __name__ == "__main__":
+    main()
