@@ -109,6 +109,7 @@ class ModelSummary(BaseModel):
     pruned_layers: list[PrunedLayerOut]
     operating_points: dict[str, OperatingPointOut]
     default_operating_point: str
+    default_templates: list[str] = Field(description="Prompt templates used when a request names none")
     calibration: dict[str, Any] = Field(description="How the thresholds were calibrated")
     metrics: dict[str, Any] = Field(description="Accuracies and FLOPs measured at calibration")
     limits: dict[str, int] = Field(description="Request limits of this service")

@@ -186,6 +186,7 @@ class ModelService:
                 for point in policy.operating_points
             },
             default_operating_point=policy.default_operating_point,
+            default_templates=list(classifier.default_templates),
             calibration=dict(manifest.calibration) if manifest is not None else {},
             metrics=dict(manifest.metrics) if manifest is not None else {},
             limits={

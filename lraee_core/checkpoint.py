@@ -21,10 +21,11 @@ from safetensors.torch import load_file, save_file
 from .backbone import ClipBackbone, build_backbone, sha256_of_file
 from .config import QUANT_MODES, BackboneConfig, ExitPolicy, HeadConfig, OperatingPoint, QuantMode
 from .engine import EarlyExitClassifier
-from .errors import BackboneError, CheckpointError
+from .errors import BackboneError, CheckpointError, InputError
 from .gate import FEATURE_NAMES, NUM_FEATURES, GateParams
 from .heads import ExitHead
 from .quantize import quantize_vision
+from .text import validate_templates
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,6 +71,8 @@ class Manifest:
     default_operating_point: str  # used when a request names none
     pruned_layers: tuple[PrunedLayer, ...] = ()  # candidates removed by INR pruning
     gate_features: tuple[str, ...] = FEATURE_NAMES  # gate input order
+    templates: tuple[str, ...] = ()  # prompt templates the heads and gates were calibrated with: the default
+    # prompts of requests that name none; () means the engine's DEFAULT_TEMPLATES
     calibration: dict[str, Any] = field(default_factory=dict)  # data, splits, sizes, budgets, grid, seeds
     metrics: dict[str, Any] = field(default_factory=dict)  # accuracies and FLOPs measured at calibration
     heads_sha256: str = ""  # SHA-256 of heads.safetensors
@@ -119,6 +122,7 @@ class Manifest:
                 default_operating_point=str(data["default_operating_point"]),
                 pruned_layers=tuple(PrunedLayer(**p) for p in data.get("pruned_layers", [])),
                 gate_features=tuple(data.get("gate_features", FEATURE_NAMES)),
+                templates=tuple(str(t) for t in data.get("templates", ())),
                 calibration=dict(data.get("calibration", {})),
                 metrics=dict(data.get("metrics", {})),
                 heads_sha256=str(data["heads_sha256"]),
@@ -147,6 +151,11 @@ class Manifest:
                 raise CheckpointError(f"operating point {name!r} has a threshold outside [0, 1]")
         if self.head.width != self.width or self.head.embed_dim != self.embed_dim:
             raise CheckpointError("head shape does not match the backbone width / embedding width in the manifest")
+        if self.templates:
+            try:
+                validate_templates(self.templates)
+            except InputError as exc:
+                raise CheckpointError(f"manifest templates: {exc}") from exc
 
 
 def _inside_or_absolute(path: Path, directory: Path | None) -> str:

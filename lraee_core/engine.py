@@ -99,6 +99,13 @@ class EarlyExitClassifier:
         return load_classifier(path, text_cache_capacity=text_cache_capacity, cache_dir=cache_dir)
 
     @property
+    def default_templates(self) -> tuple[str, ...]:
+        """Prompts of a request that names none: the checkpoint's calibration templates, else DEFAULT_TEMPLATES."""
+        if self.manifest is not None and self.manifest.templates:
+            return tuple(self.manifest.templates)
+        return tuple(DEFAULT_TEMPLATES)
+
+    @property
     def num_layers(self) -> int:
         """Blocks in the vision tower."""
         return self.backbone.shape.num_layers
@@ -109,7 +116,7 @@ class EarlyExitClassifier:
 
     def text_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """Cached FP16 unit label embeddings [K, E] (prompt-ensembled over ``templates``)."""
-        chosen = DEFAULT_TEMPLATES if templates is None else validate_templates(templates)
+        chosen = self.default_templates if templates is None else validate_templates(templates)
         return self.text_cache.get(labels, chosen)
 
     def thresholds(self, operating_point: str | None) -> dict[int, float]:

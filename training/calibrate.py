@@ -543,6 +543,7 @@ def write_checkpoint(
         operating_points=operating_points,
         default_operating_point=config.calibrate.default_operating_point,
         pruned_layers=tuple(pruned),
+        templates=tuple(config.data.templates),
         calibration={
             "kind": "lraee-train",
             "command": list(job.argv),

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from lraee_core.text import DEFAULT_TEMPLATES
+
 from . import imagegen
 from .conftest import LABELS, multipart
 
@@ -124,6 +126,7 @@ def test_model_summary(client: TestClient) -> None:
     assert body["quant_mode"] == "paper" and body["quantized_modules"] == 24
     assert body["candidate_layers"] == [9, 11, 12] and body["pruned_layers"] == []
     assert body["default_operating_point"] == "half"
+    assert body["default_templates"] == list(DEFAULT_TEMPLATES)  # the untrained checkpoint stores none
     assert body["operating_points"]["never"]["thresholds"] == {"9": 1.0, "11": 1.0, "12": 1.0}
     assert body["calibration"]["kind"] == "untrained"
     assert body["limits"]["max_labels"] == 1000

@@ -43,6 +43,20 @@ def test_round_trip_describes_itself(checkpoint: Path) -> None:
     assert set(classifier.policy.names) == {"half", "never", "always"}
 
 
+def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None:
+    untrained = EarlyExitClassifier.from_checkpoint(checkpoint)
+    labels = ["red circle", "blue square"]
+    _edit_manifest(checkpoint, templates=["a rendering of a {}.", "a snapshot of a {}"])
+    classifier = EarlyExitClassifier.from_checkpoint(checkpoint)
+    assert classifier.default_templates == ("a rendering of a {}.", "a snapshot of a {}")
+    assert untrained.default_templates != classifier.default_templates  # none stored: the engine's defaults
+    assert torch.equal(
+        classifier.text_embeddings(labels),
+        classifier.text_embeddings(labels, ["a rendering of a {}.", "a snapshot of a {}"]),
+    )
+    assert not torch.equal(classifier.text_embeddings(labels), untrained.text_embeddings(labels))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -62,6 +76,7 @@ def test_round_trip_describes_itself(checkpoint: Path) -> None:
         (lambda d: (d / TENSORS).unlink(), "missing"),
         (lambda d: (d / "lraee-tiny-vit12.json").unlink(), "model config file not found"),
         (lambda d: _edit_manifest(d, backbone=None), "malformed manifest"),
+        (lambda d: _edit_manifest(d, templates=["no placeholder"]), "manifest templates"),
     ],
 )
 def test_damaged_checkpoints_fail_with_the_reason(checkpoint: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
