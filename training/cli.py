@@ -172,7 +172,11 @@ def parser() -> argparse.ArgumentParser:
             metavar=None if option.choices else option.flag.lstrip("-").replace("-", "_").upper(),
             help=option.help if default in (None, "") else f"{option.help} (default: {default})",
         )
-    root = argparse.ArgumentParser(prog="lraee-train", description=__doc__.split("\n\n")[0])
+    root = argparse.ArgumentParser(
+        prog="lraee-train",
+        description=__doc__.split("\n\n")[0],
+        epilog="backbone trainers, each with its own options: " + ", ".join(TRAINERS),
+    )
     commands = root.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, text in STEP_HELP.items():
         commands.add_parser(name, parents=[common], help=text, description=text)
@@ -217,9 +221,22 @@ def _log_to_stderr() -> None:
     log.setLevel(logging.INFO)
 
 
+# Backbone trainers with their own options (``lraee-train world-clip --help``), dispatched before the step parser.
+TRAINERS = {
+    "world-clip": "training.world_clip",  # the tiny CLIP on the generated shape world
+    "photo-clip": "training.photo_clip",  # the tiny CLIP on the real ImageNet-class photos
+    "photos": "training.photos",  # extract the shared photo tars into an ImageFolder tree
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lraee-train``; returns the process exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in TRAINERS:
+        import importlib
+
+        importlib.import_module(TRAINERS[arguments[0]]).main(arguments[1:])
+        return 0
     args = parser().parse_args(arguments)
     _log_to_stderr()
     if args.threads:

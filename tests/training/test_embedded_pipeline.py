@@ -1,0 +1,85 @@
+"""The embedded default's recipe in miniature: ``lraee-train world-clip`` then ``lraee-train build`` on the world.
+
+The shipped checkpoints were made by these two commands with large step counts; this runs them with tiny ones so
+the recipe cannot rot (the test spends seconds, not the 30 minutes of the real run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lraee_core.assets import MODEL_CONFIGS_DIR
+from lraee_core.checkpoint import read_manifest
+from lraee_core.engine import EarlyExitClassifier
+from training.cli import main
+from training.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
+
+TEMPLATES = [t.format(what="a {}", be="is") for t in HELD_OUT_TEMPLATES]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("embedded")
+    common = ["--output-dir", str(root / "clip"), "--batch-size", "16", "--threads", "2", "--no-progress"]
+    main(["world-clip", "--steps", "3", "--warmup-steps", "1", "--eval-images", "8", "--half", *common])
+    weights = root / "clip" / "weights.safetensors"
+    assert weights.is_file()
+    out = root / "checkpoint"
+    out.mkdir()
+    bundled = out / "weights.safetensors"  # weights inside the checkpoint travel with it (relative path)
+    bundled.write_bytes(weights.read_bytes())
+    status = main(
+        [
+            "build",
+            "--work-dir", str(root / "work"),
+            "--model", "lraee-tiny-vit12",
+            "--model-config", str(MODEL_CONFIGS_DIR / "lraee-tiny-vit12.json"),
+            "--pretrained", str(bundled),
+            "--data", "world:train:shapes:48",
+            "--eval-data", "world:test:shapes:16",
+            *[arg for template in TEMPLATES for arg in ("--template", template)],
+            "--profile-images", "8",
+            "--epochs", "1",
+            "--head-batch-size", "8",
+            "--engine-check-images", "4",
+            "--threads", "2",
+            "--checkpoint-id", "world-smoke",
+            "--out", str(out),
+            "--report-dir", str(root / "report"),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    return root
+
+
+def test_build_records_how_the_checkpoint_was_made(built: Path) -> None:
+    manifest = read_manifest(built / "checkpoint")
+    assert manifest.checkpoint_id == "world-smoke"
+    assert manifest.backbone.pretrained == "weights.safetensors" and manifest.backbone.pretrained_kind == "file"
+    assert manifest.templates == tuple(TEMPLATES)
+    assert manifest.calibration["kind"] == "lraee-train"
+    assert manifest.calibration["command"][:2] == ["lraee-train", "build"]
+    assert manifest.calibration["data"]["source"] == "world:train:shapes:48"
+    report = json.loads((built / "report" / "report.json").read_text())
+    assert report["eval_images"] == 16 and report["data"]["eval_source"] == "world:test:shapes:16"
+    assert report["engine_check"]["ok"]  # the shipped engine reproduces the evaluation's exits
+    log = json.loads((built / "clip" / "training_log.json").read_text())
+    assert log["steps"] == 3 and log["weights_dtype"] == "float16"
+
+
+def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for item in (built / "checkpoint").iterdir():
+        if item.is_file():
+            (moved / item.name).write_bytes(item.read_bytes())
+    classifier = EarlyExitClassifier.from_checkpoint(moved)
+    sample = generate_labelled(0, "test", "shapes")
+    image = classifier.backbone.preprocess(sample.image).unsqueeze(0)
+    [result] = classifier.classify(image, list(label_names("shapes")), top_k=3)
+    assert len(result.predictions) == 3
+    assert result.predictions[0].score >= result.predictions[-1].score
+    assert 1 <= result.exit_layer <= classifier.num_layers
