@@ -20,8 +20,8 @@ class ClassifyOptions(BaseModel):
     )
     templates: list[str] | None = Field(
         default=None,
-        description="Prompt templates, each containing '{}' where the label goes; default: open_clip's 7 simple "
-        "ImageNet templates",
+        description="Prompt templates, each containing '{}' where the label goes; default: the checkpoint's "
+        "calibration templates (GET /model: default_templates), else open_clip's 7 simple ImageNet templates",
         examples=[["a photo of a {}."]],
     )
     top_k: int = Field(default=5, description="Predictions returned (1..LRAEE_MAX_LABELS; capped at the label count)")

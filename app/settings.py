@@ -11,7 +11,7 @@ from typing import Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lraee_core.assets import DEFAULT_CHECKPOINT
+from lraee_core.assets import DEFAULT_CHECKPOINT, EMBEDDED_CHECKPOINTS, resolve_checkpoint
 from lraee_core.text import MAX_LABEL_CHARS
 
 MIB = 1024 * 1024
@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LRAEE_", frozen=True, extra="ignore")
 
     checkpoint: Path = Field(
-        default=DEFAULT_CHECKPOINT, description="LRA-EE checkpoint directory (manifest.json + heads)"
+        default=DEFAULT_CHECKPOINT,
+        description="LRA-EE checkpoint directory (manifest.json + heads), or an embedded one by name: "
+        + ", ".join(EMBEDDED_CHECKPOINTS),
     )
     backbone_weights: Path | None = Field(
         default=None, description="local backbone weights file overriding the manifest's"
@@ -48,6 +50,11 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(default=32, ge=1, le=1024, description="images per /classify/batch request")
     text_cache_size: int = Field(default=8192, ge=1, description="label embeddings kept in the engine's LRU")
     api_key: SecretStr | None = Field(default=None, description="when set, required on everything but health probes")
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _embedded_name(cls, value: object) -> object:
+        return resolve_checkpoint(value) if isinstance(value, str | Path) else value
 
     @field_validator("api_key")
     @classmethod

@@ -242,7 +242,8 @@ def train_photo_clip(cfg: PhotoClipConfig) -> Path:
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         saved = json.loads(state["config"])
-        changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != asdict(cfg)[k]]
+        current = asdict(cfg)
+        changed = [k for k in _RESUME_MUST_MATCH if _comparable(k, saved.get(k)) != _comparable(k, current[k])]
         if changed:
             raise ValueError(f"{state_path} was written with different {', '.join(changed)}; use a new output_dir")
         model.load_state_dict(state["model"])
@@ -323,6 +324,11 @@ def train_photo_clip(cfg: PhotoClipConfig) -> Path:
     }
     (output_dir / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
     return weights_path
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """Paths compare resolved: a relative and an absolute spelling of one folder are the same data."""
+    return str(Path(value).resolve()) if name in ("train_dir", "classes_tsv") and value is not None else value
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,27 @@
-"""Files shipped with the package: the tiny model's architecture and the embedded default checkpoint."""
+"""Files shipped with the package: the tiny model's architecture and the embedded checkpoints.
+
+Two embedded checkpoints, both built by the project's own ``lraee-train`` jobs on the tiny 12-block CLIP:
+
+* ``photos``: the CLIP trained on real ImageNet-class photos (202 classes); the default, since it is the one that
+  answers sensibly on a user's real photos (see the README's measurements);
+* ``world``: the CLIP trained on the generated shape world; it knows coloured shapes and nothing else.
+
+A checkpoint setting may name either instead of giving a path.
+"""
 
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent
 MODEL_CONFIGS_DIR = ASSETS_DIR / "model_configs"  # open_clip JSON architectures of the project's own models
-DEFAULT_CHECKPOINT = ASSETS_DIR / "default"  # the checkpoint `make serve` loads when none is configured
+EMBEDDED_CHECKPOINTS = {  # name -> checkpoint directory inside the package
+    "photos": ASSETS_DIR / "photos",
+    "world": ASSETS_DIR / "world",
+}
+DEFAULT_EMBEDDED = "photos"  # the checkpoint `make serve` loads when none is configured
+DEFAULT_CHECKPOINT = EMBEDDED_CHECKPOINTS[DEFAULT_EMBEDDED]
+
+
+def resolve_checkpoint(value: str | Path) -> Path:
+    """An embedded checkpoint's name (``photos``, ``world``) becomes its directory; anything else is a path."""
+    name = str(value)
+    return EMBEDDED_CHECKPOINTS[name] if name in EMBEDDED_CHECKPOINTS else Path(value)

@@ -16,7 +16,7 @@ from app.errors import StartupError
 from app.main import create_app
 from app.service import ModelService
 from app.settings import Settings
-from lraee_core.assets import DEFAULT_CHECKPOINT
+from lraee_core.assets import DEFAULT_CHECKPOINT, EMBEDDED_CHECKPOINTS
 
 from . import imagegen
 from .conftest import multipart, running
@@ -126,6 +126,8 @@ def test_settings_from_environment(clean_env: pytest.MonkeyPatch) -> None:
     key = Settings().api_key
     assert key is not None and key.get_secret_value() == "hunter2-secret"
     assert "hunter2" not in repr(Settings())  # the secret never shows in logs of the settings
+    clean_env.setenv("LRAEE_CHECKPOINT", "world")  # an embedded checkpoint by name
+    assert Settings().checkpoint == EMBEDDED_CHECKPOINTS["world"] != DEFAULT_CHECKPOINT
 
 
 @pytest.mark.parametrize(

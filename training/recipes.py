@@ -1,0 +1,157 @@
+"""The recipes of the two embedded checkpoints: exactly the commands that built what ships in ``lraee_core/assets``.
+
+``python -m training.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
+``python -m training.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
+
+Each recipe trains the tiny CLIP (resumable: rerunning continues), copies its FP16 weights into the checkpoint
+directory (so the manifest names them by a relative path and the checkpoint moves as one folder), and runs
+``lraee-train build`` into it. Extra evaluations (other label sets, other photo sets) are further builds in their
+own work dirs with the same data, seeds and settings, so their heads and thresholds come out identical; the recipe
+checks that by the heads' SHA-256 and says so in ``reports/<recipe>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from lraee_core.assets import EMBEDDED_CHECKPOINTS, MODEL_CONFIGS_DIR
+from lraee_core.checkpoint import read_manifest
+
+from . import photos
+from .cli import main as cli
+from .world import HELD_OUT_TEMPLATES
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs"
+REPORTS = REPO / "reports"
+MODEL = "lraee-tiny-vit12"
+
+
+def world_templates(label_set: str) -> list[str]:
+    """The world's held-out caption wordings as ``{}`` prompts: zero-shot never uses a wording training saw."""
+    what = "a {} shape" if label_set == "colours" else "a {}"
+    return [template.format(what=what, be="is") for template in HELD_OUT_TEMPLATES]
+
+
+def _build(work: Path, out: Path, report: Path, weights: Path, options: Sequence[str], threads: int) -> str:
+    status = cli(
+        [
+            "build",
+            "--work-dir", str(work),
+            "--model", MODEL,
+            "--model-config", str(MODEL_CONFIGS_DIR / f"{MODEL}.json"),
+            "--pretrained", str(weights),
+            "--threads", str(threads),
+            "--out", str(out),
+            "--report-dir", str(report),
+            *options,
+        ]
+    )  # fmt: skip
+    if status != 0:
+        raise SystemExit(f"build into {out} failed")
+    return read_manifest(out).heads_sha256
+
+
+def _bundle(weights: Path, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    bundled = out / "weights.safetensors"
+    shutil.copyfile(weights, bundled)
+    return bundled
+
+
+def world(clip_steps: int, threads: int, samples: int) -> dict[str, object]:
+    """World CLIP, the shipped ``world`` checkpoint (colour+shape), and evaluations on three label sets."""
+    cli(["world-clip", "--steps", str(clip_steps), "--output-dir", str(RUNS / "world_clip"), "--half",
+         "--threads", str(threads), "--no-progress"])  # fmt: skip
+    shipped = EMBEDDED_CHECKPOINTS["world"]
+    weights = _bundle(RUNS / "world_clip" / "weights.safetensors", shipped)
+    splits = ["--head-split", "0.6", "--gate-split", "0.2", "--calib-split", "0.2"]
+    summary: dict[str, object] = {"clip_log": "runs/world_clip/training_log.json", "evaluations": {}}
+    evaluations: dict[str, object] = {}
+    reference = None
+    for label_set, split in (("colour+shape", "test"), ("colour+shape", "heldout"), ("shapes", "test"),
+                             ("colours", "test")):  # fmt: skip
+        name = f"{label_set}-{split}".replace("+", "_")
+        ships = reference is None  # the first one is the shipped checkpoint
+        out = shipped if ships else RUNS / "world_builds" / name / "checkpoint"
+        options = [
+            "--data",
+            f"world:train:{label_set}:{samples}",
+            "--eval-data",
+            f"world:{split}:{label_set}:{samples}",
+            "--checkpoint-id",
+            f"world-{label_set.replace('+', '_')}",
+            *splits,
+            *[arg for template in world_templates(label_set) for arg in ("--template", template)],
+        ]
+        work = RUNS / "world_builds" / name / "work"
+        sha = _build(work, out, REPORTS / "world" / name, weights, options, threads)
+        reference = reference or sha
+        evaluations[name] = {"label_set": label_set, "eval_split": split, "heads_sha256": sha, "shipped": ships}
+    summary["evaluations"] = evaluations
+    return summary
+
+
+def photo(clip_steps: int, threads: int) -> dict[str, object]:
+    """Photo CLIP, the shipped ``photos`` checkpoint, evaluated on Tiny-ImageNet val and ILSVRC2012 val photos."""
+    train = photos.extract("train")
+    val = photos.extract("val")
+    acuity = photos.extract("acuity")
+    clip_dir = RUNS / "photo_clip"
+    cli(["photo-clip", "--train-dir", str(train), "--classes-tsv", str(photos.classes_tsv()), "--output-dir",
+         str(clip_dir), "--steps", str(clip_steps), "--threads", str(threads), "--eval-dirs", f"{val},{acuity}",
+         "--no-progress"])  # fmt: skip
+    shipped = EMBEDDED_CHECKPOINTS["photos"]
+    weights = _bundle(clip_dir / "weights.safetensors", shipped)
+    common = [
+        "--data", str(clip_dir / "holdout.csv"),
+        "--classes-tsv", str(photos.classes_tsv()),
+        "--head-split", "0.6", "--gate-split", "0.2", "--calib-split", "0.2",
+        "--checkpoint-id", "photos-tiny202",
+    ]  # fmt: skip
+    evaluations: dict[str, object] = {}
+    for name, eval_dir in (("tiny-val", val), ("ilsvrc-val", acuity)):
+        ships = name == "tiny-val"
+        out = shipped if ships else RUNS / "photo_builds" / name / "checkpoint"
+        work = RUNS / "photo_builds" / name / "work"
+        sha = _build(work, out, REPORTS / "photos" / name, weights, [*common, "--eval-data", str(eval_dir)], threads)
+        evaluations[name] = {"eval_dir": str(eval_dir.relative_to(REPO)), "heads_sha256": sha, "shipped": ships}
+    return {"clip_log": "runs/photo_clip/training_log.json", "evaluations": evaluations}
+
+
+def _finish(recipe: str, summary: dict[str, object], clip_log: Path) -> None:
+    evaluations = summary["evaluations"]
+    assert isinstance(evaluations, dict)
+    shas = {entry["heads_sha256"] for entry in evaluations.values()}
+    summary["same_checkpoint_everywhere"] = len(shas) == 1
+    log = json.loads(clip_log.read_text())
+    summary["clip"] = {k: v for k, v in log.items() if k != "history"}
+    directory = REPORTS / recipe
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(clip_log, directory / "clip_training_log.json")
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "clip"}, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m training.recipes world|photos``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", choices=("world", "photos"))
+    parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 2000)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=2400, help="world images per build's data and eval set")
+    args = parser.parse_args(argv)
+    if args.recipe == "world":
+        summary = world(args.clip_steps or 700, args.threads, args.samples)
+        _finish("world", summary, RUNS / "world_clip" / "training_log.json")
+    else:
+        summary = photo(args.clip_steps or 2000, args.threads)
+        _finish("photos", summary, RUNS / "photo_clip" / "training_log.json")
+
+
+if __name__ == "__main__":
+    main()
