@@ -83,3 +83,13 @@ def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_
     assert len(result.predictions) == 3
     assert result.predictions[0].score >= result.predictions[-1].score
     assert 1 <= result.exit_layer <= classifier.num_layers
+
+
+def test_readme_table_is_read_from_the_report(built: Path) -> None:
+    from training.summary_tables import table
+
+    report = json.loads((built / "report" / "report.json").read_text())
+    fp32 = next(row for row in report["comparison"] if row["method"] == "FP32 full depth")["accuracy"]
+    rendered = table([built / "report"]).splitlines()
+    assert len(rendered) == 3 and rendered[2].startswith("| report | 16 | 8 | ")
+    assert f"| {100 * fp32:.1f}% |" in rendered[2]
