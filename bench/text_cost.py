@@ -1,7 +1,8 @@
 """What a label set costs in text encoding: cold (fresh cache, every prompt through the text tower) vs cached.
 
 Measured through the engine's own :class:`~lraee_core.text.TextEmbeddingCache` with the engine's default templates,
-and once more with the trimmed-context encoder of :mod:`bench.text_trim` (a proposal for the engine).
+and once more through open_clip's own full-context ``encode_text`` (every prompt padded to the whole context),
+which is what the engine did before it trimmed the context to the longest prompt.
 The last cold cache is handed back so the benchmark's engines share it instead of encoding the set again.
 """
 
@@ -16,7 +17,6 @@ import torch
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.text import DEFAULT_TEMPLATES, TextEmbeddingCache
 
-from .text_trim import trimmed_encoder
 from .timing import median
 
 
@@ -30,9 +30,9 @@ class TextCost:
     cached_s: float  # median over a filled cache
     cold_runs_s: list[float]
     cached_runs_s: list[float]
-    trimmed_cold_s: float | None = None  # median cold seconds with the trimmed-context encoder (proposal)
-    trimmed_cold_runs_s: list[float] | None = None
-    trimmed_max_abs_difference: float | None = None  # largest |trimmed - engine| over the FP16 embeddings
+    full_context_cold_s: float | None = None  # median cold seconds through open_clip's padded encode_text
+    full_context_cold_runs_s: list[float] | None = None
+    full_context_max_abs_difference: float | None = None  # largest |full context - engine| over FP16 embeddings
 
     @property
     def cold_over_cached(self) -> float:
@@ -52,13 +52,11 @@ def measure_text_cost(
         cache.get(labels, DEFAULT_TEMPLATES)
         cached.append(time.perf_counter() - started)
     cost = TextCost(len(labels), len(DEFAULT_TEMPLATES), median(cold), median(cached), cold, cached)
-    trimmed = trimmed_encoder(engine.backbone)
-    if trimmed is not None:
-        trimmed_runs, trimmed_cache = _cold(engine, trimmed, labels, cold_repeats)
-        difference = (trimmed_cache.get(labels, DEFAULT_TEMPLATES).float() - embeddings.float()).abs().max()
-        cost.trimmed_cold_s = median(trimmed_runs)
-        cost.trimmed_cold_runs_s = trimmed_runs
-        cost.trimmed_max_abs_difference = float(difference)
+    full_runs, full_cache = _cold(engine, engine.backbone.encode_text_full_context, labels, cold_repeats)
+    difference = (full_cache.get(labels, DEFAULT_TEMPLATES).float() - embeddings.float()).abs().max()
+    cost.full_context_cold_s = median(full_runs)
+    cost.full_context_cold_runs_s = full_runs
+    cost.full_context_max_abs_difference = float(difference)
     return cost, cache
 
 

@@ -149,10 +149,44 @@ class ClipBackbone:
     # ---- text ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """L2-normalised FP32 text embeddings of ``texts``: [N, E]."""
+        """L2-normalised FP32 text embeddings of ``texts``: [N, E].
+
+        open_clip pads every prompt to the full context (77 tokens for ViT-B-32). CLIP's text tower is causal and
+        pools the end-of-text token, so positions after the longest prompt's end cannot change any result: this runs
+        only those first positions (typically 10-20), several times less work, with the same embeddings. Towers
+        that do not fit that pattern (non-causal, other pooling, custom text models) take open_clip's own path.
+        """
         tokens = self.tokenizer(texts)
-        features = self.model.encode_text(tokens)
+        features = self._encode_trimmed(tokens) if self._trimmable_text() else self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def encode_text_full_context(self, texts: list[str]) -> torch.Tensor:
+        """open_clip's own ``encode_text`` over the padded context (the reference of :meth:`encode_text`)."""
+        features = self.model.encode_text(self.tokenizer(texts))
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def _trimmable_text(self) -> bool:
+        model = self.model
+        transformer = getattr(model, "transformer", None)
+        return (
+            getattr(model, "text_pool_type", None) == "argmax"
+            and getattr(model, "attn_mask", None) is not None
+            and getattr(transformer, "batch_first", False)
+            and getattr(model, "text_projection", None) is not None
+            and getattr(model, "cls_emb", None) is None
+        )
+
+    def _encode_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        # The end-of-text token has the highest id, so argmax finds it even when a prompt holds id 0 ("!").
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        tokens = tokens[:, :length]  # [N, n]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)  # [N, n, W]
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+        pooled = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]  # [N, W] the end-of-text token
+        projection = model.text_projection
+        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
 
 def _register_config(config_file: str) -> None:

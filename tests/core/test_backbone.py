@@ -99,3 +99,32 @@ def test_text_embeddings_are_unit_fp32(tiny_config: BackboneConfig) -> None:
     text = backbone.encode_text(["a red circle", "a blue square"])
     assert text.dtype == torch.float32 and text.shape == (2, backbone.shape.embed_dim)
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+
+
+PROMPTS = [
+    "a photo of a cat.",
+    "a bad photo of the Yahoo! (logo)",  # "!" is token id 0, the padding id
+    "itap of a very long and winding description of a grey tabby cat sitting on a red carpet in the sun.",
+    "x",
+]
+
+
+def test_trimmed_text_context_equals_open_clips_full_context(
+    tiny_config: BackboneConfig, vit_b32: ClipBackbone
+) -> None:
+    for backbone in (build_backbone(tiny_config), vit_b32):
+        assert backbone._trimmable_text()
+        trimmed = backbone.encode_text(PROMPTS)
+        full = backbone.encode_text_full_context(PROMPTS)
+        assert trimmed.shape == full.shape == (len(PROMPTS), backbone.shape.embed_dim)
+        torch.testing.assert_close(trimmed, full, atol=2e-5, rtol=0)
+        # One prompt alone is trimmed to its own length and still agrees with the batch.
+        torch.testing.assert_close(backbone.encode_text(PROMPTS[:1])[0], full[0], atol=2e-5, rtol=0)
+
+
+def test_prompt_longer_than_the_context_is_truncated_like_open_clip(tiny_config: BackboneConfig) -> None:
+    backbone = build_backbone(tiny_config)
+    long_prompt = ["word " * 200]
+    torch.testing.assert_close(
+        backbone.encode_text(long_prompt), backbone.encode_text_full_context(long_prompt), atol=2e-5, rtol=0
+    )
