@@ -22,7 +22,6 @@ Run: ``python -m training.photo_clip --train-dir data/imagenet-photos/train --cl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -50,6 +49,7 @@ from training.world_clip import (
     Tokenizer,
     _optimizer,
     _save_state,
+    add_config_flags,
     build_model,
     learning_rate,
     save_weights,
@@ -332,16 +332,9 @@ def _comparable(name: str, value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: every scalar PhotoClipConfig field is a flag (``--steps 1800 --output-dir runs/x``)."""
+    """Command line: every scalar PhotoClipConfig field is a flag (``--steps 1200 --output-dir runs/x``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = PhotoClipConfig()
-    for config_field in dataclasses.fields(PhotoClipConfig):
-        default = getattr(defaults, config_field.name)
-        flag = "--" + config_field.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, int | float | str):
-            parser.add_argument(flag, type=type(default), default=default)
+    add_config_flags(parser, PhotoClipConfig())
     print(train_photo_clip(PhotoClipConfig(**vars(parser.parse_args(argv)))))
 
 

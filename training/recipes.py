@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m training.recipes world|photos``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", choices=("world", "photos"))
-    parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 2000)")
+    parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 1200)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=2400, help="world images per build's data and eval set")
     args = parser.parse_args(argv)
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = world(args.clip_steps or 700, args.threads, args.samples)
         _finish("world", summary, RUNS / "world_clip" / "training_log.json")
     else:
-        summary = photo(args.clip_steps or 2000, args.threads)
+        summary = photo(args.clip_steps or 1200, args.threads)
         _finish("photos", summary, RUNS / "photo_clip" / "training_log.json")
 
 

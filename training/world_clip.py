@@ -314,17 +314,22 @@ def train_world_clip(cfg: WorldClipConfig) -> Path:
     return weights_path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: every scalar WorldClipConfig field is a flag (``--steps 900 --output-dir runs/x``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = WorldClipConfig()
-    for config_field in dataclasses.fields(WorldClipConfig):
+def add_config_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:
+    """One ``--flag`` per scalar field of the dataclass instance ``defaults`` (bools as --x / --no-x)."""
+    for config_field in dataclasses.fields(defaults):
         default = getattr(defaults, config_field.name)
         flag = "--" + config_field.name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, int | float | str):
             parser.add_argument(flag, type=type(default), default=default)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: every scalar WorldClipConfig field is a flag (``--steps 900 --output-dir runs/x``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = WorldClipConfig()
+    add_config_flags(parser, defaults)
     parser.add_argument("--world-seed", type=int, default=defaults.world.seed)
     args = vars(parser.parse_args(argv))
     world = dataclasses.replace(defaults.world, seed=args.pop("world_seed"))
