@@ -26,8 +26,10 @@ COPY lraee_core ./lraee_core
 COPY app ./app
 COPY training ./training
 RUN pip install . \
-    # The embedded default checkpoint ships inside the package: fail the build, not the first start, without it.
-    && python -c "from lraee_core.assets import DEFAULT_CHECKPOINT as d; assert (d / 'manifest.json').is_file(), d"
+    # The embedded checkpoints (photos = default, world) ship inside the package: fail the build, not the first
+    # start, without them.
+    && python -c "from lraee_core.assets import EMBEDDED_CHECKPOINTS as e; \
+missing = [str(d) for d in e.values() if not (d / 'manifest.json').is_file()]; assert not missing, missing"
 
 # ---- runtime: the venv and nothing else from the build ----
 FROM ${PYTHON_IMAGE} AS runtime
