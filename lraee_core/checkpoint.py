@@ -9,6 +9,7 @@ refuses, with the reason, anything that does not match: a wrong backbone, a corr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -194,6 +195,14 @@ def backbone_ref(backbone: ClipBackbone, checkpoint_dir: Path | None = None) -> 
     )
 
 
+def readable_by_all(path: Path) -> None:
+    """Give a written file the umask's usual mode: safetensors creates files 0600, which a container's non-root
+    user cannot read once the file is copied in by root."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def save_checkpoint(
     directory: str | Path,
     manifest: Manifest,
@@ -211,6 +220,7 @@ def save_checkpoint(
         tensors[f"gates.{layer}.weight"] = torch.tensor(gate.weight, dtype=torch.float32)
         tensors[f"gates.{layer}.bias"] = torch.tensor([gate.bias], dtype=torch.float32)
     save_file(tensors, str(directory / TENSORS))
+    readable_by_all(directory / TENSORS)
     final = Manifest(**{**manifest.__dict__, "heads_sha256": sha256_of_file(directory / TENSORS)})
     final.validate()
     tmp = directory / (MANIFEST + ".tmp")

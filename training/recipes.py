@@ -7,7 +7,8 @@ Each recipe trains the tiny CLIP (resumable: rerunning continues), copies its FP
 directory (so the manifest names them by a relative path and the checkpoint moves as one folder), and runs
 ``lraee-train build`` into it. Extra evaluations (other label sets, other photo sets) are further builds in their
 own work dirs with the same data, seeds and settings, so their heads and thresholds come out identical; the recipe
-checks that by the heads' SHA-256 and says so in ``reports/<recipe>/summary.json``.
+checks that by the heads' SHA-256 and says so in ``reports/<recipe>/summary.json`` (the world's other label sets
+train heads of their own, so only its colour+shape evaluations share the shipped heads).
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def photo(clip_steps: int, threads: int) -> dict[str, object]:
 def _finish(recipe: str, summary: dict[str, object], clip_log: Path) -> None:
     evaluations = summary["evaluations"]
     assert isinstance(evaluations, dict)
-    shas = {entry["heads_sha256"] for entry in evaluations.values()}
-    summary["same_checkpoint_everywhere"] = len(shas) == 1
+    # Builds on the same training data must reproduce the shipped heads exactly; other label sets train their own.
+    shipped = next(entry for entry in evaluations.values() if entry["shipped"])
+    same_data = [e for e in evaluations.values() if e.get("label_set") == shipped.get("label_set")]
+    summary["same_heads_as_shipped"] = all(e["heads_sha256"] == shipped["heads_sha256"] for e in same_data)
     log = json.loads(clip_log.read_text())
     summary["clip"] = {k: v for k, v in log.items() if k != "history"}
     directory = REPORTS / recipe

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from lraee_core.checkpoint import readable_by_all
 from training.world import (
     HELD_OUT_COMBOS,
     HELD_OUT_TEMPLATES,
@@ -169,6 +170,7 @@ def save_weights(model: torch.nn.Module, path: str | Path, half: bool = False) -
     }
     path = Path(path)
     save_file(tensors, str(path), metadata={"format": "pt", "model_name": MODEL_NAME})
+    readable_by_all(path)
     return path
 
 
