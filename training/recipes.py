@@ -121,7 +121,29 @@ def photo(clip_steps: int, threads: int) -> dict[str, object]:
         work = RUNS / "photo_builds" / name / "work"
         sha = _build(work, out, REPORTS / "photos" / name, weights, [*common, "--eval-data", str(eval_dir)], threads)
         evaluations[name] = {"eval_dir": str(eval_dir.relative_to(REPO)), "heads_sha256": sha, "shipped": ships}
-    return {"clip_log": "runs/photo_clip/training_log.json", "evaluations": evaluations}
+    return {
+        "clip_log": "runs/photo_clip/training_log.json",
+        "evaluations": evaluations,
+        "world_model_on_photos": world_model_on_photos(threads),
+    }
+
+
+def world_model_on_photos(threads: int) -> dict[str, object]:
+    """The other candidate default, measured the same way: the world CLIP's FP32 zero-shot on the same photos."""
+    import torch
+
+    from .photo_clip import TEMPLATES, scan_photos, zero_shot_top1
+    from .world_clip import build_model
+
+    torch.set_num_threads(threads)
+    model, preprocess, tokenizer = build_model(EMBEDDED_CHECKPOINTS["world"] / "weights.safetensors")
+    wnids = photos.tiny_wnids()
+    return {
+        name: zero_shot_top1(
+            model, tokenizer, preprocess, scan_photos(photos.extract(subset), photos.classes_tsv(), wnids), TEMPLATES
+        )
+        for name, subset in (("tiny-val", "val"), ("ilsvrc-val", "acuity"))
+    }
 
 
 def _finish(recipe: str, summary: dict[str, object], clip_log: Path) -> None:
