@@ -160,6 +160,7 @@ class ClipBackbone:
         features = self._encode_trimmed(tokens) if self._trimmable_text() else self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
+    @torch.inference_mode()
     def encode_text_full_context(self, texts: list[str]) -> torch.Tensor:
         """open_clip's own ``encode_text`` over the padded context (the reference of :meth:`encode_text`)."""
         features = self.model.encode_text(self.tokenizer(texts))
