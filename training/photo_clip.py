@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -52,13 +51,13 @@ from training.world_clip import (
     add_config_flags,
     build_model,
     learning_rate,
+    optimize,
     save_weights,
 )
 
 HOLDOUT_FILE = "holdout.csv"
 # A resumed run must draw the same data as the run it continues.
 _RESUME_MUST_MATCH = ("seed", "batch_size", "train_dir", "holdout_per_class", "classes_tsv")
-_MAX_LOGIT_SCALE = math.log(100.0)
 TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
 
 
@@ -277,14 +276,7 @@ def train_photo_clip(cfg: PhotoClipConfig) -> Path:
         loss = multi_positive_loss(
             output["image_features"], output["text_features"], output["logit_scale"], batch_labels.to(device)
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
-        window.append(loss.item())
+        window.append(optimize(model, optimizer, loss, cfg.grad_clip_norm))
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:

@@ -354,14 +354,21 @@ def _train_step(
         output = model(images, texts)
     # The loss in FP32: bf16 logits would round the softmax over the batch.
     loss = loss_fn(output["image_features"].float(), output["text_features"].float(), output["logit_scale"].float())
+    return optimize(model, optimizer, loss, cfg.grad_clip_norm)
+
+
+def optimize(
+    model: open_clip.CLIP, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip_norm: float | None
+) -> float:
+    """Backward, optional global-norm clip, step, and CLIP's cap on the temperature; returns the loss value."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
-    return loss.item()
+    return float(loss.item())
 
 
 def _optimizer(model: torch.nn.Module, cfg: WorldClipConfig) -> torch.optim.AdamW:
