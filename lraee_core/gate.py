@@ -31,7 +31,12 @@ def spatial_activation_variance(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def gate_features(logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Gate features [B, 3] = (confidence, margin, sav) from class logits [B, K] and hidden state [B, T, D].
+    """Gate features [B, 3] = (confidence, margin, sav) from class logits [B, K] and hidden state [B, T, D]."""
+    return gate_features_from_sav(logits, spatial_activation_variance(hidden))
+
+
+def gate_features_from_sav(logits: torch.Tensor, sav: torch.Tensor) -> torch.Tensor:
+    """Gate features [B, 3] from class logits [B, K] and an already computed SAV [B] (e.g. a feature cache).
 
     With a single label the margin is the confidence itself (the runner-up probability is zero).
     """
@@ -39,7 +44,7 @@ def gate_features(logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
     confidence = top[:, 0]
     margin = confidence - top[:, 1] if top.shape[-1] > 1 else confidence
-    return torch.stack([confidence, margin, spatial_activation_variance(hidden)], dim=-1)
+    return torch.stack([confidence, margin, sav.float()], dim=-1)
 
 
 @dataclass(frozen=True)

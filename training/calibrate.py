@@ -45,7 +45,7 @@ from tqdm import tqdm
 from lraee_core.backbone import build_backbone
 from lraee_core.checkpoint import MANIFEST, Manifest, PrunedLayer, backbone_ref, save_checkpoint
 from lraee_core.flops import FlopsModel, flops_model
-from lraee_core.gate import GateParams
+from lraee_core.gate import GateParams, gate_features_from_sav
 from lraee_core.heads import ExitHead, class_logits
 
 from .config import (
@@ -60,7 +60,7 @@ from .config import (
     write_record,
 )
 from .features import FeatureStore
-from .gate_fit import load_gates, logit_features, run_fit_gate
+from .gate_fit import load_gates, run_fit_gate
 from .heads import VARIANTS, head_logits, load_heads
 from .profile import LayerProfile, load_profile, run_profile
 
@@ -416,7 +416,7 @@ def build_table(store: FeatureStore, job: Job, split: str, method: Method, layer
     scores, predictions = {}, {}
     for layer in layers:
         logits = head_logits(heads[layer], cached[f"{pooling}.{layer}"], text, store.logit_scale)
-        features = logit_features(logits, cached[f"sav.{layer}"])
+        features = gate_features_from_sav(logits, cached[f"sav.{layer}"])
         # Confidence-only scores an image by the head's top-1 probability instead of the gate.
         score = gates[layer].probability(features) if method.scoring == "gate" else features[:, 0]
         scores[layer] = score.float().numpy()

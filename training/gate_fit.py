@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lraee_core.gate import GateParams
+from lraee_core.gate import GateParams, gate_features_from_sav
 
 from .config import GateFitConfig, Job, config_hash, read_json, step, write_json, write_record
 from .features import FeatureStore
@@ -25,16 +25,6 @@ from .heads import VARIANTS, head_logits, load_heads, run_train_heads
 
 GATES_FILE = "gates.json"
 _RATE_CLIP = 1e-4  # keeps the bias of a one-class layer finite
-
-
-def logit_features(logits: torch.Tensor, sav: torch.Tensor) -> torch.Tensor:
-    """Gate features [N, 3] = (confidence, margin, sav); the same arithmetic as lraee_core.gate.gate_features,
-    which needs the hidden state only for SAV, here read from the cache."""
-    probs = logits.float().softmax(dim=-1)
-    top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-    confidence = top[:, 0]
-    margin = confidence - top[:, 1] if top.shape[-1] > 1 else confidence
-    return torch.stack([confidence, margin, sav.float()], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -117,7 +107,7 @@ def run_fit_gate(job: Job) -> str:
             cached = store.load("gate", [f"{variant.pooling}.{layer}", f"sav.{layer}"])
             logits = head_logits(head, cached[f"{variant.pooling}.{layer}"], text, store.logit_scale)
             targets = logits.argmax(-1) == labels
-            fit = fit_logistic(logit_features(logits, cached[f"sav.{layer}"]), targets, job.config.gate)
+            fit = fit_logistic(gate_features_from_sav(logits, cached[f"sav.{layer}"]), targets, job.config.gate)
             per_layer[str(layer)] = {
                 "weight": list(fit.params.weight),
                 "bias": fit.params.bias,

@@ -16,7 +16,7 @@ from PIL import Image
 from lraee_core.backbone import VisionShape
 from lraee_core.config import BackboneConfig
 from lraee_core.flops import flops_model
-from lraee_core.gate import exits, gate_features
+from lraee_core.gate import exits, gate_features, gate_features_from_sav
 from training.calibrate import (
     ExitTable,
     best_setting,
@@ -31,7 +31,7 @@ from training.calibrate import (
 from training.config import SPLIT_NAMES, BuildConfig, CalibrateConfig, DataConfig, ExtractConfig, GateFitConfig
 from training.data import DataError, make_splits, read_classes_tsv, stratified_order
 from training.evaluate import four_quadrants, gate_selectivity, pabee
-from training.gate_fit import fit_logistic, logit_features
+from training.gate_fit import fit_logistic
 from training.profile import ProfileAccumulator
 
 TINY_SHAPE = VisionShape(
@@ -76,13 +76,15 @@ def test_identical_towers_have_no_noise() -> None:
 
 
 # ---- gate --------------------------------------------------------------------------------------------------------
-def test_logit_features_equal_the_engine_gate_features() -> None:
+def test_cached_sav_features_equal_the_engine_gate_features() -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 5, generator=generator) * 10
     hidden = torch.randn(6, 17, 8, generator=generator)
     from lraee_core.gate import spatial_activation_variance
 
-    assert torch.equal(logit_features(logits, spatial_activation_variance(hidden)), gate_features(logits, hidden))
+    assert torch.equal(
+        gate_features_from_sav(logits, spatial_activation_variance(hidden)), gate_features(logits, hidden)
+    )
 
 
 def test_gate_fit_recovers_a_separating_direction() -> None:
