@@ -33,11 +33,12 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from training.data import IMAGE_SUFFIXES, disambiguate, read_classes_tsv
+from training.data import IMAGE_SUFFIXES, disambiguate, load_rgb, read_classes_tsv
 from training.photos import CLASSES_TSV, SOURCE_DIR
 from training.world_clip import (
     LOG_FILE,
@@ -199,16 +200,12 @@ def zero_shot_top1(
 ) -> dict[str, float]:
     """FP32 zero-shot top-1 / top-5 over ``photos.names`` with prompt-ensembled class embeddings."""
     model.eval()
-    classifier = []
-    for name in photos.names:
-        text = model.encode_text(tokenizer([t.format(name) for t in templates]), normalize=True).mean(0)
-        classifier.append(F.normalize(text, dim=0))
-    weights = torch.stack(classifier, dim=1)  # [D, C]
+    weights = build_zero_shot_classifier(model, tokenizer, photos.names, list(templates), num_classes_per_batch=16)
     top1 = top5 = 0
     labels = torch.tensor(photos.labels)
     for start in range(0, len(photos.paths), batch_size):
         chunk = photos.paths[start : start + batch_size]
-        images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in chunk])
+        images = torch.stack([preprocess(load_rgb(p)) for p in chunk])
         ranked = (model.encode_image(images, normalize=True) @ weights).topk(min(5, weights.shape[1]), dim=1).indices
         truth = labels[start : start + len(chunk), None]
         top1 += int((ranked[:, :1] == truth).sum())
