@@ -71,7 +71,6 @@ def world(clip_steps: int, threads: int, samples: int) -> dict[str, object]:
     shipped = EMBEDDED_CHECKPOINTS["world"]
     weights = _bundle(RUNS / "world_clip" / "weights.safetensors", shipped)
     splits = ["--head-split", "0.6", "--gate-split", "0.2", "--calib-split", "0.2"]
-    summary: dict[str, object] = {"clip_log": "runs/world_clip/training_log.json", "evaluations": {}}
     evaluations: dict[str, object] = {}
     reference = None
     for label_set, split in (("colour+shape", "test"), ("colour+shape", "heldout"), ("shapes", "test"),
@@ -93,8 +92,7 @@ def world(clip_steps: int, threads: int, samples: int) -> dict[str, object]:
         sha = _build(work, out, REPORTS / "world" / name, weights, options, threads)
         reference = reference or sha
         evaluations[name] = {"label_set": label_set, "eval_split": split, "heads_sha256": sha, "shipped": ships}
-    summary["evaluations"] = evaluations
-    return summary
+    return {"clip_log": "runs/world_clip/training_log.json", "evaluations": evaluations}
 
 
 def photo(clip_steps: int, threads: int) -> dict[str, object]:
