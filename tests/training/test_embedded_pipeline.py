@@ -14,8 +14,8 @@ import pytest
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
 from lraee_core.engine import EarlyExitClassifier
-from training.cli import main
-from training.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
+from training.clip.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
+from training.pipeline.cli import main
 
 TEMPLATES = [t.format(what="a {}", be="is") for t in HELD_OUT_TEMPLATES]
 
@@ -86,7 +86,7 @@ def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_
 
 
 def test_readme_table_is_read_from_the_report(built: Path) -> None:
-    from training.summary_tables import table
+    from training.pipeline.summary_tables import table
 
     report = json.loads((built / "report" / "report.json").read_text())
     fp32 = next(row for row in report["comparison"] if row["method"] == "FP32 full depth")["accuracy"]

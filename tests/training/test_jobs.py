@@ -16,10 +16,10 @@ from PIL import Image
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
 from lraee_core.engine import EarlyExitClassifier
-from training.calibrate import METHODS, build_table, simulate
-from training.cli import main
-from training.config import SPLIT_NAMES, Job, load_build_config, read_record
-from training.data import load_rgb, load_splits
+from training.pipeline.calibrate import METHODS, build_table, simulate
+from training.pipeline.cli import main
+from training.pipeline.config import SPLIT_NAMES, Job, load_build_config, read_record
+from training.pipeline.data import load_rgb, load_splits
 
 STEPS = ("split", "profile", "extract", "train-heads", "fit-gate", "calibrate", "evaluate")
 CLASSES = {"red_square": (150, 90, 90), "green_thing": (90, 140, 95), "blue": (90, 100, 150), "grey": (115, 115, 115)}
@@ -129,8 +129,8 @@ def test_manifest_describes_the_calibration(stepwise: Run) -> None:
 def _thresholds_with_mixed_exits(job: Job, layers: tuple[int, ...], rows: np.ndarray) -> list[float]:
     """A grid setting under which some images leave early and some go the full depth (as many exit layers as
     possible), so the comparison below exercises every path of the engine."""
-    from training.calibrate import threshold_grid
-    from training.features import FeatureStore
+    from training.pipeline.calibrate import threshold_grid
+    from training.pipeline.features import FeatureStore
 
     table = build_table(FeatureStore(job.step_dir("extract")), job, "eval", METHODS["lraee-distilled"], layers)
     table = table.subset(rows)
@@ -153,7 +153,7 @@ def test_engine_from_checkpoint_matches_the_simulation(stepwise: Run) -> None:
     rows = np.arange(len(split.items))
     images = torch.stack([classifier.backbone.preprocess(load_rgb(path)) for path in split.paths])
     labels = list(load_splits(job).labels)
-    from training.features import FeatureStore
+    from training.pipeline.features import FeatureStore
 
     table = build_table(FeatureStore(job.step_dir("extract")), job, "eval", METHODS["lraee-distilled"], layers)
     settings = {name: [classifier.policy.thresholds(name)[layer] for layer in layers] for name in ("fast", "balanced")}

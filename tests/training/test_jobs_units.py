@@ -17,7 +17,7 @@ from lraee_core.backbone import VisionShape
 from lraee_core.config import BackboneConfig
 from lraee_core.flops import flops_model
 from lraee_core.gate import exits, gate_features, gate_features_from_sav
-from training.calibrate import (
+from training.pipeline.calibrate import (
     ExitTable,
     best_setting,
     pareto_front,
@@ -28,11 +28,11 @@ from training.calibrate import (
     sweep,
     threshold_grid,
 )
-from training.config import SPLIT_NAMES, BuildConfig, CalibrateConfig, DataConfig, ExtractConfig, GateFitConfig
-from training.data import DataError, make_splits, read_classes_tsv, stratified_order
-from training.evaluate import four_quadrants, gate_selectivity, pabee
-from training.gate_fit import fit_logistic
-from training.profile import ProfileAccumulator
+from training.pipeline.config import SPLIT_NAMES, BuildConfig, CalibrateConfig, DataConfig, ExtractConfig, GateFitConfig
+from training.pipeline.data import DataError, make_splits, read_classes_tsv, stratified_order
+from training.pipeline.evaluate import four_quadrants, gate_selectivity, pabee
+from training.pipeline.gate_fit import fit_logistic
+from training.pipeline.profile import ProfileAccumulator
 
 TINY_SHAPE = VisionShape(
     num_layers=12, width=128, num_heads=4, mlp_width=512, num_tokens=65, patch_size=8, image_size=64, embed_dim=128
@@ -360,9 +360,9 @@ def test_stratified_order_spreads_every_class_over_every_prefix() -> None:
 
 
 def test_generated_world_source(tmp_path: Path) -> None:
-    world = pytest.importorskip("training.world")
+    world = pytest.importorskip("training.clip.world")
     if not hasattr(world, "export_imagefolder"):
-        pytest.skip("training.world has no export_imagefolder yet")
+        pytest.skip("training.clip.world has no export_imagefolder yet")
     splits = make_splits(
         DataConfig(source="world:test:shapes:40", head_split=0.5, gate_split=0.2, calib_split=0.15), tmp_path
     )
@@ -395,7 +395,7 @@ def test_threshold_grid_is_25_points_in_the_unit_interval() -> None:
 
 @pytest.mark.parametrize("total", [7, 24, 25, 101])
 def test_fractional_split_sizes_never_ask_for_more_images_than_there_are(total: int) -> None:
-    from training.data import _counts
+    from training.pipeline.data import _counts
 
     sizes = _counts([0.5, 0.2, 0.15, 0.15], total, ["head", "gate", "calib", "eval"])
     assert sum(sizes) == total  # 24 images once asked for 12 + 5 + 4 + 4 = 25

@@ -17,9 +17,8 @@ from PIL import Image
 
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.engine import EarlyExitClassifier
-from training import photos
-from training.cli import main as train_cli
-from training.photo_clip import (
+from training.clip import photos
+from training.clip.photo_clip import (
     HOLDOUT_FILE,
     PhotoClipConfig,
     multi_positive_loss,
@@ -27,6 +26,7 @@ from training.photo_clip import (
     split_holdout,
     train_photo_clip,
 )
+from training.pipeline.cli import main as train_cli
 
 CLASSES = 4
 TRAIN_PER_CLASS = 16

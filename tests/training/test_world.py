@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from training.world import (
+from training.clip.world import (
     COLOUR_NAMES,
     COLOURS,
     HELD_OUT_COMBOS,
@@ -32,7 +32,7 @@ from training.world import (
     labelled_set,
     split_combos,
 )
-from training.world_clip import register_model_config
+from training.clip.world_clip import register_model_config
 
 N = 300  # scenes per split per check: enough to hit every scene kind and template many times
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training.world import COLOUR_NAMES, COLOURS, LABEL_SETS, generate
-from training.world_clip import (
+from training.clip.world import COLOUR_NAMES, COLOURS, LABEL_SETS, generate
+from training.clip.world_clip import (
     LOG_FILE,
     MODEL_NAME,
     STATE_FILE,

@@ -11,7 +11,7 @@ overrides where) and extracted into a git-ignored directory (``data/imagenet-pho
 Every tar member is ``WNID/FILE.JPEG``. ``extract(..., per_class=k, max_classes=n)`` takes a slice (the first
 ``n`` classes met, ``k`` photos each), which is what the tests use.
 
-Run: ``python -m training.photos [--dest data/imagenet-photos]``.
+Run: ``python -m training.clip.photos [--dest data/imagenet-photos]``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIR = Path(os.environ.get("LRAEE_PHOTOS_SRC", REPO_ROOT.parent / "shared" / "data" / "imagenet-photos"))
 DEFAULT_DEST = REPO_ROOT / "data" / "imagenet-photos"
 CLASSES_TSV = "classes.tsv"

@@ -75,7 +75,7 @@ Scoring = Literal["gate", "confidence"]
 class Method:
     """An early-exit method the report compares: which heads, and what decides an exit."""
 
-    variant: str  # head set (see training.heads.VARIANTS)
+    variant: str  # head set (see training.pipeline.heads.VARIANTS)
     scoring: Scoring  # "gate": the learned gate's probability; "confidence": the head's top-1 probability
     title: str  # row name in the report
 

@@ -14,9 +14,9 @@ to ``holdout.csv`` (path,label) for ``lraee-train build``, whose heads and gates
 backbone has not memorised. Validation photos are never read during training; the final zero-shot accuracy in
 ``training_log.json`` is measured on them (and on the ILSVRC2012 photos of the 202 classes when given).
 
-Runs are resumable (``state.pt``), batches are a pure function of (seed, step), like ``training.world_clip``.
+Runs are resumable (``state.pt``), batches are a pure function of (seed, step), like ``training.clip.world_clip``.
 
-Run: ``python -m training.photo_clip --train-dir data/imagenet-photos/train --classes-tsv .../classes.tsv``.
+Run: ``python -m training.clip.photo_clip --train-dir data/imagenet-photos/train --classes-tsv .../classes.tsv``.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from training.data import IMAGE_SUFFIXES, disambiguate, load_rgb, read_classes_tsv
-from training.photos import CLASSES_TSV, SOURCE_DIR
-from training.world_clip import (
+from training.clip.photos import CLASSES_TSV, SOURCE_DIR
+from training.clip.world_clip import (
     LOG_FILE,
     MODEL_NAME,
     STATE_FILE,
@@ -55,6 +54,7 @@ from training.world_clip import (
     optimize,
     save_weights,
 )
+from training.pipeline.data import IMAGE_SUFFIXES, disambiguate, load_rgb, read_classes_tsv
 
 HOLDOUT_FILE = "holdout.csv"
 # A resumed run must draw the same data as the run it continues.

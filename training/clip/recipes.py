@@ -1,7 +1,7 @@
 """The recipes of the two embedded checkpoints: exactly the commands that built what ships in ``lraee_core/assets``.
 
-``python -m training.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
-``python -m training.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
+``python -m training.clip.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
+``python -m training.clip.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
 
 Each recipe trains the tiny CLIP (resumable: rerunning continues), copies its FP16 weights into the checkpoint
 directory (so the manifest names them by a relative path and the checkpoint moves as one folder), and runs
@@ -21,12 +21,12 @@ from pathlib import Path
 
 from lraee_core.assets import EMBEDDED_CHECKPOINTS, MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
+from training.clip import photos
+from training.pipeline.cli import main as cli
 
-from . import photos
-from .cli import main as cli
 from .world import HELD_OUT_TEMPLATES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUNS = REPO / "runs"
 REPORTS = REPO / "reports"
 MODEL = "lraee-tiny-vit12"
@@ -161,7 +161,7 @@ def _finish(recipe: str, summary: dict[str, object], clip_log: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m training.recipes world|photos``."""
+    """``python -m training.clip.recipes world|photos``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", choices=("world", "photos"))
     parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 1200)")

@@ -223,9 +223,9 @@ def _log_to_stderr() -> None:
 
 # Backbone trainers with their own options (``lraee-train world-clip --help``), dispatched before the step parser.
 TRAINERS = {
-    "world-clip": "training.world_clip",  # the tiny CLIP on the generated shape world
-    "photo-clip": "training.photo_clip",  # the tiny CLIP on the real ImageNet-class photos
-    "photos": "training.photos",  # extract the shared photo tars into an ImageFolder tree
+    "world-clip": "training.clip.world_clip",  # the tiny CLIP on the generated shape world
+    "photo-clip": "training.clip.photo_clip",  # the tiny CLIP on the real ImageNet-class photos
+    "photos": "training.clip.photos",  # extract the shared photo tars into an ImageFolder tree
 }
 
 

@@ -8,7 +8,7 @@ Runs are resumable: ``state.pt`` in the output directory holds everything a run 
 (model, optimizer, step, RNG, log history). Batches are drawn by index from a generator seeded with
 ``(seed, step)`` and the learning rate is a pure function of the step, so neither needs state of its own.
 
-Run: ``python -m training.world_clip --steps 900 --output-dir runs/world_clip``.
+Run: ``python -m training.clip.world_clip --steps 900 --output-dir runs/world_clip``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from lraee_core.checkpoint import readable_by_all
-from training.world import (
+from training.clip.world import (
     HELD_OUT_COMBOS,
     HELD_OUT_TEMPLATES,
     LABEL_SETS,

@@ -7,7 +7,7 @@ Sources:
   position among the table's sorted wnids; otherwise a class is named after its folder, underscores read as spaces;
 * a manifest of ``path,label`` rows: ``.csv`` with that header, or ``.jsonl`` objects with those keys; relative
   paths are relative to the manifest's folder; labels are named like folders;
-* ``world:SPLIT:LABEL_SET:N``: the generated world (``training.world.export_imagefolder``) exported once into the
+* ``world:SPLIT:LABEL_SET:N``: the generated world (``training.clip.world.export_imagefolder``) exported once into the
   work dir and read through its ``labels.csv`` and ``classes.txt``.
 
 The split is stratified: each class's images are shuffled (seeded) and spread evenly over [0, 1) by rank plus
@@ -137,7 +137,7 @@ def _export_world(spec: str, work_dir: Path) -> RawSource:
     split, label_set, n = parts[0], parts[1], int(parts[2])
     root = work_dir / "world" / f"{split}-{label_set.replace('+', '_')}-{n}"
     if not (root / "labels.csv").is_file() or not (root / "classes.txt").is_file():
-        from . import world  # imported lazily: only world sources need the generator
+        from training.clip import world  # imported lazily: only world sources need the generator
 
         world.export_imagefolder(root, split, label_set, n)
     source = _read_manifest(root / "labels.csv")

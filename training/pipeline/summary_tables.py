@@ -1,6 +1,6 @@
 """Markdown summary tables for the README, read from committed ``report.json`` files (nothing typed by hand).
 
-``python -m training.summary_tables reports/world/colour_shape-test reports/world/shapes-test ...`` prints one
+``python -m training.pipeline.summary_tables reports/world/colour_shape-test reports/world/shapes-test ...`` prints one
 row per report: FP32 and INT8 full-depth accuracy, and LRA-EE (distilled, the shipped method) accuracy and FLOPs
 saved at every operating point, plus the four-quadrant rescue/loss counts at the default point.
 """
