@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lraee_core.errors import ImageError, ImageErrorCode
+
 log = logging.getLogger(__name__)
 
 
@@ -113,6 +115,21 @@ class ClientClosedRequest(ServiceError):
 
 class StartupError(RuntimeError):
     """The service cannot start (no checkpoint, a checkpoint that does not load); the message says what to fix."""
+
+
+# The HTTP answer to each refusal of lraee_core.images (the decoder itself knows no HTTP).
+_IMAGE_ERRORS: dict[ImageErrorCode, type[ServiceError]] = {
+    "empty_image": BadRequest,
+    "invalid_image": UnsupportedMediaType,
+    "image_too_large": PayloadTooLarge,
+    "corrupt_image": InvalidInput,
+    "unsupported_image_mode": UnsupportedMediaType,
+}
+
+
+def image_error(exc: ImageError) -> ServiceError:
+    """The service error (status by code) for an image the core decoder refused."""
+    return _IMAGE_ERRORS[exc.code](str(exc), code=exc.code)
 
 
 _HTTP_CODES = {

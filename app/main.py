@@ -15,11 +15,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from lraee_core.images import set_pil_pixel_limit
+
 from .auth import ApiKeyMiddleware
 from .batching import MicroBatcher
 from .deps import Runtime
 from .errors import install_error_handlers
-from .images import ImageDecoder, set_pil_pixel_limit
+from .images import ImageDecoder
 from .metrics import Metrics, RequestMetricsMiddleware
 from .routers import classify, health, model
 from .service import ModelService

@@ -1,109 +1,66 @@
-"""Safe decoding: modes, orientation, animations, bombs, truncation (app/images.py, no HTTP)."""
+"""The service's side of decoding (app/images.py): core refusals become HTTP errors, batches name the bad image."""
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+from collections.abc import Iterator
+from typing import get_args
+
 import pytest
+import torch
 from PIL import Image
 
-from app.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from app.images import decode_image, trim_aspect_ratio
+from app.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType, image_error
+from app.images import ImageDecoder
+from lraee_core.errors import ImageError, ImageErrorCode
+from lraee_core.images import DEFAULT_MAX_PIXELS
 
 from . import imagegen
 
-LIMIT = 40_000_000
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.zeros(3, image.height, image.width)
 
 
-def decode(data: bytes) -> Image.Image:
-    return decode_image(data, max_pixels=LIMIT)
-
-
-def test_rgb_png_passes_through() -> None:
-    image = decode(imagegen.png((5, 3)))
-    assert image.mode == "RGB" and image.size == (5, 3) and image.getpixel((0, 0)) == imagegen.RED
-
-
-def test_one_by_one() -> None:
-    assert decode(imagegen.png((1, 1))).size == (1, 1)
-
-
-def test_exif_orientation_is_applied() -> None:
-    assert decode(imagegen.exif_rotated_jpeg()).size == (20, 40)
-
-
-def test_animated_gif_uses_the_first_frame() -> None:
-    assert decode(imagegen.animated_gif()).getpixel((0, 0)) == imagegen.RED
-
-
-def test_transparency_is_composited_on_white() -> None:
-    assert decode(imagegen.rgba_png()).getpixel((0, 0)) == (255, 255, 255)
-    palette = decode(imagegen.palette_png_with_transparency())
-    assert palette.getpixel((0, 0)) == (255, 255, 255)  # transparent index
-    assert palette.getpixel((15, 0)) == imagegen.RED  # opaque index
-    gray, _, _ = decode(imagegen.la_png()).getpixel((0, 0))
-    assert 120 <= gray <= 135  # black at alpha 128 over white
-
-
-def test_sixteen_bit_gray_is_scaled_not_clipped() -> None:
-    pixels = np.asarray(decode(imagegen.gray16_png()))[..., 0]
-    assert pixels.min() == 0 and pixels.max() == 255
-    assert 100 < np.median(pixels) < 155  # a ramp stays a ramp (PIL's convert would make most of it white)
-    assert decode(imagegen.int32_tiff()).getpixel((0, 0)) == (155, 155, 155)  # 40000 / 257
-
-
-@pytest.mark.parametrize("data", [imagegen.cmyk_jpeg(), imagegen.one_bit_png()], ids=["cmyk", "1-bit"])
-def test_other_modes_become_rgb(data: bytes) -> None:
-    assert decode(data).mode == "RGB"
-
-
-def test_empty_bytes() -> None:
-    with pytest.raises(BadRequest) as info:
-        decode(b"")
-    assert info.value.code == "empty_image"
-
-
-@pytest.mark.parametrize("data", [b"hello, world", b"%!PS-Adobe-3.0 EPSF-3.0\n", b"https://example.com/cat.jpg"])
-def test_not_an_image(data: bytes) -> None:
-    with pytest.raises(UnsupportedMediaType) as info:
-        decode(data)
-    assert info.value.code == "invalid_image"
+@pytest.fixture
+def decoder() -> Iterator[ImageDecoder]:
+    decoder = ImageDecoder(to_tensor, max_pixels=DEFAULT_MAX_PIXELS, workers=1)
+    yield decoder
+    decoder.close()
 
 
 @pytest.mark.parametrize(
-    "data", [imagegen.truncated(imagegen.noisy_jpeg()), imagegen.truncated(imagegen.png((64, 64)))]
+    ("data", "error", "status", "code"),
+    [
+        (b"", BadRequest, 400, "empty_image"),
+        (b"hello, world", UnsupportedMediaType, 415, "invalid_image"),
+        (imagegen.truncated(imagegen.noisy_jpeg()), InvalidInput, 422, "corrupt_image"),
+        (imagegen.png_claiming(100_000, 100_000), PayloadTooLarge, 413, "image_too_large"),
+    ],
+    ids=["empty", "not-an-image", "truncated", "bomb"],
 )
-def test_truncated(data: bytes) -> None:
-    with pytest.raises(InvalidInput) as info:
-        decode(data)
-    assert info.value.code == "corrupt_image"
+def test_core_refusals_become_http_errors(
+    decoder: ImageDecoder, data: bytes, error: type[ServiceError], status: int, code: str
+) -> None:
+    with pytest.raises(error) as info:
+        decoder.decode_one(data)
+    assert info.value.status == status and info.value.code == code
+    assert isinstance(info.value.__cause__, ImageError)
 
 
-def test_bomb_is_refused_from_the_header() -> None:
-    with pytest.raises(PayloadTooLarge) as info:
-        decode(imagegen.png_claiming(100_000, 100_000))
-    assert info.value.code == "image_too_large"
+def test_every_core_code_has_a_client_status() -> None:
+    for code in get_args(ImageErrorCode):
+        answer = image_error(ImageError("refused", code=code))
+        assert 400 <= answer.status < 500 and answer.code == code
 
 
-def test_pixel_limit_is_ours_not_only_pils() -> None:
-    with pytest.raises(PayloadTooLarge, match="17 x 17|289"):
-        decode_image(imagegen.png((17, 17)), max_pixels=288)
+def test_the_decoded_tensor_is_the_trimmed_upright_image(decoder: ImageDecoder) -> None:
+    assert decoder.decode_one(imagegen.exif_rotated_jpeg()).tensor.shape == (3, 40, 20)
+    assert decoder.decode_one(imagegen.png((200, 10))).tensor.shape == (3, 10, 40)
 
 
-def test_extreme_aspect_ratio_is_trimmed_around_the_centre() -> None:
-    strip = Image.new("RGB", (1000, 10))
-    assert trim_aspect_ratio(strip).size == (40, 10)
-    assert trim_aspect_ratio(strip.transpose(Image.Transpose.ROTATE_90)).size == (10, 40)
-    square = Image.new("RGB", (30, 20))
-    assert trim_aspect_ratio(square) is square
-
-
-def test_unconvertible_mode_is_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.images
-
-    def refuse(image: Image.Image) -> Image.Image:
-        raise ValueError(f"conversion from {image.mode} to RGB not supported")
-
-    monkeypatch.setattr(app.images, "to_rgb", refuse)
+def test_a_batch_names_its_first_bad_image(decoder: ImageDecoder) -> None:
+    images = [imagegen.png(), b"not an image", b""]
     with pytest.raises(UnsupportedMediaType) as info:
-        decode(imagegen.png())
-    assert info.value.code == "unsupported_image_mode"
+        asyncio.run(decoder.decode(images, batch=True))
+    assert info.value.details == {"index": 1} and info.value.message.startswith("image 1: ")
