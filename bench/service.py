@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from lraee_core.engine import EarlyExitClassifier
+from lraee_core.images import load_image
 
 from .timing import median, percentile, time_passes, timed_calls
 
@@ -289,8 +290,7 @@ def in_process_throughput(
     engine: EarlyExitClassifier, image: bytes, labels: Sequence[str], batch: int, *, warmup: int, repeats: int
 ) -> tuple[float, list[float]]:
     """Images/s of ``engine.classify`` on ``batch`` copies of ``image`` at the default operating point."""
-    with Image.open(io.BytesIO(image)) as decoded:
-        tensor = engine.backbone.preprocess(decoded.convert("RGB"))
+    tensor = engine.backbone.preprocess(load_image(image))
     images = tensor.unsqueeze(0).repeat(batch, 1, 1, 1)
     times = time_passes(lambda: timed_calls([lambda: engine.classify(images, labels)]), warmup=warmup, repeats=repeats)
     return batch / times.median_pass, times.passes

@@ -16,10 +16,11 @@ from PIL import Image
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
 from lraee_core.engine import EarlyExitClassifier
+from lraee_core.images import load_image
 from training.pipeline.calibrate import METHODS, build_table, simulate
 from training.pipeline.cli import main
 from training.pipeline.config import SPLIT_NAMES, Job, load_build_config, read_record
-from training.pipeline.data import load_rgb, load_splits
+from training.pipeline.data import load_splits
 
 STEPS = ("split", "profile", "extract", "train-heads", "fit-gate", "calibrate", "evaluate")
 CLASSES = {"red_square": (150, 90, 90), "green_thing": (90, 140, 95), "blue": (90, 100, 150), "grey": (115, 115, 115)}
@@ -151,7 +152,7 @@ def test_engine_from_checkpoint_matches_the_simulation(stepwise: Run) -> None:
     layers = classifier.policy.candidate_layers
     split = load_splits(job).splits["eval"]
     rows = np.arange(len(split.items))
-    images = torch.stack([classifier.backbone.preprocess(load_rgb(path)) for path in split.paths])
+    images = torch.stack([classifier.backbone.preprocess(load_image(path)) for path in split.paths])
     labels = list(load_splits(job).labels)
     from training.pipeline.features import FeatureStore
 

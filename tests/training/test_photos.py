@@ -17,6 +17,7 @@ from PIL import Image
 
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.engine import EarlyExitClassifier
+from lraee_core.images import load_image
 from training.clip import photos
 from training.clip.photo_clip import (
     HOLDOUT_FILE,
@@ -151,7 +152,7 @@ def test_holdout_manifest_feeds_a_build_whose_checkpoint_loads(trained: Path, tm
     assert status == 0
     classifier = EarlyExitClassifier.from_checkpoint(tmp_path / "checkpoint")
     found = scan_photos(Path(rows[1].split(",")[0]).parents[1], photos.classes_tsv())
-    image = classifier.backbone.preprocess(Image.open(found.paths[0]).convert("RGB")).unsqueeze(0)
+    image = classifier.backbone.preprocess(load_image(found.paths[0])).unsqueeze(0)
     [result] = classifier.classify(image, list(found.names))
     assert {p.label for p in result.predictions} <= set(found.names)
     assert (tmp_path / "report" / "report.md").is_file()

@@ -34,6 +34,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lraee_core.images import load_image
+
 from .config import (
     SPLIT_NAMES,
     ConfigError,
@@ -413,10 +415,9 @@ def load_splits(job: Job) -> Splits:
 
 
 # ---- loading images ----------------------------------------------------------------------------------------------
-def load_rgb(path: Path) -> Image.Image:
-    """An image file as RGB (palette, grey and alpha images converted)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+# Training reads images through the service's decoder (lraee_core.images.load_image), so heads, gates and
+# calibration see the pixels the service will see (EXIF rotation, alpha on white, aspect trim).
+load_rgb = load_image  # the name training/clip/photo_clip.py still imports
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -431,4 +432,4 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rel, label = self.split.items[index]
-        return self.preprocess(load_rgb(self.split.root / rel)), label
+        return self.preprocess(load_image(self.split.root / rel)), label

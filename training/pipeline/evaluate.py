@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lraee_core.engine import EarlyExitClassifier
+from lraee_core.images import load_image
 
 from .calibrate import (
     CHECKPOINT_METHOD,
@@ -45,7 +46,7 @@ from .calibrate import (
     threshold_grid,
 )
 from .config import CalibrateConfig, ConfigError, Job, config_hash, read_json, step, write_json, write_record
-from .data import load_rgb, load_splits
+from .data import load_splits
 from .features import FeatureStore
 from .heads import head_logits, load_heads
 from .profile import load_profile
@@ -132,7 +133,7 @@ def _engine_check(
     classifier = EarlyExitClassifier.from_checkpoint(job.checkpoint_dir)
     split = load_splits(job).splits["eval"]
     paths = split.paths
-    images = torch.stack([classifier.backbone.preprocess(load_rgb(paths[int(row)])) for row in rows])
+    images = torch.stack([classifier.backbone.preprocess(load_image(paths[int(row)])) for row in rows])
     labels = list(store.labels)
     index = {name: i for i, name in enumerate(labels)}
     sub = table.subset(rows)
