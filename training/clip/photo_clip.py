@@ -34,10 +34,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
-from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from lraee_core.images import load_image
 from training.clip.photos import CLASSES_TSV, SOURCE_DIR
 from training.clip.world_clip import (
     LOG_FILE,
@@ -54,7 +54,7 @@ from training.clip.world_clip import (
     optimize,
     save_weights,
 )
-from training.pipeline.data import IMAGE_SUFFIXES, disambiguate, load_rgb, read_classes_tsv
+from training.pipeline.data import IMAGE_SUFFIXES, disambiguate, read_classes_tsv
 
 HOLDOUT_FILE = "holdout.csv"
 # A resumed run must draw the same data as the run it continues.
@@ -151,8 +151,7 @@ def load_pixels(paths: Sequence[Path], size: int, progress: bool = True) -> torc
     resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for i, path in enumerate(tqdm(paths, desc="decode", disable=not progress, dynamic_ncols=True)):
-        with Image.open(path) as image:
-            pixels = v2.functional.pil_to_tensor(image.convert("RGB"))
+        pixels = v2.functional.pil_to_tensor(load_image(path))
         out[i] = pixels if pixels.shape[-2:] == (size, size) else resize(pixels)
     return out
 
@@ -205,7 +204,7 @@ def zero_shot_top1(
     labels = torch.tensor(photos.labels)
     for start in range(0, len(photos.paths), batch_size):
         chunk = photos.paths[start : start + batch_size]
-        images = torch.stack([preprocess(load_rgb(p)) for p in chunk])
+        images = torch.stack([preprocess(load_image(p)) for p in chunk])
         ranked = (model.encode_image(images, normalize=True) @ weights).topk(min(5, weights.shape[1]), dim=1).indices
         truth = labels[start : start + len(chunk), None]
         top1 += int((ranked[:, :1] == truth).sum())

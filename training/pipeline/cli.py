@@ -225,6 +225,7 @@ def _log_to_stderr() -> None:
 TRAINERS = {
     "world-clip": "training.clip.world_clip",  # the tiny CLIP on the generated shape world
     "photo-clip": "training.clip.photo_clip",  # the tiny CLIP on the real ImageNet-class photos
+    "everyday-clip": "training.clip.everyday",  # the tiny CLIP on everyday photos with WordNet and human captions
     "photos": "training.clip.photos",  # extract the shared photo tars into an ImageFolder tree
 }
 

@@ -1,0 +1,450 @@
+"""The everyday tiny CLIP: Tiny-ImageNet photos with WordNet captions, plus CIFAR-10, Intel scenes, flowers and
+Flickr8k's human captions, trained with a loss that understands captions shared by many classes.
+
+Sources (read at run time, never committed):
+
+* ``tiny``: the Tiny-ImageNet training photos (``../shared/data/imagenet-photos``, extracted by
+  ``python -m training.clip.photos`` into ``data/imagenet-photos/train``), 202 classes. ``holdout_per_class`` photos
+  of every class (the same seeded choice as ``training.clip.photo_clip``) never reach training: they are the LRA-EE
+  build's images, written to ``holdout.csv``.
+* ``cifar10``, ``intel``, ``flowers``: ``../shared/data/everyday-photos/*-train.tar`` (``<class>/<file>`` members).
+  A seeded ``eval_fraction`` of every class is held out for evaluation and never trained on.
+* ``flickr8k``: photos with five human captions each; ``flickr_eval_images`` photos are held out for retrieval.
+
+Captions: every labelled class is a WordNet synset (ImageNet wnids are synset offsets; the other sets' class names are
+pinned to synsets in ``SET_CLASSES``). A caption is drawn per image and step (``training.clip.captions``): the class
+name or a WordNet synonym in a template, "a photo of a Chihuahua, a kind of dog", or an everyday word above the class
+("a photo of a dog"). Each caption means one *concept*; each image belongs to its class's concept and to every
+everyday concept above it. ``concept_loss`` counts an (image, caption) pair as positive when the caption's concept is
+one of the image's, in both directions of CLIP's symmetric InfoNCE, so a caption shared by many classes is a positive
+for all of their images and a negative for none.
+
+Runs are resumable (``state.pt`` every ``checkpoint_every`` steps, written atomically); batches and captions are a
+pure function of (seed, step). ``init_weights`` warm-starts from a trained tiny CLIP (the shipped ``photos``
+weights), which the recipe records.
+
+Run: ``lraee-train everyday-clip --output-dir runs/everyday_clip --steps 1500 --init-weights ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from lraee_core.images import load_image
+from training.clip.captions import (
+    EVERYDAY_CONCEPTS,
+    NAME_TEMPLATES,
+    ClassCaptions,
+    class_captions,
+    concept_key,
+    draw_caption,
+)
+from training.clip.photo_clip import HOLDOUT_FILE, PhotoSet, _Augment, scan_photos, split_holdout
+from training.clip.photos import CLASSES_TSV, REPO_ROOT
+from training.clip.photos import SOURCE_DIR as IMAGENET_DIR
+from training.clip.world_clip import (
+    LOG_FILE,
+    MODEL_NAME,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    _optimizer,
+    _save_state,
+    add_config_flags,
+    build_model,
+    learning_rate,
+    optimize,
+    save_weights,
+)
+
+EVERYDAY_DIR = REPO_ROOT.parent / "shared" / "data" / "everyday-photos"
+FLICKR_TAR = "flickr8k-train.tar"
+FLICKR_CAPTIONS = "flickr8k-captions.tsv"
+# The labelled everyday sets: tar file and class name -> WordNet synset.
+SET_CLASSES: dict[str, tuple[str, dict[str, str]]] = {
+    "cifar10": (
+        "cifar10-train.tar",
+        {
+            "airplane": "n02691156",
+            "automobile": "n02958343",
+            "bird": "n01503061",
+            "cat": "n02121808",
+            "deer": "n02430045",
+            "dog": "n02084071",
+            "frog": "n01639765",
+            "horse": "n02374451",
+            "ship": "n04194289",
+            "truck": "n04490091",
+        },
+    ),
+    "intel": (
+        "intel-scenes-train.tar",
+        {
+            "buildings": "n02913152",
+            "forest": "n08438533",
+            "glacier": "n09289331",
+            "mountain": "n09359803",
+            "sea": "n09426788",
+            "street": "n04334599",
+        },
+    ),
+    "flowers": (
+        "flowers-train.tar",
+        {
+            "daisy": "n11939491",
+            "dandelion": "n12024176",
+            "rose": "n12620196",
+            "sunflower": "n11978233",
+            "tulip": "n12454159",
+        },
+    ),
+}
+# Every flower species is a flower to a client, whatever WordNet's botany says (roses are shrubs there).
+EXTRA_EVERYDAY = {"flowers": ("flower",)}
+_RESUME_MUST_MATCH = ("seed", "batch_size", "train_dir", "holdout_per_class", "eval_fraction", "flickr_eval_images")
+
+
+@dataclass(frozen=True)
+class EverydayClipConfig:
+    """One contrastive training run of the tiny CLIP on the everyday mixture."""
+
+    train_dir: str = "data/imagenet-photos/train"  # extracted Tiny-ImageNet training photos (wnid folders)
+    classes_tsv: str = str(IMAGENET_DIR / CLASSES_TSV)  # wnid -> ImageNet-1k index (class names)
+    everyday_dir: str = str(EVERYDAY_DIR)  # the everyday-photos tars and Flickr8k captions
+    output_dir: str = "runs/everyday_clip"  # state.pt, weights.safetensors, holdout.csv, eval_split.json, log
+    init_weights: str = ""  # tiny-CLIP weights to start from (safetensors); "" = random init
+    holdout_per_class: int = 50  # Tiny photos per class kept out of training for the LRA-EE build
+    eval_fraction: float = 0.1  # share of every CIFAR / Intel / flowers class held out for evaluation
+    flickr_eval_images: int = 1000  # Flickr8k photos held out for retrieval evaluation
+    mix: str = "tiny:0.42,cifar10:0.2,flickr8k:0.16,intel:0.11,flowers:0.11"  # share of each source in a batch
+    everyday_share: float = 0.3  # probability that a labelled photo's caption is an everyday word above its class
+    steps: int = 1500  # optimizer steps in total (a resumed run continues up to this)
+    batch_size: int = 128  # image-caption pairs per step
+    lr: float = 5e-4  # peak learning rate after warmup, cosine decay to min_lr
+    min_lr: float = 0.0  # learning rate at the last step
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay of matrices only (open_clip's rule)
+    beta2: float = 0.98  # AdamW second-moment decay, as CLIP
+    grad_clip_norm: float | None = 1.0  # global gradient-norm clip; None: none
+    crop_scale_min: float = 0.35  # RandomResizedCrop's smallest area fraction
+    seed: int = 0  # holdout choice, batch and caption draws
+    threads: int = 2  # torch.set_num_threads
+    device: str = "cpu"  # torch device ("cuda" where a GPU is lent)
+    log_every: int = 20  # steps between log history entries
+    checkpoint_every: int = 50  # steps between writes of state.pt (and at the last step)
+    half: bool = True  # store weights.safetensors in FP16
+    progress: bool = True  # show a tqdm progress bar
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2 or self.steps < 1 or self.holdout_per_class < 0:
+            raise ValueError("batch_size must be >= 2, steps >= 1, holdout_per_class >= 0")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must lie in [0, 1)")
+        parse_mix(self.mix)
+
+
+def parse_mix(mix: str) -> dict[str, float]:
+    """``"tiny:0.4,cifar10:0.2"`` -> normalised shares; unknown source names are an error."""
+    known = {"tiny", "flickr8k", *SET_CLASSES}
+    shares: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in mix.split(","))):
+        name, _, value = part.partition(":")
+        if name not in known or float(value) < 0:
+            raise ValueError(f"mix entry {part!r}: sources are {sorted(known)} with a non-negative share")
+        shares[name] = float(value)
+    total = sum(shares.values())
+    if total <= 0:
+        raise ValueError("mix needs a positive share somewhere")
+    return {name: value / total for name, value in shares.items() if value > 0}
+
+
+@dataclass
+class Source:
+    """Decoded training photos of one source with what captions them."""
+
+    name: str  # tiny, cifar10, intel, flowers, flickr8k
+    pixels: torch.Tensor  # [N, 3, S, S] uint8
+    classes: list[int]  # per photo: class index into captions (labelled sets) or photo index (flickr8k)
+    captions: list[ClassCaptions] | None  # per class (labelled sets)
+    texts: list[list[str]] | None  # per photo, its human captions (flickr8k)
+
+
+def to_pixels(data: bytes | Path, size: int) -> torch.Tensor:
+    """An encoded image (bytes or file) -> RGB uint8 [3, size, size]: the service's decoder
+    (``lraee_core.images.load_image``: EXIF rotation, alpha on white), shorter side resized to ``size``, centre crop."""
+    pixels = v2.functional.pil_to_tensor(load_image(data))
+    if pixels.shape[-2:] != (size, size):
+        pixels = v2.functional.center_crop(v2.functional.resize(pixels, size, antialias=True), [size, size])
+    return pixels
+
+
+def read_tar(path: Path) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of every regular file of a tar, in the tar's (sorted) order."""
+    out = []
+    with tarfile.open(path) as archive:
+        for member in archive:
+            if member.isfile():
+                handle = archive.extractfile(member)
+                assert handle is not None
+                out.append((member.name, handle.read()))
+    return out
+
+
+def split_members(names: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) indices of ``class/file`` members: a seeded ``fraction`` of every class goes to eval."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        by_class.setdefault(name.split("/")[0], []).append(i)
+    train, held = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        chosen = set(rng.permutation(len(members))[: round(fraction * len(members))].tolist())
+        for rank, i in enumerate(members):
+            (held if rank in chosen else train).append(i)
+    return sorted(train), sorted(held)
+
+
+def flickr_split(images: Sequence[str], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) indices of the Flickr8k photos: ``count`` seeded photos held out for retrieval."""
+    order = np.random.default_rng(seed).permutation(len(images))
+    held = set(order[:count].tolist())
+    return [i for i in range(len(images)) if i not in held], sorted(held)
+
+
+def read_flickr_captions(path: Path) -> dict[str, list[str]]:
+    """Flickr8k image file name -> its captions (the TSV has no quoting; see the data README)."""
+    captions: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        for image, caption in reader:
+            captions.setdefault(image, []).append(caption)
+    return captions
+
+
+def everyday_eval_split(cfg: EverydayClipConfig) -> dict[str, list[str]]:
+    """Held-out member names per everyday source (never trained on): what evaluation reads."""
+    root = Path(cfg.everyday_dir)
+    held: dict[str, list[str]] = {}
+    for name, (tar, _) in SET_CLASSES.items():
+        with tarfile.open(root / tar) as archive:
+            names = [m.name for m in archive if m.isfile()]
+        held[name] = [names[i] for i in split_members(names, cfg.eval_fraction, cfg.seed)[1]]
+    with tarfile.open(root / FLICKR_TAR) as archive:
+        names = [m.name for m in archive if m.isfile()]
+    held["flickr8k"] = [names[i] for i in flickr_split(names, cfg.flickr_eval_images, cfg.seed)[1]]
+    return held
+
+
+def load_sources(cfg: EverydayClipConfig, size: int, shares: dict[str, float]) -> tuple[list[Source], PhotoSet]:
+    """Decode the training part of every source with a positive share; also returns the Tiny photo set."""
+    photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
+    sources: list[Source] = []
+    root = Path(cfg.everyday_dir)
+    if "tiny" in shares:
+        train_idx, _ = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
+        paths = [photos.paths[i] for i in train_idx]
+        bar = tqdm(paths, "decode tiny", disable=not cfg.progress)
+        pixels = torch.stack([to_pixels(path, size) for path in bar])
+        captions = [class_captions(w, n) for w, n in zip(photos.wnids, photos.names, strict=True)]
+        sources.append(Source("tiny", pixels, [photos.labels[i] for i in train_idx], captions, None))
+    for name, (tar, classes) in SET_CLASSES.items():
+        if name not in shares:
+            continue
+        members = read_tar(root / tar)
+        train_idx, _ = split_members([m for m, _ in members], cfg.eval_fraction, cfg.seed)
+        order = sorted(classes)
+        captions = []
+        for label in order:
+            cc = class_captions(classes[label], label)
+            extra = [w for w in EXTRA_EVERYDAY.get(name, ()) if w not in cc.everyday]
+            concepts = cc.image_concepts | {concept_key(EVERYDAY_CONCEPTS[w]) for w in extra}
+            captions.append(ClassCaptions(cc.concept, cc.names, (*cc.everyday, *extra), concepts))
+        pixels = torch.stack(
+            [to_pixels(members[i][1], size) for i in tqdm(train_idx, f"decode {name}", disable=not cfg.progress)]
+        )
+        labels = [order.index(members[i][0].split("/")[0]) for i in train_idx]
+        sources.append(Source(name, pixels, labels, captions, None))
+    if "flickr8k" in shares:
+        members = read_tar(root / FLICKR_TAR)
+        texts = read_flickr_captions(root / FLICKR_CAPTIONS)
+        train_idx, _ = flickr_split([m for m, _ in members], cfg.flickr_eval_images, cfg.seed)
+        pixels = torch.stack(
+            [to_pixels(members[i][1], size) for i in tqdm(train_idx, "decode flickr8k", disable=not cfg.progress)]
+        )
+        per_photo = [texts[Path(members[i][0]).name] for i in train_idx]
+        sources.append(Source("flickr8k", pixels, list(range(len(train_idx))), None, per_photo))
+    return sources, photos
+
+
+def draw_batch(
+    sources: Sequence[Source], shares: dict[str, float], cfg: EverydayClipConfig, step: int
+) -> tuple[torch.Tensor, list[str], list[str], list[frozenset[str]]]:
+    """The batch of step ``step``: uint8 pixels [B, 3, S, S], captions, caption concepts, image concept sets.
+
+    A pure function of (seed, step), so a resumed run draws what the interrupted one would have drawn.
+    """
+    rng = np.random.default_rng([cfg.seed, step])
+    text_rng = random.Random(cfg.seed * 1_000_003 + step)
+    names = [s.name for s in sources]
+    counts = rng.multinomial(cfg.batch_size, [shares[n] for n in names])
+    pixels, captions, concepts, image_concepts = [], [], [], []
+    for source, count in zip(sources, counts, strict=True):
+        rows = rng.integers(0, len(source.classes), size=int(count))
+        pixels.append(source.pixels[torch.from_numpy(rows)])
+        for row in rows.tolist():
+            cls = source.classes[row]
+            if source.captions is not None:
+                text, concept = draw_caption(source.captions[cls], text_rng, cfg.everyday_share)
+                captions.append(text)
+                concepts.append(concept)
+                image_concepts.append(source.captions[cls].image_concepts)
+            else:
+                assert source.texts is not None
+                own = f"caption:{source.name}:{row}"
+                captions.append(text_rng.choice(source.texts[row]))
+                concepts.append(own)
+                image_concepts.append(frozenset({own}))
+    return torch.cat(pixels), captions, concepts, image_concepts
+
+
+def concept_positives(concepts: Sequence[str], image_concepts: Sequence[frozenset[str]]) -> torch.Tensor:
+    """[B, B] bool: image i and caption j are a positive pair when caption j's concept is one of image i's."""
+    return torch.tensor([[c in own for c in concepts] for own in image_concepts])
+
+
+def concept_loss(
+    image_features: torch.Tensor,  # [B, D] normalised
+    text_features: torch.Tensor,  # [B, D] normalised
+    logit_scale: torch.Tensor,  # scalar, exp already applied
+    positives: torch.Tensor,  # [B, B] bool, image rows x caption columns, diagonal true
+) -> torch.Tensor:
+    """Symmetric InfoNCE with a target uniform over each row's positives (images -> captions, and captions -> images
+    over the transposed matrix); not symmetric in general, since "a dog" covers a Chihuahua but not the reverse."""
+    logits = logit_scale * image_features @ text_features.T  # [B, B]
+    target = positives.float()
+    image_loss = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    text_target = target.T
+    text_loss = -(text_target / text_target.sum(1, keepdim=True) * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (image_loss + text_loss) / 2
+
+
+def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
+    """Train (or resume) the tiny CLIP on the everyday mixture; returns the path of ``weights.safetensors``."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    model, _, tokenizer = build_model(seed=cfg.seed, device=device)
+    if cfg.init_weights:
+        state = load_file(cfg.init_weights)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    image_size = model.visual.image_size
+    size = image_size[0] if isinstance(image_size, tuple) else int(image_size)
+    shares = parse_mix(cfg.mix)
+
+    optimizer = _optimizer(model, cfg)  # type: ignore[arg-type]  # duck-typed: weight_decay, beta2, lr schedule
+    step, train_seconds = 0, 0.0
+    history: list[dict[str, Any]] = []
+    state_path = output_dir / STATE_FILE
+    if state_path.exists():
+        saved_state = torch.load(state_path, map_location="cpu", weights_only=True)
+        saved = json.loads(saved_state["config"])
+        changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != asdict(cfg)[k]]
+        if changed:
+            raise ValueError(f"{state_path} was written with different {', '.join(changed)}; use a new output_dir")
+        model.load_state_dict(saved_state["model"])
+        optimizer.load_state_dict(saved_state["optimizer"])
+        step, history = saved_state["step"], json.loads(saved_state["history"])
+        train_seconds = saved_state["train_seconds"]
+
+    sources, photos = load_sources(cfg, size, shares)
+    _, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
+    with (output_dir / HOLDOUT_FILE).open("w") as handle:
+        handle.write("path,label\n")
+        for i in holdout_idx:
+            handle.write(f"{photos.paths[i].resolve()},{photos.wnids[photos.labels[i]]}\n")
+    (output_dir / "eval_split.json").write_text(json.dumps(everyday_eval_split(cfg), indent=1) + "\n")
+
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    augment = _Augment(size, cfg.crop_scale_min, mean, std)
+    model.train()
+    window: list[float] = []
+    session_start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc="everyday-clip", disable=not cfg.progress, dynamic_ncols=True)
+    while step < cfg.steps:
+        pixels, captions, concepts, image_concepts = draw_batch(sources, shares, cfg, step)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        images = augment(pixels, generator).to(device)
+        texts = tokenizer(captions).to(device)
+        lr = learning_rate(step, cfg)  # type: ignore[arg-type]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        output = model(images, texts)
+        positives = concept_positives(concepts, image_concepts).to(device)
+        loss = concept_loss(output["image_features"], output["text_features"], output["logit_scale"], positives)
+        window.append(optimize(model, optimizer, loss, cfg.grad_clip_norm))
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            history.append(
+                {
+                    "step": step,
+                    "loss": float(np.mean(window)),
+                    "lr": lr,
+                    "logit_scale": model.logit_scale.detach().exp().item(),
+                    "elapsed_s": round(train_seconds + time.perf_counter() - session_start, 3),
+                }
+            )
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{lr:.2e}")
+            window = []
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            elapsed = train_seconds + time.perf_counter() - session_start
+            _save_state(state_path, model, optimizer, cfg, step, history, elapsed)  # type: ignore[arg-type]
+    bar.close()
+    train_seconds += time.perf_counter() - session_start
+    model.eval()
+    weights_path = save_weights(model, output_dir / WEIGHTS_FILE, half=cfg.half)
+    log = {
+        "model_name": MODEL_NAME,
+        "config": asdict(cfg),
+        "data": {s.name: len(s.classes) for s in sources} | {"tiny_holdout": len(holdout_idx)},
+        "caption_templates": list(NAME_TEMPLATES),
+        "steps": step,
+        "final_loss": history[-1]["loss"] if history else None,
+        "wall_time_s": round(train_seconds, 3),
+        "weights": WEIGHTS_FILE,
+        "weights_dtype": "float16" if cfg.half else "float32",
+        "history": history,
+    }
+    (output_dir / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+    return weights_path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: every scalar EverydayClipConfig field is a flag (``--steps 1500 --output-dir runs/x``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, EverydayClipConfig())
+    print(train_everyday_clip(EverydayClipConfig(**vars(parser.parse_args(argv)))))
+
+
+if __name__ == "__main__":
+    main()
