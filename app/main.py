@@ -14,6 +14,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from lraee_core.images import set_pil_pixel_limit
 
@@ -23,7 +26,7 @@ from .deps import Runtime
 from .errors import install_error_handlers
 from .images import ImageDecoder
 from .metrics import Metrics, RequestMetricsMiddleware
-from .routers import classify, health, model
+from .routers import classify, health, model, page
 from .service import ModelService
 from .settings import Settings
 
@@ -69,11 +72,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; settings come from ``LRAEE_*`` environment variables unless given."""
     settings = settings if settings is not None else Settings()
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the installed package, not from a CDN, so
+    # they work where the service has no internet access.
+    app = FastAPIOffline(
         title="LRA-EE zero-shot classification",
         summary="Zero-shot image classification on an INT8 CLIP with layer-wise early exit",
         version="0.1.0",
         lifespan=lifespan,
+        static_url=page.DOCS_ASSETS_URL,
     )
     metrics = Metrics()
     app.state.runtime = Runtime(settings=settings, metrics=metrics)
@@ -81,8 +87,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(model.router)
     app.include_router(health.router)
+    app.include_router(page.router)
+    app.mount(page.STATIC_URL, StaticFiles(directory=page.STATIC_DIR), name="static")
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    if settings.cors_origins:
+        # Outside the key check: preflights carry no key, and a 401 must reach the other origin's script readably.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
     # Added last, so outermost: it also counts what the key check refuses.
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -6,10 +6,10 @@ The deploy files use exactly these names; a bad value stops the process before i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lraee_core.assets import DEFAULT_CHECKPOINT, EMBEDDED_CHECKPOINTS, resolve_checkpoint
 from lraee_core.text import MAX_LABEL_CHARS
@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(default=32, ge=1, le=1024, description="images per /classify/batch request")
     text_cache_size: int = Field(default=8192, ge=1, description="label embeddings kept in the engine's LRU")
     api_key: SecretStr | None = Field(default=None, description="when set, required on everything but health probes")
+    # NoDecode: the variable is a plain comma-separated list, not the JSON pydantic-settings expects for lists.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="browser origins allowed to call the API cross-origin (comma-separated); none: CORS off"
+    )
 
     @field_validator("checkpoint", mode="before")
     @classmethod
@@ -62,6 +66,13 @@ class Settings(BaseSettings):
         # Deploy templates often render an unset secret as an empty variable; that must not become the key "".
         if value is not None and not value.get_secret_value().strip():
             return None
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(origin.strip() for origin in value.split(",") if origin.strip())
         return value
 
     @model_validator(mode="after")
