@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from lraee_core.checkpoint import MANIFEST, load_classifier
+from lraee_core.config import FULL_OPERATING_POINT
 from lraee_core.engine import EarlyExitClassifier, ExitResult
 from lraee_core.errors import InputError, LraeeError
+from lraee_core.exits import ExitRule
 from lraee_core.text import validate_labels, validate_templates
 
 from .errors import InvalidInput, StartupError
@@ -145,6 +147,10 @@ class ModelService:
         except InputError as exc:  # prepare() checks all of this first; kept so a gap is a 422, not a 500
             raise InvalidInput(str(exc)) from exc
 
+    def run_full_depth(self, key: BatchKey, images: torch.Tensor) -> list[ExitResult]:
+        """``key``'s label set at full depth, no exit heads run (shadow checks; blocking, on the worker thread)."""
+        return self.classifier.classify(images, key.labels, templates=key.templates, top_k=1, exit_rule=ExitRule.full())
+
     def response(self, result: ExitResult, *, top_k: int, operating_point: str, timing: TimingOut) -> ClassifyResponse:
         """The API's view of one engine result (predictions cut to this request's ``top_k``)."""
         return ClassifyResponse(
@@ -160,6 +166,25 @@ class ModelService:
             model=self.classifier.checkpoint_id,
             timing_ms=timing,
         )
+
+    def _operating_points(self) -> dict[str, OperatingPointOut]:
+        """Stored points with their promises and held-out figures per label count, then the built-in ``full``."""
+        policy = self.classifier.policy
+        manifest = self.classifier.manifest
+        held_out = manifest.metrics.get("held_out", {}) if manifest is not None else {}
+        measured = held_out.get("operating_points", {})
+        points = {
+            point.name: OperatingPointOut(
+                thresholds={str(layer): value for layer, value in sorted(point.thresholds.items())},
+                promise=point.promise,
+                held_out=measured.get(point.name),
+            )
+            for point in policy.operating_points
+        }
+        points[FULL_OPERATING_POINT] = OperatingPointOut(
+            thresholds={}, promise=1.0, held_out=measured.get(FULL_OPERATING_POINT)
+        )
+        return points
 
     def summary(self) -> ModelSummary:
         """Manifest summary for ``GET /model``."""
@@ -179,12 +204,7 @@ class ModelService:
                 PrunedLayerOut(layer=p.layer, inr=p.inr, reason=p.reason)
                 for p in (manifest.pruned_layers if manifest is not None else ())
             ],
-            operating_points={
-                point.name: OperatingPointOut(
-                    thresholds={str(layer): value for layer, value in sorted(point.thresholds.items())}
-                )
-                for point in policy.operating_points
-            },
+            operating_points=self._operating_points(),
             default_operating_point=policy.default_operating_point,
             default_templates=list(classifier.default_templates),
             calibration=dict(manifest.calibration) if manifest is not None else {},

@@ -12,9 +12,10 @@ from typing import Literal
 
 QuantMode = Literal["none", "paper", "full"]
 Pooling = Literal["ssa", "cls"]
-Loss = Literal["distilled", "hard"]
+Loss = Literal["embed", "distilled", "hard"]  # head training losses (training.pipeline.heads)
 
 QUANT_MODES: tuple[QuantMode, ...] = ("none", "paper", "full")
+FULL_OPERATING_POINT = "full"  # built into every checkpoint: no exits, no heads, the full-depth CLIP answer
 
 
 @dataclass(frozen=True)
@@ -28,14 +29,6 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """How the vision tower is quantized. The text tower is never quantized."""
-
-    mode: QuantMode = "paper"  # "paper": dynamic INT8 of nn.Linear modules (the MLPs in open_clip 3.3.0 ViTs);
-    # "full": also the attention input/output projections; "none": FP32 (baselines)
-
-
-@dataclass(frozen=True)
 class HeadConfig:
     """Shape of one exit head (the same for every candidate layer)."""
 
@@ -46,18 +39,12 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
-class GateConfig:
-    """The learned gate: logistic regression on three per-image features."""
-
-    features: tuple[str, ...] = ("confidence", "margin", "sav")  # order of the gate's input features
-
-
-@dataclass(frozen=True)
 class OperatingPoint:
     """One named set of per-layer thresholds."""
 
     name: str  # e.g. "accurate", "balanced", "fast"
     thresholds: dict[int, float] = field(default_factory=dict)  # layer -> gate threshold; >= 1.0 never exits
+    promise: float | None = None  # agreement with the full-depth top-1 promised on held-out images; None: none
 
 
 @dataclass(frozen=True)
@@ -69,8 +56,12 @@ class ExitPolicy:
     default_operating_point: str  # the one used when a request names none
 
     def thresholds(self, name: str | None) -> dict[int, float]:
-        """Thresholds of an operating point (the default when ``name`` is None); KeyError when unknown."""
+        """Thresholds of an operating point (the default when ``name`` is None); KeyError when unknown.
+
+        ``full`` has none: it never runs a head (see :mod:`lraee_core.exits`)."""
         wanted = name or self.default_operating_point
+        if wanted == FULL_OPERATING_POINT:
+            return {}
         for point in self.operating_points:
             if point.name == wanted:
                 return point.thresholds
@@ -78,5 +69,5 @@ class ExitPolicy:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Names of the stored operating points."""
-        return tuple(p.name for p in self.operating_points)
+        """Names of the operating points a request may ask for: the stored ones, then ``full``."""
+        return (*(p.name for p in self.operating_points), FULL_OPERATING_POINT)

@@ -1,32 +1,31 @@
 """EarlyExitClassifier: a batch of preprocessed images + a label set in, one result per image out.
 
 The vision blocks run once over the rows still alive. At each candidate layer the exit head and gate are evaluated
-for those rows only; rows whose gate probability reaches the layer's threshold leave the batch with their logits
-(batch compaction: the remaining blocks run on a smaller batch, so FLOPs saved are time saved). Rows that reach the
-end take the ordinary full-depth CLIP path ([CLS] pooling + projection).
+for those rows only; rows the exit rule (:mod:`lraee_core.exits`: an operating point's thresholds, ``full``, or a
+forced benchmark mix) lets go leave the batch with their logits (batch compaction: the remaining blocks run on a
+smaller batch, so FLOPs saved are time saved). Rows that reach the end take the ordinary full-depth CLIP path
+([CLS] pooling + projection). Build one with :func:`lraee_core.checkpoint.load_classifier`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import ClipBackbone
-from .config import ExitPolicy, HeadConfig
+from .config import FULL_OPERATING_POINT, ExitPolicy, HeadConfig
 from .errors import InputError
+from .exits import ExitRule
 from .flops import FlopsModel, flops_model
-from .gate import GateParams, exits, gate_features
+from .gate import GateParams, gate_features, spatial_activation_variance
 from .heads import ExitHead, class_logits
+from .manifest import Manifest
 from .quantize import QuantReport
 from .text import DEFAULT_TEMPLATES, TextEmbeddingCache, validate_labels, validate_templates
-
-if TYPE_CHECKING:
-    from .checkpoint import Manifest
 
 ExitPath = Literal["head", "full"]
 
@@ -89,15 +88,6 @@ class EarlyExitClassifier:
         self.text_cache = TextEmbeddingCache(backbone.encode_text, model_id=checkpoint_id, capacity=text_cache_capacity)
         self._logit_scale = backbone.logit_scale
 
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, *, text_cache_capacity: int = 4096, cache_dir: str | None = None
-    ) -> EarlyExitClassifier:
-        """Load a checkpoint directory (manifest.json + heads.safetensors) with its backbone; the one entry point."""
-        from .checkpoint import load_classifier
-
-        return load_classifier(path, text_cache_capacity=text_cache_capacity, cache_dir=cache_dir)
-
     @property
     def default_templates(self) -> tuple[str, ...]:
         """Prompts of a request that names none: the checkpoint's calibration templates, else DEFAULT_TEMPLATES."""
@@ -119,14 +109,16 @@ class EarlyExitClassifier:
         chosen = self.default_templates if templates is None else validate_templates(templates)
         return self.text_cache.get(labels, chosen)
 
-    def thresholds(self, operating_point: str | None) -> dict[int, float]:
-        """Thresholds of a stored operating point; :class:`InputError` naming the known ones if unknown."""
+    def exit_rule(self, operating_point: str | None = None) -> ExitRule:
+        """The rule of a named operating point (the default when None; ``full`` on every checkpoint);
+        :class:`InputError` naming the known ones if unknown."""
+        name = operating_point or self.policy.default_operating_point
+        if name == FULL_OPERATING_POINT:
+            return ExitRule.full()
         try:
-            return self.policy.thresholds(operating_point)
+            return ExitRule.from_thresholds(self.policy.thresholds(name), name)
         except KeyError:
-            raise InputError(
-                f"unknown operating point {operating_point!r}; this model has {list(self.policy.names)}"
-            ) from None
+            raise InputError(f"unknown operating point {name!r}; this model has {list(self.policy.names)}") from None
 
     @torch.inference_mode()
     def classify(
@@ -137,20 +129,21 @@ class EarlyExitClassifier:
         templates: Sequence[str] | None = None,
         top_k: int = 5,
         operating_point: str | None = None,
-        thresholds: dict[int, float] | None = None,
-        forced_exits: Sequence[int | None] | None = None,
+        exit_rule: ExitRule | None = None,
     ) -> list[ExitResult]:
         """Classify preprocessed images [B, 3, H, W] against ``labels``.
 
-        ``thresholds`` overrides the operating point's (layer -> threshold). ``forced_exits`` (benchmarks only)
-        replaces the gates' decisions: per image, the candidate layer to leave at, or None for full depth.
+        ``exit_rule`` (see :mod:`lraee_core.exits`) replaces the named ``operating_point``'s rule: custom
+        thresholds, ``ExitRule.full()``, or a forced per-image exit mix for benchmarks.
         """
         if images.dim() != 4 or images.shape[0] == 0:
             raise InputError(f"expected a non-empty image batch [B, 3, H, W], got shape {tuple(images.shape)}")
-        if forced_exits is not None and len(forced_exits) != images.shape[0]:
-            raise InputError("forced_exits needs one entry per image")
+        rule = exit_rule if exit_rule is not None else self.exit_rule(operating_point)
+        try:
+            rule.check(images.shape[0], self.policy.candidate_layers)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
         labels = validate_labels(labels, self.max_labels)
-        layer_thresholds = thresholds if thresholds is not None else self.thresholds(operating_point)
         text = self.text_embeddings(labels, templates)  # [K, E] FP16
         cost = self.flops(len(labels))
         batch = images.shape[0]
@@ -160,23 +153,21 @@ class EarlyExitClassifier:
         exit_path: list[ExitPath] = ["full"] * batch
         gate_prob: list[float | None] = [None] * batch
         evaluated = [0] * batch
-        forced = None
-        if forced_exits is not None:
-            forced = torch.tensor([-1 if f is None else f for f in forced_exits])
+        heads = self.heads if rule.evaluate_heads else {}
 
         alive = torch.arange(batch)  # original row of each row still in the batch
+        previous_top1: torch.Tensor | None = None  # previous candidate's answer per alive row (a gate feature)
         hidden = self.backbone.embed(images)  # [B, T, D]
         for layer in range(1, self.num_layers + 1):
             hidden = self.backbone.block(layer, hidden)
-            if layer not in self.heads:
+            if layer not in heads:
                 continue
-            head = self.heads[layer]
+            head, gate = heads[layer], self.gates[layer]
             logits = class_logits(head(head.pool(hidden)), text, self._logit_scale)  # [b, K]
-            probability = self.gates[layer].probability(gate_features(logits, hidden))  # [b]
-            if forced is not None:
-                leave = forced[alive] == layer
-            else:
-                leave = exits(probability, layer_thresholds.get(layer, 1.0))
+            sav = spatial_activation_variance(hidden) if "sav" in gate.features else None
+            features = gate_features(gate.features, logits, self._logit_scale, sav, previous_top1)
+            probability = gate.probability(features)  # [b]
+            leave = rule.leave(layer, alive, probability)
             for row in alive.tolist():
                 evaluated[row] += 1
             for position in leave.nonzero().flatten().tolist():
@@ -185,9 +176,10 @@ class EarlyExitClassifier:
                 exit_layer[row] = layer
                 exit_path[row] = "head"
                 gate_prob[row] = float(probability[position])
+            previous_top1 = logits.argmax(dim=-1)
             if bool(leave.any()):
                 keep = ~leave
-                hidden, alive = hidden[keep], alive[keep]
+                hidden, alive, previous_top1 = hidden[keep], alive[keep], previous_top1[keep]
                 if alive.numel() == 0:
                     break
         if alive.numel() > 0:

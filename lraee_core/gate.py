@@ -1,26 +1,56 @@
-"""The learned exit gate: per-layer logistic regression on three per-image features.
+"""The learned exit gate: per-layer logistic regression on named per-image features.
 
-Features of an image at a candidate layer, computed from that layer's class logits and hidden state:
+A gate predicts whether an exit's top-1 equals the full-depth top-1 for the request's own label set (agreement), so
+its inputs must mean the same thing whatever the number of labels K. The features, by name:
 
-* ``confidence``: the largest class probability (softmax of the logits over the request's label set);
-* ``margin``: top-1 minus top-2 probability, separating sharp from flat distributions;
+* ``cos_top1``: the largest cosine between the exit embedding and a label's text embedding;
+* ``cos_gap``: top-1 minus top-2 cosine (with a single label: top-1 + 1, the gap to the lowest possible cosine);
+* ``entropy_norm``: entropy of the softmax over the label set divided by log K (0 with a single label);
+* ``log_k``: log K itself, so the gate can learn how much harder a larger label set is;
 * ``sav`` (spatial-activation variance): the paper's formula was lost in extraction. We use the variance over the
   patch tokens of their L2 norms divided by the squared mean norm, Var_n(||x_n||) / Mean_n(||x_n||)^2 on the raw
-  residual stream (patch tokens only, [CLS] excluded). It is scale-free, so one gate fits every layer's scale,
-  and it grows when a few tokens carry outsized activations, which is what quantization outliers do.
+  residual stream (patch tokens only, [CLS] excluded). It is scale-free and grows when a few tokens carry outsized
+  activations, which is what quantization outliers do;
+* ``agree_prev``: 1 when this exit's top-1 equals the previous candidate exit's top-1 (0 at the first candidate);
+* ``confidence`` and ``margin``: the paper's largest softmax probability and top-1 minus top-2 probability. Both
+  grow as K shrinks, so a gate fitted at one K misjudges every other K; kept for the paper's 3-feature baseline.
 
-The gate is ``sigmoid(w . features + b)``: 4 parameters per layer, as in the paper. An image leaves at layer l when
-its gate probability is at least the layer's threshold; a threshold of 1.0 or more disables the exit.
+The gate is ``sigmoid(w . features + b)``. An image leaves at layer l when its gate probability is at least the
+layer's threshold; a threshold of 1.0 or more disables the exit. The checkpoint stores the feature names, and the
+engine computes exactly those.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-NUM_FEATURES = 3
-FEATURE_NAMES: tuple[str, ...] = ("confidence", "margin", "sav")
+PAPER_FEATURES: tuple[str, ...] = ("confidence", "margin", "sav")
+FEATURES: tuple[str, ...] = (
+    "cos_top1",
+    "cos_gap",
+    "entropy_norm",
+    "log_k",
+    "sav",
+    "agree_prev",
+    "confidence",
+    "margin",
+)
+# Backwards-compatible names: the paper's three features.
+FEATURE_NAMES = PAPER_FEATURES
+NUM_FEATURES = len(PAPER_FEATURES)
+
+
+def validate_feature_names(names: Sequence[str]) -> tuple[str, ...]:
+    """The names as a tuple; ``ValueError`` when empty, repeated or unknown."""
+    names = tuple(names)
+    unknown = [name for name in names if name not in FEATURES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"gate features {list(names)} must be unique names from {list(FEATURES)}")
+    return names
 
 
 def spatial_activation_variance(hidden: torch.Tensor) -> torch.Tensor:
@@ -30,32 +60,69 @@ def spatial_activation_variance(hidden: torch.Tensor) -> torch.Tensor:
     return norms.var(dim=1, unbiased=False) / mean.clamp_min(1e-12).square()
 
 
-def gate_features(logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Gate features [B, 3] = (confidence, margin, sav) from class logits [B, K] and hidden state [B, T, D]."""
-    return gate_features_from_sav(logits, spatial_activation_variance(hidden))
+def gate_features(
+    names: Sequence[str],
+    logits: torch.Tensor,
+    logit_scale: float,
+    sav: torch.Tensor | None = None,
+    previous_top1: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gate features [B, F] in ``names`` order from an exit's class logits [B, K] (``logit_scale`` x cosine).
 
-
-def gate_features_from_sav(logits: torch.Tensor, sav: torch.Tensor) -> torch.Tensor:
-    """Gate features [B, 3] from class logits [B, K] and an already computed SAV [B] (e.g. a feature cache).
-
-    With a single label the margin is the confidence itself (the runner-up probability is zero).
+    ``sav`` [B] is needed when "sav" is named; ``previous_top1`` [B] (label indices of the previous candidate
+    exit's answer, None at the first candidate) when "agree_prev" is named.
     """
-    probs = logits.float().softmax(dim=-1)
-    top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-    confidence = top[:, 0]
-    margin = confidence - top[:, 1] if top.shape[-1] > 1 else confidence
-    return torch.stack([confidence, margin, sav.float()], dim=-1)
+    logits = logits.float()
+    batch, k = logits.shape
+    columns: dict[str, torch.Tensor] = {}
+    top = logits.topk(min(2, k), dim=-1).values / logit_scale  # [B, <=2] cosines
+    probs = logits.softmax(dim=-1)
+    for name in names:
+        if name == "cos_top1":
+            columns[name] = top[:, 0]
+        elif name == "cos_gap":
+            columns[name] = top[:, 0] - top[:, 1] if k > 1 else top[:, 0] + 1.0
+        elif name == "entropy_norm":
+            if k > 1:
+                entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
+                columns[name] = entropy / math.log(k)
+            else:
+                columns[name] = torch.zeros(batch)
+        elif name == "log_k":
+            columns[name] = torch.full((batch,), math.log(k))
+        elif name == "sav":
+            if sav is None:
+                raise ValueError("the 'sav' feature needs the layer's SAV")
+            columns[name] = sav.float()
+        elif name == "agree_prev":
+            if previous_top1 is None:
+                columns[name] = torch.zeros(batch)
+            else:
+                columns[name] = (logits.argmax(dim=-1) == previous_top1).float()
+        elif name in ("confidence", "margin"):
+            ranked = probs.topk(min(2, k), dim=-1).values
+            confidence = ranked[:, 0]
+            # With a single label the runner-up probability is zero, so the margin is the confidence itself.
+            columns[name] = confidence if name == "confidence" or k == 1 else confidence - ranked[:, 1]
+        else:
+            raise ValueError(f"unknown gate feature {name!r}; known: {list(FEATURES)}")
+    return torch.stack([columns[name] for name in names], dim=-1)
 
 
 @dataclass(frozen=True)
 class GateParams:
     """Logistic-regression weights of one layer's gate."""
 
-    weight: tuple[float, float, float]  # coefficient per feature, in FEATURE_NAMES order
+    weight: tuple[float, ...]  # coefficient per feature, in ``features`` order
     bias: float  # intercept
+    features: tuple[str, ...] = PAPER_FEATURES  # names of the inputs the weights act on
+
+    def __post_init__(self) -> None:
+        if len(self.weight) != len(self.features):
+            raise ValueError(f"{len(self.weight)} gate weights for {len(self.features)} features {self.features}")
 
     def probability(self, features: torch.Tensor) -> torch.Tensor:
-        """Gate probability [B] from features [B, 3]."""
+        """Gate probability [B] from features [B, F]."""
         w = torch.tensor(self.weight, dtype=features.dtype, device=features.device)
         return torch.sigmoid(features @ w + self.bias)
 

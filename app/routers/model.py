@@ -12,5 +12,6 @@ router = APIRouter(tags=["model"])
 
 @router.get("/model", response_model=ModelSummary, responses=error_responses(401, 503), summary="Loaded model")
 async def model(service: ServiceDep) -> ModelSummary:
-    """Backbone, quantization, candidate and pruned layers, operating points with thresholds, calibration."""
+    """Backbone, quantization, layers, operating points (thresholds, the agreement each promises and its held-out
+    measurement per label count, and the built-in `full`), calibration."""
     return service.summary()

@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 from lraee_core.backbone import build_backbone
 from lraee_core.checkpoint import MANIFEST, TENSORS, load_classifier, read_manifest
 from lraee_core.config import BackboneConfig
-from lraee_core.engine import EarlyExitClassifier
 from lraee_core.errors import CheckpointError
 from lraee_core.random_init import untrained_checkpoint
 
@@ -38,16 +37,16 @@ def test_round_trip_describes_itself(checkpoint: Path) -> None:
     assert manifest.quant_mode == "paper" and manifest.quantized_modules == 24
     assert manifest.candidate_layers == (9, 11, 12)
     assert manifest.calibration["kind"] == "untrained"
-    classifier = EarlyExitClassifier.from_checkpoint(checkpoint)
+    classifier = load_classifier(checkpoint)
     assert classifier.checkpoint_id == "untrained"
-    assert set(classifier.policy.names) == {"half", "never", "always"}
+    assert set(classifier.policy.names) == {"half", "never", "always", "full"}  # `full` is built in
 
 
 def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None:
-    untrained = EarlyExitClassifier.from_checkpoint(checkpoint)
+    untrained = load_classifier(checkpoint)
     labels = ["red circle", "blue square"]
     _edit_manifest(checkpoint, templates=["a rendering of a {}.", "a snapshot of a {}"])
-    classifier = EarlyExitClassifier.from_checkpoint(checkpoint)
+    classifier = load_classifier(checkpoint)
     assert classifier.default_templates == ("a rendering of a {}.", "a snapshot of a {}")
     assert untrained.default_templates != classifier.default_templates  # none stored: the engine's defaults
     assert torch.equal(
@@ -77,12 +76,17 @@ def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None
         (lambda d: (d / "lraee-tiny-vit12.json").unlink(), "model config file not found"),
         (lambda d: _edit_manifest(d, backbone=None), "malformed manifest"),
         (lambda d: _edit_manifest(d, templates=["no placeholder"]), "manifest templates"),
+        (lambda d: _edit_manifest(d, gate_features=["confidence", "mood", "sav"]), "gate features"),
+        (lambda d: _edit_manifest(d, gate_features=["cos_top1", "log_k", "sav"]), "read features"),
+        (lambda d: _edit_manifest(d, operating_points={"full": {"9": 0.5}}), "built in"),
+        (lambda d: _edit_manifest(d, promises={"half": 1.5}), "promise 'half'"),
+        (lambda d: _edit_manifest(d, promises={"turbo": 0.9}), "promise 'turbo'"),
     ],
 )
 def test_damaged_checkpoints_fail_with_the_reason(checkpoint: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
     damage(checkpoint)
     with pytest.raises(CheckpointError, match=message):
-        EarlyExitClassifier.from_checkpoint(checkpoint)
+        load_classifier(checkpoint)
 
 
 def test_gate_tensors_of_the_wrong_shape_are_refused(checkpoint: Path) -> None:
@@ -95,7 +99,7 @@ def test_gate_tensors_of_the_wrong_shape_are_refused(checkpoint: Path) -> None:
     save_file(tensors, str(checkpoint / TENSORS))
     _edit_manifest(checkpoint, heads_sha256=sha256_of_file(checkpoint / TENSORS))
     with pytest.raises(CheckpointError, match="layer 9 gate"):
-        EarlyExitClassifier.from_checkpoint(checkpoint)
+        load_classifier(checkpoint)
 
 
 @pytest.mark.slow

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lraee_core.checkpoint import load_classifier
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.errors import InputError
+from lraee_core.exits import ExitRule
 from lraee_core.heads import class_logits
 
 LABELS = ["cat", "dog", "car", "tree", "boat"]
@@ -15,7 +17,7 @@ LABELS = ["cat", "dog", "car", "tree", "boat"]
 
 @pytest.fixture(scope="module")
 def classifier(tiny_checkpoint: Path) -> EarlyExitClassifier:
-    return EarlyExitClassifier.from_checkpoint(tiny_checkpoint)
+    return load_classifier(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +27,34 @@ def images() -> torch.Tensor:
 
 def _mixed_thresholds(classifier: EarlyExitClassifier, images: torch.Tensor) -> dict[int, float]:
     """Thresholds at the median gate probability of each layer, so some images leave and some go on."""
-    from lraee_core.gate import gate_features
+    from lraee_core.gate import gate_features, spatial_activation_variance
 
     thresholds = {}
     text = classifier.text_embeddings(LABELS)
+    scale = classifier.backbone.logit_scale
+    previous = None
     with torch.inference_mode():
         hidden = classifier.backbone.embed(images)
         for layer in range(1, classifier.num_layers + 1):
             hidden = classifier.backbone.block(layer, hidden)
             if layer in classifier.heads:
-                head = classifier.heads[layer]
-                logits = class_logits(head(head.pool(hidden)), text, classifier.backbone.logit_scale)
-                probability = classifier.gates[layer].probability(gate_features(logits, hidden))
+                head, gate = classifier.heads[layer], classifier.gates[layer]
+                logits = class_logits(head(head.pool(hidden)), text, scale)
+                sav = spatial_activation_variance(hidden)
+                probability = gate.probability(gate_features(gate.features, logits, scale, sav, previous))
+                previous = logits.argmax(-1)
                 thresholds[layer] = float(probability.median()) + 1e-6
     return thresholds
 
 
 def test_batch_gives_each_image_its_own_result(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
     thresholds = _mixed_thresholds(classifier, images)
-    batched = classifier.classify(images, LABELS, thresholds=thresholds, top_k=5)
+    rule = ExitRule.from_thresholds(thresholds)
+    batched = classifier.classify(images, LABELS, exit_rule=rule, top_k=5)
     paths = {(r.exit_layer, r.exit_path) for r in batched}
     assert len(paths) > 1, "the thresholds should split the batch across exits"
     for i, result in enumerate(batched):
-        alone = classifier.classify(images[i : i + 1], LABELS, thresholds=thresholds, top_k=5)[0]
+        alone = classifier.classify(images[i : i + 1], LABELS, exit_rule=rule, top_k=5)[0]
         assert (alone.exit_layer, alone.exit_path, alone.flops) == (result.exit_layer, result.exit_path, result.flops)
         assert [p.label for p in alone.predictions] == [p.label for p in result.predictions]
         for a, b in zip(alone.predictions, result.predictions, strict=True):
@@ -84,9 +91,39 @@ def test_thresholds_at_zero_leave_at_the_first_candidate(classifier: EarlyExitCl
 def test_forced_exits_follow_the_requested_layers(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
     layers = classifier.policy.candidate_layers
     plan = [layers[0], layers[1], layers[2], None] * 2
-    results = classifier.classify(images, LABELS, forced_exits=plan)
+    results = classifier.classify(images, LABELS, exit_rule=ExitRule.forced_mix(plan))
     assert [r.exit_layer for r in results] == [layers[0], layers[1], layers[2], 12] * 2
     assert [r.exit_path for r in results] == ["head", "head", "head", "full"] * 2
+    with pytest.raises(InputError, match="3 entries for 8 images"):
+        classifier.classify(images, LABELS, exit_rule=ExitRule.forced_mix(plan[:3]))
+    with pytest.raises(InputError, match="not candidate layers"):
+        classifier.classify(images, LABELS, exit_rule=ExitRule.forced_mix([5] * 8))
+
+
+def test_full_rule_runs_no_head_and_costs_exactly_plain_clip(
+    classifier: EarlyExitClassifier, images: torch.Tensor
+) -> None:
+    assert "full" in classifier.policy.names
+    full = classifier.classify(images, LABELS, operating_point="full", top_k=5)
+    never = classifier.classify(images, LABELS, operating_point="never", top_k=5)
+    cost = classifier.flops(len(LABELS))
+    for a, b in zip(full, never, strict=True):
+        assert a.exit_path == "full" and a.gate_probability is None
+        assert a.flops == cost.full_depth and a.flops_saved == 0.0  # no head or gate was evaluated
+        assert b.flops > a.flops  # `never` still pays for every head on the way
+        assert [p.label for p in a.predictions] == [p.label for p in b.predictions]
+        for x, y in zip(a.predictions, b.predictions, strict=True):
+            assert x.score == pytest.approx(y.score, abs=1e-6)
+    assert [r.exit_path for r in classifier.classify(images, LABELS, exit_rule=ExitRule.full())] == ["full"] * 8
+
+
+def test_custom_thresholds_move_the_exits(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    layers = classifier.policy.candidate_layers
+    first = classifier.classify(images, LABELS, exit_rule=ExitRule.from_thresholds(dict.fromkeys(layers, 0.0)))
+    assert {r.exit_layer for r in first} == {layers[0]}
+    last_only = {layers[0]: 1.0, layers[1]: 1.0, layers[2]: 0.0}
+    late = classifier.classify(images, LABELS, exit_rule=ExitRule.from_thresholds(last_only))
+    assert {r.exit_layer for r in late} == {layers[2]}
 
 
 def test_predictions_are_sorted_top_k_probabilities(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:

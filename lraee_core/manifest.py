@@ -1,0 +1,161 @@
+"""The checkpoint's self-description: pure data, versioned, validated; no tensors and no loading.
+
+The manifest names the backbone (open_clip architecture, weights source and their SHA-256), the quant mode and how
+many modules it converts, the head and gate shapes (the gate's input features by name), the candidate and pruned
+layers, the thresholds of every named operating point with the agreement it promises, how it was calibrated (paths
+relative to the checkpoint or to a named root, never absolute) and what it measured on calibration and held-out
+images. :mod:`lraee_core.checkpoint` reads and writes it next to the tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .config import FULL_OPERATING_POINT, QUANT_MODES, ExitPolicy, HeadConfig, OperatingPoint, QuantMode
+from .errors import CheckpointError, InputError
+from .gate import PAPER_FEATURES, validate_feature_names
+from .text import validate_templates
+
+FORMAT_VERSION = 2  # 2: gate features by name, agreement promises, a built-in `full` point
+READABLE_VERSIONS = (1, 2)  # version 1 manifests hold the paper's 3-feature gates and no promises
+
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """How to rebuild the backbone. Relative file paths are relative to the checkpoint directory."""
+
+    model_name: str  # open_clip architecture name
+    pretrained: str | None  # open_clip tag, weights file, or None for seeded random init
+    pretrained_kind: str  # "tag", "file" or "random"
+    model_config_file: str | None  # JSON architecture to register first, or None for built-in names
+    weights_sha256: str | None  # SHA-256 of the weights file, checked on load when known
+    random_init_seed: int = 0  # seed of a random-init backbone
+
+
+@dataclass(frozen=True)
+class PrunedLayer:
+    """A candidate layer removed by pathological-layer pruning."""
+
+    layer: int  # 1-based layer
+    inr: float  # its information-to-noise ratio
+    reason: str  # why it was pruned
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to rebuild and trust a checkpoint."""
+
+    checkpoint_id: str  # short name shown by the service and in metrics
+    backbone: BackboneRef  # what to build
+    quant_mode: QuantMode  # vision-tower quantization
+    quantized_modules: int  # how many modules quant_mode converts on this backbone (checked on load)
+    image_size: int  # input side in pixels
+    num_layers: int  # blocks in the vision tower
+    width: int  # token width
+    embed_dim: int  # joint embedding width
+    head: HeadConfig  # exit head shape
+    candidate_layers: tuple[int, ...]  # layers with an exit head and gate
+    operating_points: dict[str, dict[int, float]]  # name -> layer -> threshold (`full` is built in, never stored)
+    default_operating_point: str  # used when a request names none (a stored point or "full")
+    pruned_layers: tuple[PrunedLayer, ...] = ()  # candidates removed by INR pruning
+    gate_features: tuple[str, ...] = PAPER_FEATURES  # the gate's input features by name, in weight order
+    promises: dict[str, float] = field(default_factory=dict)  # operating point -> promised held-out agreement
+    # with the full-depth top-1 (the fraction of images whose answer equals full depth's)
+    templates: tuple[str, ...] = ()  # prompt templates the heads and gates were calibrated with: the default
+    # prompts of requests that name none; () means the engine's DEFAULT_TEMPLATES
+    calibration: dict[str, Any] = field(default_factory=dict)  # data, splits, seeds, search (portable paths)
+    metrics: dict[str, Any] = field(default_factory=dict)  # figures measured at build time; "held_out" holds
+    # agreement and FLOPs saved per label count K and operating point on images never used to choose anything
+    heads_sha256: str = ""  # SHA-256 of heads.safetensors
+    format_version: int = FORMAT_VERSION  # manifest layout version
+
+    def policy(self) -> ExitPolicy:
+        """The exit policy these thresholds define."""
+        return ExitPolicy(
+            candidate_layers=self.candidate_layers,
+            operating_points=tuple(
+                OperatingPoint(name, dict(thresholds), self.promises.get(name))
+                for name, thresholds in self.operating_points.items()
+            ),
+            default_operating_point=self.default_operating_point,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (integer layer keys become strings)."""
+        data = asdict(self)
+        data["operating_points"] = {
+            name: {str(layer): value for layer, value in points.items()}
+            for name, points in self.operating_points.items()
+        }
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """Parse and type-check a manifest dict; :class:`CheckpointError` on anything missing or malformed."""
+        try:
+            version = int(data["format_version"])
+            if version not in READABLE_VERSIONS:
+                raise CheckpointError(
+                    f"manifest format {version} is not supported (this engine reads {READABLE_VERSIONS})"
+                )
+            return cls(
+                checkpoint_id=str(data["checkpoint_id"]),
+                backbone=BackboneRef(**data["backbone"]),
+                quant_mode=data["quant_mode"],
+                quantized_modules=int(data["quantized_modules"]),
+                image_size=int(data["image_size"]),
+                num_layers=int(data["num_layers"]),
+                width=int(data["width"]),
+                embed_dim=int(data["embed_dim"]),
+                head=HeadConfig(**data["head"]),
+                candidate_layers=tuple(int(layer) for layer in data["candidate_layers"]),
+                operating_points={
+                    str(name): {int(layer): float(t) for layer, t in points.items()}
+                    for name, points in data["operating_points"].items()
+                },
+                default_operating_point=str(data["default_operating_point"]),
+                pruned_layers=tuple(PrunedLayer(**p) for p in data.get("pruned_layers", [])),
+                gate_features=tuple(str(name) for name in data.get("gate_features", PAPER_FEATURES)),
+                promises={str(name): float(value) for name, value in data.get("promises", {}).items()},
+                templates=tuple(str(t) for t in data.get("templates", ())),
+                calibration=dict(data.get("calibration", {})),
+                metrics=dict(data.get("metrics", {})),
+                heads_sha256=str(data["heads_sha256"]),
+                format_version=version,
+            )
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"malformed manifest: {type(exc).__name__}: {exc}") from exc
+
+    def validate(self) -> None:
+        """Internal consistency: layers, thresholds, operating points, promises, gate features, quant mode."""
+        if self.quant_mode not in QUANT_MODES:
+            raise CheckpointError(f"unknown quant mode {self.quant_mode!r}")
+        layers = list(self.candidate_layers)
+        if not layers or layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] > self.num_layers:
+            raise CheckpointError(f"candidate layers {layers} must be ascending, unique, within 1..{self.num_layers}")
+        try:
+            validate_feature_names(self.gate_features)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
+        if FULL_OPERATING_POINT in self.operating_points:
+            raise CheckpointError(f"{FULL_OPERATING_POINT!r} is built in and cannot be stored as thresholds")
+        if self.default_operating_point not in (*self.operating_points, FULL_OPERATING_POINT):
+            raise CheckpointError(f"default operating point {self.default_operating_point!r} is not stored")
+        for name, thresholds in self.operating_points.items():
+            if not set(thresholds) <= set(layers):
+                raise CheckpointError(f"operating point {name!r} names layers outside the candidates")
+            if any(not 0.0 <= t <= 1.0 for t in thresholds.values()):
+                raise CheckpointError(f"operating point {name!r} has a threshold outside [0, 1]")
+        for name, promise in self.promises.items():
+            if name not in self.operating_points or not 0.0 <= promise <= 1.0:
+                raise CheckpointError(f"promise {name!r}: {promise} must be a stored point's agreement in [0, 1]")
+        if self.head.width != self.width or self.head.embed_dim != self.embed_dim:
+            raise CheckpointError("head shape does not match the backbone width / embedding width in the manifest")
+        if self.templates:
+            try:
+                validate_templates(self.templates)
+            except InputError as exc:
+                raise CheckpointError(f"manifest templates: {exc}") from exc
