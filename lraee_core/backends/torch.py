@@ -1,0 +1,12 @@
+"""The PyTorch backend: the open_clip tower quantized in place (:mod:`lraee_core.quantize`), run as it is."""
+
+from __future__ import annotations
+
+from ..backbone import ClipBackbone
+from ..config import QuantMode
+from ..quantize import QuantReport, quantize_vision
+
+
+def prepare_torch(backbone: ClipBackbone, quant_mode: QuantMode) -> tuple[ClipBackbone, QuantReport]:
+    """Quantize ``backbone``'s vision tower in place (per-image activation scales) and hand it back."""
+    return backbone, quantize_vision(backbone.visual, quant_mode)
