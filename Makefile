@@ -11,6 +11,8 @@ export OMP_NUM_THREADS ?= 2
 # System tools the deploy tests drive for real: Prometheus (+ promtool), nginx, and a compose client to parse
 # docker-compose.yml. Installed with apt-get when missing and possible (root); otherwise those tests skip, saying why.
 DEPLOY_TOOLS := prometheus promtool nginx docker-compose
+# Headless Chromium and its driver for the browser tests of the page at / (tests/app/test_browser.py), same terms.
+BROWSER_TOOLS := chromium chromedriver
 
 setup: $(STAMP)
 
@@ -31,6 +33,13 @@ tools:
 		(apt-get install -y -q prometheus nginx-light docker-compose >/dev/null 2>&1 || \
 		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q prometheus nginx-light docker-compose >/dev/null 2>&1)) || \
 		echo "apt-get could not install the deploy tools; the deploy tests that need them will skip"; \
+	fi
+	@missing=""; for t in $(BROWSER_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium, chromium-driver with apt-get"; \
+		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) || \
+		echo "apt-get could not install chromium; the browser tests will skip"; \
 	fi
 
 test: setup tools
