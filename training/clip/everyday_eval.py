@@ -1,0 +1,266 @@
+"""What a user sees: a checkpoint scored on held-out real photos with the label sets users send.
+
+Every image is decoded by the service's decoder (``lraee_core.images.load_image``), preprocessed by the backbone's
+own transform and classified by the engine with the checkpoint's default templates, exactly as ``/classify`` does
+without HTTP. No image below was seen by CLIP training or by the LRA-EE build (``training.clip.everyday`` holds the
+everyday sets' eval members out with the same seed; Tiny-ImageNet's val photos and the ILSVRC2012 val photos are
+separate sets by construction).
+
+Tasks:
+
+* ``tiny-val-202`` / ``ilsvrc-202``: 202-way among the Tiny class names (10,100 Tiny val photos; the 259 ILSVRC2012
+  val photos of those classes).
+* ``tiny-names-10way``: the true Tiny class name + 9 seeded others, per image (ILSVRC photos + a Tiny val sample).
+* ``everyday-5way``: photos whose class falls under exactly one everyday word (``captions.EVERYDAY_CONCEPTS``, by
+  WordNet hypernyms), against that word + 4 seeded other everyday words that are neither above nor below it
+  ("animal" is never a distractor for a dog). ILSVRC val photos of all 725 classes and a Tiny val sample.
+* ``cifar10-10way``, ``intel-6way``, ``flowers-5way``: the held-out members, their class names as labels.
+* ``flickr8k-retrieval``: image -> text recall@5 among the 5 captions of each held-out Flickr8k photo (no exits: the
+  gate needs a label set, so this row is full depth only).
+
+Rows: FP32 full depth, INT8 full depth (``full``), and each stored operating point; per row top-1, agreement of the
+top-1 with the same model's INT8 full depth, mean FLOPs saved and the exit-layer shares.
+
+Run: ``python -m training.clip.everyday_eval CHECKPOINT --out reports/everyday/NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lraee_core import EarlyExitClassifier, load_classifier
+from lraee_core.images import load_image
+from training.clip.captions import EVERYDAY_CONCEPTS, wordnet
+from training.clip.everyday import (
+    FLICKR_CAPTIONS,
+    FLICKR_TAR,
+    SET_CLASSES,
+    EverydayClipConfig,
+    everyday_eval_split,
+    read_flickr_captions,
+)
+from training.clip.photo_clip import scan_photos
+from training.clip.photos import CLASSES_TSV
+from training.clip.photos import SOURCE_DIR as IMAGENET_DIR
+from training.pipeline.data import read_classes_tsv
+
+REPORT_FILE = "everyday_eval.json"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One evaluation image with its label set."""
+
+    image: bytes | Path  # encoded image or its file
+    labels: tuple[str, ...]  # the label set sent with it
+    truth: int  # index of the right label
+
+
+def _sample(items: list[Any], count: int, seed: int) -> list[Any]:
+    return items if len(items) <= count else random.Random(seed).sample(items, count)
+
+
+def _tar_members(path: Path, wanted: set[str] | None = None) -> dict[str, bytes]:
+    out = {}
+    with tarfile.open(path) as archive:
+        for member in archive:
+            if member.isfile() and (wanted is None or member.name in wanted):
+                handle = archive.extractfile(member)
+                assert handle is not None
+                out[member.name] = handle.read()
+    return out
+
+
+def imagenet_tasks(val_dir: Path, acuity_dir: Path, sample: int, seed: int) -> dict[str, list[Item]]:
+    """The Tiny-name and everyday-word tasks on the Tiny val photos and the ILSVRC2012 val photos."""
+    classes_tsv = IMAGENET_DIR / CLASSES_TSV
+    val = scan_photos(val_dir, classes_tsv)
+    names = val.names
+    tasks: dict[str, list[Item]] = {
+        "tiny-val-202": [Item(p, names, lab) for p, lab in zip(val.paths, val.labels, strict=True)]
+    }
+    acuity_tiny = scan_photos(acuity_dir, classes_tsv, val.wnids)
+    tasks["ilsvrc-202"] = [Item(p, names, lab) for p, lab in zip(acuity_tiny.paths, acuity_tiny.labels, strict=True)]
+    rng = random.Random(seed)
+    ten_way = list(zip(acuity_tiny.paths, acuity_tiny.labels, strict=True))
+    ten_way += _sample(list(zip(val.paths, val.labels, strict=True)), sample, seed)
+    tasks["tiny-names-10way"] = []
+    for path, label in ten_way:
+        others = rng.sample([n for i, n in enumerate(names) if i != label], 9)
+        labels = [names[label], *others]
+        rng.shuffle(labels)
+        tasks["tiny-names-10way"].append(Item(path, tuple(labels), labels.index(names[label])))
+
+    net = wordnet()
+    words = list(EVERYDAY_CONCEPTS)
+    index = read_classes_tsv(classes_tsv)
+    every_items: list[tuple[Path, str, str]] = []  # (photo, wnid, word)
+    for wnid in sorted(index):
+        folder = acuity_dir / wnid
+        word = _one_everyday_word(net, wnid)
+        if word is not None and folder.is_dir():
+            every_items += [(p, wnid, word) for p in sorted(folder.iterdir())]
+    tiny_items = [
+        (p, val.wnids[lab], _one_everyday_word(net, val.wnids[lab]))
+        for p, lab in zip(val.paths, val.labels, strict=True)
+    ]
+    every_items += _sample([(p, w, word) for p, w, word in tiny_items if word is not None], sample, seed)
+    tasks["everyday-5way"] = []
+    for path, wnid, word in every_items:
+        lineage = net.ancestors(wnid) | {wnid}
+        truth_synset = EVERYDAY_CONCEPTS[word]
+        allowed = [
+            w
+            for w in words
+            if EVERYDAY_CONCEPTS[w] not in lineage and truth_synset not in net.ancestors(EVERYDAY_CONCEPTS[w])
+        ]
+        labels = [word, *rng.sample(allowed, 4)]
+        rng.shuffle(labels)
+        tasks["everyday-5way"].append(Item(path, tuple(labels), labels.index(word)))
+    return tasks
+
+
+def _one_everyday_word(net: Any, wnid: str) -> str | None:
+    """The most specific everyday word of a class when every other everyday word of it lies above that one."""
+    if wnid not in net.synsets:
+        return None
+    found = net.everyday(wnid)
+    if not found:
+        return None
+    above = net.ancestors(EVERYDAY_CONCEPTS[found[0]]) | {EVERYDAY_CONCEPTS[found[0]]}
+    return found[0] if all(EVERYDAY_CONCEPTS[w] in above for w in found) else None
+
+
+def everyday_tasks(cfg: EverydayClipConfig) -> tuple[dict[str, list[Item]], list[tuple[bytes, list[str]]]]:
+    """The held-out CIFAR-10 / Intel / flowers tasks, and the held-out Flickr8k photos with their captions."""
+    held = everyday_eval_split(cfg)
+    root = Path(cfg.everyday_dir)
+    tasks: dict[str, list[Item]] = {}
+    for name, (tar, classes) in SET_CLASSES.items():
+        labels = tuple(sorted(classes))
+        members = _tar_members(root / tar, set(held[name]))
+        key = {"cifar10": "cifar10-10way", "intel": "intel-6way", "flowers": "flowers-5way"}[name]
+        tasks[key] = [Item(data, labels, labels.index(m.split("/")[0])) for m, data in sorted(members.items())]
+    captions = read_flickr_captions(root / FLICKR_CAPTIONS)
+    photos = _tar_members(root / FLICKR_TAR, set(held["flickr8k"]))
+    flickr = [(data, captions[Path(m).name]) for m, data in sorted(photos.items())]
+    return tasks, flickr
+
+
+def _pixels(classifier: EarlyExitClassifier, items: Sequence[Item]) -> torch.Tensor:
+    return torch.stack([classifier.backbone.preprocess(load_image(item.image)) for item in items])
+
+
+def score(classifier: EarlyExitClassifier, items: Sequence[Item], operating_point: str, batch: int = 64) -> list[Any]:
+    """Engine results of every item (consecutive items sharing a label set share an engine batch)."""
+    results: list[Any] = []
+    start = 0
+    while start < len(items):
+        end = start + 1
+        while end < len(items) and end - start < batch and items[end].labels == items[start].labels:
+            end += 1
+        chunk = items[start:end]
+        results += classifier.classify(
+            _pixels(classifier, chunk), list(chunk[0].labels), operating_point=operating_point
+        )
+        start = end
+    return results
+
+
+def summarise(items: Sequence[Item], results: Sequence[Any], reference: Sequence[Any] | None) -> dict[str, Any]:
+    """Top-1, agreement with the reference row's top-1, FLOPs saved and exit shares of one row."""
+    correct = sum(r.predictions[0].label == it.labels[it.truth] for it, r in zip(items, results, strict=True))
+    out: dict[str, Any] = {
+        "images": len(items),
+        "top1": correct / len(items),
+        "flops_saved": sum(r.flops_saved for r in results) / len(results),
+        "exit_shares": {str(k): v / len(results) for k, v in sorted(Counter(r.exit_layer for r in results).items())},
+    }
+    if reference is not None:
+        same = sum(a.predictions[0].label == b.predictions[0].label for a, b in zip(results, reference, strict=True))
+        out["agreement_with_full"] = same / len(results)
+    return out
+
+
+@torch.inference_mode()
+def retrieval_recall_at_5(classifier: EarlyExitClassifier, photos: Sequence[tuple[bytes, list[str]]]) -> float:
+    """Image -> text recall@5 at full depth: the share of photos with one of their own captions in the top 5 of all
+    held-out captions."""
+    texts = [c for _, captions in photos for c in captions]
+    owner = torch.tensor([i for i, (_, captions) in enumerate(photos) for _ in captions])
+    text = torch.cat(
+        [classifier.text_embeddings(texts[s : s + 256], ["{}"]).float() for s in range(0, len(texts), 256)]
+    )  # [T, E]
+    hits = 0
+    for start in range(0, len(photos), 64):
+        chunk = photos[start : start + 64]
+        pixels = torch.stack([classifier.backbone.preprocess(load_image(data)) for data, _ in chunk])
+        hidden = classifier.backbone.embed(pixels)
+        for layer in range(1, classifier.num_layers + 1):
+            hidden = classifier.backbone.block(layer, hidden)
+        image = F.normalize(classifier.backbone.pool_final(hidden).float(), dim=-1)  # [b, E]
+        top = (image @ text.T).topk(5, dim=1).indices  # [b, 5]
+        rows = torch.arange(start, start + len(chunk))[:, None]
+        hits += int((owner[top] == rows).any(dim=1).sum())
+    return hits / len(photos)
+
+
+def evaluate(checkpoint: str | Path, cfg: EverydayClipConfig, sample: int, seed: int) -> dict[str, Any]:
+    """Every task under every row; see the module docstring."""
+    int8 = load_classifier(checkpoint)
+    fp32 = load_classifier(checkpoint, quant_mode="none")
+    points = [p for p in int8.policy.names if p != "full"]
+    tasks = imagenet_tasks(Path(cfg.train_dir).parent / "val", Path(cfg.train_dir).parent / "acuity", sample, seed)
+    everyday, flickr = everyday_tasks(cfg)
+    tasks |= everyday
+    report: dict[str, Any] = {"checkpoint": int8.checkpoint_id, "templates": list(int8.default_templates), "tasks": {}}
+    for name, items in tasks.items():
+        started = time.perf_counter()
+        reference = score(int8, items, "full")
+        rows = {"fp32-full": summarise(items, score(fp32, items, "full"), reference)}
+        rows["int8-full"] = summarise(items, reference, reference)
+        for point in points:
+            rows[point] = summarise(items, score(int8, items, point), reference)
+        report["tasks"][name] = {"rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+        print(name, {k: round(v["top1"], 4) for k, v in rows.items()}, flush=True)
+    report["tasks"]["flickr8k-retrieval"] = {
+        "rows": {
+            "fp32-full": {"images": len(flickr), "recall_at_5": retrieval_recall_at_5(fp32, flickr)},
+            "int8-full": {"images": len(flickr), "recall_at_5": retrieval_recall_at_5(int8, flickr)},
+        }
+    }
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Evaluate a checkpoint and write ``everyday_eval.json`` into ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint directory or embedded name")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--train-dir", default=EverydayClipConfig().train_dir, help="extracted Tiny train photos")
+    parser.add_argument("--sample", type=int, default=1000, help="Tiny val photos sampled for the k-way tasks")
+    parser.add_argument("--seed", type=int, default=0, help="label-set and sample draws")
+    args = parser.parse_args(argv)
+    from lraee_core.assets import resolve_checkpoint
+
+    cfg = EverydayClipConfig(train_dir=args.train_dir)
+    report = evaluate(resolve_checkpoint(args.checkpoint), cfg, args.sample, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
