@@ -8,11 +8,19 @@ PORT   ?= 8000
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: setup tools serve test lint format bench deploy-check clean
-# System tools the deploy tests drive for real: Prometheus (+ promtool), nginx, and a compose client to parse
-# docker-compose.yml. Installed with apt-get when missing and possible (root); otherwise those tests skip, saying why.
-DEPLOY_TOOLS := prometheus promtool nginx docker-compose
-# Headless Chromium and its driver for the browser tests of the page at / (tests/app/test_browser.py), same terms.
-BROWSER_TOOLS := chromium chromedriver
+# System packages the tests drive for real, installed with apt-get when missing and possible (root); otherwise the
+# tests that need them skip, saying why. $(call apt_ensure,WHAT,CHECK,PACKAGES): install PACKAGES unless CHECK passes.
+define apt_ensure
+	@if ! ( $(2) ) >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing $(3) with apt-get"; \
+			(apt-get install -y -q $(3) >/dev/null 2>&1 || \
+			 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(3) >/dev/null 2>&1)) || \
+			echo "apt-get could not install $(3); the $(1) tests that need them will skip"; \
+		fi; \
+	fi
+endef
+have = { command -v $(1) || test -x /usr/sbin/$(1); }
 
 setup: $(STAMP)
 
@@ -26,21 +34,13 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
 
+# Prometheus (+ promtool), nginx and a compose client (deploy tests); headless Chromium and its driver (browser tests
+# of the page at /); WordNet 3.0 (everyday captions and labels of the tiny CLIP, training tests).
 tools:
-	@missing=""; for t in $(DEPLOY_TOOLS); do command -v $$t >/dev/null 2>&1 || test -x /usr/sbin/$$t || missing=1; done; \
-	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing prometheus, nginx-light, docker-compose with apt-get"; \
-		(apt-get install -y -q prometheus nginx-light docker-compose >/dev/null 2>&1 || \
-		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q prometheus nginx-light docker-compose >/dev/null 2>&1)) || \
-		echo "apt-get could not install the deploy tools; the deploy tests that need them will skip"; \
-	fi
-	@missing=""; for t in $(BROWSER_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
-	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing chromium, chromium-driver with apt-get"; \
-		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
-		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) || \
-		echo "apt-get could not install chromium; the browser tests will skip"; \
-	fi
+	$(call apt_ensure,deploy,$(call have,prometheus) && $(call have,promtool) && $(call have,nginx) && \
+		$(call have,docker-compose),prometheus nginx-light docker-compose)
+	$(call apt_ensure,browser,$(call have,chromium) && $(call have,chromedriver),chromium chromium-driver)
+	$(call apt_ensure,WordNet,test -f /usr/share/wordnet/data.noun,wordnet-base)
 
 test: setup tools
 	$(BIN)/python -m pytest -q
