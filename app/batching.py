@@ -8,7 +8,12 @@ costs latency when the service is idle.
 
 One worker thread runs every batch: torch already spreads one batch over the intra-op threads, and two batches at
 once on two cores would only fight over them. The queue is bounded in images; a request that does not fit is
-refused whole (429) rather than partly admitted.
+refused whole (429) rather than partly admitted. Requests take their places with :meth:`MicroBatcher.admit` before
+their images are decoded, so a full queue costs a refused request no decoding.
+
+When no live image waits, the worker may run one small piece of background work (shadow checks, app/shadow.py);
+live images that arrive meanwhile wait at most for that one piece. :meth:`MicroBatcher.stalled_seconds` tells
+readiness how long the worker has been stuck on one call while images wait.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -34,9 +39,40 @@ T = TypeVar("T")
 
 # (group key, images [B, 3, H, W], top_k) -> one result per image; blocking, runs on the worker thread.
 RunBatch = Callable[[Hashable, torch.Tensor, int], list[ExitResult]]
-# (batch size, engine seconds, results) after each batch, for metrics.
-BatchObserver = Callable[[int, float, Sequence[ExitResult]], None]
+# (group key, batch size, engine seconds, results) after each batch, for metrics.
+BatchObserver = Callable[[Hashable, int, float, Sequence[ExitResult]], None]
 DepthObserver = Callable[[int], None]
+
+
+class BackgroundWork(Protocol):
+    """Work the worker does only when no live image waits (the shadow sampler)."""
+
+    def offer(self, key: Hashable, images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+        """See each finished live batch (on the event loop; must not block)."""
+
+    def next_job(self) -> Callable[[], None] | None:
+        """One short blocking job for the worker thread, or None when there is nothing to do."""
+
+
+class Admission:
+    """Places in the queue held for a request while its images are decoded; :meth:`MicroBatcher.submit` takes them
+    over, :meth:`release` gives back what was not taken (idempotent)."""
+
+    def __init__(self, batcher: MicroBatcher, count: int) -> None:
+        self._batcher = batcher
+        self.count = count  # places still held
+
+    def release(self) -> None:
+        """Give the places back (a failed decode, or the images have entered the queue)."""
+        if self.count:
+            self._batcher._reserved -= self.count
+            self.count = 0
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 @dataclass(frozen=True)
@@ -78,6 +114,9 @@ class MicroBatcher:
         self._on_depth = on_depth
         self._groups: dict[Hashable, deque[_Job]] = {}
         self._depth = 0
+        self._reserved = 0  # places held by admitted requests whose images are still being decoded
+        self._background: BackgroundWork | None = None
+        self._busy_since: float | None = None  # perf_counter at the start of the worker call in progress
         self._wakeup = asyncio.Event()
         self._closed = False
         self._consumer: asyncio.Task[None] | None = None
@@ -97,13 +136,25 @@ class MicroBatcher:
         """Images admitted and not yet handed to the engine."""
         return self._depth
 
+    def stalled_seconds(self) -> float:
+        """How long the worker has been on its current call while images wait (0 when idle or nothing waits)."""
+        if self._busy_since is None or self._depth == 0:
+            return 0.0
+        return time.perf_counter() - self._busy_since
+
     async def run_in_worker(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(*args)`` on the inference worker thread (loading and warm-up use the serving thread)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        self._busy_since = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        finally:
+            self._busy_since = None
 
-    def start(self, run_batch: RunBatch) -> None:
-        """Start draining the queue into ``run_batch`` (a consumer task on the running loop)."""
+    def start(self, run_batch: RunBatch, background: BackgroundWork | None = None) -> None:
+        """Start draining the queue into ``run_batch`` (a consumer task on the running loop); ``background`` gets
+        the worker's idle time."""
         self._run_batch = run_batch
+        self._background = background
         if self._consumer is None:
             self._consumer = asyncio.get_running_loop().create_task(self._consume(), name="lraee-batcher")
             self._consumer.add_done_callback(self._consumer_done)
@@ -138,16 +189,34 @@ class MicroBatcher:
         batches = self._depth / self.max_batch_size + 1
         return max(1, min(60, math.ceil(batches * self._batch_seconds)))
 
-    async def submit(self, key: Hashable, images: Sequence[torch.Tensor], top_k: int) -> list[BatchOutcome]:
-        """Queue ``images`` (all or none) under ``key`` and wait for their results, in order.
+    def admit(self, count: int) -> Admission:
+        """Hold ``count`` places in the queue (all or none) for a request about to decode its images.
 
-        Raises :class:`QueueFull` when they do not fit and :class:`ServiceUnavailable` when stopping. If the caller
-        is cancelled (client gone), images not yet running are withdrawn; a running batch finishes regardless.
+        Raises :class:`QueueFull` when they do not fit and :class:`ServiceUnavailable` when stopping.
         """
         if not self.running:
             raise ServiceUnavailable("the inference worker is not running")
-        if self._depth + len(images) > self.capacity:
+        if self._depth + self._reserved + count > self.capacity:
             raise QueueFull(self.retry_after())
+        self._reserved += count
+        return Admission(self, count)
+
+    async def submit(
+        self, key: Hashable, images: Sequence[torch.Tensor], top_k: int, admission: Admission | None = None
+    ) -> list[BatchOutcome]:
+        """Queue ``images`` (all or none) under ``key`` and wait for their results, in order.
+
+        With ``admission`` (from :meth:`admit`, for these images) the places are already held; without, they are
+        taken here. Raises :class:`QueueFull` when they do not fit and :class:`ServiceUnavailable` when stopping.
+        If the caller is cancelled (client gone), images not yet running are withdrawn; a running batch finishes
+        regardless.
+        """
+        if admission is None:
+            admission = self.admit(len(images))
+        elif not self.running:
+            admission.release()
+            raise ServiceUnavailable("the inference worker is not running")
+        admission.release()  # the places pass from the reservation to the queue in the same step
         loop = asyncio.get_running_loop()
         jobs = [_Job(image=image, top_k=top_k, future=loop.create_future()) for image in images]
         self._groups.setdefault(key, deque()).extend(jobs)
@@ -189,6 +258,8 @@ class MicroBatcher:
         while not self._closed:
             key = self._oldest_key()
             if key is None:
+                if await self._run_background():
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -196,6 +267,26 @@ class MicroBatcher:
             jobs = self._take(key)
             if jobs:
                 await self._execute(key, jobs)
+
+    async def _run_background(self) -> bool:
+        """Run one background job on the worker if there is one; False when there was none."""
+        if self._background is None:
+            return False
+        try:
+            job = self._background.next_job()
+        except Exception:
+            log.exception("background work failed to provide a job")
+            return False
+        if job is None:
+            return False
+        self._busy_since = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        except Exception:  # background work must never disturb the live queue
+            log.exception("background job failed")
+        finally:
+            self._busy_since = None
+        return True
 
     async def _let_group_fill(self, key: Hashable) -> None:
         """Wait until the group is full or its oldest image has waited ``max_wait_seconds``."""
@@ -226,22 +317,29 @@ class MicroBatcher:
     async def _execute(self, key: Hashable, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         top_k = max(job.top_k for job in jobs)
+        images = [job.image for job in jobs]
+        self._busy_since = time.perf_counter()
         try:
-            started, seconds, results = await loop.run_in_executor(
-                self._executor, self._timed_run, key, [job.image for job in jobs], top_k
-            )
+            started, seconds, results = await loop.run_in_executor(self._executor, self._timed_run, key, images, top_k)
         except Exception as exc:
             log.exception("engine batch of %d images failed", len(jobs))
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return
+        finally:
+            self._busy_since = None
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         if self._on_batch is not None:
             try:
-                self._on_batch(len(jobs), seconds, results)
+                self._on_batch(key, len(jobs), seconds, results)
             except Exception:  # observability must never cost a request its answer
                 log.exception("batch observer failed")
+        if self._background is not None:
+            try:
+                self._background.offer(key, images, results)
+            except Exception:
+                log.exception("background work failed to take a batch")
         for job, result in zip(jobs, results, strict=True):
             if not job.future.done():
                 job.future.set_result(

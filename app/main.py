@@ -25,10 +25,12 @@ from .batching import MicroBatcher
 from .deps import Runtime
 from .errors import install_error_handlers
 from .images import ImageDecoder
+from .limits import BodyLimitMiddleware, InFlight
 from .metrics import Metrics, RequestMetricsMiddleware
 from .routers import classify, health, model, page
 from .service import ModelService
 from .settings import Settings
+from .shadow import ShadowSampler
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await batcher.run_in_worker(ModelService.load, settings)
         await batcher.run_in_worker(service.warm_up)
         decoder = ImageDecoder(service.preprocess, max_pixels=settings.max_image_pixels)
-        batcher.start(service.run_batch)
-        runtime.metrics.bind_model(service.classifier)
+        shadow = None
+        if settings.shadow_rate > 0:
+            shadow = ShadowSampler(
+                settings.shadow_rate,
+                service.run_full_depth,
+                runtime.metrics.observe_shadow_check,
+                on_drop=runtime.metrics.shadow_dropped.inc,
+            )
+        batcher.start(service.run_batch, background=shadow)
+        runtime.metrics.bind_model(service.classifier, shadow=shadow is not None)
         runtime.service, runtime.batcher, runtime.decoder = service, batcher, decoder
         runtime.phase = "ready"
         log.info("ready: %s", service.classifier.checkpoint_id)
@@ -89,6 +99,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(page.router)
     app.mount(page.STATIC_URL, StaticFiles(directory=page.STATIC_DIR), name="static")
+    # Innermost: bodies are bounded whoever reads them, after the key check has refused strangers for free.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limits={"/classify": settings.body_limit(1), "/classify/batch": settings.body_limit(settings.max_batch_images)},
+        default_limit=settings.body_limit(1),
+        in_flight=InFlight(
+            max_requests=settings.max_inflight_requests,
+            max_bytes=settings.max_inflight_bytes,
+            on_requests=metrics.inflight_requests.set,
+            on_bytes=metrics.inflight_bytes.set,
+        ),
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:

@@ -1,13 +1,13 @@
 """Prometheus metrics: one registry per app (tests build many apps), conventional names, bounded label values.
 
 Label values stay bounded: ``route`` is a route template or ``other``, ``status`` an HTTP status code, ``layer`` a
-candidate layer or ``full``.
+candidate layer or ``full``, ``operating_point`` one of the checkpoint's (``full`` included), ``agree`` true/false.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -16,6 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lraee_core.engine import EarlyExitClassifier, ExitResult
 from lraee_core.text import CacheStats
+
+from .service import BatchKey
 
 OTHER_ROUTE = "other"  # label of requests that match no route (404s, scanners): keeps the label set bounded
 FULL_PATH = "full"  # exit-layer label of the full-depth CLIP path
@@ -77,6 +79,33 @@ class Metrics:
             "lraee_batch_size", "Images per engine batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
         self.queue_depth = Gauge("lraee_queue_depth", "Images waiting for the engine", registry=registry)
+        self.answers = Counter(
+            "lraee_answers",
+            "Images answered per operating point and exit path ('head': an exit head, 'full': the full depth)",
+            ["operating_point", "exit_path"],
+            registry=registry,
+        )
+        self.shadow_checks = Counter(
+            "lraee_shadow_checks",
+            "Sampled early exits re-run at full depth: whether the exit's top-1 agreed with the full depth's",
+            ["layer", "operating_point", "agree"],
+            registry=registry,
+        )
+        self.shadow_dropped = Counter(
+            "lraee_shadow_dropped", "Early exits sampled for a shadow check but dropped (queue full)", registry=registry
+        )
+        self.operating_point_promise = Gauge(
+            "lraee_operating_point_promise",
+            "Agreement with the full-depth top-1 the checkpoint promises per operating point (held-out)",
+            ["operating_point"],
+            registry=registry,
+        )
+        self.inflight_requests = Gauge(
+            "lraee_inflight_requests", "Requests with a body admitted and not yet answered", registry=registry
+        )
+        self.inflight_bytes = Gauge(
+            "lraee_inflight_bytes", "Request body bytes admitted and not yet released", registry=registry
+        )
         self.model_info = Gauge(
             "lraee_model_info",
             "The loaded model (value 1)",
@@ -86,8 +115,9 @@ class Metrics:
         self._text_cache = _TextCacheCollector()
         registry.register(self._text_cache)
 
-    def bind_model(self, classifier: EarlyExitClassifier) -> None:
-        """Describe the loaded model and create every exit series at 0, so dashboards see them before traffic."""
+    def bind_model(self, classifier: EarlyExitClassifier, *, shadow: bool = False) -> None:
+        """Describe the loaded model and create every exit series at 0, so dashboards see them before traffic
+        (the shadow series too when shadow sampling is on: absent series say it is off)."""
         self.model_info.labels(
             backbone=classifier.backbone.name,
             quant_mode=classifier.quant_report.mode,
@@ -96,14 +126,32 @@ class Metrics:
         for layer in classifier.policy.candidate_layers:
             self.exit_layer.labels(layer=str(layer))
         self.exit_layer.labels(layer=FULL_PATH)
+        policy = classifier.policy
+        for point in policy.operating_points:
+            if point.promise is not None:
+                self.operating_point_promise.labels(operating_point=point.name).set(point.promise)
+        for name in policy.names:
+            for path in ("head", FULL_PATH):
+                self.answers.labels(operating_point=name, exit_path=path)
+            if shadow and name != FULL_PATH:
+                for layer in policy.candidate_layers:
+                    for agree in ("true", "false"):
+                        self.shadow_checks.labels(layer=str(layer), operating_point=name, agree=agree)
         self._text_cache.stats = lambda: classifier.text_cache.stats
 
-    def observe_batch(self, size: int, seconds: float, results: Sequence[ExitResult]) -> None:
+    def observe_shadow_check(self, layer: int, operating_point: str, agree: bool) -> None:
+        """One shadow check's outcome (called from the inference worker; prometheus_client is thread-safe)."""
+        self.shadow_checks.labels(layer=str(layer), operating_point=operating_point, agree=str(agree).lower()).inc()
+
+    def observe_batch(self, key: Hashable, size: int, seconds: float, results: Sequence[ExitResult]) -> None:
         """Record one engine batch and where each of its images left."""
         self.batch_size.observe(size)
         self.inference.observe(seconds)
+        operating_point = key.operating_point if isinstance(key, BatchKey) else None
         for result in results:
             self.exit_layer.labels(layer=str(result.exit_layer) if result.exit_path == "head" else FULL_PATH).inc()
+            if operating_point is not None:
+                self.answers.labels(operating_point=operating_point, exit_path=result.exit_path).inc()
             self.flops_saved.observe(result.flops_saved)
             self.flops_spent.inc(result.flops)
             self.flops_full.inc(result.flops_full)

@@ -50,6 +50,20 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(default=32, ge=1, le=1024, description="images per /classify/batch request")
     text_cache_size: int = Field(default=8192, ge=1, description="label embeddings kept in the engine's LRU")
     api_key: SecretStr | None = Field(default=None, description="when set, required on everything but health probes")
+    max_inflight_requests: int = Field(
+        default=64, ge=1, description="requests with a body being read, decoded or awaiting results at once; 429 over"
+    )
+    max_inflight_bytes: int = Field(
+        default=64 * MIB,
+        ge=MIB,
+        description="request body bytes admitted at once, all requests together; 429 over. Also the largest body",
+    )
+    stall_seconds: float = Field(
+        default=30.0, gt=0.0, le=3600.0, description="/readyz is 503 while images wait and one engine call runs longer"
+    )
+    shadow_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of early exits re-run at full depth when idle (0: off)"
+    )
     # NoDecode: the variable is a plain comma-separated list, not the JSON pydantic-settings expects for lists.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="browser origins allowed to call the API cross-origin (comma-separated); none: CORS off"
@@ -85,12 +99,25 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_image_fits_in_flight(self) -> Self:
+        # A body over the in-flight budget could never be admitted: one request of one maximal image must fit.
+        one_image = self.body_limit(1, capped=False)
+        if self.max_inflight_bytes < one_image:
+            raise ValueError(
+                f"LRAEE_MAX_INFLIGHT_BYTES ({self.max_inflight_bytes}) must hold one request of one image of "
+                f"LRAEE_MAX_UPLOAD_BYTES: at least {one_image}"
+            )
+        return self
+
     @property
     def max_batch_wait_seconds(self) -> float:
         """``max_batch_wait_ms`` in seconds."""
         return self.max_batch_wait_ms / 1000.0
 
-    def body_limit(self, images: int) -> int:
-        """Largest request body accepted for ``images`` images: base64 of each (4/3) plus the text allowance."""
+    def body_limit(self, images: int, *, capped: bool = True) -> int:
+        """Largest request body accepted for ``images`` images: base64 of each (4/3) plus the text allowance, and
+        never more than ``max_inflight_bytes`` (a bigger body could never be admitted) unless ``capped`` is False."""
         text = (self.max_labels + MAX_TEMPLATES) * self.max_label_chars * _TEXT_BYTES_PER_CHAR
-        return images * (self.max_upload_bytes * 4 // 3 + 4) + text + _BODY_SLACK_BYTES
+        limit = images * (self.max_upload_bytes * 4 // 3 + 4) + text + _BODY_SLACK_BYTES
+        return min(limit, self.max_inflight_bytes) if capped else limit

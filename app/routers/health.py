@@ -1,4 +1,10 @@
-"""Probes and metrics: ``/healthz`` (alive), ``/readyz`` (model loaded and warm), ``/metrics`` (Prometheus)."""
+"""Probes and metrics: ``/healthz`` (alive), ``/readyz`` (model loaded, warm and making progress), ``/metrics``.
+
+Liveness and readiness answer different questions on purpose. A worker stuck on one long engine call (a huge new
+label set to encode, a pathological batch) makes the replica useless for new work, so readiness takes it out of the
+load balancer, but restarting it would throw away the work in progress, so liveness stays 200; both recover by
+themselves when the call finishes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import MetricsDep, ReadyRuntimeDep
+from ..errors import ServiceUnavailable
 from ..schemas import Status, error_responses
 
 router = APIRouter(tags=["operations"])
@@ -18,9 +25,16 @@ async def healthz() -> Status:
 
 
 @router.get("/readyz", response_model=Status, responses=error_responses(503), summary="Readiness")
-async def readyz(_: ReadyRuntimeDep) -> Status:
+async def readyz(runtime: ReadyRuntimeDep) -> Status:
     """200 once the checkpoint is loaded and warmed up and the inference worker runs; 503 with the reason before
-    that, if the worker has stopped, and from the start of shutdown."""
+    that, if the worker has stopped, from the start of shutdown, and while images wait behind one engine call that
+    has run longer than ``LRAEE_STALL_SECONDS``."""
+    assert runtime.batcher is not None
+    stalled = runtime.batcher.stalled_seconds()
+    if stalled > runtime.settings.stall_seconds:
+        raise ServiceUnavailable(
+            f"the inference worker has made no progress for {stalled:.1f} s with {runtime.batcher.depth} images waiting"
+        )
     return Status(status="ready")
 
 

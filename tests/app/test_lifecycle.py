@@ -79,6 +79,40 @@ async def test_not_ready_when_the_worker_has_stopped(make_settings: Any) -> None
         assert (await client.post("/classify", **multipart(imagegen.png()))).status_code == 503
 
 
+@pytest.mark.anyio
+async def test_readiness_fails_while_the_worker_is_wedged_and_recovers(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(make_settings(stall_seconds=0.5))
+    async with running(app) as client:
+        runtime = app.state.runtime
+        classifier = runtime.service.classifier
+        entered, release = threading.Event(), threading.Event()
+        classify = classifier.classify
+
+        def wedged(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            assert release.wait(timeout=60)
+            return classify(*args, **kwargs)
+
+        monkeypatch.setattr(classifier, "classify", wedged)
+        first = asyncio.create_task(client.post("/classify", **multipart(imagegen.png())))
+        assert await asyncio.to_thread(entered.wait, 30)
+        await asyncio.sleep(0.7)  # longer than stall_seconds, but nothing waits: a long call is not a stall
+        assert (await client.get("/readyz")).status_code == 200
+        second = asyncio.create_task(client.post("/classify", **multipart(imagegen.noise_png(3), labels=["x", "y"])))
+        while runtime.batcher.depth == 0:
+            await asyncio.sleep(0.01)
+        stalled = await client.get("/readyz")
+        assert stalled.status_code == 503, stalled.text
+        assert "no progress" in stalled.json()["error"]["message"] and "1 images waiting" in stalled.text
+        assert (await client.get("/healthz")).status_code == 200  # liveness stays: restarting would lose the work
+        release.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, second), 60)
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert (await client.get("/readyz")).status_code == 200
+
+
 def test_missing_checkpoint_stops_start_up(tmp_path: Path) -> None:
     app = create_app(Settings(checkpoint=tmp_path / "nowhere"))
     with pytest.raises(StartupError, match="LRAEE_CHECKPOINT") as info, TestClient(app):
