@@ -1,0 +1,98 @@
+"""One loader, every backend and quant mode: overrides, converted modules, and batch == single per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lraee_core import BackendOptions, CheckpointError, EarlyExitClassifier, load_classifier, read_manifest
+from lraee_core.exits import ExitRule
+
+from .test_engine import LABELS, _mixed_thresholds
+
+pytest.importorskip("onnxruntime", reason="the onnxruntime backend is the optional [onnx] extra")
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def ort_full(tiny_checkpoint: Path) -> EarlyExitClassifier:
+    return load_classifier(
+        tiny_checkpoint, quant_mode="full", backend="onnxruntime", backend_options=BackendOptions(threads=1)
+    )
+
+
+def test_quant_mode_override_without_rewriting_the_manifest(tiny_checkpoint: Path) -> None:
+    own = read_manifest(tiny_checkpoint)
+    converted = {}
+    for mode in ("none", "paper", "full"):
+        classifier = load_classifier(tiny_checkpoint, quant_mode=mode)
+        assert classifier.quant_report.mode == mode
+        assert classifier.manifest == own  # the checkpoint still describes itself; the engine reports its mode
+        converted[mode] = len(classifier.quant_report.converted)
+    assert converted["none"] == 0 < converted["paper"] < converted["full"]
+    assert converted[own.quant_mode] == own.quantized_modules
+
+
+def test_unknown_backend_or_mode_is_a_checkpoint_error(tiny_checkpoint: Path) -> None:
+    with pytest.raises(CheckpointError, match="unknown backend"):
+        load_classifier(tiny_checkpoint, backend="tensorrt")  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match="unknown quant mode"):
+        load_classifier(tiny_checkpoint, quant_mode="int4")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_onnxruntime_converts_the_modules_torch_converts(tiny_checkpoint: Path, ort_full: EarlyExitClassifier) -> None:
+    torch_full = load_classifier(tiny_checkpoint, quant_mode="full")
+    assert ort_full.quant_report.mode == "full"
+    assert len(ort_full.quant_report.converted) == len(torch_full.quant_report.converted)
+    ort_paper = load_classifier(
+        tiny_checkpoint, quant_mode="paper", backend="onnxruntime", backend_options=BackendOptions(threads=1)
+    )
+    assert len(ort_paper.quant_report.converted) == read_manifest(tiny_checkpoint).quantized_modules
+
+
+@pytest.mark.slow
+def test_onnxruntime_gives_each_image_its_own_result(ort_full: EarlyExitClassifier, images: torch.Tensor) -> None:
+    """Per-image activation scales: an image's hidden states are bit-identical alone and in a batch, so its
+    answer does not depend on its batch neighbours (per-batch scales, the bare ORT way, would differ)."""
+    backbone = ort_full.backbone
+
+    def last_hidden(batch: torch.Tensor) -> torch.Tensor:
+        hidden = backbone.embed(batch)
+        for layer in range(1, ort_full.num_layers + 1):
+            hidden = backbone.block(layer, hidden)
+        return hidden
+
+    with torch.inference_mode():
+        together = last_hidden(images)
+        one_by_one = torch.cat([last_hidden(images[i : i + 1]) for i in range(images.shape[0])])
+    assert torch.equal(together, one_by_one)
+
+    rule = ExitRule.from_thresholds(_mixed_thresholds(ort_full, images))
+    batched = ort_full.classify(images, LABELS, exit_rule=rule, top_k=5)
+    assert len({result.exit_layer for result in batched}) > 1, "the thresholds should split the batch across exits"
+    for i, result in enumerate(batched):
+        alone = ort_full.classify(images[i : i + 1], LABELS, exit_rule=rule, top_k=5)[0]
+        assert (alone.exit_layer, alone.exit_path, alone.flops) == (result.exit_layer, result.exit_path, result.flops)
+        assert [p.label for p in alone.predictions] == [p.label for p in result.predictions]
+        for a, b in zip(alone.predictions, result.predictions, strict=True):
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_per_batch_scales_would_mix_images(ort_full: EarlyExitClassifier, images: torch.Tensor) -> None:
+    """The check above has teeth: with one activation scale per batch, an image's hidden state changes."""
+    from lraee_core.backends.onnxruntime import OrtClipBackbone
+
+    assert isinstance(ort_full.backbone, OrtClipBackbone)
+    per_batch = ort_full.backbone.with_scales(False)
+    with torch.inference_mode():
+        together = per_batch.block(1, per_batch.embed(images))
+        alone = torch.cat([per_batch.block(1, per_batch.embed(images[i : i + 1])) for i in range(images.shape[0])])
+    assert not torch.equal(together, alone)
