@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lraee_core import load_classifier
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
-from lraee_core.engine import EarlyExitClassifier
 from training.clip.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
 from training.pipeline.cli import main
 
@@ -76,7 +76,7 @@ def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_
     for item in (built / "checkpoint").iterdir():
         if item.is_file():
             (moved / item.name).write_bytes(item.read_bytes())
-    classifier = EarlyExitClassifier.from_checkpoint(moved)
+    classifier = load_classifier(moved)
     sample = generate_labelled(0, "test", "shapes")
     image = classifier.backbone.preprocess(sample.image).unsqueeze(0)
     [result] = classifier.classify(image, list(label_names("shapes")), top_k=3)

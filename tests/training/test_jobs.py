@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lraee_core import load_classifier
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
-from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
 from training.pipeline.calibrate import METHODS, build_table, simulate
 from training.pipeline.cli import main
@@ -148,7 +148,7 @@ def _thresholds_with_mixed_exits(job: Job, layers: tuple[int, ...], rows: np.nda
 
 def test_engine_from_checkpoint_matches_the_simulation(stepwise: Run) -> None:
     job = stepwise.job()
-    classifier = EarlyExitClassifier.from_checkpoint(stepwise.checkpoint)
+    classifier = load_classifier(stepwise.checkpoint)
     layers = classifier.policy.candidate_layers
     split = load_splits(job).splits["eval"]
     rows = np.arange(len(split.items))

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lraee_core import load_classifier
 from lraee_core.assets import MODEL_CONFIGS_DIR
-from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
 from training.clip import photos
 from training.clip.photo_clip import (
@@ -150,7 +150,7 @@ def test_holdout_manifest_feeds_a_build_whose_checkpoint_loads(trained: Path, tm
         ]
     )  # fmt: skip
     assert status == 0
-    classifier = EarlyExitClassifier.from_checkpoint(tmp_path / "checkpoint")
+    classifier = load_classifier(tmp_path / "checkpoint")
     found = scan_photos(Path(rows[1].split(",")[0]).parents[1], photos.classes_tsv())
     image = classifier.backbone.preprocess(load_image(found.paths[0])).unsqueeze(0)
     [result] = classifier.classify(image, list(found.names))

@@ -202,7 +202,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"Candidate pool after pruning: {report['candidate_pool']}.", "", "## Engine check", ""]
     engine = report["engine_check"]
     lines.append(
-        f"The checkpoint loaded through `EarlyExitClassifier.from_checkpoint` on {engine['images']} evaluation "
+        f"The checkpoint loaded through `lraee_core.load_classifier` on {engine['images']} evaluation "
         f"images: {'agrees with' if engine['ok'] else 'DISAGREES with'} the simulation."
     )
     lines.append("")
