@@ -27,7 +27,7 @@ from .errors import install_error_handlers
 from .images import ImageDecoder
 from .limits import BodyLimitMiddleware, InFlight
 from .metrics import Metrics, RequestMetricsMiddleware
-from .routers import classify, health, model, page
+from .routers import classify, compat, health, model, page
 from .service import ModelService
 from .settings import Settings
 from .shadow import ShadowSampler
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = Runtime(settings=settings, metrics=metrics)
     install_error_handlers(app)
     app.include_router(classify.router)
+    app.include_router(compat.router)
     app.include_router(model.router)
     app.include_router(health.router)
     app.include_router(page.router)

@@ -11,9 +11,9 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -35,6 +35,8 @@ JSON = "application/json"
 MULTIPART = "multipart/form-data"
 _LIST_FIELDS = ("labels", "templates")  # repeated form fields, or one field holding a JSON list
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
 
 @dataclass(frozen=True)
 class ParsedRequest:
@@ -47,6 +49,11 @@ class ParsedRequest:
 def media_type(request: Request) -> str:
     """The request's media type without parameters, lower-cased ('' when absent)."""
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def is_json(kind: str) -> bool:
+    """Whether a media type (from :func:`media_type`) is JSON: ``application/json`` or a ``+json`` type."""
+    return kind == JSON or kind.endswith("+json")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -73,7 +80,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _validate_options(model: type[ClassifyOptions], data: dict[str, Any]) -> ClassifyOptions:
+def validate_model(model: type[ModelT], data: dict[str, Any]) -> ModelT:
+    """``data`` as a ``model`` request body; 422 (``validation_error``, the failing fields in details) otherwise."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -108,7 +116,8 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     return data
 
 
-def _parse_json(body: bytes, settings: Settings, *, batch: bool) -> ParsedRequest:
+def json_object(body: bytes) -> dict[str, Any]:
+    """A JSON body that must be an object: 400 (``invalid_json``) when empty or malformed, 422 for another value."""
     if not body.strip():
         raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -117,7 +126,12 @@ def _parse_json(body: bytes, settings: Settings, *, batch: bool) -> ParsedReques
         raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidInput("the JSON body must be an object", code="validation_error")
-    parsed = _validate_options(BatchJsonRequest if batch else ClassifyJsonRequest, data)
+    return data
+
+
+def _parse_json(body: bytes, settings: Settings, *, batch: bool) -> ParsedRequest:
+    data = json_object(body)
+    parsed = validate_model(BatchJsonRequest if batch else ClassifyJsonRequest, data)
     if isinstance(parsed, BatchJsonRequest):
         encoded = parsed.images
         _check_batch_count(len(encoded), settings)
@@ -204,7 +218,7 @@ async def _parse_multipart(request: Request, body: bytes, settings: Settings, *,
                     data[name] = values[0] if len(values) == 1 else values
     except StarletteHTTPException as exc:  # starlette's multipart parser reports limits and syntax this way
         raise BadRequest(f"malformed multipart body: {exc.detail}", code="invalid_multipart") from None
-    return ParsedRequest(images, _validate_options(ClassifyOptions, data))
+    return ParsedRequest(images, validate_model(ClassifyOptions, data))
 
 
 def _replay(body: bytes) -> Receive:
@@ -224,7 +238,7 @@ def _replay(body: bytes) -> Receive:
 async def parse_classify_request(request: Request, settings: Settings, *, batch: bool) -> ParsedRequest:
     """Read and parse a ``/classify`` (``batch=False``) or ``/classify/batch`` body of either content type."""
     kind = media_type(request)
-    if kind != JSON and not kind.endswith("+json") and kind != MULTIPART:
+    if not is_json(kind) and kind != MULTIPART:
         raise UnsupportedMediaType(f"content type {kind or '(none)'!r} is not supported; send {MULTIPART} or {JSON}")
     body = await read_body(request, settings.body_limit(settings.max_batch_images if batch else 1))
     if kind == MULTIPART:

@@ -42,6 +42,53 @@ class BatchJsonRequest(ClassifyOptions):
     images: list[str] = Field(description="Image files, base64 (plain or data: URLs); 1..LRAEE_MAX_BATCH_IMAGES")
 
 
+# Hugging Face zero-shot-image-classification task (POST /compat/huggingface): the shapes its clients send.
+_HF_LABELS = "Candidate labels: a list, or one comma-separated string (what older huggingface_hub releases send)"
+
+
+class HuggingFaceParameters(BaseModel):
+    """``parameters`` of the Hugging Face task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate_labels: list[str] | str | None = Field(default=None, description=_HF_LABELS)
+    hypothesis_template: str | None = Field(
+        default=None,
+        description="The request's one prompt template, '{}' where the label goes (e.g. 'This is a photo of {}.'); "
+        "default: the checkpoint's calibration templates, as on /classify",
+    )
+    operating_point: str | None = Field(
+        default=None, description="LRA-EE extension: a stored threshold set (see GET /model)"
+    )
+
+
+class HuggingFaceInputs(BaseModel):
+    """``inputs`` as an object: the older task schema, and what ``@huggingface/inference`` sends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="The image file, base64 (plain or a data: URL)")
+    candidate_labels: list[str] | str | None = Field(default=None, description=_HF_LABELS)
+
+
+class HuggingFaceRequest(BaseModel):
+    """``POST /compat/huggingface``: the image in ``inputs`` (or top-level ``image``), the labels in ``parameters``
+    (or in ``inputs``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str | HuggingFaceInputs | None = Field(
+        default=None, description="The image file as base64, or {image, candidate_labels}"
+    )
+    image: str | None = Field(
+        default=None, description="The image as base64 (older huggingface_hub releases send this)"
+    )
+    parameters: HuggingFaceParameters = Field(default_factory=HuggingFaceParameters)
+    options: dict[str, Any] | None = Field(
+        default=None, description="The serverless API's options (wait_for_model, use_cache): accepted, ignored"
+    )
+
+
 # ---- responses -------------------------------------------------------------------------------------------------
 
 

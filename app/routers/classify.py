@@ -9,9 +9,11 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 
+from ..batching import MicroBatcher
 from ..deps import BatcherDep, DecoderDep, ServiceDep, SettingsDep
 from ..errors import ClientClosedRequest
-from ..payloads import parse_classify_request
+from ..images import ImageDecoder
+from ..payloads import ParsedRequest, parse_classify_request
 from ..schemas import (
     BatchJsonRequest,
     BatchResponse,
@@ -21,6 +23,7 @@ from ..schemas import (
     Timing,
     error_responses,
 )
+from ..service import ModelService
 
 router = APIRouter(tags=["classify"])
 
@@ -89,16 +92,20 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientClosedRequest("the client disconnected before its result was ready")
 
 
-async def _classify(
+async def run_classification(
     request: Request,
-    settings: SettingsDep,
-    service: ServiceDep,
-    batcher: BatcherDep,
-    decoder: DecoderDep,
+    parsed: ParsedRequest,
+    service: ModelService,
+    batcher: MicroBatcher,
+    decoder: ImageDecoder,
     *,
     batch: bool,
 ) -> list[ClassifyResponse]:
-    parsed = await parse_classify_request(request, settings, batch=batch)
+    """The one path from a parsed request to its results: validation, decoding, the engine queue, the response.
+
+    Every route that classifies (``/classify``, ``/classify/batch``, the compatibility formats) comes through here,
+    so limits, errors and metrics cannot differ between them.
+    """
     query = service.prepare(parsed.options)  # text-side errors before any pixel is decoded
     decoded = await decoder.decode(parsed.images, batch=batch)
     outcomes = await until_disconnected(
@@ -133,7 +140,8 @@ async def classify(
 
     Send ``multipart/form-data`` (``image`` file, ``labels`` fields) or ``application/json`` (``image`` base64).
     """
-    results = await _classify(request, settings, service, batcher, decoder, batch=False)
+    parsed = await parse_classify_request(request, settings, batch=False)
+    results = await run_classification(request, parsed, service, batcher, decoder, batch=False)
     return results[0]
 
 
@@ -151,4 +159,5 @@ async def classify_batch(
 
     A bad image fails the whole request (4xx naming its index in ``error.details.index``) and nothing is run.
     """
-    return BatchResponse(results=await _classify(request, settings, service, batcher, decoder, batch=True))
+    parsed = await parse_classify_request(request, settings, batch=True)
+    return BatchResponse(results=await run_classification(request, parsed, service, batcher, decoder, batch=True))

@@ -45,22 +45,27 @@ def stop(process: subprocess.Popen[bytes]) -> str:
     return process.stdout.read().decode(errors="replace")
 
 
+def wait_until_ready(process: subprocess.Popen[bytes], base: str, seconds: float = 90) -> None:
+    """Poll ``/readyz`` until 200; fails with the server's output if it exits or takes longer than ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, stop(process)
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"uvicorn did not become ready in {seconds:g} s"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_uvicorn_serves_a_real_png(tiny_checkpoint: Path) -> None:
     port = free_port()
     process = start(tiny_checkpoint, port)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, stop(process)
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "uvicorn did not become ready in 90 s"
-            time.sleep(0.2)
+        wait_until_ready(process, base)
         response = httpx.post(
             f"{base}/classify",
             files={"image": ("cat.png", imagegen.noise_png(5), "image/png")},
