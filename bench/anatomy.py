@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from .backends import BackboneUnderTest, plain_quantize_dynamic
+from .baselines import plain_quantize_dynamic
 from .timing import median, time_passes, timed_calls
+from .under_test import BackboneUnderTest
 from .workloads import LARGE_BATCH
 
 # Profiler op names -> what they are in a block; first match wins, anything else is "other".

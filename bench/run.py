@@ -28,12 +28,12 @@ import open_clip
 import torch
 
 from .anatomy import block_timings, profile_block
-from .backends import BACKBONES, RANDOM_WEIGHTS_NOTE, BackboneUnderTest, build_backbone_under_test
 from .exit_mix import PAPER_EXIT_MIX, PAPER_MIX_NOTE
 from .report import advice, efficiencies, ratios, render, standing
 from .service import ServiceSkipped, run_service
 from .text_cost import measure_text_cost
 from .timing import max_rss_mib
+from .under_test import BACKBONES, RANDOM_WEIGHTS_NOTE, BackboneUnderTest, build_backbone_under_test
 from .workloads import LARGE_BATCH, imagenet_labels, measure, workloads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

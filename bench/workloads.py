@@ -17,9 +17,10 @@ import torch
 from lraee_core.engine import EarlyExitClassifier, ExitResult
 from lraee_core.exits import ExitRule
 
-from .backends import BackboneUnderTest, tower_classifier
+from .baselines import tower_classifier
 from .exit_mix import MIX_CYCLE, PAPER_MIX_NOTE, ExitTarget, forced_exits, realized_shares
 from .timing import PassTimes, RssProbe, percentile, time_passes, timed_calls
+from .under_test import BackboneUnderTest
 
 LARGE_BATCH = 32
 Classify = Callable[[torch.Tensor, list[ExitTarget] | None], list[ExitResult] | None]

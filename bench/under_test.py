@@ -1,39 +1,33 @@
 """Everything the benchmark runs for one backbone: the checkpoint, LRA-EE engines per quant mode and backend, and
 the full-depth baselines a user would otherwise pick.
 
-Every engine is loaded from a checkpoint directory through :func:`lraee_core.checkpoint.load_classifier`. A quant
-mode other than the checkpoint's own is loaded from a copy of the checkpoint whose manifest names that mode (tensors
-untouched), so the loader's own checks still run.
+Every engine is loaded from the checkpoint directory through :func:`lraee_core.load_classifier`, with its
+``quant_mode=`` and ``backend=`` overrides: the checkpoint is never copied or rewritten, and the loader's checks run.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lraee_core import BackendOptions, EarlyExitClassifier, load_classifier, read_manifest
 from lraee_core.assets import DEFAULT_CHECKPOINT, MODEL_CONFIGS_DIR
 from lraee_core.backbone import ClipBackbone
-from lraee_core.checkpoint import MANIFEST, load_classifier, read_manifest
+from lraee_core.backends.onnxruntime import OrtClipBackbone, StagedGraphs
+from lraee_core.checkpoint import MANIFEST
 from lraee_core.config import BackboneConfig, QuantMode
-from lraee_core.engine import EarlyExitClassifier
-from lraee_core.heads import class_logits
-from lraee_core.quantize import PerImageDynamicLinear, quantize_vision
 from lraee_core.random_init import untrained_checkpoint
 from lraee_core.text import TextEmbeddingCache
 
+from .baselines import OrtVisionTower, torch_int8_tower
 from .exit_mix import PAPER_EXIT_MIX
-from .ort_backend import OrtClipBackbone, OrtVisionTower, StagedGraphs, export_staged
 from .timing import RssProbe
 
 VIT_B_32 = "ViT-B-32"
@@ -82,43 +76,6 @@ def choose_checkpoint(name: str, workdir: Path) -> CheckpointChoice:
     raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
 
 
-def checkpoint_with_mode(source: Path, target: Path, mode: QuantMode, converted: int) -> Path:
-    """A copy of checkpoint ``source`` whose manifest asks for quant ``mode`` (``converted`` modules)."""
-    if read_manifest(source).quant_mode == mode:
-        return source
-    shutil.copytree(source, target, dirs_exist_ok=True)
-    manifest = json.loads((target / MANIFEST).read_text())
-    manifest["quant_mode"] = mode
-    manifest["quantized_modules"] = converted
-    (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return target
-
-
-def plain_quantize_dynamic(module: nn.Module) -> nn.Module:
-    """Remove the engine's per-image activation-scale wrappers: a bare ``quantize_dynamic`` (diagnosis only)."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, PerImageDynamicLinear):
-            setattr(module, name, child.quantized)
-        else:
-            plain_quantize_dynamic(child)
-    return module
-
-
-def tower_classifier(
-    encode: Callable[[torch.Tensor], torch.Tensor], text: torch.Tensor, logit_scale: float, top_k: int = 5
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Full-depth zero-shot classification as a user writes it: features -> cosine logits -> softmax -> top-k."""
-    text = text.float()
-
-    @torch.inference_mode()
-    def classify(images: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(encode(images).float(), dim=-1)
-        probabilities = class_logits(features, text, logit_scale).softmax(dim=-1)
-        return probabilities.topk(min(top_k, text.shape[0])).indices
-
-    return classify
-
-
 @dataclass
 class BackboneUnderTest:
     """The engines and baselines of one backbone, built once and shared by its workloads."""
@@ -163,43 +120,43 @@ class SetupLog:
         return built
 
 
-def _torch_int8_tower(fp32: ClipBackbone) -> nn.Module:
-    tower = copy.deepcopy(fp32.visual)
-    quantize_vision(tower, "paper")
-    return tower
+def with_batch_scales(engine: EarlyExitClassifier) -> EarlyExitClassifier:
+    """The same ORT engine with one activation scale per batch, what a bare ``quantize_dynamic`` does (a diagnosis
+    row: what the engine's per-image scales cost). Sessions, heads and text cache are shared."""
+    backbone = engine.backbone
+    if not isinstance(backbone, OrtClipBackbone):
+        raise TypeError(f"per-batch scales are an onnxruntime backend option, not {type(backbone).__name__}'s")
+    other = copy.copy(engine)
+    other.backbone = backbone.with_scales(False)
+    return other
 
 
 def build_backbone_under_test(name: str, workdir: Path, threads: int, *, tower_method: str) -> BackboneUnderTest:
-    """Build the checkpoint, the engines (torch paper/full, ORT per-block) and the baselines of one backbone."""
+    """Load the engines (torch none/paper/full, ORT per-block INT8) and build the baselines of one backbone."""
     setup = SetupLog()
     choice = choose_checkpoint(name, workdir)
     own_mode = read_manifest(choice.directory).quant_mode
-    none_dir = checkpoint_with_mode(choice.directory, workdir / "checkpoint-none", "none", 0)
-    engines = {"none": setup.build("engine fp32 (text tower, baselines, exports)", lambda: load_classifier(none_dir))}
+
+    load = partial(load_classifier, choice.directory)
+    engines = {"none": setup.build("engine fp32 (text tower, baselines, exports)", partial(load, quant_mode="none"))}
     fp32 = engines["none"].backbone
-    for mode in ("paper", "full"):
-        converted = len(quantize_vision(copy.deepcopy(fp32.visual), mode).converted)
-        directory = checkpoint_with_mode(choice.directory, workdir / f"checkpoint-{mode}", mode, converted)
-        engines[mode] = setup.build(f"engine torch {mode}", functools.partial(load_classifier, directory))
-    torch_tower = setup.build("torch INT8 tower (paper)", lambda: _torch_int8_tower(fp32))
-    graphs = setup.build("ORT staged export", lambda: export_staged(fp32, workdir / "onnx-staged"))
-    ort_image = setup.build("ORT staged INT8 sessions", lambda: OrtClipBackbone(fp32, graphs, threads))
+    torch_modes: tuple[QuantMode, ...] = ("paper", "full")
+    for mode in torch_modes:
+        engines[mode] = setup.build(f"engine torch {mode}", partial(load, quant_mode=mode))
+    ort_options = BackendOptions(threads=threads, workdir=workdir / "onnx-staged")
+    engines["ort-image"] = setup.build(
+        "engine ORT INT8 full (staged export, quantization, sessions)",
+        partial(load, quant_mode="full", backend="onnxruntime", backend_options=ort_options),
+    )
+    engines["ort-batch"] = with_batch_scales(engines["ort-image"])
+    ort_backbone = engines["ort-image"].backbone
+    assert isinstance(ort_backbone, OrtClipBackbone)
+    graphs = ort_backbone.graphs
+    torch_tower = setup.build("torch INT8 tower (paper)", lambda: torch_int8_tower(fp32))
     ort_tower = setup.build(
         "ORT INT8 tower",
         lambda: OrtVisionTower(fp32, workdir / "onnx-tower", threads, method=tower_method, staged=graphs),
     )
-    source = engines["none"]
-    for key, backbone in (("ort-image", ort_image), ("ort-batch", ort_image.with_scales(False))):
-        engines[key] = EarlyExitClassifier(
-            backbone,
-            ort_image.quant_report,
-            source.heads,
-            source.gates,
-            source.policy,
-            source.head_config,
-            checkpoint_id=source.checkpoint_id,
-            manifest=source.manifest,
-        )
     under_test = BackboneUnderTest(
         name=name,
         checkpoint=choice,
@@ -212,5 +169,5 @@ def build_backbone_under_test(name: str, workdir: Path, threads: int, *, tower_m
         setup_rss_mib=setup.rss_mib,
         setup_seconds=setup.seconds,
     )
-    under_test.share_text_cache(source.text_cache)
+    under_test.share_text_cache(engines["none"].text_cache)
     return under_test
