@@ -6,6 +6,11 @@ sends real classification traffic (and some deliberate 4xx), waits for the scrap
 ``deploy/grafana/dashboards/lraee.json`` against Prometheus's HTTP API. It fails when a query returns no series, or
 only NaN: a panel that would show "No data" to an operator. Both processes are stopped whatever happens.
 
+The service runs with shadow sampling on (``LRAEE_SHADOW_RATE=1``), so the agreement panel has data. The rules of
+``deploy/prometheus/rules.yml`` are checked twice: by ``promtool check rules`` and ``promtool test rules`` (the
+alert fires below an operating point's promise on synthetic series), and live: every rule must evaluate without
+error in the real Prometheus and every recording rule must return data from the real traffic.
+
 What it cannot check: the images, compose networking (Docker DNS, nginx) and Grafana rendering; see deploy/README.md.
 """
 
@@ -40,6 +45,8 @@ from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+PROMETHEUS_RULES = PROMETHEUS_CONFIG.parent / "rules.yml"
+PROMETHEUS_RULE_TESTS = PROMETHEUS_CONFIG.parent / "rules_test.yml"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "lraee.json"
 SERVICE_PORT = 8000  # the port the deploy files scrape; the check's own uvicorn listens on a free one instead
 SCRAPE_INTERVAL = "1s"  # the check's scrape interval, so it needs seconds rather than minutes of traffic
@@ -136,6 +143,7 @@ def local_prometheus_config(base: dict[str, Any], target: str, base_dir: Path) -
     global_section = config.setdefault("global", {})
     global_section["scrape_interval"] = SCRAPE_INTERVAL
     global_section["scrape_timeout"] = SCRAPE_INTERVAL  # may not exceed the interval
+    global_section["evaluation_interval"] = SCRAPE_INTERVAL  # rules see the check's seconds of traffic
     config.pop("alerting", None)
     if "rule_files" in config:
         config["rule_files"] = [str(base_dir / pattern) for pattern in config["rule_files"]]
@@ -342,6 +350,11 @@ class PrometheusApi:
         result = self.query(f'sum_over_time(up{{job="{job}"}}[{window}s])')["result"]
         return int(float(result[0]["value"][1])) if result else 0
 
+    def rule_groups(self) -> list[dict[str, Any]]:
+        """The rule groups Prometheus has loaded, with each rule's health and last evaluation."""
+        response = httpx.get(f"{self.base_url}/api/v1/rules", timeout=10)
+        return list(response.json()["data"]["groups"])
+
     def target_errors(self) -> str:
         """Scrape errors of the active targets, for a message when scrapes do not succeed."""
         targets = httpx.get(f"{self.base_url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
@@ -371,6 +384,58 @@ def run_panel_queries(prometheus: PrometheusApi, targets: list[PanelTarget]) -> 
         else:  # a matrix: the dashboard asks for an instant range selector
             values = tuple(float(series["values"][-1][1]) for series in data["result"])
         outcomes.append(QueryOutcome(target, promql, len(values), values))
+    return outcomes
+
+
+def promtool_for(prometheus_binary: Path) -> Path | None:
+    """The promtool beside ``prometheus_binary`` or on PATH (Debian's prometheus package ships both)."""
+    beside = prometheus_binary.parent / "promtool"
+    if beside.is_file():
+        return beside
+    found = shutil.which("promtool")
+    return Path(found) if found else None
+
+
+def check_rule_files(promtool: Path) -> None:
+    """``promtool check rules`` on the rule file and ``promtool test rules`` on its unit tests; CheckError if not."""
+    for command in (["check", "rules", str(PROMETHEUS_RULES)], ["test", "rules", str(PROMETHEUS_RULE_TESTS)]):
+        done = subprocess.run([str(promtool), *command], capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise CheckError(f"promtool {' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+        print(f"promtool {' '.join(command[:2])}: ok", flush=True)
+
+
+def recording_rules() -> list[str]:
+    """Names of the recording rules in ``rules.yml``."""
+    groups = yaml.safe_load(PROMETHEUS_RULES.read_text())["groups"]
+    return [rule["record"] for group in groups for rule in group["rules"] if "record" in rule]
+
+
+def check_live_rules(prometheus: PrometheusApi, deadline: Deadline) -> list[QueryOutcome]:
+    """Every rule of the running Prometheus evaluated without error, and each recording rule's result now.
+
+    CheckError when the rule file did not load or a rule's last evaluation failed; a recording rule without data
+    comes back as an outcome that is not ``ok``, like a dashboard query.
+    """
+    expected = recording_rules()
+
+    def evaluated() -> bool:
+        rules = [rule for group in prometheus.rule_groups() for rule in group["rules"]]
+        return bool(rules) and all(rule.get("lastEvaluation", "").startswith("20") for rule in rules)
+
+    deadline.wait_for("a first evaluation of every rule", evaluated)
+    outcomes = []
+    for group in prometheus.rule_groups():
+        for rule in group["rules"]:
+            if rule.get("health") != "ok":
+                raise CheckError(
+                    f"rule {rule['name']} in {group['name']}: {rule.get('health')} {rule.get('lastError')}"
+                )
+    for name in expected:
+        target = PanelTarget(f"rule {name}", "-", name)
+        data = prometheus.query(name)
+        values = tuple(float(series["value"][1]) for series in data["result"])
+        outcomes.append(QueryOutcome(target, name, len(values), values))
     return outcomes
 
 
@@ -410,6 +475,7 @@ def run_check(
         yaml.safe_load(PROMETHEUS_CONFIG.read_text()), f"127.0.0.1:{service_port}", PROMETHEUS_CONFIG.parent
     )
     env = {key: value for key, value in os.environ.items() if key != "LRAEE_API_KEY"}  # /metrics must be open
+    env["LRAEE_SHADOW_RATE"] = "1"  # every early exit checked at full depth: the agreement panel and rules get data
     if checkpoint is not None:
         env["LRAEE_CHECKPOINT"] = str(checkpoint)
     service_command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
@@ -451,7 +517,8 @@ def run_check(
             invalid = sum(status >= 400 for status in statuses)
             print(f"sent {len(statuses)} requests ({invalid} deliberately invalid) in {finished - started:.1f} s")
             wait_for_scrapes(api, job, finished, 2, deadline)
-            return run_panel_queries(api, targets)
+            outcomes = run_panel_queries(api, targets)
+            return outcomes + check_live_rules(api, deadline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         binary = args.prometheus or find_prometheus()
+        promtool = promtool_for(binary)
+        if promtool is None:
+            raise CheckError("no promtool beside prometheus or on PATH, so the rule files cannot be checked")
+        check_rule_files(promtool)
         outcomes = run_check(binary, args.checkpoint, good_requests=args.requests, timeout=args.timeout)
     except CheckError as error:
         print(f"deploy check FAILED: {error}", file=sys.stderr)

@@ -22,6 +22,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+PROMETHEUS_RULES = DEPLOY / "prometheus" / "rules.yml"
 NGINX_CONFIG = DEPLOY / "nginx" / "nginx.conf"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 DASHBOARD_FILE = DEPLOY / "grafana" / "dashboards" / "lraee.json"
@@ -63,6 +64,12 @@ SERVICE_METRICS = {
     "lraee_text_cache_hits_total": "counter",
     "lraee_text_cache_misses_total": "counter",
     "lraee_model_info": "gauge",
+    "lraee_answers_total": "counter",
+    "lraee_shadow_checks_total": "counter",
+    "lraee_shadow_dropped_total": "counter",
+    "lraee_operating_point_promise": "gauge",
+    "lraee_inflight_requests": "gauge",
+    "lraee_inflight_bytes": "gauge",
 }
 PROMETHEUS_SERIES = frozenset({"up"})  # what Prometheus itself records per target, usable in panels
 PROMQL_KEYWORDS = frozenset(
@@ -305,6 +312,34 @@ def test_promtool_accepts_the_config() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def promtool_or_skip() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("no promtool (Debian's prometheus package ships it)")
+    return promtool
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    promtool = promtool_or_skip()
+    for command in (["check", "rules", str(PROMETHEUS_RULES)], ["test", "rules", str(check.PROMETHEUS_RULE_TESTS)]):
+        done = subprocess.run([promtool, *command], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_rules_use_only_metrics_the_service_exposes_and_compose_mounts_them(compose: dict[str, Any]) -> None:
+    assert load_yaml(PROMETHEUS_CONFIG)["rule_files"] == [PROMETHEUS_RULES.name]
+    groups = load_yaml(PROMETHEUS_RULES)["groups"]
+    recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
+    alerts = [rule for group in groups for rule in group["rules"] if "alert" in rule]
+    assert [alert["alert"] for alert in alerts] == ["LraeeEarlyExitAgreementBelowPromise"]
+    for group in groups:
+        for rule in group["rules"]:
+            unknown = metric_names(rule["expr"]) - exposed_series() - recorded
+            assert not unknown, f"{rule.get('record') or rule.get('alert')}: unknown metrics {sorted(unknown)}"
+    mounts = dict(bind_mounts(compose["services"]["prometheus"]))
+    assert mounts["./deploy/prometheus/rules.yml"] == "/etc/prometheus/rules.yml"
+
+
 def test_the_live_check_swaps_only_the_targets() -> None:
     base = load_yaml(PROMETHEUS_CONFIG)
     [original] = [job for job in base["scrape_configs"] if job.get("dns_sd_configs")]
@@ -362,6 +397,8 @@ def test_dashboard_covers_what_operators_of_an_early_exit_service_watch(dashboar
         "lraee_queue_depth",
         "lraee_text_cache_hits_total",
         "lraee_model_info",
+        'lraee_shadow_checks_total{agree="true"}',  # agreement of early exits with full depth
+        "lraee_inflight_bytes",
     ):
         assert needle in exprs, needle
 
@@ -410,6 +447,40 @@ def test_k8s_deployment_probes_resources_config_and_models_volume() -> None:
     claim = volumes[models]["persistentVolumeClaim"]["claimName"]
     assert claim == objects["PersistentVolumeClaim"]["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def quantity(value: str) -> int:
+    """A Kubernetes memory quantity (``3Gi``, ``256Mi``) in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return int(float(value[: -len(suffix)]) * factor)
+    return int(value)
+
+
+def test_k8s_memory_and_tmp_hold_what_the_settings_admit() -> None:
+    """The arithmetic in deployment.yaml's comment, from the ConfigMap's settings (the app's defaults elsewhere)."""
+    from app.settings import Settings
+
+    objects = k8s_objects()
+    settings = Settings(
+        **{name.removeprefix("LRAEE_").lower(): value for name, value in objects["ConfigMap"]["data"].items()}
+    )
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    memory = quantity(container["resources"]["limits"]["memory"])
+    image = 3 * 224 * 224 * 4  # one queued image, [3, 224, 224] fp32
+    worst_case = (
+        (1 << 30)  # model, torch and the process (ViT-B-32 INT8)
+        + 3 * settings.max_inflight_bytes  # JSON bodies: the body, its text, the parsed strings
+        + 2 * settings.max_image_pixels * 3 * 3  # two decode workers, RGB, three copies at most
+        + (settings.queue_capacity + settings.max_batch_size) * image
+        + 32 * image  # the shadow queue
+    )
+    assert worst_case < memory, (worst_case, memory)
+    [tmp] = [volume for volume in pod["volumes"] if volume["name"] == "tmp"]
+    assert quantity(tmp["emptyDir"]["sizeLimit"]) >= 2 * settings.max_inflight_bytes  # spooled multipart + caches
+    assert settings.body_limit(settings.max_batch_images) <= settings.max_inflight_bytes
 
 
 def test_k8s_service_and_autoscaler_point_at_the_deployment() -> None:
