@@ -415,13 +415,9 @@ def load_splits(job: Job) -> Splits:
 
 
 # ---- loading images ----------------------------------------------------------------------------------------------
-# Training reads images through the service's decoder (lraee_core.images.load_image), so heads, gates and
-# calibration see the pixels the service will see (EXIF rotation, alpha on white, aspect trim).
-load_rgb = load_image  # the name training/clip/photo_clip.py still imports
-
-
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Images of one split, preprocessed for the backbone: (image [3, H, W], label)."""
+    """Images of one split, decoded by the service's decoder (:func:`lraee_core.images.load_image`: heads, gates and
+    calibration see the pixels the service sees) and preprocessed for the backbone: (image [3, H, W], label)."""
 
     def __init__(self, split: SplitItems, preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
         self.split = split
