@@ -1,12 +1,19 @@
 """Request bodies of the classify routes: bounded reading, then JSON (base64 images) or multipart (files).
 
 Both forms end as the same :class:`ParsedRequest`: raw image bytes plus :class:`ClassifyOptions`, validated by the
-same pydantic model, so the two content types cannot drift apart. The service never fetches anything: an image
+same pydantic model, so the two content types cannot drift apart.
+
+Memory: bodies arrive through app/limits.py, which bounds each one and all of them together. A JSON body is read
+into one buffer and parsed, base64 included, on a worker thread (a 40 MB body takes a noticeable time to parse, and
+the event loop must keep answering probes meanwhile). A multipart body is never held whole: starlette's parser
+streams it, keeping text fields (bounded by the text allowance) in memory and spooling files over 1 MiB to the
+temporary directory, from which each image is read back once. The service never fetches anything: an image
 given as a URL is simply invalid base64.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -17,7 +24,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.types import Message, Receive
 
 from .errors import (
     BadRequest,
@@ -56,7 +62,7 @@ def is_json(kind: str) -> bool:
     return kind == JSON or kind.endswith("+json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytearray:
     """The whole body, refusing more than ``limit`` bytes: by Content-Length up front, then by bytes received
     (a client can lie about, or omit, its Content-Length)."""
     declared = request.headers.get("content-length")
@@ -67,17 +73,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BadRequest(f"invalid Content-Length {declared!r}") from None
         if length > limit:
             raise PayloadTooLarge(f"the request body ({length} bytes) exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    received = 0
+    body = bytearray()  # grown in place: no list of chunks joined into a second copy at the end
     try:
         async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
+            if len(body) + len(chunk) > limit:
                 raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+            body += chunk
     except ClientDisconnect:
         raise ClientClosedRequest("the client disconnected while sending the body") from None
-    return b"".join(chunks)
+    return body
 
 
 def validate_model(model: type[ModelT], data: dict[str, Any]) -> ModelT:
@@ -116,9 +120,9 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     return data
 
 
-def json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
     """A JSON body that must be an object: 400 (``invalid_json``) when empty or malformed, 422 for another value."""
-    if not body.strip():
+    if not body or body.isspace():  # not strip(): that would copy a 60 MB body to look at its ends
         raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
     try:
         data = json.loads(body)
@@ -129,7 +133,7 @@ def json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _parse_json(body: bytes, settings: Settings, *, batch: bool) -> ParsedRequest:
+def _parse_json(body: bytes | bytearray, settings: Settings, *, batch: bool) -> ParsedRequest:
     data = json_object(body)
     parsed = validate_model(BatchJsonRequest if batch else ClassifyJsonRequest, data)
     if isinstance(parsed, BatchJsonRequest):
@@ -192,13 +196,14 @@ async def _files(form: FormData, name: str, settings: Settings, *, batch: bool) 
     return images
 
 
-async def _parse_multipart(request: Request, body: bytes, settings: Settings, *, batch: bool) -> ParsedRequest:
+async def _parse_multipart(request: Request, settings: Settings, *, batch: bool) -> ParsedRequest:
     image_field = "images" if batch else "image"
-    replayed = Request(request.scope, receive=_replay(body))
     try:
-        async with replayed.form(
+        async with request.form(
             max_files=settings.max_batch_images if batch else 1,
             max_fields=settings.max_labels + MAX_TEMPLATES + 8,
+            # A text field may hold every label as one JSON list; files are not parts in this sense (they spool).
+            max_part_size=settings.body_limit(0),
         ) as form:
             if batch:
                 _check_batch_count(len(form.getlist(image_field)), settings)
@@ -218,21 +223,9 @@ async def _parse_multipart(request: Request, body: bytes, settings: Settings, *,
                     data[name] = values[0] if len(values) == 1 else values
     except StarletteHTTPException as exc:  # starlette's multipart parser reports limits and syntax this way
         raise BadRequest(f"malformed multipart body: {exc.detail}", code="invalid_multipart") from None
+    except ClientDisconnect:
+        raise ClientClosedRequest("the client disconnected while sending the body") from None
     return ParsedRequest(images, validate_model(ClassifyOptions, data))
-
-
-def _replay(body: bytes) -> Receive:
-    """An ASGI receive that hands over an already read body once."""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
 
 
 async def parse_classify_request(request: Request, settings: Settings, *, batch: bool) -> ParsedRequest:
@@ -240,7 +233,7 @@ async def parse_classify_request(request: Request, settings: Settings, *, batch:
     kind = media_type(request)
     if not is_json(kind) and kind != MULTIPART:
         raise UnsupportedMediaType(f"content type {kind or '(none)'!r} is not supported; send {MULTIPART} or {JSON}")
-    body = await read_body(request, settings.body_limit(settings.max_batch_images if batch else 1))
     if kind == MULTIPART:
-        return await _parse_multipart(request, body, settings, batch=batch)
-    return _parse_json(body, settings, batch=batch)
+        return await _parse_multipart(request, settings, batch=batch)
+    body = await read_body(request, settings.body_limit(settings.max_batch_images if batch else 1))
+    return await asyncio.to_thread(_parse_json, body, settings, batch=batch)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 # ---- requests --------------------------------------------------------------------------------------------------
+
+# Hard ceilings on every request field, above any allowed setting: validation never walks an absurd list or string.
+# The configured limits (LRAEE_MAX_LABELS, LRAEE_MAX_LABEL_CHARS, ...) are tighter and are checked afterwards in
+# ModelService.prepare, with messages that name them.
+MAX_LIST_ITEMS = 10_000  # labels or templates (LRAEE_MAX_LABELS <= 10,000)
+MAX_TEXT_CHARS = 1_000  # one label or template (LRAEE_MAX_LABEL_CHARS <= 200)
+MAX_NAME_CHARS = 100  # an operating point's name
+MAX_IMAGES = 1_024  # images of one batch (LRAEE_MAX_BATCH_IMAGES <= 1024)
+MAX_IMAGE_CHARS = 1 << 30  # one base64 image; the body limit (LRAEE_MAX_INFLIGHT_BYTES) is far tighter
+BoundedText = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+Base64Image = Annotated[str, StringConstraints(max_length=MAX_IMAGE_CHARS)]
 
 
 class ClassifyOptions(BaseModel):
@@ -14,32 +25,38 @@ class ClassifyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    labels: list[str] = Field(
+    labels: list[BoundedText] = Field(
+        max_length=MAX_LIST_ITEMS,
         description="Candidate labels (1..LRAEE_MAX_LABELS, unique, non-empty, at most LRAEE_MAX_LABEL_CHARS each)",
         examples=[["cat", "dog", "car"]],
     )
-    templates: list[str] | None = Field(
+    templates: list[BoundedText] | None = Field(
         default=None,
+        max_length=MAX_LIST_ITEMS,
         description="Prompt templates, each containing '{}' where the label goes; default: the checkpoint's "
         "calibration templates (GET /model: default_templates), else open_clip's 7 simple ImageNet templates",
         examples=[["a photo of a {}."]],
     )
     top_k: int = Field(default=5, description="Predictions returned (1..LRAEE_MAX_LABELS; capped at the label count)")
     operating_point: str | None = Field(
-        default=None, description="A stored threshold set (see GET /model); default: the checkpoint's default"
+        default=None,
+        max_length=MAX_NAME_CHARS,
+        description="A stored threshold set (see GET /model); default: the checkpoint's default",
     )
 
 
 class ClassifyJsonRequest(ClassifyOptions):
     """``POST /classify`` as JSON."""
 
-    image: str = Field(description="The image file, base64 (plain or a data: URL); never a URL to fetch")
+    image: Base64Image = Field(description="The image file, base64 (plain or a data: URL); never a URL to fetch")
 
 
 class BatchJsonRequest(ClassifyOptions):
     """``POST /classify/batch`` as JSON."""
 
-    images: list[str] = Field(description="Image files, base64 (plain or data: URLs); 1..LRAEE_MAX_BATCH_IMAGES")
+    images: list[Base64Image] = Field(
+        max_length=MAX_IMAGES, description="Image files, base64 (plain or data: URLs); 1..LRAEE_MAX_BATCH_IMAGES"
+    )
 
 
 # Hugging Face zero-shot-image-classification task (POST /compat/huggingface): the shapes its clients send.

@@ -107,10 +107,12 @@ async def run_classification(
     so limits, errors and metrics cannot differ between them.
     """
     query = service.prepare(parsed.options)  # text-side errors before any pixel is decoded
-    decoded = await decoder.decode(parsed.images, batch=batch)
-    outcomes = await until_disconnected(
-        request, batcher.submit(query.key, [image.tensor for image in decoded], query.top_k)
-    )
+    # Places in the queue before decoding: a full queue refuses the request (429) without spending a decode on it.
+    with batcher.admit(len(parsed.images)) as admission:
+        decoded = await decoder.decode(parsed.images, batch=batch)
+        outcomes = await until_disconnected(
+            request, batcher.submit(query.key, [image.tensor for image in decoded], query.top_k, admission)
+        )
     return [
         service.response(
             outcome.result,
