@@ -36,6 +36,7 @@ __all__ = [
     "load_heads_and_gates",
     "read_manifest",
     "save_checkpoint",
+    "write_manifest",
 ]
 
 MANIFEST = "manifest.json"
@@ -110,11 +111,16 @@ def save_checkpoint(
     save_file(tensors, str(directory / TENSORS), metadata={"gate_features": ",".join(manifest.gate_features)})
     readable_by_all(directory / TENSORS)
     final = Manifest(**{**manifest.__dict__, "heads_sha256": sha256_of_file(directory / TENSORS)})
-    final.validate()
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(final.to_json(), indent=2, sort_keys=False) + "\n")
-    tmp.replace(directory / MANIFEST)
+    write_manifest(directory, final)
     return final
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> None:
+    """Validate and write ``manifest.json`` atomically (e.g. to add figures measured after the tensors were saved)."""
+    manifest.validate()
+    tmp = Path(directory) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
+    tmp.replace(Path(directory) / MANIFEST)
 
 
 def read_manifest(directory: str | Path) -> Manifest:

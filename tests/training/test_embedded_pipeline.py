@@ -89,7 +89,8 @@ def test_readme_table_is_read_from_the_report(built: Path) -> None:
     from training.pipeline.summary_tables import table
 
     report = json.loads((built / "report" / "report.json").read_text())
-    fp32 = next(row for row in report["comparison"] if row["method"] == "FP32 full depth")["accuracy"]
+    fp32 = report["baselines"]["fp32_full_depth"]["2"]["top1"]
     rendered = table([built / "report"]).splitlines()
-    assert len(rendered) == 3 and rendered[2].startswith("| report | 16 | 8 | ")
+    assert len(rendered) == 2 + len(report["label_counts"]) and rendered[2].startswith("| report | 16 | 2 | ")
     assert f"| {100 * fp32:.1f}% |" in rendered[2]
+    assert rendered[-1].startswith("| report | 16 | 8 (all) | ")

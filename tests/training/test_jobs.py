@@ -16,8 +16,9 @@ from PIL import Image
 from lraee_core import load_classifier
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
+from lraee_core.exits import ExitRule
 from lraee_core.images import load_image
-from training.pipeline.calibrate import METHODS, build_table, simulate
+from training.pipeline.calibrate import CHECKPOINT_METHOD, METHODS, method_scores, simulate
 from training.pipeline.cli import main
 from training.pipeline.config import SPLIT_NAMES, Job, load_build_config, read_record
 from training.pipeline.data import load_splits
@@ -75,6 +76,7 @@ def stepwise(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Ru
         "--epochs", "2",
         "--head-batch-size", "8",
         "--engine-check-images", "8",
+        "--gate-label-sets", "2",
         "--threads", "2",
     ]  # fmt: skip
     finished: dict[str, float] = {}
@@ -112,102 +114,126 @@ def test_splits_are_disjoint_stratified_and_recorded(stepwise: Run) -> None:
     assert manifest.calibration["command"][:2] == ["lraee-train", "calibrate"]  # the call that wrote it
 
 
+def _absolute_paths(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [p for item in value.values() for p in _absolute_paths(item)]
+    if isinstance(value, list):
+        return [p for item in value for p in _absolute_paths(item)]
+    return [value] if isinstance(value, str) and value.startswith("/") else []
+
+
 def test_manifest_describes_the_calibration(stepwise: Run) -> None:
     manifest = read_manifest(stepwise.checkpoint)
     calibration = json.loads((stepwise.work_dir / "calibrate" / "calibration.json").read_text())
-    assert manifest.candidate_layers == tuple(calibration["methods"]["lraee-distilled"]["layers"])
+    assert manifest.candidate_layers == tuple(calibration["methods"][CHECKPOINT_METHOD]["layers"])
     assert 1 <= len(manifest.candidate_layers) <= 3
     assert set(manifest.candidate_layers) <= set(calibration["candidate_pool"]) <= set(range(6, 13))
     assert set(manifest.operating_points) == {"accurate", "balanced", "fast"}
+    assert manifest.promises == {"accurate": 0.99, "balanced": 0.97, "fast": 0.93}
     assert manifest.default_operating_point == "balanced"
     assert manifest.quantized_modules == 24  # the two MLP Linears of 12 blocks
+    gates = json.loads((stepwise.work_dir / "fit-gate" / "gates.json").read_text())
+    assert list(manifest.gate_features) == gates["features"]
     assert manifest.calibration["config"]["backbone"]["model_name"] == "lraee-tiny-vit12"
-    for name, point in manifest.metrics["operating_points"].items():
-        if point["budget_met"]:
-            assert point["saving"] >= point["budget"] - 1e-12, name
+    # Figures: calibration (in-sample) and held-out, per K of the sweep, for every point and `full`.
+    held_out = manifest.metrics["held_out"]["operating_points"]
+    assert set(held_out) == {"accurate", "balanced", "fast", "full"}
+    assert set(held_out["accurate"]) == {"2", "4"}  # K=2 and K=all (4 labels); K=5, 10, 50 exceed the data
+    assert all(held_out["full"][k]["agreement"] == 1.0 for k in held_out["full"])
+    assert set(manifest.metrics["calibration"]["operating_points"]["fast"]) == {"2", "4"}
+    # Portable: no absolute path anywhere in what a checkpoint or report records.
+    assert _absolute_paths(manifest.to_json()) == []
+    assert _absolute_paths(json.loads((stepwise.checkpoint / "report" / "report.json").read_text())) == []
+    assert manifest.calibration["command"][manifest.calibration["command"].index("--work-dir") + 1] == "${work}"
 
 
-def _thresholds_with_mixed_exits(job: Job, layers: tuple[int, ...], rows: np.ndarray) -> list[float]:
-    """A grid setting under which some images leave early and some go the full depth (as many exit layers as
-    possible), so the comparison below exercises every path of the engine."""
-    from training.pipeline.calibrate import threshold_grid
+def _engine_view(job: Job, k: int, rows: np.ndarray):  # type: ignore[no-untyped-def]
+    """The shipped method's view of some eval images, each with its own label set of size k."""
+    from training.pipeline.evaluate import _remapped
     from training.pipeline.features import FeatureStore
+    from training.pipeline.heads import load_heads
+    from training.pipeline.label_sets import exit_view, label_sets_for
 
-    table = build_table(FeatureStore(job.step_dir("extract")), job, "eval", METHODS["lraee-distilled"], layers)
-    table = table.subset(rows)
-    best: tuple[int, list[float]] = (-1, [])
-    for combo in itertools.product(threshold_grid(9), repeat=len(layers)):
-        outcome = simulate(table, layers, list(combo))
-        if 0 < outcome.exited.sum() < len(rows):
-            distinct = len(set(outcome.exit_layer.tolist()))
-            if distinct > best[0]:
-                best = (distinct, [float(t) for t in combo])
-    assert best[1], "no threshold setting mixes early exits and full-depth images"
-    return best[1]
+    store = FeatureStore(job.step_dir("extract"))
+    truth = store.load("eval", ["labels"])["labels"].numpy()[rows]
+    sets = _remapped(label_sets_for(truth, len(store.labels), [k], 1, np.random.default_rng(k)), rows)
+    _, heads = load_heads(job.step_dir("train-heads"), METHODS[CHECKPOINT_METHOD].variant)
+    view = exit_view(store, "eval", heads, "ssa", sets, store.shape.width)
+    label_rows = np.zeros((len(rows), k), dtype=np.int64)
+    for positions, members in sets.groups.values():
+        label_rows[positions] = members
+    return store, view, label_rows
 
 
-def test_engine_from_checkpoint_matches_the_simulation(stepwise: Run) -> None:
+def test_engine_from_checkpoint_matches_the_simulation_at_every_label_count(stepwise: Run) -> None:
+    from training.pipeline.gate_fit import load_gates
+
     job = stepwise.job()
     classifier = load_classifier(stepwise.checkpoint)
     layers = classifier.policy.candidate_layers
     split = load_splits(job).splits["eval"]
     rows = np.arange(len(split.items))
     images = torch.stack([classifier.backbone.preprocess(load_image(path)) for path in split.paths])
-    labels = list(load_splits(job).labels)
-    from training.pipeline.features import FeatureStore
-
-    table = build_table(FeatureStore(job.step_dir("extract")), job, "eval", METHODS["lraee-distilled"], layers)
-    settings = {name: [classifier.policy.thresholds(name)[layer] for layer in layers] for name in ("fast", "balanced")}
-    settings["mixed"] = _thresholds_with_mixed_exits(job, layers, rows)
-    for name, thresholds in settings.items():
-        results = classifier.classify(images, labels, top_k=1, thresholds=dict(zip(layers, thresholds, strict=True)))
-        expected = simulate(table, layers, thresholds)
-        assert [r.exit_layer for r in results] == expected.exit_layer.tolist(), name
-        assert [r.exit_path == "head" for r in results] == expected.exited.tolist(), name
-        assert [labels.index(r.predictions[0].label) for r in results] == expected.predictions.tolist(), name
-        assert [r.flops for r in results] == expected.flops.tolist(), name
-    mixed = simulate(table, layers, settings["mixed"])
-    assert 0 < mixed.exited.sum() < len(rows)
+    bank = load_gates(job.step_dir("fit-gate"), METHODS[CHECKPOINT_METHOD].gates)
+    for k in (2, 4):
+        store, view, label_rows = _engine_view(job, k, rows)
+        scores = method_scores(view, METHODS[CHECKPOINT_METHOD], bank, layers)
+        # medians split the images between exits and the full path
+        settings = {"median": [float(np.median(scores[layer])) for layer in layers], "zero": [0.0] * len(layers)}
+        settings["fast"] = [classifier.policy.thresholds("fast")[layer] for layer in layers]
+        for name, thresholds in settings.items():
+            rule = ExitRule.from_thresholds(dict(zip(layers, thresholds, strict=True)))
+            results = []
+            for row in rows:
+                labels = [store.labels[int(i)] for i in label_rows[row]]
+                results += classifier.classify(images[row : row + 1], labels, top_k=1, exit_rule=rule)
+            expected = simulate(view, layers, scores, thresholds)
+            assert [r.exit_layer for r in results] == expected.exit_layer.tolist(), (k, name)
+            assert [r.exit_path == "head" for r in results] == expected.exited.tolist(), (k, name)
+            assert [store.labels.index(r.predictions[0].label) for r in results] == expected.predictions.tolist()
+            assert [r.flops for r in results] == expected.flops.tolist(), (k, name)
+        assert simulate(view, layers, scores, settings["zero"]).exited.all()
     report = json.loads((stepwise.checkpoint / "report" / "report.json").read_text())
     assert report["engine_check"]["ok"] is True
-    probe = report["engine_check"]["settings"]["probe-median"]
+    probe = report["engine_check"]["settings"]["K=2 probe-median"]
     assert probe["unexplained_disagreements"] == 0 and probe["images"] == 7
+    full = report["engine_check"]["settings"]["K=4 full"]
+    assert full["agree"] == 7 and full["flops_agree"] == 7 and full["engine_agreement_with_full"] == 1.0
 
 
 def test_report_holds_every_analysis(stepwise: Run) -> None:
     report_dir = stepwise.checkpoint / "report"
-    for name in ("report.md", "report.json", "pareto.png", "exits.png", "profile.png"):
+    for name in ("report.md", "report.json", "agreement_vs_flops.png", "exits.png", "profile.png"):
         assert (report_dir / name).stat().st_size > 0, name
-    for name in ("pareto.png", "exits.png", "profile.png"):
+    for name in ("agreement_vs_flops.png", "exits.png", "profile.png"):
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (stepwise.work_dir / "profile" / "profile.png").is_file()
     report = json.loads((report_dir / "report.json").read_text())
-    methods = [row["method"] for row in report["comparison"]]
-    for prefix in (
-        "FP32 full depth",
-        "INT8 full depth",
-        "CLS-EE",
-        "Confidence-only EE",
-        "PABEE",
-        "SSA-Last hard",
-        "SSA-Last distilled",
-        "LRA-EE hard",
-        "LRA-EE distilled",
-    ):
-        assert sum(m.startswith(prefix) for m in methods) == 1, prefix
-    quadrants = report["four_quadrants"]
-    assert sum(quadrants["counts"].values()) == report["eval_images"] == 7
-    assert abs(sum(quadrants["percent"].values()) - 100.0) < 1e-9
-    selectivity = report["gate_selectivity"]
-    assert selectivity["exited"]["images"] + selectivity["continued"]["images"] == 7
-    assert abs(sum(report["exit_distribution"].values()) - 1.0) < 1e-9
-    for curve in report["pareto"].values():
-        savings = [s for s, _ in curve["front"]]
-        accuracies = [a for _, a in curve["front"]]
-        assert savings == sorted(savings) and accuracies == sorted(accuracies, reverse=True)
+    assert report["label_counts"] == [2, 4]
+    assert set(report["methods"]) == {"lraee", "lraee-distilled", "lraee-hard", "paper", "cls-ee", "confidence"}
+    assert set(report["baselines"]) == {
+        "int8_full_depth",
+        "fp32_full_depth",
+        "pabee_patience_2",
+        "ssa_last_ssa-embed",
+        "ssa_last_ssa-distilled",
+        "ssa_last_ssa-hard",
+    }
+    for method in report["methods"].values():
+        for point in method["operating_points"].values():
+            for k in ("2", "4"):
+                held = point["held_out"][k]
+                assert held["rows"] == 7 and abs(sum(held["exit_shares"].values()) - 1.0) < 1e-9
+                assert 0.0 <= held["agreement"] <= 1.0
+    for k, quadrants in report["four_quadrants"].items():
+        assert sum(quadrants["counts"].values()) == 7, k
+    for name, curve in report["curves"].items():
+        assert set(curve) == {"2", "4"}, name
+    assert set(report["gate_features"]["selection_calib_auc"]) >= {"paper", "cosine"}
     assert [p["layer"] for p in report["profile"]] == list(range(1, 13))
     markdown = (report_dir / "report.md").read_text()
-    assert "Four-quadrant" in markdown and "Rescue" in markdown and "![pareto](pareto.png)" in markdown
+    assert "Four-quadrant" in markdown and "Rescue" in markdown and "agreement_vs_flops.png" in markdown
+    assert "K=4 (all)" in markdown and "Agreement held-out" in markdown and "Agreement calib" in markdown
 
 
 def test_profile_is_recorded_per_layer(stepwise: Run) -> None:

@@ -16,22 +16,28 @@ from PIL import Image
 from lraee_core.backbone import VisionShape
 from lraee_core.config import BackboneConfig
 from lraee_core.flops import flops_model
-from lraee_core.gate import exits, gate_features, gate_features_from_sav
+from lraee_core.gate import exits
 from training.pipeline.calibrate import (
-    ExitTable,
-    best_setting,
-    pareto_front,
+    candidate_thresholds,
+    full_outcome,
+    promises,
     prune_layers,
-    reached,
-    search,
+    search_point,
     simulate,
-    sweep,
-    threshold_grid,
 )
-from training.pipeline.config import SPLIT_NAMES, BuildConfig, CalibrateConfig, DataConfig, ExtractConfig, GateFitConfig
+from training.pipeline.config import (
+    SPLIT_NAMES,
+    BuildConfig,
+    CalibrateConfig,
+    DataConfig,
+    ExtractConfig,
+    GateFitConfig,
+    portable_paths,
+)
 from training.pipeline.data import DataError, make_splits, read_classes_tsv, stratified_order
-from training.pipeline.evaluate import four_quadrants, gate_selectivity, pabee
-from training.pipeline.gate_fit import fit_logistic
+from training.pipeline.evaluate import four_quadrants, pabee
+from training.pipeline.gate_fit import fit_logistic, gate_key, pairs
+from training.pipeline.label_sets import ExitView, auc, label_sets_for, log_uniform_counts, resolve_counts
 from training.pipeline.profile import ProfileAccumulator
 
 TINY_SHAPE = VisionShape(
@@ -76,17 +82,6 @@ def test_identical_towers_have_no_noise() -> None:
 
 
 # ---- gate --------------------------------------------------------------------------------------------------------
-def test_cached_sav_features_equal_the_engine_gate_features() -> None:
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 5, generator=generator) * 10
-    hidden = torch.randn(6, 17, 8, generator=generator)
-    from lraee_core.gate import spatial_activation_variance
-
-    assert torch.equal(
-        gate_features_from_sav(logits, spatial_activation_variance(hidden)), gate_features(logits, hidden)
-    )
-
-
 def test_gate_fit_recovers_a_separating_direction() -> None:
     generator = torch.Generator().manual_seed(1)
     features = torch.rand(400, 3, generator=generator) * torch.tensor([1.0, 1.0, 2.0])
@@ -103,6 +98,15 @@ def test_gate_fit_recovers_a_separating_direction() -> None:
     assert float(((probability >= 0.5) == targets).float().mean()) == pytest.approx(fit.accuracy)
 
 
+def test_gate_fit_takes_any_named_feature_set() -> None:
+    names = ("cos_top1", "cos_gap", "entropy_norm", "log_k", "agree_prev")
+    features = torch.rand(300, len(names), generator=torch.Generator().manual_seed(2))
+    targets = features[:, 0] - features[:, 2] > 0
+    fit = fit_logistic(features, targets, GateFitConfig(), names)
+    assert fit.params.features == names and len(fit.params.weight) == 5
+    assert fit.params.weight[0] > 0 > fit.params.weight[2] and fit.accuracy > 0.95
+
+
 def test_gate_fit_of_a_one_class_layer_is_a_constant() -> None:
     features = torch.rand(50, 3)
     fit = fit_logistic(features, torch.ones(50, dtype=torch.bool), GateFitConfig())
@@ -110,89 +114,115 @@ def test_gate_fit_of_a_one_class_layer_is_a_constant() -> None:
     assert float(fit.params.probability(features)[0]) == pytest.approx(1 - 1e-4)
 
 
+def test_gates_cover_every_previous_candidate_a_subset_can_need() -> None:
+    assert pairs((6, 9, 11), ("cos_top1",)) == [(6, None), (9, None), (11, None)]
+    with_prev = pairs((6, 9, 11), ("cos_top1", "agree_prev"))
+    assert with_prev == [(6, None), (9, None), (9, 6), (11, None), (11, 6), (11, 9)]
+    assert gate_key(11, 9) == "11|9" and gate_key(6, None) == "6|none"
+
+
+def test_auc_counts_ties_half() -> None:
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
+    assert auc(np.array([0.1, 0.2]), np.array([1, 1])) is None
+
+
+# ---- label sets --------------------------------------------------------------------------------------------------
+def test_label_sets_hold_the_true_class_and_k_distinct_labels() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 50, 200)
+    sets = label_sets_for(truth, 50, [2, 10, 50], 2, rng)
+    assert sets.size == 200 * 2 * 3
+    for k, (rows, members) in sets.groups.items():
+        assert members.shape == (len(rows), k)
+        assert all(len(set(row.tolist())) == k for row in members)
+        assert (members == truth[sets.images[rows]][:, None]).any(axis=1).all()
+    positions = [
+        int(np.flatnonzero(row == t)[0])
+        for row, t in zip(sets.groups[10][1], truth[sets.images[sets.groups[10][0]]], strict=True)
+    ]
+    assert len(set(positions)) > 5  # the true class takes a random place, not always the first
+
+
+def test_log_uniform_label_counts_cover_small_and_large_sets() -> None:
+    counts = log_uniform_counts(np.random.default_rng(0), 20_000, 1000)
+    assert counts.min() == 2 and counts.max() == 1000
+    assert 0.25 < float((counts <= 31).mean()) < 0.55  # log-uniform: about half below sqrt(1000)
+    assert resolve_counts((2, 5, 10, 50, 0), 20) == [2, 5, 10, 20]
+
+
 # ---- simulation and threshold search -----------------------------------------------------------------------------
-def _table(size: int = 300, layers: tuple[int, ...] = (6, 9, 11), seed: int = 0) -> ExitTable:
+def _view(
+    size: int = 300, layers: tuple[int, ...] = (6, 9, 11), seed: int = 0, ks: tuple[int, ...] = (2, 10)
+) -> tuple[ExitView, dict[int, np.ndarray]]:
+    """A hand-made view (rows at each K) and exit scores: deeper exits agree with full depth more often."""
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, size)
-    scores = {}
-    for layer in layers:
-        values = rng.random(size).astype(np.float32)
-        values[:10] = np.float32(0.5)  # exactly on a grid value
+    counts = np.repeat(np.array(ks), size // len(ks))
+    n = len(counts)
+    truth = rng.integers(0, 4, n)
+    full = np.where(rng.random(n) < 0.5, truth, rng.integers(0, 4, n))
+    scores, top1 = {}, {}
+    for i, layer in enumerate(layers):
+        values = rng.random(n).astype(np.float32)
+        values[:10] = np.float32(0.5)
         values[10:15] = np.float32(1.0)  # a saturated sigmoid: must still not pass a 1.0 threshold
         scores[layer] = values
-    # Deeper heads are right more often, so the search has a real trade-off.
-    predictions = {
-        layer: np.where(rng.random(size) < 0.4 + 0.04 * i, labels, rng.integers(0, 4, size))
-        for i, layer in enumerate(layers)
-    }
-    full = np.where(rng.random(size) < 0.5, labels, rng.integers(0, 4, size))
-    return ExitTable(scores, predictions, full, labels, flops_model(TINY_SHAPE, 128, 4))
+        # a higher score and a deeper layer make agreement likelier
+        top1[layer] = np.where(rng.random(n) < 0.3 + 0.5 * values + 0.05 * i, full, rng.integers(0, 4, n))
+    features = {layer: {"confidence": scores[layer]} for layer in layers}
+    flops = {k: flops_model(TINY_SHAPE, 128, k) for k in ks}
+    return ExitView(counts, truth, full, full.copy(), top1, features, flops), scores
 
 
-def test_simulation_charges_flops_like_the_flops_model() -> None:
-    table, layers = _table(), (6, 9, 11)
-    outcome = simulate(table, layers, [0.7, 0.5, 1.0])
-    for i in range(table.size):
+def test_simulation_charges_flops_like_the_flops_model_at_each_k() -> None:
+    (view, scores), layers = _view(), (6, 9, 11)
+    outcome = simulate(view, layers, scores, [0.7, 0.5, 1.0])
+    for i in range(view.size):
         reached = sum(1 for layer in layers if layer <= outcome.exit_layer[i]) if outcome.exited[i] else len(layers)
-        expected = table.flops.spent(int(outcome.exit_layer[i]), reached, not outcome.exited[i])
-        assert outcome.flops[i] == expected
+        model = view.flops[int(view.counts[i])]
+        assert outcome.flops[i] == model.spent(int(outcome.exit_layer[i]), reached, not outcome.exited[i])
+        assert outcome.full_depth[i] == model.full_depth
     assert not (outcome.exit_layer == 11).any()  # threshold 1.0 never exits, even at probability 1.0
     assert ((outcome.exit_layer == 9) & outcome.exited).sum() > 0
+    assert (outcome.agrees == (outcome.predictions == view.full_top1)).all()
+
+
+def test_full_outcome_is_the_reference() -> None:
+    view, _ = _view()
+    full = full_outcome(view)
+    assert full.agreement == 1.0 and full.saving == 0.0 and not full.exited.any()
 
 
 def test_thresholds_compare_in_float32_like_the_engine() -> None:
-    threshold = 5 / 24  # a grid value whose float32 rounding lies below it
+    threshold = 5 / 24  # a value whose float32 rounding lies below it
     assert float(np.float32(threshold)) < threshold
     values = np.array([np.float32(threshold), np.nextafter(np.float32(threshold), np.float32(0))], dtype=np.float32)
     engine = exits(torch.from_numpy(values), threshold).tolist()
     assert engine == [True, False]
-    table = ExitTable({6: values}, {6: np.zeros(2, int)}, np.zeros(2, int), np.zeros(2, int), _table().flops)
-    assert simulate(table, (6,), [threshold]).exited.tolist() == engine
-    assert (reached(values, threshold_grid(25)) > 5).tolist() == engine  # grid index 5 is 5/24
+    view, _ = _view(size=2, layers=(6,), ks=(2,))
+    assert simulate(view, (6,), {6: values}, [threshold]).exited.tolist() == engine
 
 
-def test_joint_sweep_equals_direct_simulation() -> None:
-    table, layers = _table(), (6, 9, 11)
-    grid = threshold_grid(25)
-    result = sweep(table, layers, grid)
-    assert result.accuracy.shape == (25, 25, 25)
-    rng = np.random.default_rng(2)
-    combos = [tuple(rng.integers(0, 25, 3)) for _ in range(40)] + [(0, 0, 0), (24, 24, 24), (12, 24, 0)]
-    for combo in combos:
-        outcome = simulate(table, layers, [float(grid[i]) for i in combo])
-        assert result.accuracy[combo] == pytest.approx(outcome.accuracy, abs=1e-12)
-        assert result.saving[combo] == pytest.approx(outcome.saving, abs=1e-12)
+def test_operating_points_keep_their_promise_at_every_k_on_the_split_searched() -> None:
+    (view, scores), layers = _view(size=4000), (6, 9, 11)
+    config = CalibrateConfig(promise_margin=0.0)
+    found = {name: search_point(view, layers, scores, promise, config) for name, promise in promises(config).items()}
+    for name, point in found.items():
+        outcome = simulate(view, layers, scores, [point.threshold] * 3)
+        for k in (2, 10):
+            assert outcome.agrees[view.counts == k].mean() >= point.promise, (name, k)
+        assert point.calibration["2"]["agreement"] == pytest.approx(outcome.agrees[view.counts == 2].mean())
+    # looser promises let more images leave
+    assert found["accurate"].threshold >= found["balanced"].threshold >= found["fast"].threshold
+    assert found["fast"].mean_saving > found["accurate"].mean_saving
+    strict = search_point(view, layers, scores, 0.97, CalibrateConfig(promise_margin=3.0))
+    assert strict.threshold >= found["balanced"].threshold  # a margin of standard errors is more careful
 
 
-@pytest.mark.parametrize("joint_limit", [4, 1])  # 1: three layers go through coordinate descent
-def test_threshold_search_respects_the_flops_budget(joint_limit: int) -> None:
-    table, layers = _table(), (6, 9, 11)
-    config = CalibrateConfig(balanced_budget=0.2, fast_budget=0.35, joint_search_max_layers=joint_limit)
-    points = search(table, layers, config, threshold_grid(config.grid_points))
-    brute = sweep(table, layers, threshold_grid(config.grid_points))
-    for name, budget in (("accurate", 0.0), ("balanced", 0.2), ("fast", 0.35)):
-        point = points[name]
-        outcome = simulate(table, layers, point.thresholds)
-        assert point.budget_met and outcome.saving >= budget
-        assert point.accuracy == pytest.approx(outcome.accuracy)
-        best_feasible = brute.accuracy[brute.saving >= budget].max()
-        if joint_limit >= len(layers):
-            assert point.accuracy == pytest.approx(best_feasible)  # the joint grid is exhaustive
-        else:
-            assert point.accuracy <= best_feasible + 1e-12
-
-
-def test_unreachable_budget_falls_back_to_the_most_saving() -> None:
-    accuracy = np.array([0.9, 0.8, 0.7])
-    saving = np.array([0.0, 0.1, 0.2])
-    assert best_setting(accuracy, saving, 0.05) == (1, True)
-    assert best_setting(accuracy, saving, 0.5) == (2, False)
-
-
-def test_pareto_front_keeps_only_undominated_settings() -> None:
-    accuracy = np.array([0.5, 0.6, 0.55, 0.4, 0.6])
-    saving = np.array([0.3, 0.1, 0.2, 0.35, 0.05])
-    assert pareto_front(accuracy, saving) == [(0.1, 0.6), (0.2, 0.55), (0.3, 0.5), (0.35, 0.4)]
+def test_candidate_thresholds_are_quantiles_plus_never() -> None:
+    thresholds = candidate_thresholds({6: np.linspace(0, 0.9, 101).astype(np.float32)}, 11)
+    assert thresholds[-1] == 1.0 and len(thresholds) == 12
+    assert np.all(np.diff(thresholds) > 0)
 
 
 # ---- pruning -----------------------------------------------------------------------------------------------------
@@ -210,25 +240,18 @@ def test_pruning_drops_a_layer_with_an_artificially_low_inr() -> None:
 
 # ---- baselines and analyses --------------------------------------------------------------------------------------
 def test_pabee_leaves_once_patience_heads_agree() -> None:
-    labels = np.array([1, 0, 3])
-    predictions = {6: np.array([1, 0, 3]), 7: np.array([1, 1, 3]), 8: np.array([2, 2, 3])}
-    table = ExitTable(
-        {layer: np.zeros(3, np.float32) for layer in predictions},
-        predictions,
-        np.array([0, 0, 0]),
-        labels,
-        flops_model(TINY_SHAPE, 128, 4),
-    )
-    outcome = pabee(table, (6, 7, 8), patience=2)
+    top1 = {6: np.array([1, 0, 3]), 7: np.array([1, 1, 3]), 8: np.array([2, 2, 3])}
+    model = flops_model(TINY_SHAPE, 128, 4)
+    view = ExitView(np.full(3, 4), np.array([1, 0, 3]), np.array([0, 0, 0]), np.array([0, 0, 0]), top1, {}, {4: model})
+    outcome = pabee(view, (6, 7, 8), patience=2)
     assert outcome.exit_layer.tolist() == [7, 12, 7]  # image 1's heads never agree twice in a row
     assert outcome.exited.tolist() == [True, False, True]
     assert outcome.predictions.tolist() == [1, 0, 3]  # image 1 gets the full-depth answer
-    flops = table.flops
-    assert outcome.flops[0] == flops.embed + 7 * flops.block + 2 * flops.head
-    three = pabee(table, (6, 7, 8), patience=3)
+    assert outcome.flops[0] == model.embed + 7 * model.block + 2 * model.head
+    three = pabee(view, (6, 7, 8), patience=3)
     assert three.exited.tolist() == [False, False, True] and three.predictions.tolist() == [0, 0, 3]
-    assert three.flops[0] == flops.full_depth + 3 * flops.head
-    assert pabee(table, (6, 7, 8), patience=1).exit_layer.tolist() == [6, 6, 6]
+    assert three.flops[0] == model.full_depth + 3 * model.head
+    assert pabee(view, (6, 7, 8), patience=1).exit_layer.tolist() == [6, 6, 6]
 
 
 def test_four_quadrants_add_up() -> None:
@@ -239,17 +262,6 @@ def test_four_quadrants_add_up() -> None:
     assert sum(result["counts"].values()) == result["images"] == 7
     assert result["net_gain"] == 1
     assert result["net_gain_points"] == pytest.approx(100 / 7)
-
-
-def test_gate_selectivity_splits_exited_and_continued() -> None:
-    table = _table(size=100)
-    outcome = simulate(table, (6, 9, 11), [0.8, 0.9, 1.0])
-    full_correct = table.full_predictions == table.labels
-    result = gate_selectivity(outcome, full_correct)
-    assert result["exited"]["images"] + result["continued"]["images"] == 100
-    assert result["exited"]["accuracy"] == pytest.approx(outcome.correct[outcome.exited].mean())
-    # Images that continue take the full-depth path, so their accuracy is the full path's on them.
-    assert result["continued"]["accuracy"] == result["continued"]["int8_full_depth_accuracy"]
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -377,7 +389,7 @@ def test_build_config_round_trips_through_json() -> None:
         quant_mode="full",
         data=DataConfig(source="/data", head_split=500, gate_split=0.1, templates=("a {}", "the {}")),
         extract=ExtractConfig(candidate_layers=(9, 11, 12)),
-        calibrate=CalibrateConfig(balanced_budget=0.13),
+        calibrate=CalibrateConfig(balanced_promise=0.95, label_counts=(2, 0)),
         checkpoint_dir="/out",
     )
     again = BuildConfig.from_json(json.loads(json.dumps(config.to_json())))
@@ -387,10 +399,22 @@ def test_build_config_round_trips_through_json() -> None:
         BuildConfig.from_json({**config.to_json(), "surprise": 1})
 
 
-def test_threshold_grid_is_25_points_in_the_unit_interval() -> None:
-    grid = threshold_grid(25)
-    assert len(grid) == 25 and grid[0] == 0.0 and grid[-1] == 1.0
-    assert np.allclose(np.diff(grid), 1 / 24)
+def test_portable_paths_name_their_root() -> None:
+    roots = {"checkpoint": "/w/main/lraee_core/assets/photos", "repo": "/w/main", "data": "/w/shared/data"}
+    value = {
+        "command": ["lraee-train", "--out", "/w/main/lraee_core/assets/photos", "--data", "/w/main/runs/h.csv"],
+        "tsv": "/w/shared/data/imagenet-photos/classes.tsv",
+        "other": "/tmp/x/images",
+        "relative": "runs/x",
+        "count": 3,
+    }
+    assert portable_paths(value, roots) == {
+        "command": ["lraee-train", "--out", "${checkpoint}", "--data", "${repo}/runs/h.csv"],
+        "tsv": "${data}/imagenet-photos/classes.tsv",
+        "other": "${elsewhere}/images",
+        "relative": "runs/x",
+        "count": 3,
+    }
 
 
 @pytest.mark.parametrize("total", [7, 24, 25, 101])

@@ -31,8 +31,7 @@ STEPS: dict[str, Callable[[Job], Any]] = {
 
 
 def run_build(job: Job) -> dict[str, Any]:
-    """Run every step (each skipped when up to date); returns the evaluation report."""
-    for run in STEPS.values():
-        run(job)
-    report: dict[str, Any] = run_evaluate(job)
+    """Run every step once, in order (each skipped when up to date); returns the evaluation report."""
+    results = [run(job) for run in STEPS.values()]
+    report: dict[str, Any] = results[-1]
     return report

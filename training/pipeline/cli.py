@@ -59,6 +59,15 @@ def _layers(value: str) -> tuple[int, ...]:
     return tuple(sorted({int(part) for part in value.split(",") if part.strip()}))
 
 
+def _counts(value: str) -> tuple[int, ...]:
+    """ "2,5,10,0" -> label counts (0: every label)."""
+    return tuple(int(part) for part in value.split(",") if part.strip())
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
 @dataclass(frozen=True)
 class Option:
     """A command-line option that sets one config field."""
@@ -105,23 +114,33 @@ OPTIONS: tuple[Option, ...] = (
     Option("--batch-size", "extract.batch_size", int, "extraction batch size"),
     Option("--shard-size", "extract.shard_size", int, "images per feature shard"),
     Option("--workers", "extract.num_workers", int, "image-decoding workers"),
+    Option("--reuse-features", "extract.reuse_from", _path, "another work dir's extract dir to copy shards from"),
     Option("--epochs", "heads.epochs", int, "head-training epochs"),
     Option("--head-batch-size", "heads.batch_size", int, "head-training batch size"),
     Option("--lr", "heads.lr", float, "Adam learning rate"),
     Option("--weight-decay", "heads.weight_decay", float, "Adam weight decay"),
-    Option("--distill-weight", "heads.distill_weight", float, "lambda of the cosine distillation loss"),
+    Option("--cosine-weight", "heads.cosine_weight", float, "label-free heads: weight of 1 - cos to full depth"),
+    Option("--mse-weight", "heads.mse_weight", float, "label-free heads: weight of the MSE to full depth"),
+    Option("--distill-weight", "heads.distill_weight", float, "CE + cosine heads: lambda of the cosine term"),
     Option("--hidden-dim", "heads.hidden_dim", int, "exit-head MLP hidden width; unset: the token width"),
     Option("--head-seed", "heads.seed", int, "head initialisation and shuffling seed"),
     Option("--gate-l2", "gate.l2", float, "ridge penalty of the gate fit"),
     Option("--gate-max-iter", "gate.max_iter", int, "Newton iterations of the gate fit"),
-    Option("--grid-points", "calibrate.grid_points", int, "thresholds per layer in [0, 1]"),
+    Option("--gate-label-sets", "gate.label_sets_per_image", int, "label sets drawn per gate-split image"),
+    Option(
+        "--gate-features",
+        "gate.features",
+        _names,
+        "gate features, e.g. cos_top1,cos_gap,entropy_norm,log_k; unset: chosen by held-out AUC",
+    ),
+    Option("--accurate-promise", "calibrate.accurate_promise", float, "held-out agreement 'accurate' promises"),
+    Option("--balanced-promise", "calibrate.balanced_promise", float, "held-out agreement 'balanced' promises"),
+    Option("--fast-promise", "calibrate.fast_promise", float, "held-out agreement 'fast' promises"),
+    Option("--promise-margin", "calibrate.promise_margin", float, "standard errors calib agreement must clear"),
+    Option("--calib-label-counts", "calibrate.label_counts", _counts, "K where promises must hold (0: all labels)"),
+    Option("--threshold-candidates", "calibrate.threshold_candidates", int, "shared thresholds tried per point"),
     Option("--prune-fraction", "calibrate.prune_fraction", float, "prune INR < this x neighbours' mean (0: off)"),
     Option("--max-candidates", "calibrate.max_candidates", int, "most exit layers in the checkpoint"),
-    Option("--joint-search-max-layers", "calibrate.joint_search_max_layers", int, "joint grid up to this many"),
-    Option("--coordinate-rounds", "calibrate.coordinate_rounds", int, "coordinate-descent passes beyond that"),
-    Option("--accurate-budget", "calibrate.accurate_budget", float, "minimum FLOPs saving of 'accurate'"),
-    Option("--balanced-budget", "calibrate.balanced_budget", float, "minimum FLOPs saving of 'balanced'"),
-    Option("--fast-budget", "calibrate.fast_budget", float, "minimum FLOPs saving of 'fast'"),
     Option(
         "--default-operating-point",
         "calibrate.default_operating_point",
@@ -130,6 +149,7 @@ OPTIONS: tuple[Option, ...] = (
         OPERATING_POINTS,
     ),
     Option("--checkpoint-id", "calibrate.checkpoint_id", str, "checkpoint name shown by the service"),
+    Option("--label-counts", "evaluate.label_counts", _counts, "the evaluation's K-sweep (0: all labels)"),
     Option("--patience", "evaluate.patience", int, "PABEE patience (consecutive agreeing heads)"),
     Option("--engine-check-images", "evaluate.engine_check_images", int, "images run through the real engine"),
     Option("--out", "checkpoint_dir", _path, "checkpoint directory; unset: <work dir>/checkpoint"),
@@ -139,10 +159,10 @@ STEP_HELP = {
     "split": "scan the data and write the disjoint head/gate/calib/eval splits",
     "profile": "QIRC profile: FP32 vs INT8 hidden states per layer (NSR, INR, cosine, MSE, max activation)",
     "extract": "run the frozen backbones once and cache per-layer features",
-    "train-heads": "train SSA (hard, distilled) and CLS exit heads on cached features",
-    "fit-gate": "fit the per-layer logistic gates",
-    "calibrate": "prune layers, choose candidates and thresholds, write the checkpoint",
-    "evaluate": "compare every method on the evaluation split and write the report",
+    "train-heads": "train label-free SSA heads (and the paper's CE variants, CLS baseline) on cached features",
+    "fit-gate": "fit the per-layer agreement gates on label sets of every size",
+    "calibrate": "prune layers, choose candidates and each operating point's threshold, write the checkpoint",
+    "evaluate": "every method at every label count on the evaluation split; report + held-out figures",
     "build": "all of the above in order",
 }
 

@@ -72,53 +72,74 @@ class ExtractConfig:
     batch_size: int = 64  # images per forward pass
     shard_size: int = 2048  # images per feature shard on disk
     num_workers: int = 0  # DataLoader workers decoding images
+    reuse_from: str | None = None  # another build's extract dir whose identical split shards are copied, not redone
+
+
+HeadLoss = Literal["embed", "distilled", "hard"]
 
 
 @dataclass(frozen=True)
 class HeadTrainConfig:
-    """Exit-head training on cached features (defaults after the paper)."""
+    """Exit-head training on cached features.
+
+    The shipped heads are label-free: each one learns to reproduce the served model's full-depth image embedding
+    (``cosine_weight`` x (1 - cos) + ``mse_weight`` x MSE), so they answer any label set as full depth would. The
+    paper's variants (cross-entropy + cosine, cross-entropy only) are trained too, as ablation rows; their
+    cross-entropy runs over a label subset sampled per batch (the batch's own classes plus random others, K
+    log-uniform), not over one fixed list.
+    """
 
     epochs: int = 3  # passes over the head split
     batch_size: int = 64  # images per Adam step
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
-    distill_weight: float = 1.0  # lambda of the cosine loss to the FP32 final embedding ("distilled" heads)
+    cosine_weight: float = 1.0  # label-free heads: weight of 1 - cos(head, full-depth embedding)
+    mse_weight: float = 0.0  # label-free heads: weight of the MSE between the unit embeddings
+    distill_weight: float = 1.0  # lambda of the cosine term of the paper's CE + cosine ("distilled") heads
     hidden_dim: int | None = None  # MLP hidden width; None: the backbone's token width
-    seed: int = 0  # head initialisation and shuffling
+    seed: int = 0  # head initialisation, shuffling and label subsets
 
 
 @dataclass(frozen=True)
 class GateFitConfig:
-    """Per-layer logistic regression of "this layer's head is right" on (confidence, margin, sav)."""
+    """Per-layer logistic regression of "this exit's top-1 equals the full-depth top-1 for this label set"."""
 
     l2: float = 1e-3  # ridge penalty on the standardised weights (keeps separable data finite)
     max_iter: int = 100  # Newton iterations
     tol: float = 1e-9  # stop when the loss improves less than this
+    label_sets_per_image: int = 4  # label sets drawn per gate-split image (K log-uniform over 2..N each)
+    features: tuple[str, ...] | None = None  # the gate's features; None: the candidate set with the best
+    # held-out AUC (fitted on the gate split, measured on the calib split)
+    seed: int = 0  # label-set sampling
 
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    """Layer pruning, candidate selection and the threshold search."""
+    """Layer pruning, candidate selection and the operating points' thresholds (one shared threshold each)."""
 
-    grid_points: int = 25  # thresholds per layer, evenly spaced in [0, 1] (1.0 disables the layer's exit)
+    accurate_promise: float = 0.99  # "accurate": held-out agreement with the full-depth top-1 at least this
+    balanced_promise: float = 0.97  # "balanced": the same promise, looser
+    fast_promise: float = 0.93  # "fast": the loosest promise
+    promise_margin: float = 1.0  # calibration agreement must clear the promise by this many standard errors
+    label_counts: tuple[int, ...] = (2, 5, 10, 50, 0)  # K at which every promise must hold (0: every label)
+    label_sets_per_image: int = 1  # label sets drawn per calib image and K
+    threshold_candidates: int = 200  # shared thresholds tried per point: quantiles of the calib gate scores
     prune_fraction: float = 0.5  # prune a layer whose INR < this x mean INR of its neighbouring layers (0: none)
     max_candidates: int = 3  # most exit layers kept (each one costs a head and a gate on every image reaching it)
-    joint_search_max_layers: int = 4  # joint grid over all combinations up to this many layers, else coordinate
-    coordinate_rounds: int = 4  # coordinate-descent passes over the layers when the joint grid is too large
-    accurate_budget: float = 0.0  # "accurate": best accuracy with FLOPs saving >= this
-    balanced_budget: float = 0.10  # "balanced": best accuracy with FLOPs saving >= this
-    fast_budget: float = 0.25  # "fast": best accuracy with FLOPs saving >= this (or the most saving achievable)
     default_operating_point: str = "balanced"  # used when a request names none
     checkpoint_id: str = "lraee"  # name shown by the service
+    seed: int = 1  # label-set sampling
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     """The evaluation report."""
 
+    label_counts: tuple[int, ...] = (2, 5, 10, 50, 0)  # the K-sweep (0: every label of the data)
     patience: int = 2  # PABEE: leave once this many consecutive exit heads agree on the top-1 class
     engine_check_images: int = 32  # evaluation images also run through the real engine (0: skip the check)
     engine_check_tolerance: float = 1e-4  # gate probabilities this close to a threshold may flip either way
+    seed: int = 2  # label-set sampling
 
 
 DEFAULT_BACKBONE = BackboneConfig("ViT-B-32")  # random weights unless --pretrained names some
@@ -198,6 +219,35 @@ def from_jsonable(cls: type[Config], data: dict[str, Any]) -> Config:
 def load_build_config(path: str | Path) -> BuildConfig:
     """Read a BuildConfig JSON file."""
     return BuildConfig.from_json(json.loads(Path(path).read_text()))
+
+
+# ---- portable paths ----------------------------------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the project's root when run from the source tree
+
+
+def data_root() -> str:
+    """The shared data folder: ``LRAEE_DATA_ROOT``, else ``../shared/data`` next to the project."""
+    return os.environ.get("LRAEE_DATA_ROOT", str(REPO_ROOT.parent / "shared" / "data"))
+
+
+def portable_paths(value: Any, roots: dict[str, str]) -> Any:
+    """``value`` with every absolute path string rewritten as ``${root}/relative`` under the most specific named
+    root, or ``${elsewhere}/<file name>`` when none holds it: what a manifest or report may record."""
+    if isinstance(value, dict):
+        return {key: portable_paths(item, roots) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(item, roots) for item in value]
+    if not isinstance(value, str) or not value.startswith(os.sep):
+        return value
+    path = Path(value)
+    best: tuple[int, str] | None = None
+    for name, root in roots.items():
+        base = Path(root).resolve()
+        if path == base or base in path.parents:
+            depth = len(base.parts)
+            if best is None or depth > best[0]:
+                best = (depth, f"${{{name}}}" + ("" if path == base else "/" + path.relative_to(base).as_posix()))
+    return best[1] if best is not None else f"${{elsewhere}}/{path.name}"
 
 
 # ---- hashing and step records -----------------------------------------------------------------------------------

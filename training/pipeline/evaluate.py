@@ -1,24 +1,29 @@
-"""Step ``evaluate``: every method on the evaluation split, the rescue-effect analyses, and an engine cross-check.
+"""Step ``evaluate``: every method on the evaluation split at every label count, and an engine cross-check.
 
-Rows of the comparison (FLOPs saving against the INT8 full-depth path; heads and gates are charged):
+The K-sweep: for each K of ``label_counts`` (0: every label), every evaluation image gets one label set (its true
+class + K - 1 others, seeded) and every method answers it. Per K (FLOPs saved against the INT8 full-depth path of
+that K; heads and gates are charged):
 
-* FP32 / INT8 full depth: the plain CLIP path of each tower;
-* CLS-EE, Confidence-only EE, LRA-EE (hard), LRA-EE (distilled): exit tables of their head sets with the layers and
-  thresholds ``calibrate`` chose, at the default operating point (LRA-EE distilled at every operating point too);
-* PABEE: the distilled SSA heads of every unpruned cached layer; an image leaves at the first layer where the last
-  ``patience`` heads (this one included) agree on the top-1 class, answering that class; otherwise full depth.
-  Heads are charged, no gate (its test is an argmax comparison);
-* SSA-Last (hard / distilled): the SSA head of the deepest cached layer answers every image, no exit.
+* FP32 / INT8 full depth (the `full` operating point is the INT8 row: no head runs);
+* every method of :data:`training.pipeline.calibrate.METHODS` at every operating point, with the layers and
+  threshold ``calibrate`` chose: top-1, agreement with INT8 full depth, FLOPs saved, exit shares, and the calib
+  split's figures beside them;
+* PABEE: the shipped SSA heads of every unpruned cached layer; an image leaves at the first layer where the last
+  ``patience`` heads agree on the top-1 class; heads are charged, no gate;
+* SSA-Last: one head set's deepest SSA head answers every image, no exit;
+* the four-quadrant split of the shipped method at the default point against INT8 full depth;
+* each head set's exits alone (every image leaving at that layer): agreement and top-1, which shows what the head
+  training changed.
 
-Then, for LRA-EE (distilled) at the default operating point against INT8 full depth: the four-quadrant split
-(both correct / rescue / loss / both wrong), gate selectivity (accuracy of exited vs continued images) and the exit
-distribution; the Pareto sweep of LRA-EE vs confidence-only over their threshold grids; and the real
-:class:`EarlyExitClassifier` loaded from the checkpoint on a subsample, whose exits and answers must match the
-simulation except where a gate probability lies within ``engine_check_tolerance`` of its threshold.
+Then the real :class:`EarlyExitClassifier` loaded from the checkpoint runs a subsample at the largest and the
+smallest K (per-image label sets), at every operating point, ``full`` and a probe setting; its exits, answers and
+FLOPs must match the simulation except where a gate probability lies within ``engine_check_tolerance`` of its
+threshold. The held-out figures of the shipped method go into the checkpoint's manifest (``metrics.held_out``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -26,29 +31,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from lraee_core.engine import EarlyExitClassifier
+from lraee_core.checkpoint import load_classifier, read_manifest, write_manifest
+from lraee_core.exits import ExitRule
 from lraee_core.images import load_image
 
 from .calibrate import (
     CHECKPOINT_METHOD,
     METHODS,
-    ExitTable,
+    OPERATING_POINTS,
     Outcome,
-    build_table,
-    exit_shares,
-    flops_for,
-    full_depth_predictions,
+    _per_row,
+    by_label_count,
+    candidate_thresholds,
+    full_outcome,
     load_calibration,
-    pareto_front,
+    method_scores,
+    path_roots,
     run_calibrate,
     simulate,
-    sweep,
-    threshold_grid,
+    sweep_view,
 )
-from .config import CalibrateConfig, ConfigError, Job, config_hash, read_json, step, write_json, write_record
+from .config import ConfigError, Job, config_hash, portable_paths, read_json, step, write_json, write_record
 from .data import load_splits
 from .features import FeatureStore
-from .heads import head_logits, load_heads
+from .gate_fit import load_gates
+from .heads import SHIPPED_VARIANT, VARIANTS, load_heads
+from .label_sets import ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
 from .profile import load_profile
 
 REPORT_FILE = "report.json"
@@ -58,19 +66,20 @@ class EngineMismatchError(RuntimeError):
     """The real engine disagreed with the simulation the thresholds were chosen on."""
 
 
-def pabee(table: ExitTable, layers: Sequence[int], patience: int) -> Outcome:
-    """Patience-based exit over ``layers`` (module docstring); ``table.scores`` are not used."""
+def pabee(view: ExitView, layers: Sequence[int], patience: int) -> Outcome:
+    """Patience-based exit over ``layers`` (module docstring)."""
     if patience < 1:
         raise ConfigError("patience must be at least 1")
-    flops, size = table.flops, table.size
+    any_model = next(iter(view.flops.values()))
+    size = view.size
     alive = np.ones(size, dtype=bool)
     run = np.zeros(size, dtype=np.int64)
     previous = np.full(size, -1)
-    exit_layer = np.full(size, flops.num_layers)
-    predictions = table.full_predictions.copy()
+    exit_layer = np.full(size, any_model.num_layers)
+    predictions = view.full_top1.copy()
     evaluated = np.zeros(size, dtype=np.int64)
     for layer in layers:
-        current = table.predictions[layer]
+        current = view.top1[layer]
         evaluated[alive] += 1
         run = np.where(current == previous, run + 1, 1)
         previous = current
@@ -78,9 +87,37 @@ def pabee(table: ExitTable, layers: Sequence[int], patience: int) -> Outcome:
         exit_layer[leave] = layer
         predictions[leave] = current[leave]
         alive &= ~leave
-    spent = flops.embed + exit_layer * flops.block + evaluated * flops.head + np.where(alive, flops.final, 0)
-    correct = predictions == table.labels
-    return Outcome(exit_layer, ~alive, predictions, correct, spent, 1.0 - float(spent.mean()) / flops.full_depth)
+    spent = (
+        any_model.embed
+        + exit_layer * any_model.block
+        + evaluated * _per_row(view, "head")
+        + np.where(alive, _per_row(view, "final"), 0)
+    )
+    return Outcome(
+        exit_layer,
+        ~alive,
+        predictions,
+        predictions == view.full_top1,
+        predictions == view.truth,
+        spent,
+        _per_row(view, "full_depth"),
+    )
+
+
+def single_exit(view: ExitView, layer: int) -> Outcome:
+    """Every image answered by one exit head (SSA-Last when it is the deepest): no gate, one head charged."""
+    any_model = next(iter(view.flops.values()))
+    predictions = view.top1[layer]
+    spent = any_model.embed + layer * any_model.block + _per_row(view, "head")
+    return Outcome(
+        np.full(view.size, layer),
+        np.ones(view.size, dtype=bool),
+        predictions,
+        predictions == view.full_top1,
+        predictions == view.truth,
+        spent,
+        _per_row(view, "full_depth"),
+    )
 
 
 def four_quadrants(early_correct: np.ndarray, full_correct: np.ndarray) -> dict[str, Any]:
@@ -102,109 +139,139 @@ def four_quadrants(early_correct: np.ndarray, full_correct: np.ndarray) -> dict[
     }
 
 
-def gate_selectivity(outcome: Outcome, full_correct: np.ndarray) -> dict[str, Any]:
-    """Accuracy of the images that exited vs those that continued (and INT8 full depth on each group)."""
-
-    def group(mask: np.ndarray) -> dict[str, Any]:
-        count = int(mask.sum())
-        return {
-            "images": count,
-            "accuracy": float(outcome.correct[mask].mean()) if count else None,
-            "int8_full_depth_accuracy": float(full_correct[mask].mean()) if count else None,
-        }
-
-    return {"exited": group(outcome.exited), "continued": group(~outcome.exited)}
+def _per_k(outcome: Outcome, view: ExitView) -> dict[str, dict[str, Any]]:
+    return by_label_count(outcome, view, [])
 
 
-def _row(name: str, outcome: Outcome | None, accuracy: float | None = None, saving: float = 0.0) -> dict[str, Any]:
-    if outcome is not None:
-        accuracy, saving = outcome.accuracy, outcome.saving
-    return {"method": name, "accuracy": accuracy, "flops_saved": saving}
+def _curve(view: ExitView, layers: Sequence[int], scores: dict[int, np.ndarray], points: int = 60) -> dict[str, Any]:
+    """(FLOPs saved, agreement) per K over shared thresholds on this view: the trade-off the points sit on."""
+    curve: dict[str, list[tuple[float, float, float]]] = {}
+    for threshold in candidate_thresholds(scores, points):
+        figures = by_label_count(simulate(view, layers, scores, [float(threshold)] * len(layers)), view, layers)
+        for k, f in figures.items():
+            curve.setdefault(k, []).append((float(threshold), f["flops_saved"], f["agreement"]))
+    return curve
 
 
-def _engine_check(
-    job: Job, store: FeatureStore, table: ExitTable, layers: Sequence[int], settings: dict[str, list[float]]
-) -> dict[str, Any]:
+def _remapped(sets: LabelSets, rows: np.ndarray) -> LabelSets:
+    return LabelSets(images=rows[sets.images], counts=sets.counts, groups=sets.groups)
+
+
+def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) -> dict[str, Any]:
     """Run the checkpoint through the real engine on a subsample and compare with the simulation."""
     config = job.config.evaluate
     count = store.count("eval")
     wanted = min(config.engine_check_images, count)
     rows = np.unique(np.linspace(0, count - 1, wanted).round().astype(int))
-    classifier = EarlyExitClassifier.from_checkpoint(job.checkpoint_dir)
-    split = load_splits(job).splits["eval"]
-    paths = split.paths
+    classifier = load_classifier(job.checkpoint_dir)
+    paths = load_splits(job).splits["eval"].paths
     images = torch.stack([classifier.backbone.preprocess(load_image(paths[int(row)])) for row in rows])
-    labels = list(store.labels)
-    index = {name: i for i, name in enumerate(labels)}
-    sub = table.subset(rows)
-    # A probe setting whose thresholds are the subsample's median gate probabilities exercises every exit path,
-    # even when the calibrated thresholds let (almost) nobody leave.
-    probe = [float(min(np.median(sub.scores[layer]), 0.999)) for layer in layers]
+    truth = store.load("eval", ["labels"])["labels"].numpy()[rows]
+    method = METHODS[CHECKPOINT_METHOD]
+    record = calibration["methods"][CHECKPOINT_METHOD]
+    layers = tuple(record["layers"])
+    _, heads = load_heads(job.step_dir("train-heads"), method.variant)
+    bank = load_gates(job.step_dir("fit-gate"), method.gates)
+    hidden = job.config.heads.hidden_dim or store.shape.width
+    num_labels = len(store.labels)
     checks: dict[str, Any] = {}
     all_ok = True
-    for name, thresholds in {**settings, "probe-median": probe}.items():
-        same_as = next((other for other, c in checks.items() if c["thresholds"] == thresholds), None)
-        if same_as is not None:  # operating points often coincide on small data; one engine run covers them
-            checks[name] = {**checks[same_as], "same_as": same_as}
-            continue
-        results = []
-        for start in range(0, len(rows), 32):
-            results += classifier.classify(
-                images[start : start + 32],
-                labels,
-                templates=job.config.data.templates,
-                top_k=1,
-                thresholds=dict(zip(layers, thresholds, strict=True)),
-            )
-        simulated = simulate(sub, layers, thresholds)
-        engine_exit = np.array([r.exit_layer for r in results])
-        engine_head = np.array([r.exit_path == "head" for r in results])
-        engine_prediction = np.array([index[r.predictions[0].label] for r in results])
-        engine_flops = np.array([r.flops for r in results])
-        same = (
-            (engine_exit == simulated.exit_layer)
-            & (engine_head == simulated.exited)
-            & (engine_prediction == simulated.predictions)
-        )
-        near = np.zeros(len(rows), dtype=bool)
-        for layer, threshold in zip(layers, thresholds, strict=True):
-            if threshold < 1.0:
-                near |= np.abs(sub.scores[layer] - threshold) <= config.engine_check_tolerance
-        unexplained = int((~same & ~near).sum())
-        all_ok &= unexplained == 0
-        checks[name] = {
-            "thresholds": thresholds,
-            "images": len(rows),
-            "agree": int(same.sum()),
-            "near_threshold": int(near.sum()),
-            "unexplained_disagreements": unexplained,
-            "engine_accuracy": float((engine_prediction == sub.labels).mean()),
-            "simulated_accuracy": simulated.accuracy,
-            "engine_exits": int(engine_head.sum()),
-            "simulated_exits": int(simulated.exited.sum()),
-            "flops_agree": int((engine_flops == simulated.flops)[same].sum()),
+    for k in sorted({resolve_counts([2], num_labels)[0], num_labels}):
+        sets = _remapped(label_sets_for(truth, num_labels, [k], 1, np.random.default_rng(config.seed + k)), rows)
+        view = exit_view(store, "eval", heads, VARIANTS[method.variant].pooling, sets, hidden)
+        label_rows = np.zeros((len(rows), k), dtype=np.int64)
+        for positions, members in sets.groups.values():
+            label_rows[positions] = members
+        scores = method_scores(view, method, bank, layers)
+        # A probe setting at the subsample's median gate probabilities exercises every exit path, even when the
+        # operating points let (almost) nobody leave.
+        probe = [float(min(np.median(scores[layer]), 0.999)) for layer in layers]
+        settings: dict[str, list[float] | None] = {
+            name: [setting["threshold"]] * len(layers) for name, setting in record["operating_points"].items()
         }
+        settings["probe-median"] = probe
+        settings["full"] = None
+        for name, thresholds in settings.items():
+            rule = (
+                ExitRule.full()
+                if thresholds is None
+                else ExitRule.from_thresholds(dict(zip(layers, thresholds, strict=True)))
+            )
+            results = []
+            for position in range(len(rows)):
+                labels = [store.labels[int(i)] for i in label_rows[position]]
+                results += classifier.classify(
+                    images[position : position + 1],
+                    labels,
+                    templates=job.config.data.templates,
+                    top_k=1,
+                    exit_rule=rule,
+                )
+            simulated = full_outcome(view) if thresholds is None else simulate(view, layers, scores, thresholds)
+            index = {name: i for i, name in enumerate(store.labels)}
+            engine_exit = np.array([r.exit_layer for r in results])
+            engine_head = np.array([r.exit_path == "head" for r in results])
+            engine_prediction = np.array([index[r.predictions[0].label] for r in results])
+            engine_flops = np.array([r.flops for r in results])
+            same = (
+                (engine_exit == simulated.exit_layer)
+                & (engine_head == simulated.exited)
+                & (engine_prediction == simulated.predictions)
+            )
+            near = np.zeros(len(rows), dtype=bool)
+            for layer, threshold in zip(layers, thresholds or [], strict=False):
+                if threshold < 1.0:
+                    near |= np.abs(scores[layer] - threshold) <= config.engine_check_tolerance
+            unexplained = int((~same & ~near).sum())
+            flops_agree = int((engine_flops == simulated.flops)[same].sum())
+            all_ok &= unexplained == 0 and flops_agree == int(same.sum())
+            checks[f"K={k} {name}"] = {
+                "k": k,
+                "thresholds": thresholds,
+                "images": len(rows),
+                "agree": int(same.sum()),
+                "near_threshold": int(near.sum()),
+                "unexplained_disagreements": unexplained,
+                "engine_agreement_with_full": float((engine_prediction == view.full_top1).mean()),
+                "simulated_agreement_with_full": simulated.agreement,
+                "engine_exits": int(engine_head.sum()),
+                "simulated_exits": int(simulated.exited.sum()),
+                "flops_agree": flops_agree,
+            }
     return {"images": len(rows), "ok": all_ok, "settings": checks}
-
-
-def _pareto(table: ExitTable, layers: Sequence[int], config: CalibrateConfig) -> dict[str, Any]:
-    """Accuracy vs FLOPs saving over the threshold grid on the evaluation split, and its Pareto front."""
-    grid = threshold_grid(config.grid_points)
-    if len(layers) <= config.joint_search_max_layers:
-        result = sweep(table, layers, grid)
-        accuracy, saving, kind = result.accuracy, result.saving, "joint grid"
-    else:  # too many combinations: one shared threshold for every layer
-        outcomes = [simulate(table, layers, [float(t)] * len(layers)) for t in grid]
-        accuracy = np.array([o.accuracy for o in outcomes])
-        saving = np.array([o.saving for o in outcomes])
-        kind = "shared threshold"
-    front = pareto_front(accuracy, saving)
-    return {"layers": list(layers), "settings": int(accuracy.size), "kind": kind, "front": front}
 
 
 def evaluate_hash(job: Job, calibrate_hash: str) -> str:
     """Identity of the report."""
     return config_hash("evaluate", calibrate_hash, job.config.evaluate, str(job.report_dir))
+
+
+def _method_sweep(
+    view: ExitView, method_name: str, record: dict[str, Any], job: Job
+) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    method = METHODS[method_name]
+    bank = load_gates(job.step_dir("fit-gate"), method.gates)
+    layers = record["layers"]
+    scores = method_scores(view, method, bank, layers)
+    points = {}
+    for point, setting in record["operating_points"].items():
+        outcome = simulate(view, layers, scores, [setting["threshold"]] * len(layers))
+        points[point] = {
+            "threshold": setting["threshold"],
+            "promise": setting["promise"],
+            "held_out": by_label_count(outcome, view, layers),
+            "calibration": setting["calibration"],
+        }
+    return {"title": method.title, "layers": layers, "operating_points": points}, scores
+
+
+def _gate_auc(view: ExitView, scores: dict[int, np.ndarray]) -> dict[str, dict[str, float | None]]:
+    """ROC AUC of each layer's scores for agreement with full depth, per K."""
+    result: dict[str, dict[str, float | None]] = {}
+    for k in sorted(view.flops):
+        rows = view.counts == k
+        result[str(k)] = {str(layer): auc(s[rows], view.agrees(layer)[rows]) for layer, s in scores.items()}
+    return result
 
 
 @step("evaluate")
@@ -220,85 +287,73 @@ def run_evaluate(job: Job) -> dict[str, Any]:
     store = FeatureStore(job.step_dir("extract"))
     calibration = load_calibration(job)
     default = config.calibrate.default_operating_point
-    labels = store.load("eval", ["labels"])["labels"].numpy()
-    int8_correct = full_depth_predictions(store, "eval") == labels
-    fp32_correct = full_depth_predictions(store, "eval", "fp32_final") == labels
-    rows = [
-        _row("FP32 full depth", None, float(fp32_correct.mean())),
-        _row("INT8 full depth", None, float(int8_correct.mean())),
-    ]
-    outcomes: dict[str, Outcome] = {}
-    tables: dict[str, ExitTable] = {}
+    counts = config.evaluate.label_counts
+    views = {variant: sweep_view(store, job, "eval", variant, counts, 1, config.evaluate.seed) for variant in VARIANTS}
+    shipped = views[SHIPPED_VARIANT]
     methods: dict[str, Any] = {}
+    scores_of: dict[str, dict[int, np.ndarray]] = {}
     for name, method in METHODS.items():
-        record = calibration["methods"][name]
-        layers = record["layers"]
-        tables[name] = build_table(store, job, "eval", method, layers)
-        points = {}
-        for point, setting in record["operating_points"].items():
-            outcome = simulate(tables[name], layers, setting["thresholds"])
-            if point == default:
-                outcomes[name] = outcome
-            points[point] = {
-                "thresholds": setting["thresholds"],
-                "accuracy": outcome.accuracy,
-                "flops_saved": outcome.saving,
-                "calib_accuracy": setting["accuracy"],
-                "calib_flops_saved": setting["saving"],
-                "exit_shares": exit_shares(outcome, layers),
-            }
-        methods[name] = {"title": method.title, "layers": layers, "operating_points": points}
+        methods[name], scores_of[name] = _method_sweep(views[method.variant], name, calibration["methods"][name], job)
     pool = calibration["candidate_pool"]
     patience = config.evaluate.patience
-    pabee_outcome = pabee(build_table(store, job, "eval", METHODS[CHECKPOINT_METHOD], pool), pool, patience)
     deepest = store.layers[-1]
-    flops = flops_for(store, job)
-    last_saving = 1.0 - (flops.embed + deepest * flops.block + flops.head) / flops.full_depth
-    text = store.text_embeddings()
-    ssa_inputs = store.load("eval", [f"ssa.{deepest}"])[f"ssa.{deepest}"]
-    ssa_last = {}
-    for variant in ("ssa-hard", "ssa-distilled"):
-        _, heads = load_heads(job.step_dir("train-heads"), variant)
-        predictions = head_logits(heads[deepest], ssa_inputs, text, store.logit_scale).argmax(-1).numpy()
-        ssa_last[variant] = float((predictions == labels).mean())
-    rows += [
-        _row(f"CLS-EE ({default})", outcomes["cls-ee"]),
-        _row(f"Confidence-only EE ({default})", outcomes["confidence"]),
-        _row(f"PABEE (patience {patience})", pabee_outcome),
-        _row(f"SSA-Last hard (layer {deepest})", None, ssa_last["ssa-hard"], last_saving),
-        _row(f"SSA-Last distilled (layer {deepest})", None, ssa_last["ssa-distilled"], last_saving),
-        _row(f"LRA-EE hard ({default})", outcomes["lraee-hard"]),
-        _row(f"LRA-EE distilled ({default})", outcomes["lraee-distilled"]),
-    ]
-    main = outcomes[CHECKPOINT_METHOD]
-    main_layers = methods[CHECKPOINT_METHOD]["layers"]
-    settings = {point: s["thresholds"] for point, s in methods[CHECKPOINT_METHOD]["operating_points"].items()}
-    engine = (
-        _engine_check(job, store, tables[CHECKPOINT_METHOD], main_layers, settings)
-        if config.evaluate.engine_check_images > 0
-        else {"images": 0, "ok": True, "settings": {}}
-    )
+    baselines = {
+        "int8_full_depth": _per_k(full_outcome(shipped), shipped),
+        "fp32_full_depth": _per_k(full_outcome(shipped, fp32=True), shipped),
+        f"pabee_patience_{patience}": _per_k(pabee(shipped, pool, patience), shipped),
+        **{
+            f"ssa_last_{variant}": _per_k(single_exit(views[variant], deepest), views[variant])
+            for variant in VARIANTS
+            if VARIANTS[variant].pooling == "ssa"
+        },
+    }
+    main = methods[CHECKPOINT_METHOD]
+    main_layers = main["layers"]
+    threshold = main["operating_points"][default]["threshold"]
+    main_outcome = simulate(shipped, main_layers, scores_of[CHECKPOINT_METHOD], [threshold] * len(main_layers))
+    full_correct = shipped.full_top1 == shipped.truth
+    quadrants = {
+        str(k): four_quadrants(main_outcome.correct[shipped.counts == k], full_correct[shipped.counts == k])
+        for k in sorted(shipped.flops)
+    }
+    heads_alone = {
+        variant: {str(layer): _per_k(single_exit(view, layer), view) for layer in store.layers}
+        for variant, view in views.items()
+    }
+    fit = read_json(job.step_dir("fit-gate") / "gates.json")
     report: dict[str, Any] = {
-        "eval_images": len(labels),
+        "eval_images": store.count("eval"),
+        "label_counts": sorted(int(k) for k in shipped.flops),
+        "num_labels": len(store.labels),
         "default_operating_point": default,
+        "operating_points": list(OPERATING_POINTS),
         "checkpoint": str(job.checkpoint_dir),
         "data": load_splits(job).description,
         "pruned_layers": calibration["pruned_layers"],
         "candidate_pool": pool,
-        "comparison": rows,
         "methods": methods,
-        "pabee": {"patience": patience, "layers": pool, "exit_shares": exit_shares(pabee_outcome, pool)},
-        "four_quadrants": four_quadrants(main.correct, int8_correct),
-        "gate_selectivity": gate_selectivity(main, int8_correct),
-        "exit_distribution": exit_shares(main, main_layers),
-        "pareto": {
-            name: _pareto(tables[name], methods[name]["layers"], config.calibrate)
+        "baselines": baselines,
+        "four_quadrants": quadrants,
+        "heads_alone": heads_alone,
+        "gate_features": {
+            "chosen": fit["features"],
+            "selection_calib_auc": fit["selection"],
+            "eval_auc": {name: _gate_auc(views[METHODS[name].variant], scores_of[name]) for name in ("lraee", "paper")},
+        },
+        "curves": {
+            name: _curve(views[METHODS[name].variant], methods[name]["layers"], scores_of[name])
             for name in (CHECKPOINT_METHOD, "confidence")
         },
         "profile": [asdict(p) for p in load_profile(job)],
         "heads": read_json(job.step_dir("train-heads") / "heads.json"),
-        "engine_check": engine,
     }
+    engine = (
+        _engine_check(job, store, calibration)
+        if config.evaluate.engine_check_images > 0
+        else {"images": 0, "ok": True, "settings": {}}
+    )
+    report["engine_check"] = engine
+    report = portable_paths(report, path_roots(job))
     write_report(report, job.report_dir)
     write_json(job.report_dir / REPORT_FILE, report)
     if not engine["ok"]:
@@ -306,5 +361,25 @@ def run_evaluate(job: Job) -> dict[str, Any]:
             f"the engine disagreed with the simulation beyond near-threshold cases: {engine['settings']} "
             f"(report written to {job.report_dir})"
         )
+    record_held_out(job, report)
     write_record(job.step_dir("evaluate"), "evaluate", wanted, {"report_dir": str(job.report_dir)})
     return report
+
+
+def record_held_out(job: Job, report: dict[str, Any]) -> None:
+    """Put the shipped method's held-out figures per K and operating point (and `full`'s) into the manifest."""
+    manifest = read_manifest(job.checkpoint_dir)
+    main = report["methods"][CHECKPOINT_METHOD]["operating_points"]
+    held_out = {
+        "split": "eval",
+        "note": "held-out: images that chose nothing (not the head, gate or calib splits); one label set per image "
+        "and K: its true class + K-1 other classes of the data",
+        "images": report["eval_images"],
+        "source": report["data"]["eval_source"] or report["data"]["source"],
+        "operating_points": {
+            **{point: values["held_out"] for point, values in main.items()},
+            "full": report["baselines"]["int8_full_depth"],
+        },
+    }
+    metrics = {**manifest.metrics, "held_out": held_out}
+    write_manifest(job.checkpoint_dir, dataclasses.replace(manifest, metrics=metrics))

@@ -8,13 +8,15 @@ The label prompts' text embeddings are cached too, FP16 as the engine keeps them
 calibration and evaluation never run the backbone again.
 
 Layout: ``extract/meta.json``, ``extract/text.safetensors``, ``extract/<split>/shard-00000.safetensors``
-(``shard_size`` images each, FP32). A shard carries its config hash in its metadata, so an interrupted
-extraction resumes at the first missing shard.
+(``shard_size`` images each, FP32). A shard carries the hash of its split's features (files, backbone, layers) in
+its metadata, so an interrupted extraction resumes at the first missing shard, and a build that shares a split
+with an earlier one copies that split's shards from it (``extract.reuse_from``) instead of recomputing them.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -100,14 +102,32 @@ def _shard_path(directory: Path, split: str, shard: int) -> Path:
     return directory / split / f"shard-{shard:05d}.safetensors"
 
 
+def split_features_hash(config: BuildConfig, splits: Splits, split: str) -> str:
+    """Identity of one split's image features: its files, the backbone and quant mode, the cached layers. Prompts
+    and the other splits do not change them, so another build's shards of the same split can be reused."""
+    items = splits.splits[split]
+    return config_hash(
+        "extract-split", str(items.root), list(items.items), backbone_identity(config), config.extract.candidate_layers
+    )
+
+
 def _shard_done(path: Path, wanted: str) -> bool:
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("config_hash") == wanted
+            return (handle.metadata() or {}).get("split_hash") == wanted
     except Exception:  # a truncated shard from an interrupted run is simply redone
         return False
+
+
+def _reuse(path: Path, source: Path, wanted: str) -> bool:
+    """Copy an identical shard from another build's extract dir (``--reuse-features``); True when it did."""
+    if not _shard_done(source, wanted):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, path)
+    return True
 
 
 @step("extract")
@@ -129,6 +149,7 @@ def run_extract(job: Job) -> str:
     shards: dict[str, list[str]] = {}
     for split in SPLIT_NAMES:
         items = splits.splits[split]
+        split_hash = split_features_hash(config, splits, split)
         dataset = ImageDataset(items, quantized.preprocess)
         num_shards = math.ceil(len(dataset) / shard_size)
         shards[split] = [_shard_path(directory, split, s).relative_to(directory).as_posix() for s in range(num_shards)]
@@ -136,7 +157,11 @@ def run_extract(job: Job) -> str:
         for shard in range(num_shards):
             path = _shard_path(directory, split, shard)
             start, stop = shard * shard_size, min(len(dataset), (shard + 1) * shard_size)
-            if "extract" not in job.force and _shard_done(path, wanted):
+            reuse = config.extract.reuse_from
+            if "extract" not in job.force and (
+                _shard_done(path, split_hash)
+                or (reuse is not None and _reuse(path, _shard_path(Path(reuse), split, shard), split_hash))
+            ):
                 progress.update(stop - start)
                 continue
             loader = DataLoader(
@@ -152,7 +177,7 @@ def run_extract(job: Job) -> str:
                 progress.update(len(labels))
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors = {name: torch.cat(values).contiguous() for name, values in parts.items()}
-            save_file(tensors, str(path), metadata={"config_hash": wanted, "start": str(start)})
+            save_file(tensors, str(path), metadata={"split_hash": split_hash, "start": str(start)})
         progress.close()
     meta = {
         "shape": asdict(quantized.shape),

@@ -1,17 +1,23 @@
 """Step ``train-heads``: an exit head per cached layer, trained on cached features of the head split.
 
-Three head sets are trained, because the evaluation compares them:
+Four head sets are trained, because the evaluation compares them:
 
-* ``ssa-distilled``: SSA pooling, cross-entropy + lambda x (1 - cos(head embedding, FP32 final embedding)): LRA-EE;
-* ``ssa-hard``: SSA pooling, cross-entropy only: the ablation's "hard" rows;
-* ``cls-distilled``: [CLS] pooling with the LRA-EE loss: the CLS-EE baseline.
+* ``ssa-embed`` (shipped): SSA pooling, label-free: the head reproduces the served model's full-depth image
+  embedding (INT8 when the tower is quantized), ``cosine_weight x (1 - cos) + mse_weight x MSE``. No label list is
+  involved, so the exit answers any label set the way full depth would;
+* ``ssa-distilled``: the paper's loss, cross-entropy + lambda x (1 - cos(head, FP32 final embedding));
+* ``ssa-hard``: cross-entropy only, the ablation's "hard" rows;
+* ``cls-embed``: [CLS] pooling with the shipped loss: the CLS-EE baseline.
 
-Logits are ``logit_scale x cosine`` against the label set's prompt-ensembled text embeddings (the engine's own
+Cross-entropy is computed over a label subset drawn per batch: the batch's classes plus random other classes up to
+a K drawn log-uniform over 2..N, so the paper's heads are not trained as one closed-set classifier. Logits are
+``logit_scale x cosine`` against prompt-ensembled text embeddings (the engine's
 :func:`lraee_core.heads.class_logits`), so a head is trained on exactly the scores it is later judged by.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,15 +41,17 @@ class Variant:
     """How one head set pools and is supervised."""
 
     pooling: Pooling  # "ssa" or "cls"
-    loss: Loss  # "distilled" or "hard"
+    loss: Loss  # "embed" (label-free), "distilled" (CE + cosine) or "hard" (CE)
 
 
 # LRA-EE, its hard-label ablation, and the CLS-EE baseline.
 VARIANTS: dict[str, Variant] = {
+    "ssa-embed": Variant("ssa", "embed"),
     "ssa-distilled": Variant("ssa", "distilled"),
     "ssa-hard": Variant("ssa", "hard"),
-    "cls-distilled": Variant("cls", "distilled"),
+    "cls-embed": Variant("cls", "embed"),
 }
+SHIPPED_VARIANT = "ssa-embed"
 
 
 def head_config(store: FeatureStore, pooling: Pooling, train: HeadTrainConfig) -> HeadConfig:
@@ -54,21 +62,53 @@ def head_config(store: FeatureStore, pooling: Pooling, train: HeadTrainConfig) -
     )
 
 
+def label_subset(
+    labels: torch.Tensor, num_labels: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(subset of label indices [K], batch targets remapped into it [B]): the batch's classes plus random others,
+    K log-uniform over max(2, classes in the batch)..N."""
+    present = labels.unique()
+    low = min(max(2, len(present)), num_labels)
+    draw = float(torch.rand(1, generator=generator))
+    k = min(num_labels, int(math.exp(math.log(low) + draw * (math.log(num_labels + 1) - math.log(low)))))
+    k = max(k, low)
+    mask = torch.ones(num_labels, dtype=torch.bool)
+    mask[present] = False
+    others = torch.nonzero(mask).flatten()
+    others = others[torch.randperm(len(others), generator=generator)[: k - len(present)]]
+    subset = torch.cat([present, others])
+    position = torch.full((num_labels,), -1, dtype=torch.long)
+    position[subset] = torch.arange(len(subset))
+    return subset, position[labels]
+
+
 def head_loss(
     embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: float,
     loss: Loss,
-    targets: torch.Tensor | None,
-    distill_weight: float,
+    train: HeadTrainConfig,
+    *,
+    target: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    text: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Cross-entropy on zero-shot logits, plus ``distill_weight`` x mean(1 - cos) to ``targets`` when distilled."""
+    """One batch's loss. ``embed``: cosine (+ MSE) to ``target``, the full-depth embedding; ``distilled``:
+    cross-entropy over ``text`` (the batch's label subset) + ``distill_weight`` x (1 - cos) to ``target``;
+    ``hard``: cross-entropy only."""
+    if loss == "embed":
+        if target is None:
+            raise ValueError("label-free heads need the full-depth target embeddings")
+        value = train.cosine_weight * (1.0 - F.cosine_similarity(embeddings, target, dim=-1)).mean()
+        if train.mse_weight:
+            value = value + train.mse_weight * F.mse_loss(embeddings, target)
+        return value
+    if labels is None or text is None:
+        raise ValueError(f"{loss} heads need labels and text embeddings")
     value = F.cross_entropy(class_logits(embeddings, text, logit_scale), labels)
     if loss == "distilled":
-        if targets is None:
+        if target is None:
             raise ValueError("distilled heads need FP32 target embeddings")
-        value = value + distill_weight * (1.0 - F.cosine_similarity(embeddings, targets, dim=-1)).mean()
+        value = value + train.distill_weight * (1.0 - F.cosine_similarity(embeddings, target, dim=-1)).mean()
     return value
 
 
@@ -95,15 +135,20 @@ def train_head(
         total, seen = 0.0, 0
         for start in range(0, len(order), train.batch_size):
             batch = order[start : start + train.batch_size]
-            value = head_loss(
-                head(inputs[batch]),
-                labels[batch],
-                text,
-                logit_scale,
-                loss,
-                None if targets is None else targets[batch],
-                train.distill_weight,
-            )
+            target = None if targets is None else targets[batch]
+            if loss == "embed":
+                value = head_loss(head(inputs[batch]), loss, train, target=target)
+            else:
+                subset, remapped = label_subset(labels[batch], len(text), generator)
+                value = head_loss(
+                    head(inputs[batch]),
+                    loss,
+                    train,
+                    target=target,
+                    labels=remapped,
+                    text=text[subset],
+                    logit_scale=logit_scale,
+                )
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -140,8 +185,11 @@ def run_train_heads(job: Job) -> str:
     train = job.config.heads
     store = FeatureStore(job.step_dir("extract"))
     text = store.text_embeddings()
-    split = store.load("head", ["labels", "fp32_final"])
-    labels, targets = split["labels"], split["fp32_final"]
+    split = store.load("head", ["labels", "fp32_final", "int8_final"])
+    labels = split["labels"]
+    # Label-free heads copy the served model's answer (the INT8 tower's own final embedding); the paper's
+    # distilled heads copy the FP32 one.
+    target_of = {"embed": split["int8_final"], "distilled": split["fp32_final"], "hard": None}
     report: dict[str, Any] = {"head_images": len(labels), "variants": {}}
     progress = tqdm(total=len(VARIANTS) * len(store.layers), desc="train heads", unit="head", leave=False)
     for name, variant in VARIANTS.items():
@@ -152,10 +200,24 @@ def run_train_heads(job: Job) -> str:
             inputs = store.load("head", [f"{variant.pooling}.{layer}"])[f"{variant.pooling}.{layer}"]
             # Seeded per layer so a head does not depend on which other layers were trained before it.
             head, history = train_head(
-                inputs, labels, targets, text, store.logit_scale, config, variant.loss, train, train.seed + layer
+                inputs,
+                labels,
+                target_of[variant.loss],
+                text,
+                store.logit_scale,
+                config,
+                variant.loss,
+                train,
+                train.seed + layer,
             )
+            with torch.inference_mode():
+                cosine = F.cosine_similarity(head(inputs), split["int8_final"], dim=-1).mean()
             accuracy = float((head_logits(head, inputs, text, store.logit_scale).argmax(-1) == labels).float().mean())
-            per_layer[str(layer)] = {"loss_per_epoch": history, "head_split_accuracy": accuracy}
+            per_layer[str(layer)] = {
+                "loss_per_epoch": history,
+                "head_split_accuracy": accuracy,
+                "head_split_cosine_to_full_depth": float(cosine),
+            }
             tensors.update({f"{layer}.{key}": value.detach().contiguous() for key, value in head.state_dict().items()})
             progress.update()
         directory.mkdir(parents=True, exist_ok=True)

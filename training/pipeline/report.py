@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from .profile import PROFILE_PLOT, LayerProfile
 
-PARETO_PLOT = "pareto.png"
+CURVE_PLOT = "agreement_vs_flops.png"
 EXITS_PLOT = "exits.png"
 REPORT_MARKDOWN = "report.md"
 
@@ -45,51 +45,65 @@ def plot_profile(layers: Sequence[LayerProfile], path: Path, title: str = "") ->
     figure.savefig(path, dpi=100)
 
 
-def plot_pareto(report: dict[str, Any], path: Path) -> None:
-    """Accuracy vs FLOPs saving: the Pareto fronts of LRA-EE and confidence-only, plus every reported method."""
-    figure = Figure(figsize=(7, 5))
-    figure.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)
-    axis = figure.subplots()
-    for name, curve in report["pareto"].items():
-        front = curve["front"]
-        title = report["methods"][name]["title"]
-        axis.step(
-            [100 * s for s, _ in front], [100 * a for _, a in front], "o-", where="post", markersize=3, label=title
-        )
-    for row in report["comparison"]:
-        axis.scatter(100 * row["flops_saved"], 100 * row["accuracy"], marker="x", zorder=3)
-        axis.annotate(row["method"], (100 * row["flops_saved"], 100 * row["accuracy"]), fontsize=7)
-    axis.set_xlabel("FLOPs saved (%)")
-    axis.set_ylabel("top-1 accuracy (%)")
-    axis.set_title("evaluation split: accuracy vs FLOPs saved")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
+def _k_name(k: str, num_labels: int) -> str:
+    return f"K={k} (all)" if int(k) == num_labels else f"K={k}"
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> None:
+    """Agreement with full depth vs FLOPs saved, one panel per K: the shipped method's and confidence-only's
+    threshold sweeps on the evaluation split, and the shipped operating points."""
+    ks = [str(k) for k in report["label_counts"]]
+    figure = Figure(figsize=(4 * len(ks), 4))
+    figure.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.86, wspace=0.3)
+    axes = figure.subplots(1, len(ks), squeeze=False)[0]
+    points = report["methods"]["lraee"]["operating_points"]
+    for axis, k in zip(axes, ks, strict=True):
+        for name, style in (("lraee", "-"), ("confidence", "--")):
+            curve = sorted(report["curves"][name].get(k, []), key=lambda entry: entry[1])
+            axis.plot(
+                [100 * saved for _, saved, _ in curve],
+                [100 * agreement for _, _, agreement in curve],
+                style,
+                label=report["methods"][name]["title"],
+            )
+        for point, values in points.items():
+            figures = values["held_out"][k]
+            axis.scatter(100 * figures["flops_saved"], 100 * figures["agreement"], zorder=3)
+            axis.annotate(point, (100 * figures["flops_saved"], 100 * figures["agreement"]), fontsize=8)
+            axis.axhline(100 * values["promise"], color="grey", linewidth=0.5, linestyle=":")
+        axis.set_title(_k_name(k, report["num_labels"]))
+        axis.set_xlabel("FLOPs saved (%)")
+        axis.set_ylim(max(0.0, axis.get_ylim()[0]), 100.5)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("agreement with full depth (%)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    figure.suptitle("evaluation split: agreement with the full-depth answer vs FLOPs saved, per label count")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
 
 
 def plot_exits(report: dict[str, Any], path: Path) -> None:
-    """Where images leave, per operating point of LRA-EE (distilled)."""
-    points = report["methods"]["lraee-distilled"]["operating_points"]
-    figure = Figure(figsize=(7, 4))
-    figure.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.91)
-    axis = figure.subplots()
-    keys = list(next(iter(points.values()))["exit_shares"])
-    width = 0.8 / max(1, len(points))
-    for i, (name, point) in enumerate(points.items()):
-        axis.bar(
-            [k + i * width for k in range(len(keys))],
-            [100 * point["exit_shares"][key] for key in keys],
-            width=width,
-            label=name,
-        )
-    axis.set_xticks([k + width * (len(points) - 1) / 2 for k in range(len(keys))])
-    axis.set_xticklabels([f"layer {key}" if key != "full" else "full depth" for key in keys])
-    axis.set_ylabel("images (%)")
-    axis.set_title("LRA-EE (distilled): exit distribution on the evaluation split")
-    axis.legend()
+    """Where images leave under each operating point of the shipped method, per K (stacked shares)."""
+    points = report["methods"]["lraee"]["operating_points"]
+    ks = [str(k) for k in report["label_counts"]]
+    figure = Figure(figsize=(4 * len(points), 3.8))
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.86, wspace=0.25)
+    axes = figure.subplots(1, len(points), squeeze=False)[0]
+    for axis, (point, values) in zip(axes, points.items(), strict=True):
+        keys = list(values["held_out"][ks[0]]["exit_shares"])
+        bottom = [0.0] * len(ks)
+        for key in keys:
+            heights = [100 * values["held_out"][k]["exit_shares"][key] for k in ks]
+            axis.bar(range(len(ks)), heights, bottom=bottom, label="full depth" if key == "full" else f"layer {key}")
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        axis.set_xticks(range(len(ks)))
+        axis.set_xticklabels([f"K={k}" for k in ks])
+        axis.set_title(f"{point} (promise {100 * values['promise']:.0f}%)")
+    axes[0].set_ylabel("images (%)")
+    axes[-1].legend(fontsize=7)
+    figure.suptitle("LRA-EE exit distribution on the evaluation split")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
 
 
 def _pct(value: float | None) -> str:
@@ -102,84 +116,163 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _shares(shares: dict[str, float]) -> str:
+    return ", ".join(f"{key}: {100 * value:.0f}%" for key, value in shares.items() if value > 0)
+
+
+BASELINE_TITLES = {
+    "int8_full_depth": "INT8 full depth (`full`)",
+    "fp32_full_depth": "FP32 full depth",
+}
+
+
+def _baseline_title(name: str) -> str:
+    if name in BASELINE_TITLES:
+        return BASELINE_TITLES[name]
+    if name.startswith("pabee"):
+        return f"PABEE (patience {name.rsplit('_', 1)[-1]})"
+    return f"SSA-Last ({name.removeprefix('ssa_last_')} heads)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown (numbers from ``report``; plots referenced by file name)."""
     data = report["data"]
     default = report["default_operating_point"]
+    num_labels = report["num_labels"]
+    ks = [str(k) for k in report["label_counts"]]
     lines = [
         "# LRA-EE evaluation report",
         "",
         f"Checkpoint `{report['checkpoint']}`; evaluation split: {report['eval_images']} images of "
-        f"`{data['eval_source'] or data['source']}`, {data['num_labels']} labels; default operating point "
-        f"`{default}`. FLOPs saved are against the INT8 full-depth path, exit heads and gates included.",
+        f"`{data['eval_source'] or data['source']}`, {num_labels} labels. Every image is asked once per label count "
+        "K with its true class and K-1 other classes. Agreement = the answer equals the INT8 full-depth answer (the "
+        "`full` operating point); FLOPs saved are against that path, exit heads and gates included. Operating "
+        "points promise an agreement; held-out figures are on this split, calibration figures on the calib split "
+        f"that chose the threshold. Default operating point `{default}`.",
         "",
-        "## Comparison",
+        f"![agreement vs FLOPs saved]({CURVE_PLOT})",
         "",
     ]
-    lines += _table(
-        ["Method", "Top-1 (%)", "FLOPs saved (%)"],
-        [(row["method"], _pct(row["accuracy"]), _pct(row["flops_saved"])) for row in report["comparison"]],
-    )
-    lines += ["## Operating points (calibrated on the calib split, measured on the eval split)", ""]
-    rows = []
-    for method in report["methods"].values():
-        for point, values in method["operating_points"].items():
-            shares = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in values["exit_shares"].items())
-            thresholds = ", ".join(
-                f"{layer}: {t:.3f}" for layer, t in zip(method["layers"], values["thresholds"], strict=True)
-            )
+    main = report["methods"]["lraee"]
+    lines += [f"## The shipped method: {main['title']}, layers {main['layers']}", ""]
+    rows: list[tuple[Any, ...]] = []
+    for point, values in main["operating_points"].items():
+        for k in ks:
+            held, calib = values["held_out"][k], values["calibration"].get(k)
             rows.append(
                 (
-                    method["title"],
                     point,
-                    thresholds,
-                    _pct(values["accuracy"]),
-                    _pct(values["flops_saved"]),
-                    _pct(values["calib_accuracy"]),
-                    _pct(values["calib_flops_saved"]),
-                    shares,
+                    f"{100 * values['promise']:.0f}",
+                    _k_name(k, num_labels),
+                    _pct(held["agreement"]),
+                    _pct(calib["agreement"]) if calib else "–",
+                    _pct(held["top1"]),
+                    _pct(report["baselines"]["int8_full_depth"][k]["top1"]),
+                    _pct(held["flops_saved"]),
+                    _pct(calib["flops_saved"]) if calib else "–",
+                    _shares(held["exit_shares"]),
                 )
             )
     lines += _table(
-        ["Method", "Point", "Thresholds (layer: t)", "Top-1", "Saved", "Calib top-1", "Calib saved", "Exits"], rows
+        [
+            "Point",
+            "Promise",
+            "K",
+            "Agreement held-out",
+            "Agreement calib",
+            "Top-1",
+            "Top-1 full",
+            "Saved held-out",
+            "Saved calib",
+            "Exits (held-out)",
+        ],
+        rows,
     )
-    quadrants = report["four_quadrants"]
-    lines += [f"## Four-quadrant decomposition: LRA-EE (distilled, {default}) vs INT8 full depth", ""]
+    lines += [f"## Every method by label count (operating point `{default}`; baselines have none)", ""]
+    for k in ks:
+        rows = []
+        for name, values in report["baselines"].items():
+            rows.append(
+                (
+                    _baseline_title(name),
+                    _pct(values[k]["top1"]),
+                    _pct(values[k]["agreement"]),
+                    _pct(values[k]["flops_saved"]),
+                    "–",
+                )
+            )
+        for method in report["methods"].values():
+            held = method["operating_points"][default]["held_out"][k]
+            rows.append(
+                (
+                    method["title"],
+                    _pct(held["top1"]),
+                    _pct(held["agreement"]),
+                    _pct(held["flops_saved"]),
+                    _shares(held["exit_shares"]),
+                )
+            )
+        lines += [f"### {_k_name(k, num_labels)}", ""]
+        lines += _table(["Method", "Top-1 (%)", "Agreement (%)", "FLOPs saved (%)", "Exits"], rows)
+    lines += ["## Every operating point of every method (held-out agreement / FLOPs saved, %)", ""]
+    rows = []
+    for method in report["methods"].values():
+        for point, values in method["operating_points"].items():
+            cells = [
+                f"{_pct(values['held_out'][k]['agreement'])} / {_pct(values['held_out'][k]['flops_saved'])}" for k in ks
+            ]
+            rows.append((method["title"], point, f"{values['threshold']:.4f}", *cells))
+    lines += _table(["Method", "Point", "Threshold", *[_k_name(k, num_labels) for k in ks]], rows)
+    lines += [f"## Four-quadrant decomposition: LRA-EE ({default}) vs INT8 full depth, per K", ""]
     titles = {
         "both_correct": "Both correct",
         "rescue": "Rescue (EE right, full wrong)",
         "loss": "Loss (EE wrong, full right)",
         "both_wrong": "Both wrong",
     }
+    quadrants = report["four_quadrants"]
     lines += _table(
-        ["Outcome", "Images", "%"],
-        [(titles[k], quadrants["counts"][k], f"{quadrants['percent'][k]:.2f}") for k in titles]
-        + [("Net gain (rescue - loss)", quadrants["net_gain"], f"{quadrants['net_gain_points']:+.2f}")],
-    )
-    selectivity = report["gate_selectivity"]
-    lines += ["## Gate selectivity", ""]
-    lines += _table(
-        ["Group", "Images", "LRA-EE top-1 (%)", "INT8 full-depth top-1 (%)"],
+        ["Outcome", *[_k_name(k, num_labels) for k in ks]],
         [
-            (group, values["images"], _pct(values["accuracy"]), _pct(values["int8_full_depth_accuracy"]))
-            for group, values in selectivity.items()
+            (titles[key], *[f"{quadrants[k]['counts'][key]} ({quadrants[k]['percent'][key]:.1f}%)" for k in ks])
+            for key in titles
+        ]
+        + [("Net gain (points)", *[f"{quadrants[k]['net_gain_points']:+.2f}" for k in ks])],
+    )
+    gates = report["gate_features"]
+    lines += [
+        "## Gate features",
+        "",
+        f"Chosen: `{', '.join(gates['chosen'])}`. Each candidate set was fitted on the gate split (agreement target, "
+        "label sets with K log-uniform over 2..N) and scored on the calib split (its own label sets):",
+        "",
+    ]
+    lines += _table(
+        ["Feature set", "Features", "Mean calib AUC"],
+        [
+            (
+                name,
+                ", ".join(entry["features"]),
+                "–" if entry["calib_auc_mean"] is None else f"{entry['calib_auc_mean']:.4f}",
+            )
+            for name, entry in gates["selection_calib_auc"].items()
         ],
     )
+    lines += ["Held-out AUC (agreement with full depth) of the shipped gates vs the paper's gate, per K and layer:", ""]
+    rows = []
+    for name, per_k in gates["eval_auc"].items():
+        for k in ks:
+            per_layer = ", ".join(f"{layer}: {'–' if v is None else f'{v:.3f}'}" for layer, v in per_k[k].items())
+            rows.append((report["methods"][name]["title"], _k_name(k, num_labels), per_layer))
+    lines += _table(["Gate", "K", "AUC per layer"], rows)
+    lines += ["## Each head set's exits alone (agreement with full depth / top-1, %)", ""]
+    rows = []
+    for variant, layers in report["heads_alone"].items():
+        for layer, per_k in layers.items():
+            rows.append((variant, layer, *[f"{_pct(per_k[k]['agreement'])} / {_pct(per_k[k]['top1'])}" for k in ks]))
+    lines += _table(["Heads", "Layer", *[_k_name(k, num_labels) for k in ks]], rows)
     lines += ["## Exit distribution", "", f"![exits]({EXITS_PLOT})", ""]
-    lines += _table(
-        ["Exit", "Images (%)"],
-        [
-            (f"layer {k}" if k != "full" else "full depth", f"{100 * v:.2f}")
-            for k, v in report["exit_distribution"].items()
-        ],
-    )
-    lines += ["## Pareto sweep", "", f"![pareto]({PARETO_PLOT})", ""]
-    for name, curve in report["pareto"].items():
-        lines.append(
-            f"- {report['methods'][name]['title']}: layers {curve['layers']}, {curve['settings']} settings "
-            f"({curve['kind']}), {len(curve['front'])} on the front."
-        )
-    lines += ["", "## QIRC profile", "", f"![profile]({PROFILE_PLOT})", ""]
+    lines += ["## QIRC profile", "", f"![profile]({PROFILE_PLOT})", ""]
     lines += _table(
         ["Layer", "NSR", "INR", "cosine", "MSE", "max abs FP32", "max abs INT8"],
         [
@@ -202,20 +295,20 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"Candidate pool after pruning: {report['candidate_pool']}.", "", "## Engine check", ""]
     engine = report["engine_check"]
     lines.append(
-        f"The checkpoint loaded through `lraee_core.load_classifier` on {engine['images']} evaluation "
-        f"images: {'agrees with' if engine['ok'] else 'DISAGREES with'} the simulation."
+        f"The checkpoint loaded through `lraee_core.checkpoint.load_classifier` on {engine['images']} evaluation "
+        f"images, each with its own label set: {'agrees with' if engine['ok'] else 'DISAGREES with'} the simulation."
     )
     lines.append("")
     lines += _table(
-        ["Setting", "Agree", "Near threshold", "Unexplained", "Engine top-1", "Simulated top-1", "Exits (eng/sim)"],
+        ["Setting", "Agree", "Near threshold", "Unexplained", "FLOPs equal", "Engine agreement", "Exits (eng/sim)"],
         [
             (
                 name,
                 f"{c['agree']}/{c['images']}",
                 c["near_threshold"],
                 c["unexplained_disagreements"],
-                _pct(c["engine_accuracy"]),
-                _pct(c["simulated_accuracy"]),
+                c["flops_agree"],
+                _pct(c["engine_agreement_with_full"]),
                 f"{c['engine_exits']}/{c['simulated_exits']}",
             )
             for name, c in engine["settings"].items()
@@ -225,9 +318,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], directory: Path) -> None:
-    """report.md + pareto.png + exits.png + profile.png into ``directory``."""
+    """report.md + agreement_vs_flops.png + exits.png + profile.png into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    plot_pareto(report, directory / PARETO_PLOT)
+    for stale in ("pareto.png",):  # plots of the earlier report layout
+        (directory / stale).unlink(missing_ok=True)
+    plot_curves(report, directory / CURVE_PLOT)
     plot_exits(report, directory / EXITS_PLOT)
     plot_profile([LayerProfile(**p) for p in report["profile"]], directory / PROFILE_PLOT)
     (directory / REPORT_MARKDOWN).write_text(markdown(report) + "\n")

@@ -1,8 +1,8 @@
 """Markdown summary tables for the README, read from committed ``report.json`` files (nothing typed by hand).
 
-``python -m training.pipeline.summary_tables reports/world/colour_shape-test reports/world/shapes-test ...`` prints one
-row per report: FP32 and INT8 full-depth accuracy, and LRA-EE (distilled, the shipped method) accuracy and FLOPs
-saved at every operating point, plus the four-quadrant rescue/loss counts at the default point.
+``python -m training.pipeline.summary_tables reports/photos/tiny-val reports/photos/ilsvrc-val ...`` prints one row
+per report and label count K: FP32 and INT8 full-depth top-1 (INT8 is the `full` operating point), and for each
+operating point of the shipped method its held-out top-1, agreement with full depth and FLOPs saved.
 """
 
 from __future__ import annotations
@@ -13,35 +13,41 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-METHOD = "lraee-distilled"
+METHOD = "lraee"
+POINTS = ("accurate", "balanced", "fast")
 
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def _row(report: dict[str, Any], name: str) -> str:
-    by_method = {row["method"]: row for row in report["comparison"]}
+def _rows(report: dict[str, Any], name: str) -> list[str]:
     points = report["methods"][METHOD]["operating_points"]
-    cells = [name, str(report["eval_images"]), str(report["data"]["num_labels"])]
-    cells += [_pct(by_method["FP32 full depth"]["accuracy"]), _pct(by_method["INT8 full depth"]["accuracy"])]
-    for point in ("accurate", "balanced", "fast"):
-        if point in points:
-            cells.append(f"{_pct(points[point]['accuracy'])} / {_pct(points[point]['flops_saved'])}")
-        else:
-            cells.append("–")
-    quadrants = report["four_quadrants"]
-    cells.append(f"{quadrants['counts']['rescue']} / {quadrants['counts']['loss']}")
-    return "| " + " | ".join(cells) + " |"
+    baselines = report["baselines"]
+    rows = []
+    for k in (str(k) for k in report["label_counts"]):
+        label = f"{k} (all)" if int(k) == report["num_labels"] else k
+        cells = [name, str(report["eval_images"]), label]
+        cells += [_pct(baselines["fp32_full_depth"][k]["top1"]), _pct(baselines["int8_full_depth"][k]["top1"])]
+        for point in POINTS:
+            held = points[point]["held_out"][k] if point in points else None
+            cells.append(
+                "–"
+                if held is None
+                else f"{_pct(held['top1'])} / {_pct(held['agreement'])} / {_pct(held['flops_saved'])}"
+            )
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def table(directories: Sequence[Path]) -> str:
     """The Markdown table of the reports in ``directories`` (each holding report.json)."""
     header = (
-        "| evaluation | images | labels | FP32 full | INT8 full | LRA-EE accurate (acc / FLOPs saved) "
-        "| balanced | fast | rescued / lost vs INT8 |\n|---|---|---|---|---|---|---|---|---|"
+        "| evaluation | images | K labels | FP32 full | INT8 full (`full`) "
+        "| accurate (≥99%): top-1 / agreement / FLOPs saved | balanced (≥97%) | fast (≥93%) |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
-    rows = [_row(json.loads((d / "report.json").read_text()), d.name) for d in directories]
+    rows = [row for d in directories for row in _rows(json.loads((d / "report.json").read_text()), d.name)]
     return "\n".join([header, *rows])
 
 
