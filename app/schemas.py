@@ -41,7 +41,8 @@ class ClassifyOptions(BaseModel):
     operating_point: str | None = Field(
         default=None,
         max_length=MAX_NAME_CHARS,
-        description="A stored threshold set (see GET /model); default: the checkpoint's default",
+        description="A stored operating point (see GET /model), or 'full' for the full-depth answer with no early "
+        "exit; default: the checkpoint's default",
     )
 
 
@@ -150,6 +151,15 @@ class OperatingPointOut(BaseModel):
     """A stored threshold set."""
 
     thresholds: dict[str, float] = Field(description="Candidate layer -> gate threshold (>= 1 never exits)")
+    promise: float | None = Field(
+        default=None,
+        description="Agreement with the full-depth top-1 this point promises on held-out images (null: none)",
+    )
+    held_out: dict[str, Any] | None = Field(
+        default=None,
+        description="Measured on held-out images never used to choose thresholds: label count K -> agreement with "
+        "full depth, top-1, FLOPs saved, exit shares",
+    )
 
 
 class PrunedLayerOut(BaseModel):
@@ -214,3 +224,28 @@ _ERROR_DESCRIPTIONS = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries in the error shape for ``statuses``."""
     return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` inlined, for a hand-written OpenAPI request body.
+
+    Pydantic refers to nested models as ``#/$defs/Name``; inside an OpenAPI document that pointer resolves against
+    the document's root, where there is no ``$defs``: ReDoc refuses the whole document. The models here nest
+    without recursion, so inlining terminates.
+    """
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref")
+            if isinstance(reference, str) and reference.startswith("#/$defs/"):
+                siblings = {key: resolve(value) for key, value in node.items() if key != "$ref"}
+                return {**resolve(definitions[reference.removeprefix("#/$defs/")]), **siblings}
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
