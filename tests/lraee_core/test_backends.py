@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,12 @@ def test_unknown_backend_or_mode_is_a_checkpoint_error(tiny_checkpoint: Path) ->
         load_classifier(tiny_checkpoint, backend="tensorrt")  # type: ignore[arg-type]
     with pytest.raises(CheckpointError, match="unknown quant mode"):
         load_classifier(tiny_checkpoint, quant_mode="int4")  # type: ignore[arg-type]
+
+
+def test_a_missing_onnxruntime_names_the_extra(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "lraee_core.backends.onnxruntime", None)  # what a plain install sees
+    with pytest.raises(CheckpointError, match=r"\[onnx\] extra"):
+        load_classifier(tiny_checkpoint, backend="onnxruntime")
 
 
 @pytest.mark.slow
