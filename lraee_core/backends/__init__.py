@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..backbone import ClipBackbone
-from ..config import QuantMode
+from ..config import QUANT_MODES, QuantMode
 from ..errors import BackboneError
 from ..quantize import QuantReport
 
@@ -44,6 +44,8 @@ def prepare_backbone(
 
     :class:`~lraee_core.errors.BackboneError` for an unknown backend, or one whose optional packages are missing.
     """
+    if quant_mode not in QUANT_MODES:  # checked before a backend spends minutes compiling
+        raise BackboneError(f"unknown quant mode {quant_mode!r}; expected one of {QUANT_MODES}")
     options = options or BackendOptions()
     if backend == "torch":
         from .torch import prepare_torch
