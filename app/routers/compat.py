@@ -17,7 +17,14 @@ from fastapi import APIRouter, Request, Response
 from ..deps import BatcherDep, DecoderDep, ServiceDep, SettingsDep
 from ..errors import InvalidInput, UnsupportedMediaType
 from ..payloads import JSON, ParsedRequest, decode_base64, is_json, json_object, media_type, read_body, validate_model
-from ..schemas import ClassifyOptions, HuggingFaceInputs, HuggingFaceRequest, PredictionOut, error_responses
+from ..schemas import (
+    ClassifyOptions,
+    HuggingFaceInputs,
+    HuggingFaceRequest,
+    PredictionOut,
+    error_responses,
+    inline_schema,
+)
 from ..settings import Settings
 from .classify import run_classification
 
@@ -92,7 +99,7 @@ async def parse_huggingface_request(request: Request, settings: Settings) -> Par
 _REQUEST_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {JSON: {"schema": HuggingFaceRequest.model_json_schema()}},
+        "content": {JSON: {"schema": inline_schema(HuggingFaceRequest)}},
     }
 }
 
