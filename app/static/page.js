@@ -298,12 +298,10 @@ function renderComparison(early, full) {
   const verdict = document.createElement("span");
   verdict.className = agree ? "agree" : "disagree";
   verdict.textContent = agree ? "Same answer at full depth." : "Full depth answers differently.";
-  const saved = early.flops_saved - full.flops_saved;
   sentence.append(verdict, document.createTextNode(
     ` Early exit: “${early.predictions[0].label}” after block ${early.exit_layer}; full depth: ` +
-    `“${full.predictions[0].label}” after block ${full.exit_layer}. The early answer cost ` +
-    `${(early.flops * 1000).toFixed(1)} vs ${(full.flops * 1000).toFixed(1)} MFLOPs ` +
-    `(${(saved * 100).toFixed(1)} points of full-depth FLOPs less).`));
+    `“${full.predictions[0].label}” after block ${full.exit_layer}. The early answer spent ` +
+    `${(early.flops * 1000).toFixed(1)} of full depth's ${(full.flops * 1000).toFixed(1)} MFLOPs.`));
   renderBars(byId("full-bars"), full.predictions);
   renderFacts(byId("full-facts"), full);
   panel.hidden = false;
