@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup tools serve test lint format bench deploy-check clean
+.PHONY: setup tools serve test lint format bench load deploy-check clean
 # System packages the tests drive for real, installed with apt-get when missing and possible (root); otherwise the
 # tests that need them skip, saying why. $(call apt_ensure,WHAT,CHECK,PACKAGES): install PACKAGES unless CHECK passes.
 define apt_ensure
@@ -56,6 +56,11 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Long soak of a real uvicorn: 2,000 varied requests at concurrency 16, then six concurrent 40 MB bodies; zero 5xx
+# or it fails. Figures (statuses, req/s, server RSS before/after/peak) to bench/results/load-*.json and .md.
+load: setup
+	$(BIN)/python -m bench.load
 
 # Real Prometheus on loopback scraping a local uvicorn; every dashboard query must return data (also in make test).
 deploy-check: setup tools
