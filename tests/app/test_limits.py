@@ -182,7 +182,12 @@ async def test_a_full_queue_refuses_before_decoding(make_settings: Any, monkeypa
         runtime = app.state.runtime
         decoded: list[int] = []
         decode_one = runtime.decoder.decode_one
-        monkeypatch.setattr(runtime.decoder, "decode_one", lambda data: decoded.append(1) or decode_one(data))
+
+        def counting(data: bytes) -> Any:
+            decoded.append(1)
+            return decode_one(data)
+
+        monkeypatch.setattr(runtime.decoder, "decode_one", counting)
         held = runtime.batcher.admit(2)  # another request holds every place while it decodes
         try:
             response = await client.post("/classify", **multipart(PNG))
@@ -224,7 +229,7 @@ async def test_multipart_is_streamed_not_read_whole(make_settings: Any, monkeypa
 
 def test_every_request_field_has_a_hard_bound(client: Any) -> None:
     image = base64.b64encode(PNG).decode()
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "labels": {"labels": [f"l{i}" for i in range(10_001)]},
         "labels.0": {"labels": ["x" * 1001]},
         "templates": {"labels": LABELS, "templates": ["{}"] * 10_001},
