@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +23,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from lraee_core.assets import DEFAULT_CHECKPOINT
 from training.clip import photos
 
-from .test_uvicorn import REPO, free_port, stop
+from .test_uvicorn import REPO, free_port, start, stop, wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +52,7 @@ CHROMIUM_FLAGS = (
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
@@ -71,24 +69,10 @@ def server() -> Iterator[str]:
     """The service on a free loopback port, embedded default model, an API key; its base URL."""
     browser_binaries()  # skip before paying for the model load
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LRAEE_")}
-    env.update(LRAEE_API_KEY=KEY, LRAEE_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
-    process = subprocess.Popen(
-        [*command, "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    process = start(DEFAULT_CHECKPOINT, port, LRAEE_API_KEY=KEY)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, stop(process)
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "uvicorn did not become ready in 120 s"
-            time.sleep(0.2)
+        wait_until_ready(process, base, seconds=120)
         yield base
     finally:
         stop(process)
@@ -209,11 +193,18 @@ def test_every_control_has_a_label_and_the_page_loads_nothing_from_elsewhere(dri
         ".filter((c) => c.labels.length === 0).map((c) => c.id)"
     )
     assert unlabelled == []
+    # Keyboard: a preset is a real button (Enter activates it), and Enter in the labels field submits the form.
+    driver.find_element(By.XPATH, "//div[@id='presets']/button[text()='Animals']").send_keys(Keys.ENTER)
+    assert driver.find_element(By.ID, "labels").get_attribute("value").startswith("tabby cat, ")
+    driver.find_element(By.ID, "labels").send_keys(Keys.ENTER)
+    assert "No image yet" in shown_error(driver)
+    assert driver.switch_to.active_element.get_attribute("id") == "image"
     # Without the key the page still loads, and says what it needs.
     assert "API key" in driver.find_element(By.ID, "model-line").text
     assert foreign(requests_made(driver), server) == []
 
 
+@pytest.mark.photos
 def test_page_classifies_a_real_photo(driver: Any, server: str, photo: Path) -> None:
     open_page(driver, server, key=False)
     driver.find_element(By.ID, "image").send_keys(str(photo))
@@ -264,6 +255,7 @@ def test_page_classifies_a_real_photo(driver: Any, server: str, photo: Path) -> 
     assert driver.find_element(By.ID, "api-key").get_attribute("value") == ""
 
 
+@pytest.mark.photos
 def test_full_depth_and_the_comparison(driver: Any, server: str, photo: Path) -> None:
     points = api(server, "GET", "/model").json()["operating_points"]
     if "full" not in points:

@@ -24,9 +24,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(checkpoint: Path, port: int) -> subprocess.Popen[bytes]:
+def start(checkpoint: Path | str, port: int, **settings: str) -> subprocess.Popen[bytes]:
+    """``make serve``'s command on ``port``; ``settings`` are more ``LRAEE_*`` variables (``LRAEE_API_KEY="k"``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LRAEE_")}
-    env.update(LRAEE_CHECKPOINT=str(checkpoint), LRAEE_THREADS="1", PYTHONPATH=str(REPO))
+    env.update(LRAEE_CHECKPOINT=str(checkpoint), LRAEE_THREADS="1", PYTHONPATH=str(REPO), **settings)
     command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
     return subprocess.Popen(
         [*command, "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
