@@ -90,12 +90,15 @@ def holdout_csv(train: Path, destination: Path, per_class: int = 50, seed: int =
     return path
 
 
-def world(clip_steps: int, threads: int, samples: int) -> dict[str, object]:
-    """World CLIP, the shipped ``world`` checkpoint (colour+shape), and evaluations on three label sets."""
-    cli(["world-clip", "--steps", str(clip_steps), "--output-dir", str(RUNS / "world_clip"), "--half",
-         "--threads", str(threads), "--no-progress"])  # fmt: skip
+def world(clip_steps: int, threads: int, samples: int, clip_weights: Path | None = None) -> dict[str, object]:
+    """World CLIP, the shipped ``world`` checkpoint (colour+shape), and evaluations on three label sets; with
+    ``clip_weights`` no CLIP is trained and the builds use those weights."""
+    if clip_weights is None:
+        cli(["world-clip", "--steps", str(clip_steps), "--output-dir", str(RUNS / "world_clip"), "--half",
+             "--threads", str(threads), "--no-progress"])  # fmt: skip
+        clip_weights = RUNS / "world_clip" / "weights.safetensors"
     shipped = EMBEDDED_CHECKPOINTS["world"]
-    weights = _bundle(RUNS / "world_clip" / "weights.safetensors", shipped)
+    weights = _bundle(clip_weights, shipped)
     splits = ["--head-split", "0.6", "--gate-split", "0.2", "--calib-split", "0.2"]
     evaluations: dict[str, object] = {}
     reference = None
@@ -115,6 +118,8 @@ def world(clip_steps: int, threads: int, samples: int) -> dict[str, object]:
             *[arg for template in world_templates(label_set) for arg in ("--template", template)],
         ]
         work = RUNS / "world_builds" / name / "work"
+        if label_set == "colour+shape" and not ships:  # the shipped build's training images: copy their features
+            options += ["--reuse-features", str(RUNS / "world_builds" / "colour_shape-test" / "work" / "extract")]
         sha = _build(work, out, REPORTS / "world" / name, weights, options, threads)
         reference = reference or sha
         evaluations[name] = {"label_set": label_set, "eval_split": split, "heads_sha256": sha, "shipped": ships}
@@ -125,7 +130,11 @@ PHOTO_HEADS = ["--epochs", "8"]  # label-free heads: 8 passes over the 6,060 hea
 
 
 def photo(
-    clip_steps: int, threads: int, clip_weights: Path | None = None, holdout: Path | None = None
+    clip_steps: int,
+    threads: int,
+    clip_weights: Path | None = None,
+    holdout: Path | None = None,
+    reuse_world_comparison: bool = False,
 ) -> dict[str, object]:
     """Photo CLIP, the shipped ``photos`` checkpoint, evaluated on Tiny-ImageNet val and ILSVRC2012 val photos.
 
@@ -163,10 +172,15 @@ def photo(
         sha = _build(work, out, REPORTS / "photos" / name, weights, options, threads)
         reuse = ["--reuse-features", str(work / "extract")]  # the same head/gate/calib photos: copy, don't redo
         evaluations[name] = {"eval_dir": str(eval_dir.relative_to(REPO)), "heads_sha256": sha, "shipped": ships}
+    previous = REPORTS / "photos" / "summary.json"
+    if reuse_world_comparison and previous.is_file():  # the world weights did not change: neither did this
+        comparison = json.loads(previous.read_text())["world_model_on_photos"]
+    else:
+        comparison = world_model_on_photos(threads)
     return {
         "clip_log": "runs/photo_clip/training_log.json",
         "evaluations": evaluations,
-        "world_model_on_photos": world_model_on_photos(threads),
+        "world_model_on_photos": comparison,
     }
 
 
@@ -214,13 +228,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 1200)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=2400, help="world images per build's data and eval set")
-    parser.add_argument("--clip-weights", type=Path, help="photos: build on these CLIP weights, train none")
+    parser.add_argument("--clip-weights", type=Path, help="build on these CLIP weights, train none")
+    parser.add_argument(
+        "--reuse-world-comparison", action="store_true", help="photos: keep summary.json's world-model zero-shot"
+    )
     parser.add_argument("--holdout", type=Path, help="photos: the build's photos (path,label CSV) for --clip-weights")
     parser.add_argument("--clip-dir", type=Path, help="photos: a photo-clip run dir (weights, holdout, log) to use")
     args = parser.parse_args(argv)
     if args.recipe == "world":
-        summary = world(args.clip_steps or 700, args.threads, args.samples)
-        _finish("world", summary, RUNS / "world_clip" / "training_log.json")
+        summary = world(args.clip_steps or 700, args.threads, args.samples, args.clip_weights)
+        _finish("world", summary, None if args.clip_weights else RUNS / "world_clip" / "training_log.json")
     else:
         weights, holdout = args.clip_weights, args.holdout
         log: Path | None = RUNS / "photo_clip" / "training_log.json"
@@ -229,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log = args.clip_dir / "training_log.json"
         elif weights is not None:
             log = None
-        summary = photo(args.clip_steps or 1200, args.threads, weights, holdout)
+        summary = photo(args.clip_steps or 1200, args.threads, weights, holdout, args.reuse_world_comparison)
         if args.clip_dir is not None or weights is not None:
             summary["clip_log"] = None if log is None else _relative(log)
         _finish("photos", summary, log)

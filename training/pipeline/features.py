@@ -102,12 +102,17 @@ def _shard_path(directory: Path, split: str, shard: int) -> Path:
     return directory / split / f"shard-{shard:05d}.safetensors"
 
 
-def split_features_hash(config: BuildConfig, splits: Splits, split: str) -> str:
+def split_features_hash(job: Job, splits: Splits, split: str) -> str:
     """Identity of one split's image features: its files, the backbone and quant mode, the cached layers. Prompts
-    and the other splits do not change them, so another build's shards of the same split can be reused."""
+    and the other splits do not change them, so another build's shards of the same split can be reused. Images
+    generated into the work dir (``world:`` sources) are named relative to it: every build generates the same."""
     items = splits.splits[split]
+    root = items.root.resolve()
+    work = job.work_dir.resolve()
+    where = root.relative_to(work).as_posix() if root.is_relative_to(work) else str(root)
+    config = job.config
     return config_hash(
-        "extract-split", str(items.root), list(items.items), backbone_identity(config), config.extract.candidate_layers
+        "extract-split", where, list(items.items), backbone_identity(config), config.extract.candidate_layers
     )
 
 
@@ -149,7 +154,7 @@ def run_extract(job: Job) -> str:
     shards: dict[str, list[str]] = {}
     for split in SPLIT_NAMES:
         items = splits.splits[split]
-        split_hash = split_features_hash(config, splits, split)
+        split_hash = split_features_hash(job, splits, split)
         dataset = ImageDataset(items, quantized.preprocess)
         num_shards = math.ceil(len(dataset) / shard_size)
         shards[split] = [_shard_path(directory, split, s).relative_to(directory).as_posix() for s in range(num_shards)]

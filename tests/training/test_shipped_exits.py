@@ -1,0 +1,80 @@
+"""The shipped default checkpoint on real photos, at the label counts clients send (2 to 10 labels).
+
+A fixed slice of the shared Tiny-ImageNet validation photos (2 per class, 404 photos), each asked against its true
+class plus K - 1 other classes (seeded). Through the real engine:
+
+* at K = 2 the operating points must not all send every photo to one and the same layer (what the exits did when
+  they were fitted at K = 202 only: every photo left at the first candidate under every point);
+* ``accurate`` promises 99% agreement with ``full`` on held-out photos; at K = 2 and K = 10 its agreement on the
+  slice may fall below that only by the slice's sampling error (1.96 standard errors of a 99% rate over the slice).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lraee_core.assets import DEFAULT_CHECKPOINT
+from lraee_core.checkpoint import load_classifier
+from lraee_core.engine import EarlyExitClassifier
+from lraee_core.images import load_image
+from training.clip import photos
+from training.pipeline.engine_sweep import label_set, photo_folder
+
+PER_CLASS = 2
+
+
+@pytest.fixture(scope="module")
+def val_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        photos.source_dir()
+    except photos.PhotosUnavailable as exc:
+        pytest.skip(f"shared photos absent: {exc}")
+    return photos.extract("val", tmp_path_factory.mktemp("val-slice"), per_class=PER_CLASS)
+
+
+@pytest.fixture(scope="module")
+def classifier() -> EarlyExitClassifier:
+    return load_classifier(DEFAULT_CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def answers(val_slice: Path, classifier: EarlyExitClassifier) -> dict[tuple[int, str], list[tuple[str, int]]]:
+    """(K, operating point) -> per photo (top-1 label, exit layer)."""
+    paths, labels, names = photo_folder(val_slice, photos.classes_tsv(), PER_CLASS)
+    assert len(paths) == 202 * PER_CLASS
+    images = torch.stack([classifier.backbone.preprocess(load_image(path)) for path in paths])
+    wanted = {2: ("accurate", "balanced", "fast", "full"), 10: ("accurate", "full")}
+    result: dict[tuple[int, str], list[tuple[str, int]]] = {}
+    for k, points in wanted.items():
+        rng = np.random.default_rng(k)
+        for row, truth in enumerate(labels):
+            members = [names[i] for i in label_set(truth, len(names), k, rng)]
+            for point in points:
+                [answer] = classifier.classify(images[row : row + 1], members, top_k=1, operating_point=point)
+                result.setdefault((k, point), []).append((answer.predictions[0].label, answer.exit_layer))
+    return result
+
+
+def test_small_label_sets_do_not_send_every_photo_to_one_layer(
+    answers: dict[tuple[int, str], list[tuple[str, int]]],
+) -> None:
+    layers_used = {point: {layer for _, layer in answers[(2, point)]} for point in ("accurate", "balanced", "fast")}
+    assert any(len(used) > 1 for used in layers_used.values()), layers_used
+
+
+@pytest.mark.parametrize("k", [2, 10])
+def test_accurate_keeps_its_promise_within_the_slice_sampling_error(
+    answers: dict[tuple[int, str], list[tuple[str, int]]], classifier: EarlyExitClassifier, k: int
+) -> None:
+    promise = next(p.promise for p in classifier.policy.operating_points if p.name == "accurate")
+    assert promise == 0.99
+    accurate = [label for label, _ in answers[(k, "accurate")]]
+    full = [label for label, _ in answers[(k, "full")]]
+    agreement = float(np.mean([a == b for a, b in zip(accurate, full, strict=True)]))
+    sampling_error = 1.96 * math.sqrt(promise * (1 - promise) / len(full))
+    assert agreement >= promise - sampling_error, f"K={k}: agreement {agreement:.4f} < {promise} - {sampling_error:.4f}"
