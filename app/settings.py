@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lraee_core.assets import DEFAULT_CHECKPOINT, EMBEDDED_CHECKPOINTS, resolve_checkpoint
+from lraee_core.images import DEFAULT_MAX_PIXELS
 from lraee_core.text import MAX_LABEL_CHARS
 
 MIB = 1024 * 1024
@@ -44,7 +45,9 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="how long a batch waits for company")
     queue_capacity: int = Field(default=256, ge=1, description="images waiting for the engine before 429")
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024, description="bytes of one encoded image")
-    max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height of one image (bomb guard)")
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS, ge=1, description="width x height of one image (bomb guard)"
+    )
     max_labels: int = Field(default=1000, ge=1, le=10_000, description="labels per request")
     max_label_chars: int = Field(default=200, ge=1, le=MAX_LABEL_CHARS, description="characters per label / template")
     max_batch_images: int = Field(default=32, ge=1, le=1024, description="images per /classify/batch request")
