@@ -26,6 +26,7 @@ from PIL import Image
 from lraee_core.assets import DEFAULT_CHECKPOINT
 from training.clip import photos
 
+from . import imagegen
 from .test_uvicorn import REPO, free_port, start, stop, wait_until_ready
 
 pytestmark = pytest.mark.slow
@@ -35,6 +36,7 @@ PHOTO_MEMBER = "n04146614/ILSVRC2012_val_00031163.JPEG"  # a school bus, the REA
 LABELS = ["school bus", "sports car", "tractor", "trolleybus", "police van", "lifeboat"]  # the page's Vehicles preset
 SCREENSHOTS = REPO / "docs" / "screenshots"
 WAIT_SECONDS = 60
+UPLOAD_LIMIT = 256 * 1024  # LRAEE_MAX_UPLOAD_BYTES of the service under test: room for the photo, a 413 is cheap
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -66,10 +68,10 @@ def browser_binaries() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    """The service on a free loopback port, embedded default model, an API key; its base URL."""
+    """The service on a free loopback port: embedded default model, an API key, a 256 KiB upload limit; its URL."""
     browser_binaries()  # skip before paying for the model load
     port = free_port()
-    process = start(DEFAULT_CHECKPOINT, port, LRAEE_API_KEY=KEY)
+    process = start(DEFAULT_CHECKPOINT, port, LRAEE_API_KEY=KEY, LRAEE_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(process, base, seconds=120)
@@ -285,16 +287,27 @@ def test_full_depth_and_the_comparison(driver: Any, server: str, photo: Path) ->
     screenshot(driver, "page-compare.png")
 
 
-def test_a_file_that_is_no_image_gets_the_415_in_words(driver: Any, server: str, tmp_path: Path) -> None:
-    not_an_image = tmp_path / "notes.txt"
-    not_an_image.write_text("these are words, not pixels\n" * 20)
+@pytest.mark.parametrize(
+    ("file_name", "content", "labels", "status", "words"),
+    [
+        ("notes.txt", b"these are words, not pixels\n" * 20, "cat, dog", "415", "not an image the service can read"),
+        ("huge.png", b"\x89PNG\r\n\x1a\n" + bytes(UPLOAD_LIMIT), "cat, dog", "413", "The image is too large"),
+        ("tiny.png", imagegen.png(), "cat, cat", "422", "could not use this input"),
+    ],
+    ids=["not-an-image", "too-large", "duplicate-labels"],
+)
+def test_api_errors_are_shown_in_words(
+    driver: Any, server: str, tmp_path: Path, file_name: str, content: bytes, labels: str, status: str, words: str
+) -> None:
+    upload = tmp_path / file_name
+    upload.write_bytes(content)
     open_page(driver, server)
-    driver.find_element(By.ID, "image").send_keys(str(not_an_image))
-    driver.find_element(By.ID, "labels").send_keys("cat, dog")
+    driver.find_element(By.ID, "image").send_keys(str(upload))
+    driver.find_element(By.ID, "labels").send_keys(labels)
     submit(driver)
     box = driver.find_element(By.ID, "error")
-    assert box.get_attribute("data-status") == "415"
-    assert "not an image the service can read" in box.text
+    assert box.get_attribute("data-status") == status, box.text
+    assert words in box.text
     assert not driver.find_element(By.ID, "answer").is_displayed()
 
 
