@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from lraee_core.assets import DEFAULT_CHECKPOINT
+from lraee_core.images import decode_rgb
 from training.clip import photos
 
 from . import imagegen
@@ -285,6 +286,18 @@ def test_full_depth_and_the_comparison(driver: Any, server: str, photo: Path) ->
     agree = bars(driver)[0][0] == full_answer[0][0]
     assert comparison.get_attribute("data-agree") == str(agree).lower()
     screenshot(driver, "page-compare.png")
+
+
+def test_preview_is_upright_as_the_service_decodes_it(driver: Any, server: str, tmp_path: Path) -> None:
+    data = imagegen.exif_rotated_jpeg()
+    upload = tmp_path / "rotated.jpg"
+    upload.write_bytes(data)
+    open_page(driver, server, key=False)
+    driver.find_element(By.ID, "image").send_keys(str(upload))
+    preview = driver.find_element(By.ID, "preview")
+    wait(driver, lambda d: preview.get_attribute("naturalWidth") not in (None, "0"), "the preview")
+    shown = (int(preview.get_attribute("naturalWidth")), int(preview.get_attribute("naturalHeight")))
+    assert shown == decode_rgb(data).size == (20, 40)
 
 
 @pytest.mark.parametrize(
