@@ -127,6 +127,18 @@ function fullDepthPoint() {
   return never || null;
 }
 
+/** What the chosen operating point promises, under the select. */
+function describeOperatingPoint() {
+  const help = byId("operating-point-help");
+  const name = byId("operating-point").value;
+  const point = state.model && name ? state.model.operating_points[name] : null;
+  if (name === FULL) help.textContent = "Every block runs: no early exit, full-depth FLOPs.";
+  else if (point && typeof point.promise === "number") {
+    help.textContent = `Promises ${(point.promise * 100).toFixed(0)}% agreement with the full-depth answer ` +
+      "(calibrated on held-out images); earlier exits save more.";
+  } else help.textContent = "How sure an exit must be before the image leaves early.";
+}
+
 async function loadModel() {
   const line = byId("model-line");
   try {
@@ -140,7 +152,8 @@ async function loadModel() {
   }
   const model = state.model;
   line.textContent = `Model ${model.model}: ${model.num_layers} blocks, ${model.image_size} px, ` +
-    `${model.quant_mode} INT8 (${model.quantized_modules} modules), exit heads after blocks ` +
+    (model.quant_mode === "none" ? "FP32" : `INT8 (${model.quant_mode} mode, ${model.quantized_modules} modules)`) +
+    `, exit heads after blocks ` +
     `${model.candidate_layers.join(", ")}.`;
   const select = byId("operating-point");
   const chosen = select.value;
@@ -160,6 +173,7 @@ async function loadModel() {
     select.append(option);
   }
   select.value = names.includes(chosen) ? chosen : model.default_operating_point;
+  describeOperatingPoint();
   byId("templates").placeholder = model.default_templates.join("\n");
   byId("templates-help").textContent =
     `Empty: the model's own ${model.default_templates.length} templates (shown greyed).`;
@@ -382,6 +396,7 @@ function setUp() {
   });
   // A new key may unlock /model (and with it the operating points).
   byId("api-key").addEventListener("change", loadModel);
+  byId("operating-point").addEventListener("change", describeOperatingPoint);
   byId("classify-form").addEventListener("submit", onSubmit);
   loadModel();
 }
