@@ -294,6 +294,22 @@ def load_sources(cfg: EverydayClipConfig, size: int, shares: dict[str, float]) -
     return sources, photos
 
 
+def training_counts(cfg: EverydayClipConfig, shares: dict[str, float], tiny_train: int) -> dict[str, int]:
+    """Training photos per source with a positive share (what ``load_sources`` decodes), from the tar listings."""
+    counts = {"tiny": tiny_train} if "tiny" in shares else {}
+    root = Path(cfg.everyday_dir)
+    for name, (tar, _) in SET_CLASSES.items():
+        if name in shares:
+            with tarfile.open(root / tar) as archive:
+                names = [m.name for m in archive if m.isfile()]
+            counts[name] = len(split_members(names, cfg.eval_fraction, cfg.seed)[0])
+    if "flickr8k" in shares:
+        with tarfile.open(root / FLICKR_TAR) as archive:
+            images = [m.name for m in archive if m.isfile()]
+        counts["flickr8k"] = len(flickr_split(images, cfg.flickr_eval_images, cfg.seed)[0])
+    return counts
+
+
 def draw_batch(
     sources: Sequence[Source], shares: dict[str, float], cfg: EverydayClipConfig, step: int
 ) -> tuple[torch.Tensor, list[str], list[str], list[frozenset[str]]]:
@@ -375,8 +391,10 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
         step, history = saved_state["step"], json.loads(saved_state["history"])
         train_seconds = saved_state["train_seconds"]
 
-    sources, photos = load_sources(cfg, size, shares)
-    _, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
+    # A finished (or stopped and shortened) run only writes its outputs: no photo needs decoding for that.
+    sources, photos = load_sources(cfg, size, shares) if step < cfg.steps else ([], None)
+    photos = photos or scan_photos(cfg.train_dir, cfg.classes_tsv)
+    train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
     with (output_dir / HOLDOUT_FILE).open("w") as handle:
         handle.write("path,label\n")
         for i in holdout_idx:
@@ -426,7 +444,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     log = {
         "model_name": MODEL_NAME,
         "config": asdict(cfg),
-        "data": {s.name: len(s.classes) for s in sources} | {"tiny_holdout": len(holdout_idx)},
+        "data": training_counts(cfg, shares, len(train_idx)) | {"tiny_holdout": len(holdout_idx)},
         "caption_templates": list(NAME_TEMPLATES),
         "steps": step,
         "final_loss": history[-1]["loss"] if history else None,
