@@ -134,7 +134,8 @@ class EverydayClipConfig:
     flickr_eval_images: int = 1000  # Flickr8k photos held out for retrieval evaluation
     mix: str = "tiny:0.42,cifar10:0.2,flickr8k:0.16,intel:0.11,flowers:0.11"  # share of each source in a batch
     everyday_share: float = 0.3  # probability that a labelled photo's caption is an everyday word above its class
-    steps: int = 1500  # optimizer steps in total (a resumed run continues up to this)
+    steps: int = 1500  # optimizer steps the learning-rate schedule spans (a resumed run continues up to this)
+    stop_step: int = 0  # end the run at this step instead (0: at ``steps``); the schedule still spans ``steps``
     batch_size: int = 128  # image-caption pairs per step
     lr: float = 5e-4  # peak learning rate after warmup, cosine decay to min_lr
     min_lr: float = 0.0  # learning rate at the last step
@@ -154,6 +155,8 @@ class EverydayClipConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 2 or self.steps < 1 or self.holdout_per_class < 0:
             raise ValueError("batch_size must be >= 2, steps >= 1, holdout_per_class >= 0")
+        if not 0 <= self.stop_step <= self.steps:
+            raise ValueError("stop_step must lie in [0, steps]")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must lie in [0, 1)")
         parse_mix(self.mix)
@@ -212,7 +215,8 @@ def split_members(names: Sequence[str], fraction: float, seed: int) -> tuple[lis
     by_class: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         by_class.setdefault(name.split("/")[0], []).append(i)
-    train, held = [], []
+    train: list[int] = []
+    held: list[int] = []
     for label in sorted(by_class):
         members = by_class[label]
         chosen = set(rng.permutation(len(members))[: round(fraction * len(members))].tolist())
@@ -392,7 +396,8 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
         train_seconds = saved_state["train_seconds"]
 
     # A finished (or stopped and shortened) run only writes its outputs: no photo needs decoding for that.
-    sources, photos = load_sources(cfg, size, shares) if step < cfg.steps else ([], None)
+    end = cfg.stop_step or cfg.steps
+    sources, photos = load_sources(cfg, size, shares) if step < end else ([], None)
     photos = photos or scan_photos(cfg.train_dir, cfg.classes_tsv)
     train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
     with (output_dir / HOLDOUT_FILE).open("w") as handle:
@@ -407,8 +412,8 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     model.train()
     window: list[float] = []
     session_start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="everyday-clip", disable=not cfg.progress, dynamic_ncols=True)
-    while step < cfg.steps:
+    bar = tqdm(total=end, initial=step, desc="everyday-clip", disable=not cfg.progress, dynamic_ncols=True)
+    while step < end:
         pixels, captions, concepts, image_concepts = draw_batch(sources, shares, cfg, step)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         images = augment(pixels, generator).to(device)
@@ -422,7 +427,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
         window.append(optimize(model, optimizer, loss, cfg.grad_clip_norm))
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == end:
             history.append(
                 {
                     "step": step,
@@ -434,7 +439,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
             )
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{lr:.2e}")
             window = []
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == end:
             elapsed = train_seconds + time.perf_counter() - session_start
             _save_state(state_path, model, optimizer, cfg, step, history, elapsed)  # type: ignore[arg-type]
     bar.close()

@@ -137,7 +137,8 @@ def split_holdout(photos: PhotoSet, per_class: int, seed: int) -> tuple[list[int
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(photos.labels):
         by_class.setdefault(label, []).append(i)
-    train, holdout = [], []
+    train: list[int] = []
+    holdout: list[int] = []
     for label in sorted(by_class):
         members = by_class[label]
         chosen = set(rng.permutation(len(members))[:per_class].tolist())

@@ -135,11 +135,14 @@ def photo(
     clip_weights: Path | None = None,
     holdout: Path | None = None,
     reuse_world_comparison: bool = False,
+    recipe: str = "photos",
+    checkpoint_id: str = "photos-tiny202",
 ) -> dict[str, object]:
     """Photo CLIP, the shipped ``photos`` checkpoint, evaluated on Tiny-ImageNet val and ILSVRC2012 val photos.
 
     With ``clip_weights`` no CLIP is trained: the build uses those weights and ``holdout`` (default: the photos
-    photo_clip holds out with its default seed)."""
+    photo_clip holds out with its default seed). ``recipe`` names the embedded checkpoint and the reports folder
+    (``everyday`` builds the everyday CLIP the same way; no world comparison then)."""
     train = photos.extract("train")
     val = photos.extract("val")
     acuity = photos.extract("acuity")
@@ -151,13 +154,13 @@ def photo(
         clip_weights, holdout = clip_dir / "weights.safetensors", clip_dir / "holdout.csv"
     elif holdout is None:
         holdout = holdout_csv(train, RUNS / "photo_holdout")
-    shipped = EMBEDDED_CHECKPOINTS["photos"]
+    shipped = EMBEDDED_CHECKPOINTS[recipe]
     weights = _bundle(clip_weights, shipped)
     common = [
         "--data", str(holdout),
         "--classes-tsv", str(photos.classes_tsv()),
         "--head-split", "0.6", "--gate-split", "0.2", "--calib-split", "0.2",
-        "--checkpoint-id", "photos-tiny202",
+        "--checkpoint-id", checkpoint_id,
         *PHOTO_HEADS,
     ]  # fmt: skip
     evaluations: dict[str, object] = {}
@@ -166,12 +169,15 @@ def photo(
     # about +-0.2 points per K, at a third of the extraction time on 2 cores. All 259 ILSVRC photos are used.
     for name, eval_dir, limit in (("tiny-val", val, ["--eval-limit", "3030"]), ("ilsvrc-val", acuity, [])):
         ships = name == "tiny-val"
-        out = shipped if ships else RUNS / "photo_builds" / name / "checkpoint"
-        work = RUNS / "photo_builds" / name / "work"
+        builds = RUNS / ("photo_builds" if recipe == "photos" else f"{recipe}_builds")
+        out = shipped if ships else builds / name / "checkpoint"
+        work = builds / name / "work"
         options = [*common, "--eval-data", str(eval_dir), *limit, *reuse]
-        sha = _build(work, out, REPORTS / "photos" / name, weights, options, threads)
+        sha = _build(work, out, REPORTS / recipe / name, weights, options, threads)
         reuse = ["--reuse-features", str(work / "extract")]  # the same head/gate/calib photos: copy, don't redo
         evaluations[name] = {"eval_dir": str(eval_dir.relative_to(REPO)), "heads_sha256": sha, "shipped": ships}
+    if recipe != "photos":
+        return {"evaluations": evaluations}
     previous = REPORTS / "photos" / "summary.json"
     if reuse_world_comparison and previous.is_file():  # the world weights did not change: neither did this
         comparison = json.loads(previous.read_text())["world_model_on_photos"]
@@ -182,6 +188,32 @@ def photo(
         "evaluations": evaluations,
         "world_model_on_photos": comparison,
     }
+
+
+EVERYDAY_STEPS = 1400  # the everyday CLIP's learning-rate schedule spans this many steps
+
+
+def everyday(clip_steps: int, stop_step: int, threads: int, init_weights: Path) -> dict[str, object]:
+    """The everyday CLIP (warm-started from ``init_weights``, the photos CLIP), the shipped ``everyday`` checkpoint
+    built like ``photos`` (same holdout photos, same LRA-EE build and K-sweeps), and the everyday evaluation on
+    held-out photos with users' label sets (``training.clip.everyday_eval``)."""
+    from .everyday import EverydayClipConfig
+    from .everyday_eval import REPORT_FILE, evaluate
+
+    train = photos.extract("train")
+    clip_dir = RUNS / "everyday_clip"
+    cli(["everyday-clip", "--train-dir", str(train), "--output-dir", str(clip_dir), "--steps", str(clip_steps),
+         "--stop-step", str(stop_step), "--init-weights", str(init_weights), "--threads", str(threads),
+         "--no-progress"])  # fmt: skip
+    weights, holdout = clip_dir / "weights.safetensors", clip_dir / "holdout.csv"
+    summary = photo(clip_steps, threads, weights, holdout, recipe="everyday", checkpoint_id="everyday-tiny")
+    report = evaluate(EMBEDDED_CHECKPOINTS["everyday"], EverydayClipConfig(train_dir=str(train)), sample=500, seed=0)
+    out = REPORTS / "everyday" / "everyday-eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    summary["everyday_eval"] = _relative(out / REPORT_FILE)
+    summary["clip_log"] = _relative(clip_dir / "training_log.json")
+    return summary
 
 
 def world_model_on_photos(threads: int) -> dict[str, object]:
@@ -224,7 +256,7 @@ def _finish(recipe: str, summary: dict[str, object], clip_log: Path | None) -> N
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m training.clip.recipes world|photos``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", choices=("world", "photos"))
+    parser.add_argument("recipe", choices=("world", "photos", "everyday"))
     parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 1200)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=2400, help="world images per build's data and eval set")
@@ -234,8 +266,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--holdout", type=Path, help="photos: the build's photos (path,label CSV) for --clip-weights")
     parser.add_argument("--clip-dir", type=Path, help="photos: a photo-clip run dir (weights, holdout, log) to use")
+    parser.add_argument("--stop-step", type=int, default=0, help="everyday: end the CLIP run at this step")
+    parser.add_argument(
+        "--init-weights",
+        type=Path,
+        default=EMBEDDED_CHECKPOINTS["photos"] / "weights.safetensors",
+        help="everyday: the CLIP weights it starts from (default: the photos CLIP)",
+    )
     args = parser.parse_args(argv)
-    if args.recipe == "world":
+    if args.recipe == "everyday":
+        steps = args.clip_steps or EVERYDAY_STEPS
+        summary = everyday(steps, args.stop_step, args.threads, args.init_weights)
+        _finish("everyday", summary, RUNS / "everyday_clip" / "training_log.json")
+    elif args.recipe == "world":
         summary = world(args.clip_steps or 700, args.threads, args.samples, args.clip_weights)
         _finish("world", summary, None if args.clip_weights else RUNS / "world_clip" / "training_log.json")
     else:
