@@ -36,6 +36,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 MIB = 1024 * 1024
+SERVER_MALLOC_ARENA_MAX = "2"  # as deploy/k8s/deployment.yaml and docker-compose.yml set it
 # Label vocabulary: requests draw 2..12 of these, so label sets vary and the text cache sees new ones all the time.
 VOCABULARY = tuple(
     f"{adjective} {noun}"
@@ -109,10 +110,16 @@ class RssSampler:
 
 
 @contextmanager
-def serve(env: dict[str, str], timeout: float = 300.0) -> Iterator[tuple[str, int]]:
-    """A uvicorn process running the app on a free loopback port; yields (base URL, pid) once /readyz is 200."""
+def serve(env: dict[str, str], timeout: float = 900.0) -> Iterator[tuple[str, int]]:
+    """A uvicorn process running the app on a free loopback port; yields (base URL, pid) once /readyz is 200.
+
+    The server gets ``MALLOC_ARENA_MAX=2`` unless the environment says otherwise, as the deploy files run it: with
+    glibc's default of one malloc arena per thread, the buffers of big bodies parsed and decoded on worker threads
+    stay resident after they are freed (measured: a 40 MB body left ~50 MiB behind per parsing thread).
+    """
     port = free_port()
     full_env = {key: value for key, value in os.environ.items() if not key.startswith("LRAEE_")}
+    full_env.setdefault("MALLOC_ARENA_MAX", SERVER_MALLOC_ARENA_MAX)
     full_env.update(env)
     full_env.setdefault("PYTHONPATH", str(REPO))
     command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
@@ -253,7 +260,14 @@ def run_phase(
 
 
 def mixed_traffic(
-    base: str, sampler: RssSampler, *, requests: int, concurrency: int, hostile_share: float, seed: int
+    base: str,
+    sampler: RssSampler,
+    *,
+    requests: int,
+    concurrency: int,
+    hostile_share: float,
+    seed: int,
+    name: str = "mixed",
 ) -> PhaseResult:
     """``requests`` valid requests with varied labels at ``concurrency``, a share of hostile ones mixed in."""
     rng = random.Random(seed)
@@ -263,7 +277,7 @@ def mixed_traffic(
         job_rng = random.Random(seed * 1_000_003 + index)
         kind = hostile_request if job_rng.random() < hostile_share else good_request
         jobs.append(partial(kind, rng=job_rng, images=images))
-    return run_phase("mixed", base, sampler, jobs, concurrency)
+    return run_phase(name, base, sampler, jobs, concurrency)
 
 
 def big_bodies(base: str, sampler: RssSampler, *, count: int, seed: int, patience: float = 120.0) -> PhaseResult:
@@ -303,13 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shadow-rate", type=float, default=0.05, help="LRAEE_SHADOW_RATE of the server")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    load_average = os.getloadavg()
     env = {"LRAEE_THREADS": os.environ.get("LRAEE_THREADS", "2"), "LRAEE_SHADOW_RATE": str(args.shadow_rate)}
     if args.checkpoint:
         env["LRAEE_CHECKPOINT"] = args.checkpoint
     with serve(env) as (base, pid):
         sampler = RssSampler(pid)
         try:
-            warm = mixed_traffic(base, sampler, requests=64, concurrency=4, hostile_share=0.0, seed=args.seed + 1)
+            warm = mixed_traffic(
+                base, sampler, requests=64, concurrency=4, hostile_share=0.0, seed=args.seed + 1, name="warm-up"
+            )
             mixed = mixed_traffic(
                 base,
                 sampler,
@@ -322,12 +339,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sampler.stop()
         shadow = [line for line in httpx.get(f"{base}/metrics").text.splitlines() if line.startswith("lraee_shadow")]
-    report = write_results([warm, mixed, big], args, shadow)
+    report = write_results([warm, mixed, big], args, shadow, load_average, env)
     print(report)
     return 1 if any(phase.server_errors for phase in (warm, mixed, big)) else 0
 
 
-def write_results(phases: list[PhaseResult], args: argparse.Namespace, shadow: list[str]) -> str:
+def write_results(
+    phases: list[PhaseResult],
+    args: argparse.Namespace,
+    shadow: list[str],
+    load_average: tuple[float, float, float],
+    env: dict[str, str],
+) -> str:
     """``bench/results/load-<UTC time>.json`` and ``.md``; returns the markdown."""
     warm, mixed, big = phases
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -335,7 +358,13 @@ def write_results(phases: list[PhaseResult], args: argparse.Namespace, shadow: l
     peak_added = big.rss_peak_mib - big.rss_before_mib
     figures = {
         "when": stamp,
-        "machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count(), "load_average_at_start": load_average},
+        "server_environment": {
+            "LRAEE_THREADS": env["LRAEE_THREADS"],
+            "LRAEE_SHADOW_RATE": env["LRAEE_SHADOW_RATE"],
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+            "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", SERVER_MALLOC_ARENA_MAX),
+        },
         "settings": vars(args),
         "phases": [{**asdict(phase), "server_errors": phase.server_errors} for phase in phases],
         "mixed": {
@@ -350,9 +379,10 @@ def write_results(phases: list[PhaseResult], args: argparse.Namespace, shadow: l
     lines = [
         f"# make load, {stamp}",
         "",
-        f"Server: uvicorn, one process, LRAEE_THREADS={os.environ.get('LRAEE_THREADS', '2')}, "
-        f"LRAEE_SHADOW_RATE={args.shadow_rate}; {os.cpu_count()} CPUs, load average at start "
-        f"{os.getloadavg()[0]:.2f}. RSS from /proc (VmRSS), sampled every 50 ms.",
+        f"Server: uvicorn, one process, LRAEE_THREADS={env['LRAEE_THREADS']}, LRAEE_SHADOW_RATE={args.shadow_rate}, "
+        f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', SERVER_MALLOC_ARENA_MAX)}; {os.cpu_count()} CPUs, "
+        f"load average at start {load_average[0]:.2f} (other jobs share the CPUs: throughput is this machine's, "
+        "not the service's). RSS from /proc (VmRSS), sampled every 50 ms.",
         "",
         "| phase | requests | concurrency | seconds | req/s | statuses | 5xx | RSS before | after | peak |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_soak_has_no_server_errors_and_bounded_memory(tiny_checkpoint: Path) -> None:
     env = {"LRAEE_CHECKPOINT": str(tiny_checkpoint), "LRAEE_THREADS": "1", "LRAEE_SHADOW_RATE": "0.2"}
-    with load.serve(env, timeout=120) as (base, pid):
+    with load.serve(env, timeout=600) as (base, pid):
         sampler = load.RssSampler(pid)
         try:
             # Warm-up: first allocations of the worker, decoder pool and text cache are not growth.
