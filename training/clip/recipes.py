@@ -137,6 +137,7 @@ def photo(
     reuse_world_comparison: bool = False,
     recipe: str = "photos",
     checkpoint_id: str = "photos-tiny202",
+    templates: Sequence[str] = (),
 ) -> dict[str, object]:
     """Photo CLIP, the shipped ``photos`` checkpoint, evaluated on Tiny-ImageNet val and ILSVRC2012 val photos.
 
@@ -162,6 +163,7 @@ def photo(
         "--head-split", "0.6", "--gate-split", "0.2", "--calib-split", "0.2",
         "--checkpoint-id", checkpoint_id,
         *PHOTO_HEADS,
+        *[arg for template in templates for arg in ("--template", template)],
     ]  # fmt: skip
     evaluations: dict[str, object] = {}
     reuse: list[str] = []
@@ -191,6 +193,17 @@ def photo(
 
 
 EVERYDAY_STEPS = 1400  # the everyday CLIP's learning-rate schedule spans this many steps
+# The everyday checkpoint's calibration (and so default request) templates: wordings its captions used.
+EVERYDAY_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a blurry photo of a {}.",
+    "a bright photo of a {}.",
+    "a good photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a picture of a {}.",
+)
 
 
 def everyday(clip_steps: int, stop_step: int, threads: int, init_weights: Path) -> dict[str, object]:
@@ -206,7 +219,15 @@ def everyday(clip_steps: int, stop_step: int, threads: int, init_weights: Path) 
          "--stop-step", str(stop_step), "--init-weights", str(init_weights), "--threads", str(threads),
          "--no-progress"])  # fmt: skip
     weights, holdout = clip_dir / "weights.safetensors", clip_dir / "holdout.csv"
-    summary = photo(clip_steps, threads, weights, holdout, recipe="everyday", checkpoint_id="everyday-tiny")
+    summary = photo(
+        clip_steps,
+        threads,
+        weights,
+        holdout,
+        recipe="everyday",
+        checkpoint_id="everyday-tiny",
+        templates=EVERYDAY_TEMPLATES,
+    )
     report = evaluate(EMBEDDED_CHECKPOINTS["everyday"], EverydayClipConfig(train_dir=str(train)), sample=500, seed=0)
     out = REPORTS / "everyday" / "everyday-eval"
     out.mkdir(parents=True, exist_ok=True)
