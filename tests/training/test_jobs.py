@@ -18,7 +18,7 @@ from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
 from lraee_core.exits import ExitRule
 from lraee_core.images import load_image
-from training.pipeline.calibrate import CHECKPOINT_METHOD, METHODS, method_scores, simulate
+from training.pipeline.calibrate import METHODS, method_scores, simulate
 from training.pipeline.cli import main
 from training.pipeline.config import SPLIT_NAMES, Job, load_build_config, read_record
 from training.pipeline.data import load_splits
@@ -125,7 +125,10 @@ def _absolute_paths(value: object) -> list[str]:
 def test_manifest_describes_the_calibration(stepwise: Run) -> None:
     manifest = read_manifest(stepwise.checkpoint)
     calibration = json.loads((stepwise.work_dir / "calibrate" / "calibration.json").read_text())
-    assert manifest.candidate_layers == tuple(calibration["methods"][CHECKPOINT_METHOD]["layers"])
+    shipped = calibration["shipped_method"]
+    assert shipped in ("lraee", "cls-ee") and calibration["ship_choice"]["rule"] == "auto"
+    assert manifest.candidate_layers == tuple(calibration["methods"][shipped]["layers"])
+    assert manifest.head.pooling == ("ssa" if shipped == "lraee" else "cls")
     assert 1 <= len(manifest.candidate_layers) <= 3
     assert set(manifest.candidate_layers) <= set(calibration["candidate_pool"]) <= set(range(6, 13))
     assert set(manifest.operating_points) == {"accurate", "balanced", "fast"}
@@ -147,18 +150,23 @@ def test_manifest_describes_the_calibration(stepwise: Run) -> None:
     assert manifest.calibration["command"][manifest.calibration["command"].index("--work-dir") + 1] == "${work}"
 
 
+def _shipped(job: Job) -> str:
+    return str(json.loads((job.step_dir("calibrate") / "calibration.json").read_text())["shipped_method"])
+
+
 def _engine_view(job: Job, k: int, rows: np.ndarray):  # type: ignore[no-untyped-def]
     """The shipped method's view of some eval images, each with its own label set of size k."""
     from training.pipeline.evaluate import _remapped
     from training.pipeline.features import FeatureStore
-    from training.pipeline.heads import load_heads
+    from training.pipeline.heads import VARIANTS, load_heads
     from training.pipeline.label_sets import exit_view, label_sets_for
 
     store = FeatureStore(job.step_dir("extract"))
     truth = store.load("eval", ["labels"])["labels"].numpy()[rows]
     sets = _remapped(label_sets_for(truth, len(store.labels), [k], 1, np.random.default_rng(k)), rows)
-    _, heads = load_heads(job.step_dir("train-heads"), METHODS[CHECKPOINT_METHOD].variant)
-    view = exit_view(store, "eval", heads, "ssa", sets, store.shape.width)
+    variant = METHODS[_shipped(job)].variant
+    _, heads = load_heads(job.step_dir("train-heads"), variant)
+    view = exit_view(store, "eval", heads, VARIANTS[variant].pooling, sets, store.shape.width)
     label_rows = np.zeros((len(rows), k), dtype=np.int64)
     for positions, members in sets.groups.values():
         label_rows[positions] = members
@@ -174,10 +182,11 @@ def test_engine_from_checkpoint_matches_the_simulation_at_every_label_count(step
     split = load_splits(job).splits["eval"]
     rows = np.arange(len(split.items))
     images = torch.stack([classifier.backbone.preprocess(load_image(path)) for path in split.paths])
-    bank = load_gates(job.step_dir("fit-gate"), METHODS[CHECKPOINT_METHOD].gates)
+    method = METHODS[_shipped(job)]
+    bank = load_gates(job.step_dir("fit-gate"), method.gates)
     for k in (2, 4):
         store, view, label_rows = _engine_view(job, k, rows)
-        scores = method_scores(view, METHODS[CHECKPOINT_METHOD], bank, layers)
+        scores = method_scores(view, method, bank, layers)
         # medians split the images between exits and the full path
         settings = {"median": [float(np.median(scores[layer])) for layer in layers], "zero": [0.0] * len(layers)}
         settings["fast"] = [classifier.policy.thresholds("fast")[layer] for layer in layers]

@@ -90,7 +90,9 @@ def holdout_csv(train: Path, destination: Path, per_class: int = 50, seed: int =
     return path
 
 
-def world(clip_steps: int, threads: int, samples: int, clip_weights: Path | None = None) -> dict[str, object]:
+def world(
+    clip_steps: int, threads: int, samples: int, clip_weights: Path | None = None, other_samples: int | None = None
+) -> dict[str, object]:
     """World CLIP, the shipped ``world`` checkpoint (colour+shape), and evaluations on three label sets; with
     ``clip_weights`` no CLIP is trained and the builds use those weights."""
     if clip_weights is None:
@@ -107,11 +109,13 @@ def world(clip_steps: int, threads: int, samples: int, clip_weights: Path | None
         name = f"{label_set}-{split}".replace("+", "_")
         ships = reference is None  # the first one is the shipped checkpoint
         out = shipped if ships else RUNS / "world_builds" / name / "checkpoint"
+        # The other label sets' builds (their own heads) may use fewer images: --other-samples.
+        count = samples if label_set == "colour+shape" or other_samples is None else other_samples
         options = [
             "--data",
-            f"world:train:{label_set}:{samples}",
+            f"world:train:{label_set}:{count}",
             "--eval-data",
-            f"world:{split}:{label_set}:{samples}",
+            f"world:{split}:{label_set}:{count}",
             "--checkpoint-id",
             f"world-{label_set.replace('+', '_')}",
             *splits,
@@ -281,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 1200)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=2400, help="world images per build's data and eval set")
+    parser.add_argument(
+        "--other-samples", type=int, help="world: images of the shapes / colours builds (default: --samples)"
+    )
     parser.add_argument("--clip-weights", type=Path, help="build on these CLIP weights, train none")
     parser.add_argument(
         "--reuse-world-comparison", action="store_true", help="photos: keep summary.json's world-model zero-shot"
@@ -300,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = everyday(steps, args.stop_step, args.threads, args.init_weights)
         _finish("everyday", summary, RUNS / "everyday_clip" / "training_log.json")
     elif args.recipe == "world":
-        summary = world(args.clip_steps or 700, args.threads, args.samples, args.clip_weights)
+        summary = world(args.clip_steps or 700, args.threads, args.samples, args.clip_weights, args.other_samples)
         _finish("world", summary, None if args.clip_weights else RUNS / "world_clip" / "training_log.json")
     else:
         weights, holdout = args.clip_weights, args.holdout

@@ -81,7 +81,18 @@ METHODS: dict[str, Method] = {
     "cls-ee": Method("cls-embed", "gate", "cls-embed", "CLS-EE (label-free [CLS] heads, agreement gate)"),
     "confidence": Method("ssa-embed", "confidence", "ssa-embed", "Confidence-only EE (label-free heads)"),
 }
-CHECKPOINT_METHOD = "lraee"
+CHECKPOINT_METHOD = "lraee"  # the method LRA-EE names; the checkpoint ships it or CLS-EE (CalibrateConfig.ship)
+SHIPPABLE: tuple[str, ...] = ("lraee", "cls-ee")  # label-free heads + agreement gates, SSA or [CLS] pooling
+
+
+def shipped_method(selections: dict[str, Selection], config: CalibrateConfig) -> str:
+    """The method the checkpoint ships: ``config.ship``, or with "auto" the shippable method whose default point
+    saves the most FLOPs on the calib split (mean over K; ties: SSA, the paper's head)."""
+    if config.ship != "auto":
+        return config.ship
+    return max(
+        SHIPPABLE, key=lambda name: round(selections[name].points[config.default_operating_point].mean_saving, 6)
+    )
 
 
 # ---- simulation --------------------------------------------------------------------------------------------------
@@ -363,6 +374,8 @@ def _validate(config: CalibrateConfig) -> None:
         raise ConfigError("promises are agreement fractions in [0, 1]")
     if not config.label_counts:
         raise ConfigError("calibration needs at least one label count")
+    if config.ship not in (*SHIPPABLE, "auto"):
+        raise ConfigError(f"ship must be one of {(*SHIPPABLE, 'auto')}")
 
 
 def method_record(selection: Selection, method: Method) -> dict[str, Any]:
@@ -417,9 +430,17 @@ def run_calibrate(job: Job) -> str:
         },
         "methods": methods,
     }
+    shipped = shipped_method(selections, config)
+    calibration["shipped_method"] = shipped
+    calibration["ship_choice"] = {
+        "rule": config.ship,
+        "calib_mean_saving_at_default_point": {
+            name: selections[name].points[config.default_operating_point].mean_saving for name in SHIPPABLE
+        },
+    }
     write_json(directory / CALIBRATION_FILE, calibration)
-    write_checkpoint(job, store, selections[CHECKPOINT_METHOD], pruned, profile, calibration)
-    write_record(directory, "calibrate", wanted, {"layers": list(selections[CHECKPOINT_METHOD].layers)})
+    write_checkpoint(job, store, selections[shipped], pruned, profile, calibration, shipped)
+    write_record(directory, "calibrate", wanted, {"layers": list(selections[shipped].layers), "shipped": shipped})
     return wanted
 
 
@@ -442,12 +463,13 @@ def write_checkpoint(
     pruned: Sequence[PrunedLayer],
     profile: Sequence[LayerProfile],
     calibration: dict[str, Any],
+    shipped: str = CHECKPOINT_METHOD,
 ) -> Manifest:
     """Save the shipped method's heads and gates of the chosen layers with a manifest saying how they were made."""
     from .data import load_splits
 
     config = job.config
-    method = METHODS[CHECKPOINT_METHOD]
+    method = METHODS[shipped]
     head_config, heads = load_heads(job.step_dir("train-heads"), method.variant)
     bank = load_gates(job.step_dir("fit-gate"), method.gates)
     layers = selection.layers
@@ -487,6 +509,7 @@ def write_checkpoint(
                 "data": splits.description,
                 "templates": list(config.data.templates),
                 "seeds": {"split": config.data.seed, "heads": config.heads.seed, "gate": config.gate.seed},
+                "shipped_method": {"name": shipped, "title": method.title, **calibration["ship_choice"]},
                 "head_loss": "label-free: 1 - cos to the served model's full-depth image embedding",
                 "gate": {
                     "target": "exit top-1 == full-depth top-1 for the row's label set",

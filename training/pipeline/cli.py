@@ -148,6 +148,13 @@ OPTIONS: tuple[Option, ...] = (
         "operating point used when a request names none",
         OPERATING_POINTS,
     ),
+    Option(
+        "--ship",
+        "calibrate.ship",
+        str,
+        "exits the checkpoint ships: SSA (lraee), [CLS] (cls-ee), or the one saving more calib FLOPs",
+        ("auto", "lraee", "cls-ee"),
+    ),
     Option("--checkpoint-id", "calibrate.checkpoint_id", str, "checkpoint name shown by the service"),
     Option("--label-counts", "evaluate.label_counts", _counts, "the evaluation's K-sweep (0: all labels)"),
     Option("--patience", "evaluate.patience", int, "PABEE patience (consecutive agreeing heads)"),

@@ -127,6 +127,8 @@ class CalibrateConfig:
     prune_fraction: float = 0.5  # prune a layer whose INR < this x mean INR of its neighbouring layers (0: none)
     max_candidates: int = 3  # most exit layers kept (each one costs a head and a gate on every image reaching it)
     default_operating_point: str = "balanced"  # used when a request names none
+    ship: str = "auto"  # exits the checkpoint ships: "lraee" (SSA heads), "cls-ee" ([CLS] heads), or "auto": the
+    # one of the two saving more calib FLOPs at the default point (both keep the same promises)
     checkpoint_id: str = "lraee"  # name shown by the service
     seed: int = 1  # label-set sampling
 

@@ -167,8 +167,9 @@ def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) ->
     paths = load_splits(job).splits["eval"].paths
     images = torch.stack([classifier.backbone.preprocess(load_image(paths[int(row)])) for row in rows])
     truth = store.load("eval", ["labels"])["labels"].numpy()[rows]
-    method = METHODS[CHECKPOINT_METHOD]
-    record = calibration["methods"][CHECKPOINT_METHOD]
+    shipped = calibration.get("shipped_method", CHECKPOINT_METHOD)
+    method = METHODS[shipped]
+    record = calibration["methods"][shipped]
     layers = tuple(record["layers"])
     _, heads = load_heads(job.step_dir("train-heads"), method.variant)
     bank = load_gates(job.step_dir("fit-gate"), method.gates)
@@ -307,15 +308,15 @@ def run_evaluate(job: Job) -> dict[str, Any]:
             if VARIANTS[variant].pooling == "ssa"
         },
     }
-    main = methods[CHECKPOINT_METHOD]
+    shipped_name = calibration.get("shipped_method", CHECKPOINT_METHOD)
+    shipped_view = views[METHODS[shipped_name].variant]
+    main = methods[shipped_name]
     main_layers = main["layers"]
     threshold = main["operating_points"][default]["threshold"]
-    main_outcome = simulate(shipped, main_layers, scores_of[CHECKPOINT_METHOD], [threshold] * len(main_layers))
-    full_correct = shipped.full_top1 == shipped.truth
-    quadrants = {
-        str(k): four_quadrants(main_outcome.correct[shipped.counts == k], full_correct[shipped.counts == k])
-        for k in sorted(shipped.flops)
-    }
+    main_outcome = simulate(shipped_view, main_layers, scores_of[shipped_name], [threshold] * len(main_layers))
+    full_correct = shipped_view.full_top1 == shipped_view.truth
+    rows_of = {k: shipped_view.counts == k for k in sorted(shipped_view.flops)}
+    quadrants = {str(k): four_quadrants(main_outcome.correct[rows], full_correct[rows]) for k, rows in rows_of.items()}
     heads_alone = {
         variant: {str(layer): _per_k(single_exit(view, layer), view) for layer in store.layers}
         for variant, view in views.items()
@@ -327,6 +328,8 @@ def run_evaluate(job: Job) -> dict[str, Any]:
         "num_labels": len(store.labels),
         "default_operating_point": default,
         "operating_points": list(OPERATING_POINTS),
+        "shipped_method": shipped_name,
+        "ship_choice": calibration.get("ship_choice"),
         "checkpoint": str(job.checkpoint_dir),
         "data": load_splits(job).description,
         "pruned_layers": calibration["pruned_layers"],
@@ -338,11 +341,13 @@ def run_evaluate(job: Job) -> dict[str, Any]:
         "gate_features": {
             "chosen": fit["features"],
             "selection_calib_auc": fit["selection"],
-            "eval_auc": {name: _gate_auc(views[METHODS[name].variant], scores_of[name]) for name in ("lraee", "paper")},
+            "eval_auc": {
+                name: _gate_auc(views[METHODS[name].variant], scores_of[name]) for name in ("lraee", "cls-ee", "paper")
+            },
         },
         "curves": {
             name: _curve(views[METHODS[name].variant], methods[name]["layers"], scores_of[name])
-            for name in (CHECKPOINT_METHOD, "confidence")
+            for name in dict.fromkeys((shipped_name, CHECKPOINT_METHOD, "confidence"))
         },
         "profile": [asdict(p) for p in load_profile(job)],
         "heads": read_json(job.step_dir("train-heads") / "heads.json"),
@@ -369,7 +374,7 @@ def run_evaluate(job: Job) -> dict[str, Any]:
 def record_held_out(job: Job, report: dict[str, Any]) -> None:
     """Put the shipped method's held-out figures per K and operating point (and `full`'s) into the manifest."""
     manifest = read_manifest(job.checkpoint_dir)
-    main = report["methods"][CHECKPOINT_METHOD]["operating_points"]
+    main = report["methods"][report["shipped_method"]]["operating_points"]
     held_out = {
         "split": "eval",
         "note": "held-out: images that chose nothing (not the head, gate or calib splits); one label set per image "

@@ -56,9 +56,10 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     figure = Figure(figsize=(4 * len(ks), 4))
     figure.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.86, wspace=0.3)
     axes = figure.subplots(1, len(ks), squeeze=False)[0]
-    points = report["methods"]["lraee"]["operating_points"]
+    points = report["methods"][report["shipped_method"]]["operating_points"]
+    styles = ["-", "-.", "--"]
     for axis, k in zip(axes, ks, strict=True):
-        for name, style in (("lraee", "-"), ("confidence", "--")):
+        for name, style in zip(report["curves"], styles, strict=False):
             curve = sorted(report["curves"][name].get(k, []), key=lambda entry: entry[1])
             axis.plot(
                 [100 * saved for _, saved, _ in curve],
@@ -84,7 +85,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
 
 def plot_exits(report: dict[str, Any], path: Path) -> None:
     """Where images leave under each operating point of the shipped method, per K (stacked shares)."""
-    points = report["methods"]["lraee"]["operating_points"]
+    points = report["methods"][report["shipped_method"]]["operating_points"]
     ks = [str(k) for k in report["label_counts"]]
     figure = Figure(figsize=(4 * len(points), 3.8))
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.86, wspace=0.25)
@@ -101,7 +102,7 @@ def plot_exits(report: dict[str, Any], path: Path) -> None:
         axis.set_title(f"{point} (promise {100 * values['promise']:.0f}%)")
     axes[0].set_ylabel("images (%)")
     axes[-1].legend(fontsize=7)
-    figure.suptitle("LRA-EE exit distribution on the evaluation split")
+    figure.suptitle(f"{report['methods'][report['shipped_method']]['title']}: exits on the evaluation split")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
 
@@ -153,8 +154,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"![agreement vs FLOPs saved]({CURVE_PLOT})",
         "",
     ]
-    main = report["methods"]["lraee"]
-    lines += [f"## The shipped method: {main['title']}, layers {main['layers']}", ""]
+    main = report["methods"][report["shipped_method"]]
+    choice = report["ship_choice"]
+    savings = ", ".join(
+        f"{report['methods'][name]['title']}: {100 * value:.2f}%"
+        for name, value in choice["calib_mean_saving_at_default_point"].items()
+    )
+    lines += [
+        f"## The shipped method: {main['title']}, layers {main['layers']}",
+        "",
+        f"Chosen by `{choice['rule']}` on the calib split (mean FLOPs saved at `{default}` over K: {savings}).",
+        "",
+    ]
     rows: list[tuple[Any, ...]] = []
     for point, values in main["operating_points"].items():
         for k in ks:
@@ -223,7 +234,7 @@ def markdown(report: dict[str, Any]) -> str:
             ]
             rows.append((method["title"], point, f"{values['threshold']:.4f}", *cells))
     lines += _table(["Method", "Point", "Threshold", *[_k_name(k, num_labels) for k in ks]], rows)
-    lines += [f"## Four-quadrant decomposition: LRA-EE ({default}) vs INT8 full depth, per K", ""]
+    lines += [f"## Four-quadrant decomposition: {main['title']} ({default}) vs INT8 full depth, per K", ""]
     titles = {
         "both_correct": "Both correct",
         "rescue": "Rescue (EE right, full wrong)",
@@ -258,7 +269,10 @@ def markdown(report: dict[str, Any]) -> str:
             for name, entry in gates["selection_calib_auc"].items()
         ],
     )
-    lines += ["Held-out AUC (agreement with full depth) of the shipped gates vs the paper's gate, per K and layer:", ""]
+    lines += [
+        "Held-out AUC (agreement with full depth) of the agreement gates vs the paper's gate, per K and layer:",
+        "",
+    ]
     rows = []
     for name, per_k in gates["eval_auc"].items():
         for k in ks:

@@ -22,7 +22,7 @@ def _pct(value: float | None) -> str:
 
 
 def _rows(report: dict[str, Any], name: str) -> list[str]:
-    points = report["methods"][METHOD]["operating_points"]
+    points = report["methods"][report.get("shipped_method", METHOD)]["operating_points"]
     baselines = report["baselines"]
     rows = []
     for k in (str(k) for k in report["label_counts"]):
