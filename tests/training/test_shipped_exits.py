@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from lraee_core.assets import DEFAULT_CHECKPOINT
-from lraee_core.checkpoint import load_classifier
+from lraee_core.assets import DEFAULT_CHECKPOINT, EMBEDDED_CHECKPOINTS
+from lraee_core.checkpoint import load_classifier, read_manifest
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
 from training.clip import photos
@@ -78,3 +78,24 @@ def test_accurate_keeps_its_promise_within_the_slice_sampling_error(
     agreement = float(np.mean([a == b for a, b in zip(accurate, full, strict=True)]))
     sampling_error = 1.96 * math.sqrt(promise * (1 - promise) / len(full))
     assert agreement >= promise - sampling_error, f"K={k}: agreement {agreement:.4f} < {promise} - {sampling_error:.4f}"
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+@pytest.mark.parametrize("name", ["photos", "world"])  # the checkpoints this build ships
+def test_shipped_manifests_are_portable_and_carry_held_out_promises(name: str) -> None:
+    manifest = read_manifest(EMBEDDED_CHECKPOINTS[name])
+    assert [s for s in _strings(manifest.to_json()) if s.startswith("/")] == []
+    assert manifest.promises == {"accurate": 0.99, "balanced": 0.97, "fast": 0.93}
+    held_out = manifest.metrics["held_out"]
+    assert held_out["split"] == "eval" and set(held_out["operating_points"]) == {"accurate", "balanced", "fast", "full"}
+    for point, per_k in held_out["operating_points"].items():
+        assert {"2", "5", "10", "50"} <= set(per_k), point
+        for figures in per_k.values():
+            assert {"agreement", "top1", "flops_saved", "exit_shares"} <= set(figures)
