@@ -3,7 +3,8 @@
 "use strict";
 
 const PRESETS = {
-  // Everyday things the embedded model was trained on (its 202 Tiny-ImageNet classes).
+  // Everyday words the default model was taught through WordNet captions, then fine-grained Tiny-ImageNet names.
+  Everyday: ["cat", "dog", "bird", "car", "truck", "airplane", "flower", "fruit"],
   Vehicles: ["school bus", "sports car", "tractor", "trolleybus", "police van", "lifeboat"],
   Animals: ["tabby cat", "Golden Retriever", "lion", "brown bear", "koala", "king penguin"],
   Food: ["banana", "pizza", "ice cream", "orange", "pretzel", "mushroom"],

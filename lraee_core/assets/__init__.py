@@ -1,12 +1,15 @@
 """Files shipped with the package: the tiny model's architecture and the embedded checkpoints.
 
-Two embedded checkpoints, both built by the project's own ``lraee-train`` jobs on the tiny 12-block CLIP:
+Three embedded checkpoints, all built by the project's own ``lraee-train`` jobs on the tiny 12-block CLIP:
 
-* ``photos``: the CLIP trained on real ImageNet-class photos (202 classes); the default, since it is the one that
-  answers sensibly on a user's real photos (see the README's measurements);
+* ``everyday``: the photos CLIP trained further on everyday photos (CIFAR-10, Intel scenes, flowers, Flickr8k's
+  human captions) with WordNet captions, so it knows everyday words ("dog", "car", "fruit"); the default, since
+  clients send such labels (see the README's measurements);
+* ``photos``: the CLIP trained on real ImageNet-class photos (202 classes) only; kept by name because it still wins
+  on fine-grained ImageNet class names;
 * ``world``: the CLIP trained on the generated shape world; it knows coloured shapes and nothing else.
 
-A checkpoint setting may name either instead of giving a path.
+A checkpoint setting may name any of them instead of giving a path.
 """
 
 from pathlib import Path
@@ -15,9 +18,10 @@ ASSETS_DIR = Path(__file__).resolve().parent
 MODEL_CONFIGS_DIR = ASSETS_DIR / "model_configs"  # open_clip JSON architectures of the project's own models
 EMBEDDED_CHECKPOINTS = {  # name -> checkpoint directory inside the package
     "photos": ASSETS_DIR / "photos",
+    "everyday": ASSETS_DIR / "everyday",
     "world": ASSETS_DIR / "world",
 }
-DEFAULT_EMBEDDED = "photos"  # the checkpoint `make serve` loads when none is configured
+DEFAULT_EMBEDDED = "everyday"  # the checkpoint `make serve` loads when none is configured
 DEFAULT_CHECKPOINT = EMBEDDED_CHECKPOINTS[DEFAULT_EMBEDDED]
 
 
