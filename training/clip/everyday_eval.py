@@ -259,22 +259,30 @@ def evaluate(checkpoint: str | Path, cfg: EverydayClipConfig, sample: int, seed:
 
 
 def table(reports: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: one row per (task, model, row), from ``everyday_eval.json`` reports keyed by a model name."""
+    """Markdown table from ``everyday_eval.json`` reports keyed by a model name: per task and model, FP32 and INT8
+    full-depth top-1, then top-1 / agreement with full depth / FLOPs saved at each operating point."""
+    points = ("accurate", "balanced", "fast")
     lines = [
-        "| task | model | row | images | top-1 | agrees with full | FLOPs saved |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| task | model | images | FP32 full | INT8 full (`full`) | "
+        + " | ".join(f"{p}: top-1 / agreement / saved" for p in points)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(points),
     ]
     tasks = next(iter(reports.values()))["tasks"]
     for task in tasks:
         for model, report in reports.items():
-            for row, m in report["tasks"][task]["rows"].items():
-                if "recall_at_5" in m:
-                    lines.append(f"| {task} | {model} | {row} | {m['images']} | R@5 {m['recall_at_5']:.1%} | | |")
-                    continue
-                agree = f"{m['agreement_with_full']:.1%}" if "agreement_with_full" in m else ""
-                lines.append(
-                    f"| {task} | {model} | {row} | {m['images']} | {m['top1']:.1%} | {agree} | {m['flops_saved']:.1%} |"
-                )
+            if task not in report["tasks"]:
+                continue
+            rows = report["tasks"][task]["rows"]
+            if "recall_at_5" in rows["int8-full"]:
+                cells = [f"R@5 {rows[r]['recall_at_5']:.1%}" for r in ("fp32-full", "int8-full")] + ["–"] * len(points)
+            else:
+                cells = [f"{rows[r]['top1']:.1%}" for r in ("fp32-full", "int8-full")]
+                cells += [
+                    f"{rows[p]['top1']:.1%} / {rows[p]['agreement_with_full']:.1%} / {rows[p]['flops_saved']:.1%}"
+                    for p in points
+                ]
+            lines.append(f"| {task} | {model} | {rows['int8-full']['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
