@@ -1,7 +1,7 @@
 """The shipped default checkpoint on real photos, at the label counts clients send (2 to 10 labels).
 
-A fixed slice of the shared Tiny-ImageNet validation photos (2 per class, 404 photos), each asked against its true
-class plus K - 1 other classes (seeded). Through the real engine:
+A fixed slice of the shared Tiny-ImageNet validation photos (2 per class, 404 photos), asked against their true
+class plus K - 1 other classes (seeded, one label set per class). Through the real engine:
 
 * at K = 2 the operating points must not all send every photo to one and the same layer (what the exits did when
   they were fitted at K = 202 only: every photo left at the first candidate under every point);
@@ -49,14 +49,18 @@ def answers(val_slice: Path, classifier: EarlyExitClassifier) -> dict[tuple[int,
     assert len(paths) == 202 * PER_CLASS
     images = torch.stack([classifier.backbone.preprocess(load_image(path)) for path in paths])
     wanted = {2: ("accurate", "balanced", "fast", "full"), 10: ("accurate", "full")}
+    by_class: dict[int, list[int]] = {}
+    for row, truth in enumerate(labels):
+        by_class.setdefault(truth, []).append(row)
     result: dict[tuple[int, str], list[tuple[str, int]]] = {}
     for k, points in wanted.items():
         rng = np.random.default_rng(k)
-        for row, truth in enumerate(labels):
+        for truth, rows in sorted(by_class.items()):
+            # The photos of a class share one label set, so they ride in one engine batch.
             members = [names[i] for i in label_set(truth, len(names), k, rng)]
             for point in points:
-                [answer] = classifier.classify(images[row : row + 1], members, top_k=1, operating_point=point)
-                result.setdefault((k, point), []).append((answer.predictions[0].label, answer.exit_layer))
+                answers = classifier.classify(images[rows], members, top_k=1, operating_point=point)
+                result.setdefault((k, point), []).extend((a.predictions[0].label, a.exit_layer) for a in answers)
     return result
 
 
