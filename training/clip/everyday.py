@@ -68,6 +68,7 @@ from training.clip.world_clip import (
     _save_state,
     add_config_flags,
     build_model,
+    history_entry,
     learning_rate,
     optimize,
     save_weights,
@@ -428,15 +429,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
-            history.append(
-                {
-                    "step": step,
-                    "loss": float(np.mean(window)),
-                    "lr": lr,
-                    "logit_scale": model.logit_scale.detach().exp().item(),
-                    "elapsed_s": round(train_seconds + time.perf_counter() - session_start, 3),
-                }
-            )
+            history.append(history_entry(step, window, lr, model, train_seconds + time.perf_counter() - session_start))
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{lr:.2e}")
             window = []
         if step % cfg.checkpoint_every == 0 or step == end:

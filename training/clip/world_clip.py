@@ -270,17 +270,10 @@ def train_world_clip(cfg: WorldClipConfig) -> Path:
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
-            history.append(
-                {
-                    "step": step,
-                    "loss": float(np.mean(window_losses)),  # mean over the steps since the last entry
-                    "lr": lr,
-                    "logit_scale": model.logit_scale.detach().exp().item(),
-                    "elapsed_s": round(train_seconds + now - session_start, 3),
-                    # share of the wall time spent generating data: the figure that says whether to add workers
-                    "data_fraction": round(window_data_seconds / max(1e-9, now - window_start), 3),
-                }
-            )
+            entry = history_entry(step, window_losses, lr, model, train_seconds + now - session_start)
+            # share of the wall time spent generating data: the figure that says whether to add workers
+            entry["data_fraction"] = round(window_data_seconds / max(1e-9, now - window_start), 3)
+            history.append(entry)
             bar.set_postfix(
                 loss=f"{history[-1]['loss']:.3f}", lr=f"{lr:.2e}", scale=f"{history[-1]['logit_scale']:.1f}"
             )
@@ -355,6 +348,20 @@ def _train_step(
     # The loss in FP32: bf16 logits would round the softmax over the batch.
     loss = loss_fn(output["image_features"].float(), output["text_features"].float(), output["logit_scale"].float())
     return optimize(model, optimizer, loss, cfg.grad_clip_norm)
+
+
+def history_entry(
+    step: int, losses: Sequence[float], lr: float, model: open_clip.CLIP, elapsed_s: float
+) -> dict[str, Any]:
+    """One training-log entry: the mean loss over the steps since the last entry, the learning rate, CLIP's
+    temperature and the training time so far."""
+    return {
+        "step": step,
+        "loss": float(np.mean(losses)),
+        "lr": lr,
+        "logit_scale": model.logit_scale.detach().exp().item(),
+        "elapsed_s": round(elapsed_s, 3),
+    }
 
 
 def optimize(
