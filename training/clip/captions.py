@@ -239,19 +239,20 @@ def _unique(words: Iterable[str]) -> list[str]:
     return out
 
 
-def everyday_label_sets(wnids: Sequence[str], net: WordNet | None = None) -> dict[str, str]:
-    """wnid -> its one everyday word, for the classes that fall under exactly one most-specific everyday word
-    (the everyday-word evaluation keeps only images whose right answer is unambiguous)."""
+def everyday_word(wnid: str, net: WordNet | None = None) -> str | None:
+    """The one everyday word of a class, or None when it has none or is ambiguous: the most specific word found must
+    lie under (or be) every other word found (the everyday-word evaluation keeps only unambiguous right answers)."""
     net = net or wordnet()
-    out = {}
-    for wnid in wnids:
-        if wnid not in net.synsets:
-            continue
-        words = net.everyday(wnid)
-        # Unambiguous: the most specific word's synset lies under (or is) every other found word's synset.
-        if words and all(
-            EVERYDAY_CONCEPTS[w] in net.ancestors(EVERYDAY_CONCEPTS[words[0]]) | {EVERYDAY_CONCEPTS[words[0]]}
-            for w in words
-        ):
-            out[wnid] = words[0]
-    return out
+    if wnid not in net.synsets:
+        return None
+    words = net.everyday(wnid)
+    if not words:
+        return None
+    above = net.ancestors(EVERYDAY_CONCEPTS[words[0]]) | {EVERYDAY_CONCEPTS[words[0]]}
+    return words[0] if all(EVERYDAY_CONCEPTS[w] in above for w in words) else None
+
+
+def everyday_label_sets(wnids: Sequence[str], net: WordNet | None = None) -> dict[str, str]:
+    """wnid -> its one everyday word, for the classes that have one (see :func:`everyday_word`)."""
+    net = net or wordnet()
+    return {wnid: word for wnid in wnids if (word := everyday_word(wnid, net)) is not None}

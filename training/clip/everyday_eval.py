@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from lraee_core import EarlyExitClassifier, load_classifier
 from lraee_core.images import load_image
-from training.clip.captions import EVERYDAY_CONCEPTS, wordnet
+from training.clip.captions import EVERYDAY_CONCEPTS, everyday_word, wordnet
 from training.clip.everyday import (
     FLICKR_CAPTIONS,
     FLICKR_TAR,
@@ -117,12 +117,11 @@ def imagenet_tasks(
     every_items: list[tuple[Path, str, str]] = []  # (photo, wnid, word)
     for wnid in sorted(index):
         folder = acuity_dir / wnid
-        word = _one_everyday_word(net, wnid)
+        word = everyday_word(wnid, net)
         if word is not None and folder.is_dir():
             every_items += [(p, wnid, word) for p in sorted(folder.iterdir())]
     tiny_items = [
-        (p, val.wnids[lab], _one_everyday_word(net, val.wnids[lab]))
-        for p, lab in zip(val.paths, val.labels, strict=True)
+        (p, val.wnids[lab], everyday_word(val.wnids[lab], net)) for p, lab in zip(val.paths, val.labels, strict=True)
     ]
     every_items += _sample([(p, w, word) for p, w, word in tiny_items if word is not None], sample, seed)
     tasks["everyday-5way"] = []
@@ -138,17 +137,6 @@ def imagenet_tasks(
         rng.shuffle(labels)
         tasks["everyday-5way"].append(Item(path, tuple(labels), labels.index(word)))
     return tasks
-
-
-def _one_everyday_word(net: Any, wnid: str) -> str | None:
-    """The most specific everyday word of a class when every other everyday word of it lies above that one."""
-    if wnid not in net.synsets:
-        return None
-    found = net.everyday(wnid)
-    if not found:
-        return None
-    above = net.ancestors(EVERYDAY_CONCEPTS[found[0]]) | {EVERYDAY_CONCEPTS[found[0]]}
-    return found[0] if all(EVERYDAY_CONCEPTS[w] in above for w in found) else None
 
 
 def everyday_tasks(cfg: EverydayClipConfig) -> tuple[dict[str, list[Item]], list[tuple[bytes, list[str]]]]:
