@@ -19,31 +19,26 @@ everyday concept above it. ``concept_loss`` counts an (image, caption) pair as p
 one of the image's, in both directions of CLIP's symmetric InfoNCE, so a caption shared by many classes is a positive
 for all of their images and a negative for none.
 
-Runs are resumable (``state.pt`` every ``checkpoint_every`` steps, written atomically); batches and captions are a
-pure function of (seed, step). ``init_weights`` warm-starts from a trained tiny CLIP (the shipped ``photos``
-weights), which the recipe records.
+The loop, the optimizer, resumable state and the weights file are the shared ones of ``training.clip.trainer``;
+batches and captions are a pure function of (seed, step). ``init_weights`` warm-starts from a trained tiny CLIP (the
+shipped ``photos`` weights), which the recipe records.
 
 Run: ``lraee-train everyday-clip --output-dir runs/everyday_clip --steps 1500 --init-weights ...``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import random
 import tarfile
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -56,23 +51,10 @@ from training.clip.captions import (
     concept_key,
     draw_caption,
 )
-from training.clip.photo_clip import HOLDOUT_FILE, PhotoSet, _Augment, scan_photos, split_holdout
+from training.clip.photo_clip import HOLDOUT_FILE, Augment, PhotoSet, scan_photos, split_holdout, write_holdout
 from training.clip.photos import CLASSES_TSV, REPO_ROOT
 from training.clip.photos import SOURCE_DIR as IMAGENET_DIR
-from training.clip.world_clip import (
-    LOG_FILE,
-    MODEL_NAME,
-    STATE_FILE,
-    WEIGHTS_FILE,
-    _optimizer,
-    _save_state,
-    add_config_flags,
-    build_model,
-    history_entry,
-    learning_rate,
-    optimize,
-    save_weights,
-)
+from training.clip.trainer import TrainingRun, config_parser, image_size
 
 EVERYDAY_DIR = REPO_ROOT.parent / "shared" / "data" / "everyday-photos"
 FLICKR_TAR = "flickr8k-train.tar"
@@ -118,6 +100,7 @@ SET_CLASSES: dict[str, tuple[str, dict[str, str]]] = {
 }
 # Every flower species is a flower to a client, whatever WordNet's botany says (roses are shrubs there).
 EXTRA_EVERYDAY = {"flowers": ("flower",)}
+# A resumed run must draw the same data as the run it continues.
 _RESUME_MUST_MATCH = ("seed", "batch_size", "train_dir", "holdout_per_class", "eval_fraction", "flickr_eval_images")
 
 
@@ -369,97 +352,45 @@ def concept_loss(
 
 def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     """Train (or resume) the tiny CLIP on the everyday mixture; returns the path of ``weights.safetensors``."""
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    model, _, tokenizer = build_model(seed=cfg.seed, device=device)
-    if cfg.init_weights:
-        state = load_file(cfg.init_weights)
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-    image_size = model.visual.image_size
-    size = image_size[0] if isinstance(image_size, tuple) else int(image_size)
+    run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, init_weights=cfg.init_weights)
+    model, tokenizer = run.model, run.tokenizer
     shares = parse_mix(cfg.mix)
-
-    optimizer = _optimizer(model, cfg)  # type: ignore[arg-type]  # duck-typed: weight_decay, beta2, lr schedule
-    step, train_seconds = 0, 0.0
-    history: list[dict[str, Any]] = []
-    state_path = output_dir / STATE_FILE
-    if state_path.exists():
-        saved_state = torch.load(state_path, map_location="cpu", weights_only=True)
-        saved = json.loads(saved_state["config"])
-        changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != asdict(cfg)[k]]
-        if changed:
-            raise ValueError(f"{state_path} was written with different {', '.join(changed)}; use a new output_dir")
-        model.load_state_dict(saved_state["model"])
-        optimizer.load_state_dict(saved_state["optimizer"])
-        step, history = saved_state["step"], json.loads(saved_state["history"])
-        train_seconds = saved_state["train_seconds"]
-
     # A finished (or stopped and shortened) run only writes its outputs: no photo needs decoding for that.
     end = cfg.stop_step or cfg.steps
-    sources, photos = load_sources(cfg, size, shares) if step < end else ([], None)
+    sources, photos = load_sources(cfg, image_size(model), shares) if run.step < end else ([], None)
     photos = photos or scan_photos(cfg.train_dir, cfg.classes_tsv)
     train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
-    with (output_dir / HOLDOUT_FILE).open("w") as handle:
-        handle.write("path,label\n")
-        for i in holdout_idx:
-            handle.write(f"{photos.paths[i].resolve()},{photos.wnids[photos.labels[i]]}\n")
-    (output_dir / "eval_split.json").write_text(json.dumps(everyday_eval_split(cfg), indent=1) + "\n")
+    write_holdout(photos, holdout_idx, run.output_dir / HOLDOUT_FILE)
+    (run.output_dir / "eval_split.json").write_text(json.dumps(everyday_eval_split(cfg), indent=1) + "\n")
+    augment = Augment(model, cfg.crop_scale_min)
 
-    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    augment = _Augment(size, cfg.crop_scale_min, mean, std)
-    model.train()
-    window: list[float] = []
-    session_start = time.perf_counter()
-    bar = tqdm(total=end, initial=step, desc="everyday-clip", disable=not cfg.progress, dynamic_ncols=True)
-    while step < end:
+    def draw(step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Augmented images [B, 3, S, S], captions and their positives [B, B] of step ``step``."""
         pixels, captions, concepts, image_concepts = draw_batch(sources, shares, cfg, step)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        images = augment(pixels, generator).to(device)
-        texts = tokenizer(captions).to(device)
-        lr = learning_rate(step, cfg)  # type: ignore[arg-type]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        output = model(images, texts)
-        positives = concept_positives(concepts, image_concepts).to(device)
-        loss = concept_loss(output["image_features"], output["text_features"], output["logit_scale"], positives)
-        window.append(optimize(model, optimizer, loss, cfg.grad_clip_norm))
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == end:
-            history.append(history_entry(step, window, lr, model, train_seconds + time.perf_counter() - session_start))
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{lr:.2e}")
-            window = []
-        if step % cfg.checkpoint_every == 0 or step == end:
-            elapsed = train_seconds + time.perf_counter() - session_start
-            _save_state(state_path, model, optimizer, cfg, step, history, elapsed)  # type: ignore[arg-type]
-    bar.close()
-    train_seconds += time.perf_counter() - session_start
-    model.eval()
-    weights_path = save_weights(model, output_dir / WEIGHTS_FILE, half=cfg.half)
-    log = {
-        "model_name": MODEL_NAME,
-        "config": asdict(cfg),
-        "data": training_counts(cfg, shares, len(train_idx)) | {"tiny_holdout": len(holdout_idx)},
-        "caption_templates": list(NAME_TEMPLATES),
-        "steps": step,
-        "final_loss": history[-1]["loss"] if history else None,
-        "wall_time_s": round(train_seconds, 3),
-        "weights": WEIGHTS_FILE,
-        "weights_dtype": "float16" if cfg.half else "float32",
-        "history": history,
-    }
-    (output_dir / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
-    return weights_path
+        return augment(pixels, generator), captions, concept_positives(concepts, image_concepts)
+
+    def batch_loss(batch: tuple[torch.Tensor, list[str], torch.Tensor]) -> torch.Tensor:
+        images, captions, positives = batch
+        output = model(images.to(run.device), tokenizer(captions).to(run.device))
+        return concept_loss(
+            output["image_features"], output["text_features"], output["logit_scale"], positives.to(run.device)
+        )
+
+    run.train(map(draw, range(run.step, end)), batch_loss, end, desc="everyday-clip")
+    return run.finish(
+        lambda: {
+            "data": training_counts(cfg, shares, len(train_idx)) | {"tiny_holdout": len(holdout_idx)},
+            "caption_templates": list(NAME_TEMPLATES),
+        }
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: every scalar EverydayClipConfig field is a flag (``--steps 1500 --output-dir runs/x``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, EverydayClipConfig())
-    print(train_everyday_clip(EverydayClipConfig(**vars(parser.parse_args(argv)))))
+    print(
+        train_everyday_clip(EverydayClipConfig(**vars(config_parser(__doc__, EverydayClipConfig()).parse_args(argv))))
+    )
 
 
 if __name__ == "__main__":

@@ -14,20 +14,17 @@ to ``holdout.csv`` (path,label) for ``lraee-train build``, whose heads and gates
 backbone has not memorised. Validation photos are never read during training; the final zero-shot accuracy in
 ``training_log.json`` is measured on them (and on the ILSVRC2012 photos of the 202 classes when given).
 
-Runs are resumable (``state.pt``), batches are a pure function of (seed, step), like ``training.clip.world_clip``.
+The loop, the optimizer, resumable state and the weights file are the shared ones of ``training.clip.trainer``;
+batches are a pure function of (seed, step).
 
 Run: ``python -m training.clip.photo_clip --train-dir data/imagenet-photos/train --classes-tsv .../classes.tsv``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import open_clip
@@ -39,27 +36,13 @@ from tqdm import tqdm
 
 from lraee_core.images import load_image
 from training.clip.photos import CLASSES_TSV, SOURCE_DIR
-from training.clip.world_clip import (
-    LOG_FILE,
-    MODEL_NAME,
-    STATE_FILE,
-    WEIGHTS_FILE,
-    Preprocess,
-    Tokenizer,
-    _optimizer,
-    _save_state,
-    add_config_flags,
-    build_model,
-    history_entry,
-    learning_rate,
-    optimize,
-    save_weights,
-)
+from training.clip.trainer import Preprocess, Tokenizer, TrainingRun, config_parser, image_size
 from training.pipeline.data import IMAGE_SUFFIXES, disambiguate, read_classes_tsv
 
 HOLDOUT_FILE = "holdout.csv"
-# A resumed run must draw the same data as the run it continues.
+# A resumed run must draw the same data as the run it continues (paths compare resolved).
 _RESUME_MUST_MATCH = ("seed", "batch_size", "train_dir", "holdout_per_class", "classes_tsv")
+_PATH_FIELDS = ("train_dir", "classes_tsv")
 TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
 
 
@@ -148,6 +131,15 @@ def split_holdout(photos: PhotoSet, per_class: int, seed: int) -> tuple[list[int
     return sorted(train), sorted(holdout)
 
 
+def write_holdout(photos: PhotoSet, indices: Sequence[int], path: Path) -> Path:
+    """The held-out photos as a build's data list (``path,label`` CSV with wnid labels); returns ``path``."""
+    with path.open("w") as handle:
+        handle.write("path,label\n")
+        for i in indices:
+            handle.write(f"{photos.paths[i].resolve()},{photos.wnids[photos.labels[i]]}\n")
+    return path
+
+
 def load_pixels(paths: Sequence[Path], size: int, progress: bool = True) -> torch.Tensor:
     """All photos decoded to RGB uint8 ``[N, 3, size, size]`` (resized, shorter side, centre crop if needed)."""
     resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
@@ -173,11 +165,13 @@ def multi_positive_loss(
     return (image_loss + text_loss) / 2
 
 
-class _Augment:
-    """RandomResizedCrop + horizontal flip on uint8 batches, then CLIP normalisation; seeded per step."""
+class Augment:
+    """RandomResizedCrop + horizontal flip on uint8 batches, then the model's normalisation; seeded per step."""
 
-    def __init__(self, size: int, scale_min: float, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.crop = v2.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True)
+    def __init__(self, model: open_clip.CLIP, scale_min: float) -> None:
+        self.crop = v2.RandomResizedCrop(image_size(model), scale=(scale_min, 1.0), antialias=True)
+        mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
@@ -217,107 +211,52 @@ def zero_shot_top1(
 
 def train_photo_clip(cfg: PhotoClipConfig) -> Path:
     """Train (or resume) the tiny CLIP on the photos; returns the path of ``weights.safetensors``."""
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    model, preprocess, tokenizer = build_model(seed=cfg.seed, device=device)
-    image_size = model.visual.image_size
-    size = image_size[0] if isinstance(image_size, tuple) else int(image_size)
-
+    run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, path_fields=_PATH_FIELDS)
+    model, tokenizer = run.model, run.tokenizer
     photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
     train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
-    with (output_dir / HOLDOUT_FILE).open("w") as handle:
-        handle.write("path,label\n")
-        for i in holdout_idx:
-            handle.write(f"{photos.paths[i].resolve()},{photos.wnids[photos.labels[i]]}\n")
+    write_holdout(photos, holdout_idx, run.output_dir / HOLDOUT_FILE)
 
-    optimizer = _optimizer(model, cfg)  # type: ignore[arg-type]  # duck-typed: weight_decay, beta2, lr schedule
-    step, train_seconds = 0, 0.0
-    history: list[dict[str, Any]] = []
-    state_path = output_dir / STATE_FILE
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        saved = json.loads(state["config"])
-        current = asdict(cfg)
-        changed = [k for k in _RESUME_MUST_MATCH if _comparable(k, saved.get(k)) != _comparable(k, current[k])]
-        if changed:
-            raise ValueError(f"{state_path} was written with different {', '.join(changed)}; use a new output_dir")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, train_seconds = state["step"], json.loads(state["history"]), state["train_seconds"]
-
-    pixels = load_pixels([photos.paths[i] for i in train_idx], size, cfg.progress)  # [N, 3, S, S] uint8
+    pixels = load_pixels([photos.paths[i] for i in train_idx], image_size(model), cfg.progress)  # [N, 3, S, S] uint8
     labels = torch.tensor([photos.labels[i] for i in train_idx])
     # Every (class, template) prompt tokenised once: [C, T, context]
     prompts = tokenizer([t.format(name) for name in photos.names for t in TEMPLATES])
     prompts = prompts.view(len(photos.names), len(TEMPLATES), -1)
-    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    augment = _Augment(size, cfg.crop_scale_min, mean, std)
+    augment = Augment(model, cfg.crop_scale_min)
 
-    model.train()
-    window: list[float] = []
-    session_start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="photo-clip", disable=not cfg.progress, dynamic_ncols=True)
-    while step < cfg.steps:
+    def draw(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images [B, 3, S, S], tokenised captions [B, context] and classes [B] of step ``step``."""
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         rows = torch.randint(0, len(train_idx), (cfg.batch_size,), generator=generator)
         templates = torch.randint(0, len(TEMPLATES), (cfg.batch_size,), generator=generator)
         batch_labels = labels[rows]
-        images = augment(pixels[rows], generator).to(device)
-        texts = prompts[batch_labels, templates].to(device)
-        lr = learning_rate(step, cfg)  # type: ignore[arg-type]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        return augment(pixels[rows], generator), prompts[batch_labels, templates], batch_labels
+
+    def batch_loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, texts, batch_labels = (part.to(run.device) for part in batch)
         output = model(images, texts)
-        loss = multi_positive_loss(
-            output["image_features"], output["text_features"], output["logit_scale"], batch_labels.to(device)
+        return multi_positive_loss(
+            output["image_features"], output["text_features"], output["logit_scale"], batch_labels
         )
-        window.append(optimize(model, optimizer, loss, cfg.grad_clip_norm))
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            history.append(history_entry(step, window, lr, model, train_seconds + time.perf_counter() - session_start))
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{lr:.2e}")
-            window = []
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            elapsed = train_seconds + time.perf_counter() - session_start
-            _save_state(state_path, model, optimizer, cfg, step, history, elapsed)  # type: ignore[arg-type]
-    bar.close()
-    train_seconds += time.perf_counter() - session_start
 
-    model.eval()
-    weights_path = save_weights(model, output_dir / WEIGHTS_FILE, half=cfg.half)
-    zero_shot = {}
-    for root in filter(None, (d.strip() for d in cfg.eval_dirs.split(","))):
-        zero_shot[root] = zero_shot_top1(model, tokenizer, preprocess, scan_photos(root, cfg.classes_tsv, photos.wnids))
-    log = {
-        "model_name": MODEL_NAME,
-        "config": asdict(cfg),
-        "data": {"train_images": len(train_idx), "holdout_images": len(holdout_idx), "classes": len(photos.names)},
-        "steps": step,
-        "final_loss": history[-1]["loss"] if history else None,
-        "wall_time_s": round(train_seconds, 3),
-        "weights": WEIGHTS_FILE,
-        "weights_dtype": "float16" if cfg.half else "float32",
-        "zero_shot_fp32": zero_shot,  # {eval root: top1/top5}, 80 OpenAI templates, the training classes
-        "history": history,
-    }
-    (output_dir / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
-    return weights_path
+    run.train(map(draw, range(run.step, cfg.steps)), batch_loss, cfg.steps, desc="photo-clip")
 
+    def evaluation() -> dict[str, object]:
+        zero_shot = {}
+        for root in filter(None, (d.strip() for d in cfg.eval_dirs.split(","))):
+            found = scan_photos(root, cfg.classes_tsv, photos.wnids)
+            zero_shot[root] = zero_shot_top1(model, tokenizer, run.preprocess, found)
+        return {
+            "data": {"train_images": len(train_idx), "holdout_images": len(holdout_idx), "classes": len(photos.names)},
+            "zero_shot_fp32": zero_shot,  # {eval root: top1/top5}, 80 OpenAI templates, the training classes
+        }
 
-def _comparable(name: str, value: Any) -> Any:
-    """Paths compare resolved: a relative and an absolute spelling of one folder are the same data."""
-    return str(Path(value).resolve()) if name in ("train_dir", "classes_tsv") and value is not None else value
+    return run.finish(evaluation)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: every scalar PhotoClipConfig field is a flag (``--steps 1200 --output-dir runs/x``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, PhotoClipConfig())
-    print(train_photo_clip(PhotoClipConfig(**vars(parser.parse_args(argv)))))
+    print(train_photo_clip(PhotoClipConfig(**vars(config_parser(__doc__, PhotoClipConfig()).parse_args(argv)))))
 
 
 if __name__ == "__main__":

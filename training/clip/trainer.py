@@ -1,0 +1,330 @@
+"""The one training loop of the tiny-CLIP trainers (shape world, photos, everyday mixture).
+
+A trainer keeps only what is its own: its config (a frozen dataclass carrying the fields of :class:`TrainerConfig`),
+its data and its loss. It opens a :class:`TrainingRun` (the model built from the project's JSON architecture through
+open_clip's own factory, AdamW with open_clip's decay rule, ``state.pt`` resumed when present), prepares its data,
+hands :meth:`TrainingRun.train` one batch per step and a function from a batch to its loss, and ends with
+:meth:`TrainingRun.finish`, which writes ``weights.safetensors`` (a plain open_clip state dict, loadable as
+``pretrained``) and ``training_log.json``.
+
+Runs are resumable: ``state.pt`` holds everything a run needs to continue bit for bit (model, optimizer, step, torch
+RNG, log history), written atomically every ``checkpoint_every`` steps and at the last one. Each trainer draws its
+batch as a pure function of (seed, step) and the learning rate is a pure function of the step, so neither needs state
+of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lraee_core.checkpoint import readable_by_all
+
+MODEL_NAME = "lraee-tiny-vit12"
+MODEL_CONFIG_PATH = Path(str(files("lraee_core") / "assets" / "model_configs" / f"{MODEL_NAME}.json"))
+STATE_FILE = "state.pt"
+WEIGHTS_FILE = "weights.safetensors"
+LOG_FILE = "training_log.json"
+# CLIP's cap on the learned temperature: logit_scale = ln(100).
+_MAX_LOGIT_SCALE = math.log(100.0)
+
+Tokenizer = Callable[..., torch.Tensor]
+Preprocess = Callable[[Image.Image], torch.Tensor]
+Batch = TypeVar("Batch")
+
+
+class TrainerConfig(Protocol):
+    """The fields every trainer's config carries (read-only, as in a frozen dataclass)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # every trainer's config is a dataclass (asdict, replace)
+
+    @property
+    def output_dir(self) -> str: ...  # holds state.pt, weights.safetensors and training_log.json
+    @property
+    def steps(self) -> int: ...  # optimizer steps the learning-rate schedule spans
+    @property
+    def lr(self) -> float: ...  # peak learning rate, reached after warmup, then cosine decay to min_lr
+    @property
+    def min_lr(self) -> float: ...  # learning rate at the last step
+    @property
+    def warmup_steps(self) -> int: ...  # linear warmup from lr / warmup_steps to lr
+    @property
+    def weight_decay(self) -> float: ...  # AdamW decay of matrices only
+    @property
+    def beta2(self) -> float: ...  # AdamW second-moment decay
+    @property
+    def grad_clip_norm(self) -> float | None: ...  # global gradient-norm clip; None: none
+    @property
+    def seed(self) -> int: ...  # model init and the run's draws
+    @property
+    def threads(self) -> int: ...  # torch.set_num_threads
+    @property
+    def device(self) -> str: ...  # torch device
+    @property
+    def log_every(self) -> int: ...  # steps between entries of the log history
+    @property
+    def checkpoint_every(self) -> int: ...  # steps between writes of state.pt (and at the last step)
+    @property
+    def half(self) -> bool: ...  # store weights.safetensors in FP16
+    @property
+    def progress(self) -> bool: ...  # show a tqdm progress bar
+
+
+def register_model_config() -> str:
+    """Register the tiny architecture's JSON config with open_clip (once) and return its model name."""
+    if MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_PATH)
+    return MODEL_NAME
+
+
+def build_model(
+    pretrained: str | Path | None = None, seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[open_clip.CLIP, Preprocess, Tokenizer]:
+    """The tiny CLIP, its evaluation preprocessing and its tokenizer.
+
+    With ``pretrained`` None the weights are a random init drawn from ``seed``, without touching the caller's RNG.
+    """
+    name = register_model_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if pretrained is None else str(pretrained), device=device, output_dict=True
+        )
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def image_size(model: open_clip.CLIP) -> int:
+    """Side of the square images the vision tower takes."""
+    size = model.visual.image_size
+    return size[0] if isinstance(size, tuple) else int(size)
+
+
+def learning_rate(step: int, cfg: TrainerConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def adamw(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW with open_clip's rule: decay only matrices; 1-d gains/biases, embeddings and the temperature are left
+    alone. CLIP's beta2 of 0.98 is steadier than 0.999 with a learned temperature."""
+
+    def exempt(name: str, parameter: torch.nn.Parameter) -> bool:
+        return parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for name, p in named if exempt(name, p)], "weight_decay": 0.0},
+        {"params": [p for name, p in named if not exempt(name, p)], "weight_decay": cfg.weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=learning_rate(0, cfg), betas=(0.9, cfg.beta2), eps=1e-6)
+
+
+def optimize(
+    model: open_clip.CLIP, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip_norm: float | None
+) -> float:
+    """Backward, optional global-norm clip, step, and CLIP's cap on the temperature; returns the loss value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
+    return float(loss.item())
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, half: bool = False) -> Path:
+    """Write ``model``'s state dict as safetensors (FP16 when ``half``), loadable as open_clip ``pretrained``."""
+    dtype = torch.float16 if half else torch.float32
+    tensors = {
+        name: tensor.detach()
+        .to(device="cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        # safetensors refuses views into shared storage
+        .contiguous()
+        .clone()
+        for name, tensor in model.state_dict().items()
+    }
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"format": "pt", "model_name": MODEL_NAME})
+    readable_by_all(path)
+    return path
+
+
+class TrainingRun:
+    """One resumable contrastive run of the tiny CLIP: model, optimizer, step, log history and training time.
+
+    Opening a run builds the model (from ``init_weights`` when given, else a random init from ``cfg.seed``) and its
+    optimizer, then continues ``state.pt`` when the output directory holds one. ``must_match`` names the config
+    fields that fix the data stream: a resumed run must not change them (``path_fields`` among them compare as
+    resolved paths, so a relative and an absolute spelling of one folder are the same data).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        must_match: Sequence[str],
+        path_fields: Collection[str] = (),
+        init_weights: str = "",
+    ) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(cfg.threads)
+        self.device = torch.device(cfg.device)
+        self.model, self.preprocess, self.tokenizer = build_model(seed=cfg.seed, device=self.device)
+        if init_weights:
+            self.model.load_state_dict({k: v.float() for k, v in load_file(init_weights).items()})
+        self.optimizer = adamw(self.model, cfg)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+        self._must_match = tuple(must_match)
+        self._path_fields = frozenset(path_fields)
+        if self.state_path.exists():
+            self._resume()
+        else:
+            torch.manual_seed(cfg.seed)
+
+    @property
+    def state_path(self) -> Path:
+        """The run's resumable state."""
+        return self.output_dir / STATE_FILE
+
+    def train(
+        self, batches: Iterable[Batch], batch_loss: Callable[[Batch], torch.Tensor], end: int, desc: str = "clip"
+    ) -> None:
+        """Optimizer steps from ``self.step`` up to ``end``, one per batch of ``batches`` (the batches of those steps,
+        in order); ``batch_loss`` turns a batch into its loss. Logs every ``log_every`` steps, saves ``state.pt``
+        every ``checkpoint_every`` steps and at ``end``."""
+        cfg = self.cfg
+        self.model.train()
+        losses: list[float] = []
+        data_seconds = 0.0  # time spent waiting for batches since the last history entry
+        session_start = window_start = time.perf_counter()
+        bar = tqdm(total=end, initial=self.step, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+        requested = time.perf_counter()
+        for batch in batches:
+            data_seconds += time.perf_counter() - requested
+            lr = learning_rate(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            losses.append(optimize(self.model, self.optimizer, batch_loss(batch), cfg.grad_clip_norm))
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                now = time.perf_counter()
+                entry = self._history_entry(losses, lr, self.train_seconds + now - session_start)
+                # share of the wall time spent producing batches: the figure that says whether to add workers
+                entry["data_fraction"] = round(data_seconds / max(1e-9, now - window_start), 3)
+                self.history.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", scale=f"{entry['logit_scale']:.1f}")
+                losses, data_seconds, window_start = [], 0.0, now
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                self._save_state(self.train_seconds + time.perf_counter() - session_start)
+            requested = time.perf_counter()
+        bar.close()
+        self.train_seconds += time.perf_counter() - session_start
+
+    def finish(self, extras: Callable[[], dict[str, Any]] | None = None) -> Path:
+        """Write ``weights.safetensors`` and ``training_log.json`` (config, loss, wall time, history, and the
+        trainer's ``extras()``, measured on the model in eval mode after the weights are saved); returns the
+        weights' path."""
+        cfg = self.cfg
+        self.model.eval()
+        weights_path = save_weights(self.model, self.output_dir / WEIGHTS_FILE, half=cfg.half)
+        log = {
+            "model_name": MODEL_NAME,
+            "config": dataclasses.asdict(cfg),
+            "steps": self.step,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "wall_time_s": round(self.train_seconds, 3),
+            "steps_per_s": round(self.step / self.train_seconds, 4) if self.train_seconds > 0 else None,
+            "weights": WEIGHTS_FILE,
+            "weights_dtype": "float16" if cfg.half else "float32",
+            **(extras() if extras is not None else {}),
+            "history": self.history,
+        }
+        (self.output_dir / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+        return weights_path
+
+    def _history_entry(self, losses: Sequence[float], lr: float, elapsed_s: float) -> dict[str, Any]:
+        """The mean loss over the steps since the last entry, the learning rate, CLIP's temperature and the
+        training time so far."""
+        return {
+            "step": self.step,
+            "loss": float(np.mean(losses)),
+            "lr": lr,
+            "logit_scale": self.model.logit_scale.detach().exp().item(),
+            "elapsed_s": round(elapsed_s, 3),
+        }
+
+    def _comparable(self, name: str, value: Any) -> Any:
+        return str(Path(value).resolve()) if name in self._path_fields and value is not None else value
+
+    def _resume(self) -> None:
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+        current = dataclasses.asdict(self.cfg)
+        changed = [
+            name
+            for name in self._must_match
+            if self._comparable(name, saved.get(name)) != self._comparable(name, current[name])
+        ]
+        if changed:
+            raise ValueError(
+                f"{self.state_path} was written with different {', '.join(changed)}; "
+                "resuming would mix two data streams. Use a new output_dir or restore the old values."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
+        self.history = json.loads(state["history"])
+
+    def _save_state(self, train_seconds: float) -> None:
+        # Config and history travel as JSON strings so the file loads with weights_only=True.
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "train_seconds": train_seconds,
+            "config": json.dumps(dataclasses.asdict(self.cfg)),
+            "history": json.dumps(self.history),
+        }
+        # Write then rename, so an interrupted save never leaves a truncated state behind.
+        temporary = self.state_path.with_suffix(".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, self.state_path)
+
+
+def config_parser(description: str | None, defaults: Any) -> argparse.ArgumentParser:
+    """A command line with one ``--flag`` per scalar field of the dataclass instance ``defaults`` (bools as
+    --x / --no-x), so ``Config(**vars(parser.parse_args()))`` rebuilds the config."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for config_field in dataclasses.fields(defaults):
+        default = getattr(defaults, config_field.name)
+        flag = "--" + config_field.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, int | float | str):
+            parser.add_argument(flag, type=type(default), default=default)
+    return parser
