@@ -23,6 +23,8 @@ from .errors import BackboneError, CheckpointError
 from .gate import GateParams
 from .heads import ExitHead
 from .manifest import FORMAT_VERSION, BackboneRef, Manifest, PrunedLayer
+from .quantize import quantize_vision
+from .static_quant import RANGES_FILE, STATIC_MODES, ActivationRanges
 
 __all__ = [
     "FORMAT_VERSION",
@@ -32,6 +34,7 @@ __all__ = [
     "Manifest",
     "PrunedLayer",
     "backbone_ref",
+    "load_activation_ranges",
     "load_classifier",
     "load_heads_and_gates",
     "read_manifest",
@@ -92,10 +95,22 @@ def save_checkpoint(
     manifest: Manifest,
     heads: dict[int, ExitHead],
     gates: dict[int, GateParams],
+    activation_ranges: ActivationRanges | None = None,
 ) -> Manifest:
-    """Write heads/gates tensors and the manifest (with the tensors' SHA-256); returns the manifest written."""
+    """Write heads/gates tensors and the manifest (with the tensors' SHA-256); returns the manifest written.
+
+    ``activation_ranges``: the calibrated ranges of a static quant mode, written beside the heads and named in the
+    manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    ranges_fields: dict[str, object] = {"activation_ranges": None, "activation_ranges_sha256": ""}
+    if activation_ranges is not None:
+        activation_ranges.save(directory / RANGES_FILE)
+        readable_by_all(directory / RANGES_FILE)
+        ranges_fields = {
+            "activation_ranges": RANGES_FILE,
+            "activation_ranges_sha256": sha256_of_file(directory / RANGES_FILE),
+        }
     tensors: dict[str, torch.Tensor] = {}
     for layer, head in heads.items():
         for name, value in head.state_dict().items():
@@ -110,7 +125,7 @@ def save_checkpoint(
     # The feature names travel with the weights too, so a manifest naming other features of the same count is caught.
     save_file(tensors, str(directory / TENSORS), metadata={"gate_features": ",".join(manifest.gate_features)})
     readable_by_all(directory / TENSORS)
-    final = Manifest(**{**manifest.__dict__, "heads_sha256": sha256_of_file(directory / TENSORS)})
+    final = Manifest(**{**manifest.__dict__, **ranges_fields, "heads_sha256": sha256_of_file(directory / TENSORS)})
     write_manifest(directory, final)
     return final
 
@@ -185,6 +200,24 @@ def load_heads_and_gates(directory: Path, manifest: Manifest) -> tuple[dict[int,
     return heads, gates
 
 
+def load_activation_ranges(directory: Path, manifest: Manifest) -> ActivationRanges:
+    """The calibrated activation ranges a static checkpoint names, checked against their SHA-256."""
+    if manifest.activation_ranges is None:
+        raise CheckpointError(
+            f"checkpoint {manifest.checkpoint_id!r} (quant mode {manifest.quant_mode!r}) carries no calibrated "
+            f"activation ranges, which the static modes {STATIC_MODES} need"
+        )
+    path = directory / manifest.activation_ranges
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    if sha256_of_file(path) != manifest.activation_ranges_sha256:
+        raise CheckpointError(f"{path} does not match the SHA-256 in the manifest (corrupt or replaced)")
+    try:
+        return ActivationRanges.load(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt {path}: {exc}") from exc
+
+
 def load_classifier(
     path: str | Path,
     *,
@@ -192,6 +225,7 @@ def load_classifier(
     backend: BackendName | None = None,
     backend_options: BackendOptions | None = None,
     weights: str | None = None,
+    activation_ranges: ActivationRanges | None = None,
     text_cache_capacity: int = 4096,
     cache_dir: str | None = None,
 ) -> EarlyExitClassifier:
@@ -201,7 +235,9 @@ def load_classifier(
     calibrated under the manifest's mode). ``backend`` picks what runs the vision tower (:mod:`lraee_core.backends`;
     None: ``torch``), ``backend_options`` its threads and working directory. ``weights`` points at a local copy of
     the backbone weights (e.g. a mounted volume) instead of the manifest's source; its SHA-256 must still match when
-    recorded. :class:`~lraee_core.errors.CheckpointError` on anything that does not load or match.
+    recorded. ``activation_ranges`` replaces the checkpoint's calibrated ranges for a static ``quant_mode`` (e.g. a
+    ``paper`` checkpoint run static with ranges observed elsewhere, :func:`lraee_core.static_quant.observe_ranges`).
+    :class:`~lraee_core.errors.CheckpointError` on anything that does not load or match.
     """
     directory = Path(path)
     manifest = read_manifest(directory)
@@ -238,7 +274,13 @@ def load_classifier(
     mode = manifest.quant_mode if quant_mode is None else quant_mode
     backend = backend or DEFAULT_BACKEND
     try:
-        backbone, report = prepare_backbone(backbone, mode, backend, backend_options)
+        if mode in STATIC_MODES:
+            if backend != "torch":
+                raise BackboneError(f"the static quant modes run on the torch backend only, not {backend!r}")
+            ranges = activation_ranges or load_activation_ranges(directory, manifest)
+            report = quantize_vision(backbone.visual, mode, ranges)
+        else:
+            backbone, report = prepare_backbone(backbone, mode, backend, backend_options)
     except BackboneError as exc:
         raise CheckpointError(f"checkpoint {manifest.checkpoint_id!r}, backend {backend}: {exc}") from exc
     # The manifest counts what its own mode converted with torch at calibration; other modes convert other modules.

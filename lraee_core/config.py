@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-QuantMode = Literal["none", "paper", "full"]
+QuantMode = Literal["none", "paper", "full", "static", "static-a6", "static-a4"]
 Pooling = Literal["ssa", "cls"]
 Loss = Literal["embed", "distilled", "hard"]  # head training losses (training.pipeline.heads)
 
-QUANT_MODES: tuple[QuantMode, ...] = ("none", "paper", "full")
+# static*: fixed activation scales calibrated offline (lraee_core.static_quant); -a6/-a4 simulate fewer activation bits
+QUANT_MODES: tuple[QuantMode, ...] = ("none", "paper", "full", "static", "static-a6", "static-a4")
 FULL_OPERATING_POINT = "full"  # built into every checkpoint: no exits, no heads, the full-depth CLIP answer
 
 

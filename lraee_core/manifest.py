@@ -10,6 +10,7 @@ images. :mod:`lraee_core.checkpoint` reads and writes it next to the tensors.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import FULL_OPERATING_POINT, QUANT_MODES, ExitPolicy, HeadConfig, OperatingPoint, QuantMode
@@ -69,6 +70,9 @@ class Manifest:
     # agreement and FLOPs saved per label count K and operating point on images never used to choose anything
     heads_sha256: str = ""  # SHA-256 of heads.safetensors
     format_version: int = FORMAT_VERSION  # manifest layout version
+    activation_ranges: str | None = None  # static quant modes: the file of calibrated activation ranges, relative
+    # to the checkpoint directory (lraee_core.static_quant); None for modes that need none
+    activation_ranges_sha256: str = ""  # SHA-256 of that file
 
     def policy(self) -> ExitPolicy:
         """The exit policy these thresholds define."""
@@ -123,6 +127,8 @@ class Manifest:
                 metrics=dict(data.get("metrics", {})),
                 heads_sha256=str(data["heads_sha256"]),
                 format_version=version,
+                activation_ranges=data.get("activation_ranges"),
+                activation_ranges_sha256=str(data.get("activation_ranges_sha256", "")),
             )
         except CheckpointError:
             raise
@@ -133,6 +139,12 @@ class Manifest:
         """Internal consistency: layers, thresholds, operating points, promises, gate features, quant mode."""
         if self.quant_mode not in QUANT_MODES:
             raise CheckpointError(f"unknown quant mode {self.quant_mode!r}")
+        if self.quant_mode.startswith("static") and not self.activation_ranges:
+            raise CheckpointError(f"quant mode {self.quant_mode!r} needs its calibrated activation ranges file")
+        if self.activation_ranges is not None and (
+            Path(self.activation_ranges).is_absolute() or ".." in Path(self.activation_ranges).parts
+        ):
+            raise CheckpointError(f"activation ranges {self.activation_ranges!r} must lie inside the checkpoint")
         layers = list(self.candidate_layers)
         if not layers or layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] > self.num_layers:
             raise CheckpointError(f"candidate layers {layers} must be ascending, unique, within 1..{self.num_layers}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
 from .config import QUANT_MODES, QuantMode
 from .errors import BackboneError
+
+if TYPE_CHECKING:
+    from .static_quant import ActivationRanges
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,18 @@ class DynamicInt8SelfAttention(nn.Module):
         return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, width)), None
 
 
-def quantize_vision(visual: nn.Module, mode: QuantMode) -> QuantReport:
-    """Quantize ``visual`` in place according to ``mode`` and report exactly which modules were converted."""
+def quantize_vision(visual: nn.Module, mode: QuantMode, ranges: ActivationRanges | None = None) -> QuantReport:
+    """Quantize ``visual`` in place according to ``mode`` and report exactly which modules were converted.
+
+    ``ranges``: the calibrated activation ranges the static modes need (:mod:`lraee_core.static_quant`)."""
     if mode not in QUANT_MODES:
         raise BackboneError(f"unknown quant mode {mode!r}; expected one of {QUANT_MODES}")
     if mode == "none":
         return QuantReport(mode=mode, converted=())
+    if mode.startswith("static"):
+        from .static_quant import quantize_static  # imported here: static_quant builds on this module
+
+        return quantize_static(visual, mode, ranges)
     visual.eval()
     if mode == "full":
         blocks: Any = visual.get_submodule("transformer.resblocks")

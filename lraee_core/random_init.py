@@ -16,6 +16,7 @@ from .config import BackboneConfig, HeadConfig, QuantMode
 from .gate import GateParams
 from .heads import ExitHead
 from .quantize import quantize_vision
+from .static_quant import ActivationRanges
 
 
 def untrained_checkpoint(
@@ -28,11 +29,13 @@ def untrained_checkpoint(
     seed: int = 0,
     checkpoint_id: str = "untrained",
     backbone: ClipBackbone | None = None,
+    activation_ranges: ActivationRanges | None = None,
 ) -> Manifest:
     """Write a checkpoint with seeded random heads and gates for ``backbone_config``.
 
     Default candidates are the paper's layers scaled to the tower's depth (9, 11, 12 of 12). Thresholds: operating
-    points ``never`` (1.0 everywhere), ``always`` (0.0) and ``half`` (0.5, the default).
+    points ``never`` (1.0 everywhere), ``always`` (0.0) and ``half`` (0.5, the default). A static ``quant_mode``
+    needs ``activation_ranges`` (:func:`lraee_core.static_quant.observe_ranges`); they are saved with the heads.
     """
     directory = Path(directory)
     backbone = backbone or build_backbone(backbone_config)
@@ -51,7 +54,7 @@ def untrained_checkpoint(
         w = (torch.rand(3, generator=generator) * 4 - 2).tolist()
         gates[layer] = GateParams(weight=(w[0], w[1], w[2]), bias=float(torch.randn(1, generator=generator)))
     # Count what this quant mode converts on a throwaway copy of the tower so loading can check it.
-    converted = len(quantize_vision(copy.deepcopy(backbone.visual), quant_mode).converted)
+    converted = len(quantize_vision(copy.deepcopy(backbone.visual), quant_mode, activation_ranges).converted)
     manifest = Manifest(
         checkpoint_id=checkpoint_id,
         backbone=backbone_ref(backbone, directory),
@@ -71,4 +74,4 @@ def untrained_checkpoint(
         default_operating_point="half",
         calibration={"kind": "untrained", "seed": seed, "note": "random heads and gates; for tests and benchmarks"},
     )
-    return save_checkpoint(directory, manifest, heads, gates)
+    return save_checkpoint(directory, manifest, heads, gates, activation_ranges)

@@ -56,6 +56,7 @@ from .gate_fit import PAPER_GATE, GateBank, load_gates, run_fit_gate
 from .heads import VARIANTS, load_heads
 from .label_sets import ExitView, exit_view, label_sets_for, resolve_counts
 from .profile import LayerProfile, load_profile, run_profile
+from .ranges import activation_ranges
 
 CALIBRATION_FILE = "calibration.json"
 OPERATING_POINTS: tuple[str, ...] = ("accurate", "balanced", "fast")
@@ -533,7 +534,8 @@ def write_checkpoint(
             },
         },
     )
-    return save_checkpoint(directory, manifest, {layer: heads[layer] for layer in layers}, gates)
+    kept = {layer: heads[layer] for layer in layers}
+    return save_checkpoint(directory, manifest, kept, gates, activation_ranges(job))  # ranges: static modes only
 
 
 def load_calibration(job: Job) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from lraee_core.backbone import ClipBackbone, VisionShape, build_backbone
 from lraee_core.gate import spatial_activation_variance
 from lraee_core.quantize import QuantReport, quantize_vision
+from lraee_core.static_quant import ActivationRanges
 from lraee_core.text import TextEmbeddingCache, validate_templates
 
 from .config import (
@@ -47,15 +48,20 @@ from .config import (
     write_record,
 )
 from .data import ImageDataset, Splits, run_split
+from .ranges import activation_ranges
 
 META_FILE = "meta.json"
 TEXT_FILE = "text.safetensors"
 
 
-def build_backbones(config: BuildConfig) -> tuple[ClipBackbone, ClipBackbone, QuantReport]:
-    """(INT8 backbone, FP32 backbone, quantization report): two independent builds of the same weights."""
+def build_backbones(
+    config: BuildConfig, ranges: ActivationRanges | None = None
+) -> tuple[ClipBackbone, ClipBackbone, QuantReport]:
+    """(INT8 backbone, FP32 backbone, quantization report): two independent builds of the same weights.
+
+    ``ranges``: the calibrated activation ranges of a static quant mode (step ``ranges``)."""
     quantized = build_backbone(config.backbone)
-    report = quantize_vision(quantized.visual, config.quant_mode)
+    report = quantize_vision(quantized.visual, config.quant_mode, ranges)
     return quantized, build_backbone(config.backbone), report
 
 
@@ -145,7 +151,7 @@ def run_extract(job: Job) -> str:
     if job.should_skip("extract", wanted):
         return wanted
     validate_templates(config.data.templates)
-    quantized, fp32, report = build_backbones(config)
+    quantized, fp32, report = build_backbones(config, activation_ranges(job))
     layers = cached_layers(config, quantized.shape.num_layers)
     text = TextEmbeddingCache(quantized.encode_text, model_id=quantized.name).get(splits.labels, config.data.templates)
     directory.mkdir(parents=True, exist_ok=True)

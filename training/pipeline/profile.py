@@ -11,6 +11,12 @@ at inference). Norms are over all tokens and channels of an image; expectations 
 * ``INR_l = 1 / NSR_l`` (capped at 1e12 when there is no noise, e.g. quant mode "none").
 * ``cosine_l``: mean over tokens and images of cos(hq_l[t], h_l[t]).
 * ``mse_l``: mean squared error over every element; ``max_abs_fp32_l`` / ``max_abs_int8_l``: largest activation.
+* ``outlier_share_l``: the share of FP32 activations larger in magnitude than ``OUTLIER_RMS`` x the RMS of their
+  image's state at that layer. Outliers set a per-tensor scale, so the more of the range they take, the coarser the
+  step every other activation gets under a static (fixed-range) quant mode.
+
+The static quant modes profile the tower built from the build's calibrated activation ranges (step ``ranges``),
+observed on the first images of the calib split, the same images profiled here: their figures are in-sample.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from tqdm import tqdm
 from .config import Job, backbone_identity, config_hash, read_json, step, write_json, write_record
 from .data import ImageDataset, run_split
 from .features import build_backbones
+from .ranges import activation_ranges
 
 PROFILE_FILE = "profile.json"
 PROFILE_PLOT = "profile.png"
 MAX_INR = 1e12
+OUTLIER_RMS = 6.0  # an activation is an outlier beyond this many RMS of its image's state (LLM.int8's 6, scale-free)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class LayerProfile:
     max_abs_int8: float  # largest |activation| of the INT8 state
     noise: float  # E||hq_l - h_l||^2 per image
     change: float  # E||h_l - h_{l-1}||^2 per image
+    outlier_share: float = 0.0  # share of FP32 activations beyond OUTLIER_RMS x their image's RMS (0: not measured)
 
 
 class ProfileAccumulator:
@@ -59,6 +68,7 @@ class ProfileAccumulator:
         self.squared_error = torch.zeros(size, dtype=torch.float64)
         self.max_fp32 = torch.zeros(size, dtype=torch.float64)
         self.max_int8 = torch.zeros(size, dtype=torch.float64)
+        self.outliers = torch.zeros(size, dtype=torch.float64)
         self.images = 0
         self.tokens = 0
         self.elements = 0
@@ -78,6 +88,8 @@ class ProfileAccumulator:
             self.squared_error[layer] += error.square().sum()
             self.max_fp32[layer] = max(float(self.max_fp32[layer]), float(h.abs().max()))
             self.max_int8[layer] = max(float(self.max_int8[layer]), float(hq.abs().max()))
+            rms = h.square().mean(dim=(1, 2), keepdim=True).sqrt()  # [B, 1, 1]
+            self.outliers[layer] += (h.abs() > OUTLIER_RMS * rms).sum()
         self.images += batch
         self.tokens += batch * tokens
         self.elements += batch * tokens * width
@@ -102,6 +114,7 @@ class ProfileAccumulator:
                     max_abs_int8=float(self.max_int8[layer]),
                     noise=noise,
                     change=change,
+                    outlier_share=float(self.outliers[layer]) / self.elements,
                 )
             )
         return out
@@ -109,7 +122,7 @@ class ProfileAccumulator:
 
 def profile_hash(job: Job, splits_hash: str) -> str:
     """Identity of the profile: the splits, the backbone and quant mode, the profile settings."""
-    return config_hash("profile", splits_hash, backbone_identity(job.config), job.config.profile)
+    return config_hash("profile", splits_hash, backbone_identity(job.config), job.config.profile, OUTLIER_RMS)
 
 
 @step("profile")
@@ -123,7 +136,7 @@ def run_profile(job: Job) -> str:
     if job.should_skip("profile", wanted):
         return wanted
     config = job.config
-    quantized, fp32, _ = build_backbones(config)
+    quantized, fp32, _ = build_backbones(config, activation_ranges(job))
     calib = splits.splits["calib"]
     count = min(config.profile.num_images, len(calib.items))
     dataset = Subset(ImageDataset(calib, quantized.preprocess), range(count))
