@@ -1,10 +1,16 @@
-"""EarlyExitClassifier: a batch of preprocessed images + a label set in, one result per image out.
+"""EarlyExitClassifier: a batch of preprocessed images in, rows with their own label sets, one result per image out.
 
-The vision blocks run once over the rows still alive. At each candidate layer the exit head and gate are evaluated
-for those rows only; rows the exit rule (:mod:`lraee_core.exits`: an operating point's thresholds, ``full``, or a
-forced benchmark mix) lets go leave the batch with their logits (batch compaction: the remaining blocks run on a
-smaller batch, so FLOPs saved are time saved). Rows that reach the end take the ordinary full-depth CLIP path
-([CLS] pooling + projection). Build one with :func:`lraee_core.checkpoint.load_classifier`.
+The vision blocks run once over the rows still alive, whatever their label sets. At each candidate layer the exit
+head runs on those rows in one op; each row's logits are taken against its own label set (every distinct label set
+sits in one text matrix: one GEMM, then a gather padded with -inf), and the gate features (which depend on K) and
+the exit rule's thresholds are per row, so a row leaves exactly when it would in a batch of its own. Rows the exit
+rule (:mod:`lraee_core.exits`: an operating point's thresholds, ``full``, or a forced benchmark mix) lets go leave
+the batch with their logits (batch compaction by index: the remaining blocks run on a smaller batch, so FLOPs saved
+are time saved). Rows that reach the end take the ordinary full-depth CLIP path ([CLS] pooling + projection).
+
+:meth:`EarlyExitClassifier.classify` asks one question of a whole batch; :meth:`EarlyExitClassifier.classify_rows`
+takes one :class:`LabelQuery` per row (text embeddings resolved beforehand, as the service does). Build a
+classifier with :func:`lraee_core.checkpoint.load_classifier`.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .backbone import ClipBackbone
+from .backbone import ClipBackbone, VisionShape
 from .config import FULL_OPERATING_POINT, ExitPolicy, HeadConfig
 from .errors import InputError
-from .exits import ExitRule
+from .exits import ExitRule, RowExits
 from .flops import FlopsModel, flops_model
 from .gate import GateParams, gate_features, spatial_activation_variance
 from .heads import ExitHead, class_logits
@@ -120,7 +126,29 @@ class EarlyExitClassifier:
         except KeyError:
             raise InputError(f"unknown operating point {name!r}; this model has {list(self.policy.names)}") from None
 
-    @torch.inference_mode()
+    def query(
+        self,
+        labels: Sequence[str],
+        *,
+        templates: Sequence[str] | None = None,
+        top_k: int = 5,
+        operating_point: str | None = None,
+        exit_rule: ExitRule | None = None,
+        text: torch.Tensor | None = None,
+    ) -> LabelQuery:
+        """Validate one request's question and resolve its text side: a :class:`LabelQuery` for its rows.
+
+        ``text`` [K, E] passes embeddings resolved beforehand (the service encodes new labels off the inference
+        worker); None takes them from the text cache, encoding the labels it lacks here.
+        """
+        rule = exit_rule if exit_rule is not None else self.exit_rule(operating_point)
+        labels = validate_labels(labels, self.max_labels)
+        if text is None:
+            text = self.text_embeddings(labels, templates)
+        elif text.dim() != 2 or text.shape[0] != len(labels):
+            raise InputError(f"text embeddings of shape {tuple(text.shape)} for {len(labels)} labels")
+        return LabelQuery(labels, text, rule, max(1, min(top_k, len(labels))))
+
     def classify(
         self,
         images: torch.Tensor,
@@ -136,78 +164,217 @@ class EarlyExitClassifier:
         ``exit_rule`` (see :mod:`lraee_core.exits`) replaces the named ``operating_point``'s rule: custom
         thresholds, ``ExitRule.full()``, or a forced per-image exit mix for benchmarks.
         """
-        if images.dim() != 4 or images.shape[0] == 0:
-            raise InputError(f"expected a non-empty image batch [B, 3, H, W], got shape {tuple(images.shape)}")
-        rule = exit_rule if exit_rule is not None else self.exit_rule(operating_point)
-        try:
-            rule.check(images.shape[0], self.policy.candidate_layers)
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
-        labels = validate_labels(labels, self.max_labels)
-        text = self.text_embeddings(labels, templates)  # [K, E] FP16
-        cost = self.flops(len(labels))
-        batch = images.shape[0]
-        k = max(1, min(top_k, len(labels)))
-        logits_out: list[torch.Tensor | None] = [None] * batch
-        exit_layer = [self.num_layers] * batch
-        exit_path: list[ExitPath] = ["full"] * batch
-        gate_prob: list[float | None] = [None] * batch
-        evaluated = [0] * batch
-        heads = self.heads if rule.evaluate_heads else {}
+        _check_images(images)
+        query = self.query(
+            labels, templates=templates, top_k=top_k, operating_point=operating_point, exit_rule=exit_rule
+        )
+        return self.classify_rows(images, [query] * images.shape[0])
 
-        alive = torch.arange(batch)  # original row of each row still in the batch
-        previous_top1: torch.Tensor | None = None  # previous candidate's answer per alive row (a gate feature)
+    @torch.inference_mode()
+    def classify_rows(self, images: torch.Tensor, queries: Sequence[LabelQuery]) -> list[ExitResult]:
+        """Classify preprocessed images [B, 3, H, W], row i against ``queries[i]`` (rows of one request share one
+        query object). The blocks run once for all rows whatever their label sets; each row's exit logits, gate
+        features and thresholds are its own, so a row gets the answer it would get in a batch of its own."""
+        _check_images(images)
+        if len(queries) != images.shape[0]:
+            raise InputError(f"{len(queries)} queries for {images.shape[0]} images")
+        plan = _RowPlan.of(queries, self.policy.candidate_layers, self.head_config.hidden_dim, self.backbone.shape)
+        batch = images.shape[0]
+        exit_layer = torch.full((batch,), self.num_layers, dtype=torch.long)
+        left_at_head = torch.zeros(batch, dtype=torch.bool)
+        gate_prob = torch.zeros(batch)
+        evaluated = torch.zeros(batch, dtype=torch.long)
+        previous_top1 = torch.full((batch,), -1, dtype=torch.long)  # -1 (matches no label) before the first candidate
+        answered: list[tuple[torch.Tensor, torch.Tensor]] = []  # (batch rows [n], their padded logits [n, W])
+        heads = self.heads if bool(plan.exits.evaluates.any()) else {}
+
+        alive = torch.arange(batch)  # batch row of each row still running
         hidden = self.backbone.embed(images)  # [B, T, D]
         for layer in range(1, self.num_layers + 1):
             hidden = self.backbone.block(layer, hidden)
             if layer not in heads:
                 continue
+            # Rows whose rule runs no heads (`full`) ride along without them.
+            evaluating = None if plan.all_evaluate else plan.exits.evaluates[alive].nonzero().flatten()
+            rows = alive if evaluating is None else alive[evaluating]
+            if rows.numel() == 0:
+                continue
+            layer_hidden = hidden if evaluating is None else hidden[evaluating]
             head, gate = heads[layer], self.gates[layer]
-            logits = class_logits(head(head.pool(hidden)), text, self._logit_scale)  # [b, K]
-            sav = spatial_activation_variance(hidden) if "sav" in gate.features else None
-            features = gate_features(gate.features, logits, self._logit_scale, sav, previous_top1)
+            logits = plan.logits(head(head.pool(layer_hidden)), rows, self._logit_scale)  # [b, W]
+            sav = spatial_activation_variance(layer_hidden) if "sav" in gate.features else None
+            features = gate_features(
+                gate.features, logits, self._logit_scale, sav, previous_top1[rows], plan.label_counts(rows)
+            )
             probability = gate.probability(features)  # [b]
-            leave = rule.leave(layer, alive, probability)
-            for row in alive.tolist():
-                evaluated[row] += 1
-            for position in leave.nonzero().flatten().tolist():
-                row = int(alive[position])
-                logits_out[row] = logits[position]
-                exit_layer[row] = layer
-                exit_path[row] = "head"
-                gate_prob[row] = float(probability[position])
-            previous_top1 = logits.argmax(dim=-1)
-            if bool(leave.any()):
-                keep = ~leave
-                hidden, alive, previous_top1 = hidden[keep], alive[keep], previous_top1[keep]
-                if alive.numel() == 0:
-                    break
+            leave = plan.exits.leave(layer, rows, probability)
+            evaluated[rows] += 1
+            previous_top1[rows] = logits.argmax(dim=-1)
+            if not bool(leave.any()):
+                continue
+            leaving = leave.nonzero().flatten()
+            gone = rows[leaving]
+            exit_layer[gone] = layer
+            left_at_head[gone] = True
+            gate_prob[gone] = probability[leaving]
+            answered.append((gone, logits[leaving]))
+            staying = torch.ones(batch, dtype=torch.bool)
+            staying[gone] = False
+            keep = staying[alive].nonzero().flatten()  # compaction by index: positions in the running batch
+            hidden, alive = hidden[keep], alive[keep]
+            if alive.numel() == 0:
+                break
         if alive.numel() > 0:
             final = F.normalize(self.backbone.pool_final(hidden).float(), dim=-1)
-            logits = class_logits(final, text, self._logit_scale)
-            for position, row in enumerate(alive.tolist()):
-                logits_out[row] = logits[position]
+            answered.append((alive, plan.logits(final, alive, self._logit_scale)))
+        return self._results(plan, answered, exit_layer, left_at_head, gate_prob, evaluated)
 
+    def _results(
+        self,
+        plan: _RowPlan,
+        answered: list[tuple[torch.Tensor, torch.Tensor]],
+        exit_layer: torch.Tensor,
+        left_at_head: torch.Tensor,
+        gate_prob: torch.Tensor,
+        evaluated: torch.Tensor,
+    ) -> list[ExitResult]:
+        """One :class:`ExitResult` per row from the answering logits (top-k in one op per group of rows)."""
+        batch = exit_layer.shape[0]
+        top: list[tuple[list[float], list[int]]] = [([], [])] * batch
+        for rows, logits in answered:
+            probs = logits.float().softmax(dim=-1)  # [n, W]; padding gets 0
+            padding = plan.padding(rows, probs.shape[1])
+            if padding is not None:
+                probs = probs.masked_fill(padding, -1.0)  # never ranked above a real label, even one at 0
+            best = probs.topk(min(plan.max_top_k(rows), probs.shape[1]), dim=-1)
+            for row, values, indices in zip(rows.tolist(), best.values.tolist(), best.indices.tolist(), strict=True):
+                top[row] = (values, indices)
+        layers, heads_run, at_head, gates = (
+            exit_layer.tolist(),
+            evaluated.tolist(),
+            left_at_head.tolist(),
+            gate_prob.tolist(),
+        )
         results = []
         for row in range(batch):
-            row_logits = logits_out[row]
-            assert row_logits is not None
-            probs = row_logits.float().softmax(dim=-1)
-            top = probs.topk(k)
-            spent = cost.spent(exit_layer[row], evaluated[row], exit_path[row] == "full")
+            query, cost = plan.queries[row], plan.costs[row]
+            values, indices = top[row]
+            spent = cost.spent(layers[row], heads_run[row], not at_head[row])
             results.append(
                 ExitResult(
                     predictions=tuple(
-                        Prediction(labels[int(i)], float(p))
-                        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                        Prediction(query.labels[index], score)
+                        for score, index in zip(values[: query.top_k], indices[: query.top_k], strict=True)
                     ),
-                    exit_layer=exit_layer[row],
+                    exit_layer=layers[row],
                     num_layers=self.num_layers,
-                    exit_path=exit_path[row],
-                    gate_probability=gate_prob[row],
+                    exit_path="head" if at_head[row] else "full",
+                    gate_probability=gates[row] if at_head[row] else None,
                     flops=spent,
                     flops_saved=cost.saved(spent),
                     flops_full=cost.full_depth,
                 )
             )
         return results
+
+
+@dataclass(frozen=True, eq=False)
+class LabelQuery:
+    """One request's question, shared by the rows (images) that ask it: build it with
+    :meth:`EarlyExitClassifier.query`."""
+
+    labels: tuple[str, ...]  # validated label set, in request order
+    text: torch.Tensor  # [K, E] FP16 unit text embeddings of ``labels`` (prompt-ensembled)
+    rule: ExitRule  # the exit rule of the request's operating point (or a custom / forced / full rule)
+    top_k: int  # predictions per image, already cut to 1..K
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise InputError(f"expected a non-empty image batch [B, 3, H, W], got shape {tuple(images.shape)}")
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """Per-row bookkeeping of one engine call: every distinct label set side by side in one text matrix, and for
+    each row where its labels sit in it, so one GEMM gives every row's logits against every label and one gather
+    picks each row's own (padded with -inf to the widest label set)."""
+
+    queries: list[LabelQuery]  # per row
+    costs: list[FlopsModel]  # per row (one model per distinct label-set size)
+    text: torch.Tensor  # [sum K, E] float32: each distinct query's text embeddings, concatenated
+    counts: torch.Tensor  # [B] long: K of each row's label set
+    offsets: torch.Tensor  # [B] long: where each row's labels start in ``text``
+    width: int  # the widest label set
+    uniform: bool  # every row asks the same query: no gather, no padding
+    all_evaluate: bool  # every row's rule runs heads
+    exits: RowExits  # per-row exit rules
+    top_ks: torch.Tensor  # [B] long: predictions each row wants
+
+    @classmethod
+    def of(
+        cls, queries: Sequence[LabelQuery], candidate_layers: Sequence[int], head_hidden_dim: int, shape: VisionShape
+    ) -> _RowPlan:
+        distinct: dict[int, int] = {}
+        index = [distinct.setdefault(id(query), len(distinct)) for query in queries]
+        unique = list({id(query): query for query in queries}.values())
+        positions = _positions_within(index)
+        for number, query in enumerate(unique):
+            try:
+                query.rule.check(index.count(number), candidate_layers)
+            except ValueError as exc:
+                raise InputError(str(exc)) from exc
+        sizes = [len(query.labels) for query in unique]
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        which = torch.tensor(index, dtype=torch.long)
+        models = {size: flops_model(shape, head_hidden_dim, size) for size in set(sizes)}
+        exits = RowExits.of([query.rule for query in queries], positions, candidate_layers)
+        return cls(
+            queries=list(queries),
+            costs=[models[len(query.labels)] for query in queries],
+            text=torch.cat([query.text for query in unique]).float(),
+            counts=torch.tensor(sizes, dtype=torch.long)[which],
+            offsets=torch.tensor(starts, dtype=torch.long)[which],
+            width=max(sizes),
+            uniform=len(unique) == 1,
+            all_evaluate=bool(exits.evaluates.all()),
+            exits=exits,
+            top_ks=torch.tensor([query.top_k for query in unique], dtype=torch.long)[which],
+        )
+
+    def logits(self, embeddings: torch.Tensor, rows: torch.Tensor, logit_scale: float) -> torch.Tensor:
+        """Each row's logits [b, W] against its own labels (columns past its K are -inf) from unit embeddings [b, E]
+        of batch rows ``rows``."""
+        every = class_logits(embeddings, self.text, logit_scale)  # [b, sum K]
+        if self.uniform:
+            return every
+        columns = torch.arange(self.width)
+        counts = self.counts[rows].unsqueeze(1)
+        where = self.offsets[rows].unsqueeze(1) + columns.clamp_max(counts - 1)  # [b, W], padding repeats the last
+        return every.gather(1, where).masked_fill(columns >= counts, float("-inf"))
+
+    def label_counts(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """K per row for the gate features; None when every row has the full width (one label set)."""
+        return None if self.uniform else self.counts[rows]
+
+    def padding(self, rows: torch.Tensor, width: int) -> torch.Tensor | None:
+        """Mask [b, W] of the padding columns of ``rows``, None when there is none."""
+        if self.uniform:
+            return None
+        return torch.arange(width) >= self.counts[rows].unsqueeze(1)
+
+    def max_top_k(self, rows: torch.Tensor) -> int:
+        """The most predictions any of ``rows`` wants."""
+        return int(self.top_ks[rows].max())
+
+
+def _positions_within(groups: Sequence[int]) -> list[int]:
+    """For each entry, how many earlier entries share its group (its index among its own request's rows)."""
+    seen: dict[int, int] = {}
+    positions = []
+    for group in groups:
+        positions.append(seen.get(group, 0))
+        seen[group] = positions[-1] + 1
+    return positions

@@ -66,30 +66,33 @@ def gate_features(
     logit_scale: float,
     sav: torch.Tensor | None = None,
     previous_top1: torch.Tensor | None = None,
+    num_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gate features [B, F] in ``names`` order from an exit's class logits [B, K] (``logit_scale`` x cosine).
 
     ``sav`` [B] is needed when "sav" is named; ``previous_top1`` [B] (label indices of the previous candidate
-    exit's answer, None at the first candidate) when "agree_prev" is named.
+    exit's answer, None at the first candidate) when "agree_prev" is named. ``num_labels`` [B] lets every row have
+    its own label set: row i's logits are its first ``num_labels[i]`` columns and the rest are ``-inf`` padding
+    (the engine batches requests with different label sets this way); None: every row has all K columns.
     """
     logits = logits.float()
-    batch, k = logits.shape
+    batch, width = logits.shape
+    counts = torch.full((batch,), width, dtype=torch.long) if num_labels is None else num_labels
+    several = counts > 1  # rows whose label set has a runner-up
     columns: dict[str, torch.Tensor] = {}
-    top = logits.topk(min(2, k), dim=-1).values / logit_scale  # [B, <=2] cosines
-    probs = logits.softmax(dim=-1)
+    top = logits.topk(min(2, width), dim=-1).values / logit_scale  # [B, <=2] cosines (padding is -inf, never top)
+    probs = logits.softmax(dim=-1)  # padding gets probability 0
     for name in names:
         if name == "cos_top1":
             columns[name] = top[:, 0]
         elif name == "cos_gap":
-            columns[name] = top[:, 0] - top[:, 1] if k > 1 else top[:, 0] + 1.0
+            # With a single label the gap is to the lowest possible cosine, -1.
+            columns[name] = torch.where(several, top[:, 0] - top[:, -1], top[:, 0] + 1.0)
         elif name == "entropy_norm":
-            if k > 1:
-                entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
-                columns[name] = entropy / math.log(k)
-            else:
-                columns[name] = torch.zeros(batch)
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
+            columns[name] = torch.where(several, entropy / _log_counts(counts), torch.zeros(batch))
         elif name == "log_k":
-            columns[name] = torch.full((batch,), math.log(k))
+            columns[name] = _log_counts(counts)
         elif name == "sav":
             if sav is None:
                 raise ValueError("the 'sav' feature needs the layer's SAV")
@@ -100,13 +103,23 @@ def gate_features(
             else:
                 columns[name] = (logits.argmax(dim=-1) == previous_top1).float()
         elif name in ("confidence", "margin"):
-            ranked = probs.topk(min(2, k), dim=-1).values
+            ranked = probs.topk(min(2, width), dim=-1).values
             confidence = ranked[:, 0]
             # With a single label the runner-up probability is zero, so the margin is the confidence itself.
-            columns[name] = confidence if name == "confidence" or k == 1 else confidence - ranked[:, 1]
+            columns[name] = (
+                confidence if name == "confidence" else torch.where(several, confidence - ranked[:, -1], confidence)
+            )
         else:
             raise ValueError(f"unknown gate feature {name!r}; known: {list(FEATURES)}")
     return torch.stack([columns[name] for name in names], dim=-1)
+
+
+def _log_counts(counts: torch.Tensor) -> torch.Tensor:
+    """log K per row [B] as float32, each the float32 rounding of ``math.log(K)`` (a gate fitted with one K
+    sees exactly the value it was fitted on); one ``math.log`` per distinct K."""
+    distinct, inverse = counts.unique(return_inverse=True)
+    logs = torch.tensor([math.log(k) for k in distinct.tolist()], dtype=torch.float32)
+    return logs[inverse]
 
 
 @dataclass(frozen=True)

@@ -104,3 +104,18 @@ def test_gate_probability_and_threshold_semantics() -> None:
     assert not exits(probability, 1.0).any()  # 1.0 disables the exit even then
     assert exits(torch.tensor([0.0, 0.3]), 0.0).all()  # 0.0 always exits
     assert exits(torch.tensor([0.49, 0.5]), 0.5).tolist() == [False, True]
+
+
+def test_padded_rows_with_their_own_label_counts_equal_each_row_alone() -> None:
+    """The engine batches rows with different label sets as -inf-padded logits plus a label count per row."""
+    counts = [1, 2, 5, 20]
+    rows = [SCALE * _cosines(k, k)[:1] for k in counts]  # one row per label count, [1, K]
+    padded = torch.full((len(counts), max(counts)), float("-inf"))
+    for i, row in enumerate(rows):
+        padded[i, : counts[i]] = row
+    sav, previous = torch.rand(len(counts)), torch.tensor([0, 1, 3, 7])
+    joint = gate_features(FEATURES, padded, SCALE, sav, previous, num_labels=torch.tensor(counts))
+    assert torch.isfinite(joint).all()
+    for i, row in enumerate(rows):
+        alone = gate_features(FEATURES, row, SCALE, sav[i : i + 1], previous[i : i + 1])
+        torch.testing.assert_close(joint[i : i + 1], alone, rtol=0, atol=1e-6)

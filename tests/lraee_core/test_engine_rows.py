@@ -1,0 +1,136 @@
+"""Joint batches of rows with different label sets, exit rules and top-k: each row gets what it gets alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lraee_core.checkpoint import load_classifier
+from lraee_core.engine import EarlyExitClassifier, ExitResult, LabelQuery
+from lraee_core.errors import InputError
+from lraee_core.exits import ExitRule
+from lraee_core.gate import gate_features, spatial_activation_variance
+from lraee_core.heads import class_logits
+
+LABEL_SETS = [
+    ["cat"],
+    ["cat", "dog"],
+    ["cat", "dog", "car", "tree", "boat"],
+    [f"thing {i}" for i in range(20)],
+    ["apple", "banana", "cherry"],
+]
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_checkpoint: Path) -> EarlyExitClassifier:
+    return load_classifier(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+
+def median_rule(classifier: EarlyExitClassifier, images: torch.Tensor, labels: list[str]) -> ExitRule:
+    """Thresholds at each candidate's median gate probability for these images and labels: the batch splits."""
+    text = classifier.text_embeddings(labels)
+    scale = classifier.backbone.logit_scale
+    thresholds, previous = {}, None
+    with torch.inference_mode():
+        hidden = classifier.backbone.embed(images)
+        for layer in range(1, classifier.num_layers + 1):
+            hidden = classifier.backbone.block(layer, hidden)
+            if layer in classifier.heads:
+                head, gate = classifier.heads[layer], classifier.gates[layer]
+                logits = class_logits(head(head.pool(hidden)), text, scale)
+                sav = spatial_activation_variance(hidden)
+                probability = gate.probability(gate_features(gate.features, logits, scale, sav, previous))
+                previous = logits.argmax(-1)
+                thresholds[layer] = float(probability.median()) + 1e-6
+    return ExitRule.from_thresholds(thresholds)
+
+
+def assert_same(joint: ExitResult, alone: ExitResult) -> None:
+    assert (joint.exit_layer, joint.exit_path, joint.flops, joint.flops_full) == (
+        alone.exit_layer,
+        alone.exit_path,
+        alone.flops,
+        alone.flops_full,
+    )
+    assert [p.label for p in joint.predictions] == [p.label for p in alone.predictions]
+    for a, b in zip(joint.predictions, alone.predictions, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+    if alone.gate_probability is None:
+        assert joint.gate_probability is None
+    else:
+        assert joint.gate_probability == pytest.approx(alone.gate_probability, abs=1e-5)
+
+
+def test_rows_with_their_own_label_sets_and_rules_match_their_own_batches(
+    classifier: EarlyExitClassifier, images: torch.Tensor
+) -> None:
+    # Five requests, each its own labels, rule and top-k, their images interleaved in one batch.
+    rules = [
+        median_rule(classifier, images, LABEL_SETS[0]),
+        median_rule(classifier, images, LABEL_SETS[1]),
+        median_rule(classifier, images, LABEL_SETS[2]),
+        classifier.exit_rule("never"),
+        ExitRule.full(),
+    ]
+    top_ks = [1, 2, 3, 20, 5]
+    queries = [
+        classifier.query(labels, exit_rule=rule, top_k=top_k)
+        for labels, rule, top_k in zip(LABEL_SETS, rules, top_ks, strict=True)
+    ]
+    owner = [row % len(queries) for row in range(images.shape[0])]
+    joint = classifier.classify_rows(images, [queries[q] for q in owner])
+    assert len({(r.exit_layer, r.exit_path) for r in joint}) > 2, "the rules should spread the rows over exits"
+    for q in range(len(queries)):
+        rows = [row for row in range(images.shape[0]) if owner[row] == q]
+        alone = classifier.classify(images[rows], LABEL_SETS[q], exit_rule=rules[q], top_k=top_ks[q])
+        for row, result in zip(rows, alone, strict=True):
+            assert_same(joint[row], result)
+            assert len(joint[row].predictions) == min(top_ks[q], len(LABEL_SETS[q]))
+    assert all(joint[row].exit_path == "full" and joint[row].flops_saved == 0.0 for row in range(4, 12, 5))
+
+
+def test_each_row_alone_equals_its_row_in_a_mixed_batch(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    queries = [classifier.query(labels, operating_point="half") for labels in LABEL_SETS]
+    owner = [(row * 3) % len(queries) for row in range(images.shape[0])]
+    joint = classifier.classify_rows(images, [queries[q] for q in owner])
+    for row in range(images.shape[0]):
+        [alone] = classifier.classify_rows(images[row : row + 1], [queries[owner[row]]])
+        assert_same(joint[row], alone)
+
+
+def test_forced_mixes_apply_per_request(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    layers = classifier.policy.candidate_layers
+    forced = classifier.query(LABEL_SETS[2], exit_rule=ExitRule.forced_mix([layers[0], None, layers[1]]))
+    gated = classifier.query(LABEL_SETS[1], operating_point="always")
+    results = classifier.classify_rows(images[:5], [forced, gated, forced, gated, forced])
+    assert [r.exit_layer for r in results] == [layers[0], layers[0], 12, layers[0], layers[1]]
+    assert [r.exit_path for r in results] == ["head", "head", "full", "head", "head"]
+    with pytest.raises(InputError, match="3 entries for 2 images"):
+        classifier.classify_rows(images[:2], [forced, forced])
+
+
+def test_text_resolved_beforehand_and_bad_calls(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
+    labels = LABEL_SETS[2]
+    text = classifier.text_embeddings(labels)
+    given = classifier.query(labels, text=text)
+    cached = classifier.query(labels)
+    assert torch.equal(given.text, cached.text) and isinstance(given, LabelQuery)
+    a = classifier.classify_rows(images[:2], [given, given])
+    b = classifier.classify(images[:2], labels)
+    for x, y in zip(a, b, strict=True):
+        assert_same(x, y)
+    with pytest.raises(InputError, match="text embeddings of shape"):
+        classifier.query(labels, text=text[:2])
+    with pytest.raises(InputError, match="2 queries for 3 images"):
+        classifier.classify_rows(images[:3], [given, given])
+    with pytest.raises(InputError, match="non-empty image batch"):
+        classifier.classify_rows(images[:0], [])
+    with pytest.raises(InputError, match="unknown operating point"):
+        classifier.query(labels, operating_point="turbo")
