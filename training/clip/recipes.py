@@ -4,8 +4,10 @@
 ``python -m training.clip.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
 
 Each recipe trains the tiny CLIP (resumable: rerunning continues), copies its FP16 weights into the checkpoint
-directory (so the manifest names them by a relative path and the checkpoint moves as one folder), and runs
-``lraee-train build`` into it. ``photos --clip-weights FILE [--holdout CSV]`` skips the CLIP training and builds on
+directory (so the manifest names them by a relative path and the checkpoint moves as one folder), and runs the
+LRA-EE build into it: the recipe states each build's settings once (``BuildConfig`` fields and their values), from
+which come both the build's config and the ``lraee-train build`` command the manifest records, the one a user
+would retype to get the same build. ``photos --clip-weights FILE [--holdout CSV]`` skips the CLIP training and builds on
 weights trained elsewhere (``--clip-dir DIR`` takes weights.safetensors, holdout.csv and training_log.json from a
 photo-clip run); without ``--holdout`` the holdout is recomputed as photo_clip does it (50 photos per class of the
 Tiny train photos, seed 0), so it never overlaps the photos those weights were trained on.
@@ -20,18 +22,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from lraee_core.assets import EMBEDDED_CHECKPOINTS, MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
 from training.clip import photos
-from training.pipeline.cli import main as cli
+from training.pipeline.build import run_build
+from training.pipeline.cli import CONFIG_FILE, OPTIONS
+from training.pipeline.config import BuildConfig, Job, replace_field, write_json
 
+from .everyday import EverydayClipConfig, train_everyday_clip
+from .photo_clip import HOLDOUT_FILE, PhotoClipConfig, scan_photos, split_holdout, train_photo_clip, write_holdout
 from .world import HELD_OUT_TEMPLATES
+from .world_clip import WorldClipConfig, train_world_clip
 
 REPO = Path(__file__).resolve().parents[2]
+# Every recipe build's split of its data: 60% trains the heads, 20% fits the gates, 20% calibrates.
+SPLITS: tuple[tuple[str, float], ...] = (("data.head_split", 0.6), ("data.gate_split", 0.2), ("data.calib_split", 0.2))
 RUNS = REPO / "runs"
 REPORTS = REPO / "reports"
 MODEL = "lraee-tiny-vit12"
@@ -43,23 +57,45 @@ def world_templates(label_set: str) -> list[str]:
     return [template.format(what=what, be="is") for template in HELD_OUT_TEMPLATES]
 
 
-def _build(work: Path, out: Path, report: Path, weights: Path, options: Sequence[str], threads: int) -> str:
-    status = cli(
-        [
-            "build",
-            "--work-dir", str(work),
-            "--model", MODEL,
-            "--model-config", str(MODEL_CONFIGS_DIR / f"{MODEL}.json"),
-            "--pretrained", str(weights),
-            "--threads", str(threads),
-            "--out", str(out),
-            "--report-dir", str(report),
-            *options,
-        ]
-    )  # fmt: skip
-    if status != 0:
-        raise SystemExit(f"build into {out} failed")
-    return read_manifest(out).heads_sha256
+Setting = tuple[str, Any]  # (dotted BuildConfig field, value), e.g. ("data.head_split", 0.6)
+# The command-line flag of each BuildConfig field (the templates are the repeatable --template).
+_FLAGS = {option.field: option.flag for option in OPTIONS}
+
+
+def build_job(work: Path, settings: Sequence[Setting], threads: int) -> Job:
+    """The job of one build: ``settings`` over BuildConfig's defaults, and the ``lraee-train build`` command that
+    gives the same config, with the flags in the order of ``settings`` (recorded in the manifest). Paths in
+    ``settings`` are absolute, as the command line makes them."""
+    config = BuildConfig()
+    command = ["lraee-train", "build", "--work-dir", str(work), "--threads", str(threads)]
+    for name, value in settings:
+        config = replace_field(config, name, value)
+        if name == "data.templates":
+            command += [arg for template in value for arg in ("--template", template)]
+        else:
+            command += [_FLAGS[name], ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return Job(config=config, work_dir=work, argv=tuple(command))
+
+
+def backbone_settings(weights: Path, out: Path, report: Path) -> list[Setting]:
+    """The settings every recipe build shares: the tiny CLIP with ``weights``, and where checkpoint and report go."""
+    return [
+        ("backbone.model_name", MODEL),
+        ("backbone.model_config_file", str(MODEL_CONFIGS_DIR / f"{MODEL}.json")),
+        ("backbone.pretrained", str(weights.resolve())),
+        ("checkpoint_dir", str(out.resolve())),
+        ("report_dir", str(report.resolve())),
+    ]
+
+
+def run_planned_build(work: Path, settings: Sequence[Setting], threads: int) -> str:
+    """Run one build (each step skipped when up to date, as ``lraee-train build`` does); returns its heads' SHA-256."""
+    job = build_job(work, settings, threads)
+    torch.set_num_threads(threads)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / CONFIG_FILE, job.config.to_json())  # later steps in this work dir need only --work-dir
+    run_build(job)
+    return read_manifest(job.checkpoint_dir).heads_sha256
 
 
 def _bundle(weights: Path, out: Path) -> Path:
@@ -77,17 +113,46 @@ def _relative(path: Path) -> str:
 
 def holdout_csv(train: Path, destination: Path, per_class: int = 50, seed: int = 0) -> Path:
     """The photos photo_clip keeps out of CLIP training (its split_holdout, same seed), as a build's data list."""
-    from .photo_clip import HOLDOUT_FILE, scan_photos, split_holdout
-
     found = scan_photos(train, photos.classes_tsv())
     _, held = split_holdout(found, per_class, seed)
     destination.mkdir(parents=True, exist_ok=True)
-    path = destination / HOLDOUT_FILE
-    with path.open("w") as handle:
-        handle.write("path,label\n")
-        for i in held:
-            handle.write(f"{found.paths[i].resolve()},{found.wnids[found.labels[i]]}\n")
-    return path
+    return write_holdout(found, held, destination / HOLDOUT_FILE)
+
+
+@dataclass(frozen=True)
+class PlannedBuild:
+    """One LRA-EE build of a recipe, before it runs."""
+
+    name: str  # the evaluation's name in summary.json and its reports folder
+    work: Path  # the build's work dir
+    settings: tuple[Setting, ...]  # what the build sets over BuildConfig's defaults
+    ships: bool  # True for the build written into the embedded checkpoint
+    facts: dict[str, object]  # what summary.json says of the evaluation besides its heads and ``shipped``
+
+
+def world_builds(weights: Path, samples: int, other_samples: int | None = None) -> list[PlannedBuild]:
+    """The world recipe's builds: the shipped checkpoint (colour+shape, test scenes) first, then the same heads on
+    held-out (colour, shape) pairs and the other label sets' builds (their own heads, ``other_samples`` images)."""
+    builds: list[PlannedBuild] = []
+    for label_set, split in (("colour+shape", "test"), ("colour+shape", "heldout"), ("shapes", "test"),
+                             ("colours", "test")):  # fmt: skip
+        name = f"{label_set}-{split}".replace("+", "_")
+        ships = not builds  # the first one is the shipped checkpoint
+        out = EMBEDDED_CHECKPOINTS["world"] if ships else RUNS / "world_builds" / name / "checkpoint"
+        count = samples if label_set == "colour+shape" or other_samples is None else other_samples
+        settings = [
+            *backbone_settings(weights, out, REPORTS / "world" / name),
+            ("data.source", f"world:train:{label_set}:{count}"),
+            ("data.eval_source", f"world:{split}:{label_set}:{count}"),
+            ("calibrate.checkpoint_id", f"world-{label_set.replace('+', '_')}"),
+            *SPLITS,
+            ("data.templates", tuple(world_templates(label_set))),
+        ]
+        if label_set == "colour+shape" and not ships:  # the shipped build's training images: copy their features
+            settings.append(("extract.reuse_from", str(builds[0].work / "extract")))
+        facts: dict[str, object] = {"label_set": label_set, "eval_split": split}
+        builds.append(PlannedBuild(name, RUNS / "world_builds" / name / "work", tuple(settings), ships, facts))
+    return builds
 
 
 def world(
@@ -96,41 +161,70 @@ def world(
     """World CLIP, the shipped ``world`` checkpoint (colour+shape), and evaluations on three label sets; with
     ``clip_weights`` no CLIP is trained and the builds use those weights."""
     if clip_weights is None:
-        cli(["world-clip", "--steps", str(clip_steps), "--output-dir", str(RUNS / "world_clip"), "--half",
-             "--threads", str(threads), "--no-progress"])  # fmt: skip
-        clip_weights = RUNS / "world_clip" / "weights.safetensors"
-    shipped = EMBEDDED_CHECKPOINTS["world"]
-    weights = _bundle(clip_weights, shipped)
-    splits = ["--head-split", "0.6", "--gate-split", "0.2", "--calib-split", "0.2"]
-    evaluations: dict[str, object] = {}
-    reference = None
-    for label_set, split in (("colour+shape", "test"), ("colour+shape", "heldout"), ("shapes", "test"),
-                             ("colours", "test")):  # fmt: skip
-        name = f"{label_set}-{split}".replace("+", "_")
-        ships = reference is None  # the first one is the shipped checkpoint
-        out = shipped if ships else RUNS / "world_builds" / name / "checkpoint"
-        # The other label sets' builds (their own heads) may use fewer images: --other-samples.
-        count = samples if label_set == "colour+shape" or other_samples is None else other_samples
-        options = [
-            "--data",
-            f"world:train:{label_set}:{count}",
-            "--eval-data",
-            f"world:{split}:{label_set}:{count}",
-            "--checkpoint-id",
-            f"world-{label_set.replace('+', '_')}",
-            *splits,
-            *[arg for template in world_templates(label_set) for arg in ("--template", template)],
+        clip = WorldClipConfig(
+            output_dir=str(RUNS / "world_clip"), steps=clip_steps, half=True, threads=threads, progress=False
+        )
+        clip_weights = train_world_clip(clip)
+    weights = _bundle(clip_weights, EMBEDDED_CHECKPOINTS["world"])
+    return {
+        "clip_log": "runs/world_clip/training_log.json",
+        "evaluations": _run_builds(world_builds(weights, samples, other_samples), threads),
+    }
+
+
+def _run_builds(builds: Sequence[PlannedBuild], threads: int) -> dict[str, object]:
+    """Run the builds in order; summary.json's entry of each."""
+    return {
+        build.name: {
+            **build.facts,
+            "heads_sha256": run_planned_build(build.work, build.settings, threads),
+            "shipped": build.ships,
+        }
+        for build in builds
+    }
+
+
+PHOTO_HEADS: tuple[Setting, ...] = (("heads.epochs", 8),)  # label-free heads: 8 passes over 6,060 head-split photos
+
+
+def photo_builds(
+    weights: Path,
+    holdout: Path,
+    val: Path,
+    acuity: Path,
+    recipe: str = "photos",
+    checkpoint_id: str = "photos-tiny202",
+    templates: Sequence[str] = (),
+) -> list[PlannedBuild]:
+    """The photo recipes' builds on the ``holdout`` photos: the shipped checkpoint evaluated on Tiny-ImageNet val
+    first, then the same heads on the ILSVRC2012 val photos (``acuity``), reusing the first build's features."""
+    builds: list[PlannedBuild] = []
+    folder = RUNS / ("photo_builds" if recipe == "photos" else f"{recipe}_builds")
+    # 15 of the 50 validation photos per class (stratified, seeded): held-out agreement near 99% is then measured to
+    # about +-0.2 points per K, at a third of the extraction time on 2 cores. All 259 ILSVRC photos are used.
+    evaluations: tuple[tuple[str, Path, tuple[Setting, ...]], ...] = (
+        ("tiny-val", val, (("data.eval_limit", 3030),)),
+        ("ilsvrc-val", acuity, ()),
+    )
+    for name, eval_dir, limit in evaluations:
+        ships = not builds
+        out = EMBEDDED_CHECKPOINTS[recipe] if ships else folder / name / "checkpoint"
+        settings = [
+            *backbone_settings(weights, out, REPORTS / recipe / name),
+            ("data.source", str(holdout.resolve())),
+            ("data.classes_tsv", str(photos.classes_tsv().resolve())),
+            *SPLITS,
+            ("calibrate.checkpoint_id", checkpoint_id),
+            *PHOTO_HEADS,
+            *((("data.templates", tuple(templates)),) if templates else ()),
+            ("data.eval_source", str(eval_dir.resolve())),
+            *limit,
         ]
-        work = RUNS / "world_builds" / name / "work"
-        if label_set == "colour+shape" and not ships:  # the shipped build's training images: copy their features
-            options += ["--reuse-features", str(RUNS / "world_builds" / "colour_shape-test" / "work" / "extract")]
-        sha = _build(work, out, REPORTS / "world" / name, weights, options, threads)
-        reference = reference or sha
-        evaluations[name] = {"label_set": label_set, "eval_split": split, "heads_sha256": sha, "shipped": ships}
-    return {"clip_log": "runs/world_clip/training_log.json", "evaluations": evaluations}
-
-
-PHOTO_HEADS = ["--epochs", "8"]  # label-free heads: 8 passes over the 6,060 head-split photos
+        if not ships:  # the same head/gate/calib photos: copy the first build's features, don't redo them
+            settings.append(("extract.reuse_from", str(builds[0].work / "extract")))
+        facts: dict[str, object] = {"eval_dir": str(eval_dir.resolve().relative_to(REPO))}
+        builds.append(PlannedBuild(name, folder / name / "work", tuple(settings), ships, facts))
+    return builds
 
 
 def photo(
@@ -153,35 +247,21 @@ def photo(
     acuity = photos.extract("acuity")
     clip_dir = RUNS / "photo_clip"
     if clip_weights is None:
-        cli(["photo-clip", "--train-dir", str(train), "--classes-tsv", str(photos.classes_tsv()), "--output-dir",
-             str(clip_dir), "--steps", str(clip_steps), "--threads", str(threads), "--eval-dirs", f"{val},{acuity}",
-             "--no-progress"])  # fmt: skip
-        clip_weights, holdout = clip_dir / "weights.safetensors", clip_dir / "holdout.csv"
+        clip = PhotoClipConfig(
+            train_dir=str(train),
+            classes_tsv=str(photos.classes_tsv()),
+            output_dir=str(clip_dir),
+            steps=clip_steps,
+            threads=threads,
+            eval_dirs=f"{val},{acuity}",
+            progress=False,
+        )
+        clip_weights, holdout = train_photo_clip(clip), clip_dir / HOLDOUT_FILE
     elif holdout is None:
         holdout = holdout_csv(train, RUNS / "photo_holdout")
-    shipped = EMBEDDED_CHECKPOINTS[recipe]
-    weights = _bundle(clip_weights, shipped)
-    common = [
-        "--data", str(holdout),
-        "--classes-tsv", str(photos.classes_tsv()),
-        "--head-split", "0.6", "--gate-split", "0.2", "--calib-split", "0.2",
-        "--checkpoint-id", checkpoint_id,
-        *PHOTO_HEADS,
-        *[arg for template in templates for arg in ("--template", template)],
-    ]  # fmt: skip
-    evaluations: dict[str, object] = {}
-    reuse: list[str] = []
-    # 15 of the 50 validation photos per class (stratified, seeded): held-out agreement near 99% is then measured to
-    # about +-0.2 points per K, at a third of the extraction time on 2 cores. All 259 ILSVRC photos are used.
-    for name, eval_dir, limit in (("tiny-val", val, ["--eval-limit", "3030"]), ("ilsvrc-val", acuity, [])):
-        ships = name == "tiny-val"
-        builds = RUNS / ("photo_builds" if recipe == "photos" else f"{recipe}_builds")
-        out = shipped if ships else builds / name / "checkpoint"
-        work = builds / name / "work"
-        options = [*common, "--eval-data", str(eval_dir), *limit, *reuse]
-        sha = _build(work, out, REPORTS / recipe / name, weights, options, threads)
-        reuse = ["--reuse-features", str(work / "extract")]  # the same head/gate/calib photos: copy, don't redo
-        evaluations[name] = {"eval_dir": str(eval_dir.relative_to(REPO)), "heads_sha256": sha, "shipped": ships}
+    weights = _bundle(clip_weights, EMBEDDED_CHECKPOINTS[recipe])
+    builds = photo_builds(weights, holdout, val, acuity, recipe, checkpoint_id, templates)
+    evaluations = _run_builds(builds, threads)
     if recipe != "photos":
         return {"evaluations": evaluations}
     previous = REPORTS / "photos" / "summary.json"
@@ -214,15 +294,20 @@ def everyday(clip_steps: int, stop_step: int, threads: int, init_weights: Path) 
     """The everyday CLIP (warm-started from ``init_weights``, the photos CLIP), the shipped ``everyday`` checkpoint
     built like ``photos`` (same holdout photos, same LRA-EE build and K-sweeps), and the everyday evaluation on
     held-out photos with users' label sets (``training.clip.everyday_eval``)."""
-    from .everyday import EverydayClipConfig
     from .everyday_eval import REPORT_FILE, evaluate
 
     train = photos.extract("train")
     clip_dir = RUNS / "everyday_clip"
-    cli(["everyday-clip", "--train-dir", str(train), "--output-dir", str(clip_dir), "--steps", str(clip_steps),
-         "--stop-step", str(stop_step), "--init-weights", str(init_weights), "--threads", str(threads),
-         "--no-progress"])  # fmt: skip
-    weights, holdout = clip_dir / "weights.safetensors", clip_dir / "holdout.csv"
+    clip = EverydayClipConfig(
+        train_dir=str(train),
+        output_dir=str(clip_dir),
+        steps=clip_steps,
+        stop_step=stop_step,
+        init_weights=str(init_weights),
+        threads=threads,
+        progress=False,
+    )
+    weights, holdout = train_everyday_clip(clip), clip_dir / HOLDOUT_FILE
     summary = photo(
         clip_steps,
         threads,
@@ -243,10 +328,8 @@ def everyday(clip_steps: int, stop_step: int, threads: int, init_weights: Path) 
 
 def world_model_on_photos(threads: int) -> dict[str, object]:
     """The other candidate default, measured the same way: the world CLIP's FP32 zero-shot on the same photos."""
-    import torch
-
-    from .photo_clip import TEMPLATES, scan_photos, zero_shot_top1
-    from .world_clip import build_model
+    from .photo_clip import TEMPLATES, zero_shot_top1
+    from .trainer import build_model
 
     torch.set_num_threads(threads)
     model, preprocess, tokenizer = build_model(EMBEDDED_CHECKPOINTS["world"] / "weights.safetensors")
@@ -302,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="everyday: the CLIP weights it starts from (default: the photos CLIP)",
     )
     args = parser.parse_args(argv)
+    # The builds' progress lines (logger "training") on stderr; open_clip's INFO chatter stays quiet.
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("training").setLevel(logging.INFO)
     if args.recipe == "everyday":
         steps = args.clip_steps or EVERYDAY_STEPS
         summary = everyday(steps, args.stop_step, args.threads, args.init_weights)

@@ -218,6 +218,15 @@ def from_jsonable(cls: type[Config], data: dict[str, Any]) -> Config:
     return cls(**{name: _decode(hints[name], value) for name, value in data.items()})
 
 
+def replace_field(config: Config, path: str, value: Any) -> Config:
+    """A copy of the frozen ``config`` with the field at dotted ``path`` (e.g. ``"data.head_split"``) set to
+    ``value``."""
+    head, _, rest = path.partition(".")
+    if rest:
+        value = replace_field(getattr(config, head), rest, value)
+    return dataclasses.replace(config, **{head: value})  # type: ignore[type-var]
+
+
 def load_build_config(path: str | Path) -> BuildConfig:
     """Read a BuildConfig JSON file."""
     return BuildConfig.from_json(json.loads(Path(path).read_text()))

@@ -1,0 +1,129 @@
+"""The recipes run the pipeline from config objects and record the command a user would retype for each build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lraee_core.assets import EMBEDDED_CHECKPOINTS
+from lraee_core.checkpoint import read_manifest
+from training.clip import photos
+from training.clip.recipes import (
+    EVERYDAY_TEMPLATES,
+    REPO,
+    RUNS,
+    PlannedBuild,
+    backbone_settings,
+    build_job,
+    photo_builds,
+    run_planned_build,
+    world_builds,
+)
+from training.pipeline.calibrate import path_roots
+from training.pipeline.cli import CONFIG_FILE, parser, resolve_config
+from training.pipeline.config import BuildConfig, Job, load_build_config, portable_paths
+
+
+def _retyped(job: Job) -> BuildConfig:
+    """The config ``lraee-train`` resolves from the job's recorded command (in a work dir without a config.json)."""
+    assert job.argv[0] == "lraee-train"
+    return resolve_config(parser().parse_args(list(job.argv[1:])))
+
+
+def _flags(command: list[str]) -> list[tuple[str, str]]:
+    """A command's (flag, value) pairs, sorted: the same build whatever the flags' order."""
+    pairs = list(zip(command[2::2], command[3::2], strict=True))
+    return sorted(pairs)
+
+
+def _shipped_command(build: PlannedBuild, threads: int) -> list[str]:
+    job = build_job(build.work, build.settings, threads)
+    command: list[str] = portable_paths(list(job.argv), path_roots(job))
+    return command
+
+
+def _manifest_command(name: str) -> list[str]:
+    manifest = json.loads((EMBEDDED_CHECKPOINTS[name] / "manifest.json").read_text())
+    command: list[str] = manifest["calibration"]["command"]
+    return command
+
+
+def test_every_world_build_command_retypes_to_its_config(tmp_path: Path) -> None:
+    builds = world_builds(tmp_path / "weights.safetensors", samples=64, other_samples=32)
+    assert [b.ships for b in builds] == [True, False, False, False]
+    for build in builds:
+        job = build_job(tmp_path / build.name, build.settings, threads=2)
+        assert _retyped(job) == job.config
+    # the held-out colour+shape build copies the shipped build's features; the other label sets use fewer images
+    assert dict(builds[1].settings)["extract.reuse_from"] == str(builds[0].work / "extract")
+    assert dict(builds[2].settings)["data.source"] == "world:train:shapes:32"
+
+
+def test_settings_become_config_fields_and_flags(tmp_path: Path) -> None:
+    settings = [
+        ("heads.epochs", 8),
+        ("data.head_split", 0.6),
+        ("calibrate.label_counts", (2, 5, 0)),
+        ("data.templates", ("a {}.", "the {}")),
+    ]
+    job = build_job(tmp_path, settings, threads=1)
+    assert job.config.heads.epochs == 8 and job.config.data.head_split == 0.6
+    assert job.config.calibrate.label_counts == (2, 5, 0)
+    assert job.config.data.templates == ("a {}.", "the {}")
+    assert list(job.argv[6:]) == [
+        "--epochs", "8", "--head-split", "0.6", "--calib-label-counts", "2,5,0", "--template", "a {}.",
+        "--template", "the {}",
+    ]  # fmt: skip
+    assert _retyped(job) == job.config
+
+
+def test_shipped_world_build_records_the_shipped_manifests_command() -> None:
+    [shipped, *_] = world_builds(EMBEDDED_CHECKPOINTS["world"] / "weights.safetensors", samples=2400)
+    assert _flags(_shipped_command(shipped, threads=1)) == _flags(_manifest_command("world"))
+
+
+@pytest.mark.parametrize("recipe", ["photos", "everyday"])
+def test_shipped_photo_builds_record_the_shipped_manifests_command(recipe: str) -> None:
+    try:
+        photos.source_dir()
+    except photos.PhotosUnavailable as error:
+        pytest.skip(f"real photos absent: {error}")
+    data = REPO / "data" / "imagenet-photos"
+    weights = EMBEDDED_CHECKPOINTS[recipe] / "weights.safetensors"
+    if recipe == "photos":
+        builds = photo_builds(weights, RUNS / "photo_holdout" / "holdout.csv", data / "val", data / "acuity")
+        threads = 1
+    else:
+        holdout = RUNS / "everyday_clip" / "holdout.csv"
+        builds = photo_builds(
+            weights, holdout, data / "val", data / "acuity", "everyday", "everyday-tiny", EVERYDAY_TEMPLATES
+        )
+        threads = 2
+    assert [b.ships for b in builds] == [True, False]
+    assert _flags(_shipped_command(builds[0], threads)) == _flags(_manifest_command(recipe))
+
+
+@pytest.mark.slow
+def test_a_recipe_build_runs_from_its_settings_and_records_its_command(tmp_path: Path) -> None:
+    settings = [
+        *backbone_settings(
+            EMBEDDED_CHECKPOINTS["world"] / "weights.safetensors", tmp_path / "out", tmp_path / "report"
+        ),
+        ("data.source", "world:train:shapes:48"),
+        ("data.eval_source", "world:test:shapes:16"),
+        ("profile.num_images", 8),
+        ("heads.epochs", 1),
+        ("heads.batch_size", 8),
+        ("evaluate.engine_check_images", 4),
+        ("calibrate.checkpoint_id", "recipe-smoke"),
+    ]
+    heads_sha256 = run_planned_build(tmp_path / "work", settings, threads=2)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.heads_sha256 == heads_sha256 and manifest.checkpoint_id == "recipe-smoke"
+    job = build_job(tmp_path / "work", settings, threads=2)
+    assert manifest.calibration["command"] == portable_paths(list(job.argv), path_roots(job))
+    # later steps in the work dir need only --work-dir: the build's config was written there
+    saved = load_build_config(tmp_path / "work" / CONFIG_FILE)
+    assert saved == job.config
