@@ -121,6 +121,15 @@ class ClipBackbone:
         """Run block number ``layer`` (1-based) on layer ``layer - 1``'s state: [B, T, D] -> [B, T, D]."""
         return self.visual.transformer.resblocks[layer - 1](hidden)
 
+    def blocks(self, first: int, last: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run blocks ``first``..``last`` (1-based, inclusive) on layer ``first - 1``'s state: [B, T, D] -> [B, T, D].
+
+        The engine only reads the hidden state at candidate layers, so it may run the blocks between two of them as
+        one call; a backend that compiles a run of blocks into one graph (onnxruntime) saves a call per block."""
+        for layer in range(first, last + 1):
+            hidden = self.block(layer, hidden)
+        return hidden
+
     def pool_final(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-depth pooling and projection exactly as open_clip does it: [B, T, D] -> [B, E] (unnormalised)."""
         pooled, _ = self.visual._pool(hidden)

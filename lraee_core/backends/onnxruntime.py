@@ -1,20 +1,18 @@
-"""The ONNX Runtime backend: the vision tower's staged forward (``embed``, ``block(l)``) as ORT graphs.
+"""The ONNX Runtime backend: the vision tower's staged forward (``embed``, ``block(l)``, ``blocks(first, last)``) as
+ORT graphs.
 
-The FP32 tower is exported with the dynamo ONNX exporter (its graphs ran about 2x faster in ORT than the legacy
-TorchScript exporter's on ViT-B-32 here), then ``onnxruntime.quantization.quantize_dynamic`` converts MatMul/Gemm
-weights to INT8 (per output channel; activations UINT8 with one scale per tensor computed at run time). Quant modes
-convert the same matmuls as the torch backend: ``paper`` the two MLP matmuls of each block, ``full`` every weight
-matmul of the blocks, ``none`` nothing. MatMuls between activations (attention scores) stay FP32, and so does the
-patch-embedding convolution.
+Blocks are written directly as ONNX by :mod:`.ort_graphs` (every block checked in FP32 against its PyTorch module
+first): INT8 Linears whose activation scale and zero point are computed per image inside the graph, so a whole
+batch runs in one session call and each image's result is bit-identical to what it gets alone. Quant modes convert
+the same Linears as the torch backend: ``paper`` the two MLP Linears of each block, ``full`` every Linear of the
+blocks, ``none`` nothing. Attention scores and softmax stay FP32 (one fused ``MultiHeadAttention`` kernel), and so
+does the embedding stage (exported with the dynamo exporter; ORT's ``ConvInteger`` ran the patch convolution 2.8x
+slower than FP32 on ViT-B-32 here). ``pool_final`` ([CLS] LayerNorm + projection of one token) and the text tower
+stay PyTorch FP32.
 
-A dynamo export costs seconds per block, so one block is exported and the others are made by swapping its weights
-in; every graph is checked against PyTorch in FP32 before it is quantized. ``pool_final`` ([CLS] LayerNorm +
-projection of one token, 0.1% of the tower's FLOPs) and the text tower stay PyTorch FP32.
-
-Activation scales: ORT's dynamic quantization takes one scale per input tensor, so a batched call would make an
-image's result depend on its batch mates. :class:`OrtClipBackbone` therefore runs each image through its own
-session call (per-image scales, the engine's batch-invariance promise); ``per_image_scales=False`` runs the batch at
-once (what a bare ``quantize_dynamic`` does; benchmarks use it to show what the promise costs).
+The exporter helpers below (:func:`export_onnx`, :func:`quantize_int8`, :func:`export_staged`) also build the
+benchmark's baseline: the tower as one exported graph under ORT's own ``quantize_dynamic`` (one activation scale
+per tensor, i.e. per batch).
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import copy
 import io
 import logging
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from ..config import QuantMode
 from ..errors import BackboneError
 from ..quantize import QuantReport
 from . import BackendOptions
+from .ort_graphs import LINEARS, UnsupportedBlock, blocks_graph
 
 INPUT = "input"
 OUTPUT = "output"
@@ -185,7 +185,12 @@ def _block_params(block: nn.Module) -> dict[str, np.ndarray]:
 
 def _check_fp32(path: Path, module: nn.Module, example: torch.Tensor, what: str) -> None:
     """Raise :class:`OrtExportError` unless the FP32 graph at ``path`` reproduces ``module`` on ``example``."""
-    session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+    _compare(
+        ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"]), module, example, what
+    )
+
+
+def _compare(session: ort.InferenceSession, module: nn.Module, example: torch.Tensor, what: str) -> None:
     with torch.inference_mode():
         expected = module(example)
     got = torch.from_numpy(session.run(None, {INPUT: example.numpy()})[0])
@@ -205,6 +210,16 @@ class _Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage(x)
+
+
+def export_embed(backbone: ClipBackbone, path: Path) -> Path:
+    """Export the embedding stage (patch convolution, [CLS], positions, ln_pre) to ``path``, checked in FP32."""
+    shape = backbone.shape
+    images = torch.randn(2, 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(0))
+    stage = _Stage(backbone, backbone.embed)
+    export_onnx(stage, images, path)
+    _check_fp32(path, stage, images, "embed")
+    return path
 
 
 @dataclass(frozen=True)
@@ -274,68 +289,129 @@ def _weight_matmuls_of(model: onnx.ModelProto, sources: dict[str, tuple[str, boo
     return names
 
 
+MODE_LINEARS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "paper": frozenset({"mlp.c_fc", "mlp.c_proj"}),  # what quantize_dynamic converts in open_clip (torch backend)
+    "full": frozenset(LINEARS),
+}
+
+
 class OrtClipBackbone(ClipBackbone):
-    """A ClipBackbone whose ``embed`` and ``block`` run as ORT graphs (INT8 as ``quant_mode`` says); the text tower
-    and ``pool_final`` stay PyTorch FP32."""
+    """A ClipBackbone whose ``embed`` and blocks run as ORT graphs (INT8 as ``quant_mode`` says); the text tower
+    and ``pool_final`` stay PyTorch FP32.
+
+    Blocks are written directly as ONNX (:mod:`.ort_graphs`): INT8 Linears with activation scales per image inside
+    the graph, so a batch runs in one session call and each image gets the result it gets alone. A run of
+    consecutive blocks (:meth:`blocks`) is one graph and one call; its session is built on first use and kept.
+    """
 
     def __init__(
         self,
         source: ClipBackbone,
-        graphs: StagedGraphs,
+        embed_graph: Path,
         threads: int,
         *,
         quant_mode: QuantMode = "full",
         per_image_scales: bool = True,
     ) -> None:
         super().__init__(source.model, source.preprocess, source.tokenizer, source.config, source.weights_sha256)
-        self.graphs = graphs
+        if quant_mode not in MODE_LINEARS:
+            raise BackboneError(f"the onnxruntime backend runs quant modes {tuple(MODE_LINEARS)}, not {quant_mode!r}")
+        self.quant_mode = quant_mode
         self.per_image_scales = per_image_scales
+        self.threads = threads
+        self._quantize = MODE_LINEARS[quant_mode]
+        self._options = session_options(threads, interleaved=True)
+        self._resblocks = list(self.visual.transformer.resblocks)  # FP32 modules the block graphs are written from
+        self._lock = threading.Lock()
+        self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
         started = time.perf_counter()
-        paths = [graphs.embed, *graphs.blocks]
-        if quant_mode != "none":
-            # The embed graph has no weight matmul (its convolution stays FP32); paper converts the MLPs only.
-            nodes = graphs.mlp_nodes if quant_mode == "paper" else None
-            paths = [graphs.embed, *(quantize_int8(p, p.with_suffix(".int8.onnx"), nodes) for p in graphs.blocks)]
-        quantized = time.perf_counter()
-        options = session_options(threads, interleaved=True)
-        self._sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
-        self.timings = ExportTimings(
-            graphs.export_s, graphs.check_s, quantized - started, time.perf_counter() - quantized
-        )
-        names = ["embed"] + [f"block{index}" for index in range(1, len(graphs.blocks) + 1)]
+        self._embed = ort.InferenceSession(str(embed_graph), self._options, providers=["CPUExecutionProvider"])
+        for layer in range(1, self.shape.num_layers + 1):
+            self._segment(layer, layer)
+        self.session_s = time.perf_counter() - started  # seconds to write the block graphs and open the sessions
         self.quant_report = QuantReport(
             mode=quant_mode,
             converted=tuple(
-                f"{name}/{node}" for name, path in zip(names, paths, strict=True) for node in quantized_nodes(path)
+                f"transformer.resblocks.{index}.{linear}"
+                for index in range(self.shape.num_layers)
+                for linear in LINEARS
+                if linear in self._quantize
             ),
         )
 
     def with_scales(self, per_image_scales: bool) -> OrtClipBackbone:
-        """The same sessions with the other activation-scale policy."""
+        """The same tower with the other activation-scale policy (new block sessions, same embed graph)."""
         other = copy.copy(self)
         other.per_image_scales = per_image_scales
+        other._lock = threading.Lock()
+        other._sessions = {}
+        for layer in range(1, self.shape.num_layers + 1):
+            other._segment(layer, layer)
         return other
+
+    def _segment(self, first: int, last: int) -> ort.InferenceSession:
+        key = (first, last)
+        session = self._sessions.get(key)
+        if session is None:
+            with self._lock:
+                session = self._sessions.get(key)
+                if session is None:
+                    graph = blocks_graph(
+                        self._resblocks[first - 1 : last], quantize=self._quantize, per_image=self.per_image_scales
+                    )
+                    session = ort.InferenceSession(
+                        graph.SerializeToString(), self._options, providers=["CPUExecutionProvider"]
+                    )
+                    self._sessions[key] = session
+        return session
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding + [CLS] + positions + ln_pre in ORT: [B, 3, H, W] -> [B, T, D]."""
-        return run_session(self._sessions[0], images, self.per_image_scales)
+        return run_session(self._embed, images, per_image=False)  # no quantized op: nothing depends on the batch
 
     def block(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block number ``layer`` (1-based) in ORT: [B, T, D] -> [B, T, D]."""
-        return run_session(self._sessions[layer], hidden, self.per_image_scales)
+        return self.blocks(layer, layer, hidden)
+
+    def blocks(self, first: int, last: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Blocks ``first``..``last`` (1-based, inclusive) as one session call: [B, T, D] -> [B, T, D]."""
+        if not 1 <= first <= last <= self.shape.num_layers:
+            raise ValueError(f"blocks {first}..{last} outside 1..{self.shape.num_layers}")
+        return run_session(self._segment(first, last), hidden, per_image=False)  # scales per image in the graph
+
+
+def check_block_graphs(backbone: ClipBackbone) -> float:
+    """Raise :class:`OrtExportError` unless every block's FP32 graph reproduces its PyTorch block; returns seconds."""
+    started = time.perf_counter()
+    shape = backbone.shape
+    hidden = torch.randn(2, shape.num_tokens, shape.width, generator=torch.Generator().manual_seed(0))
+    options = session_options(1)
+    for index, block in enumerate(backbone.visual.transformer.resblocks, start=1):
+        try:
+            graph = blocks_graph([block])
+        except UnsupportedBlock as exc:
+            raise OrtExportError(f"block {index}: {exc}") from exc
+        session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        _compare(session, block, hidden, f"block {index}")
+    return time.perf_counter() - started
 
 
 def prepare_onnxruntime(
     backbone: ClipBackbone, quant_mode: QuantMode, options: BackendOptions
 ) -> tuple[ClipBackbone, QuantReport]:
-    """Export ``backbone``'s FP32 tower stage by stage, quantize it per ``quant_mode`` and open ORT sessions."""
+    """Export ``backbone``'s embedding stage, write its blocks as ONNX (checked in FP32 against PyTorch), quantize
+    per ``quant_mode`` and open the ORT sessions."""
+    if quant_mode not in MODE_LINEARS:
+        raise BackboneError(f"the onnxruntime backend runs quant modes {tuple(MODE_LINEARS)}, not {quant_mode!r}")
     threads = options.threads or torch.get_num_threads()
-    if options.workdir is not None:
-        ort_backbone = OrtClipBackbone(
-            backbone, export_staged(backbone, Path(options.workdir)), threads, quant_mode=quant_mode
-        )
-        return ort_backbone, ort_backbone.quant_report
-    # Sessions hold their graphs in memory, so the files may go once the sessions exist.
-    with tempfile.TemporaryDirectory(prefix="lraee-onnx-") as workdir:
-        ort_backbone = OrtClipBackbone(backbone, export_staged(backbone, Path(workdir)), threads, quant_mode=quant_mode)
+    check_block_graphs(backbone)
+    with contextlib.ExitStack() as stack:
+        if options.workdir is not None:
+            workdir = Path(options.workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:  # sessions hold their graphs in memory, so the files may go once the sessions exist
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lraee-onnx-")))
+        embed = export_embed(backbone, workdir / "embed.onnx")
+        ort_backbone = OrtClipBackbone(backbone, embed, threads, quant_mode=quant_mode)
     return ort_backbone, ort_backbone.quant_report

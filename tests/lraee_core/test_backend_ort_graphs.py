@@ -1,0 +1,136 @@
+"""The directly written ORT block graphs: FP32 equal to PyTorch, INT8 equal to a NumPy reference of the per-image
+quantization, one image's result independent of its batch, and a run of blocks equal to the blocks one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnxruntime", reason="the onnxruntime backend is the optional [onnx] extra")
+
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from open_clip.transformer import ResidualAttentionBlock
+
+from lraee_core.backends.ort_graphs import (
+    INPUT,
+    IR_VERSION,
+    LINEARS,
+    OPSET,
+    OUTPUT,
+    GraphWriter,
+    UnsupportedBlock,
+    blocks_graph,
+    quantize_weight,
+)
+
+WIDTH, HEADS, TOKENS = 32, 4, 9
+
+
+def _session(model: object) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+
+
+def _run(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {INPUT: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+@pytest.fixture(scope="module")
+def blocks() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [ResidualAttentionBlock(WIDTH, HEADS, batch_first=True).eval() for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def hidden() -> np.ndarray:
+    # Images of very different ranges: a per-batch scale would be set by the loudest one.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, TOKENS, WIDTH)).astype(np.float32)
+    return x * np.array([0.1, 1.0, 3.0, 10.0, 0.5], dtype=np.float32)[:, None, None]
+
+
+def test_fp32_graph_equals_pytorch(blocks: list[nn.Module], hidden: np.ndarray) -> None:
+    with torch.inference_mode():
+        expected = blocks[0](torch.from_numpy(hidden)).numpy()
+    got = _run(_session(blocks_graph(blocks[:1])), hidden)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_int8_linear_equals_numpy_reference() -> None:
+    """One INT8 Linear against the scheme written out in NumPy: per image, activations asymmetric in [0, 127]
+    with a zero point, weights symmetric INT8 per output channel, exact integer products."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((3, TOKENS, WIDTH)) * np.array([0.2, 1.0, 4.0])[:, None, None]).astype(np.float32)
+    x[1] += 0.5  # an image whose range does not straddle zero symmetrically
+    weight = torch.from_numpy(rng.standard_normal((16, WIDTH)).astype(np.float32))
+    bias = torch.from_numpy(rng.standard_normal(16).astype(np.float32))
+    writer = GraphWriter()
+    out = writer.linear(INPUT, weight, bias, int8=True, per_image=True)
+    writer.nodes.append(helper.make_node("Identity", [out], [OUTPUT]))
+    graph = helper.make_graph(
+        writer.nodes,
+        "linear",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["b", TOKENS, WIDTH])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["b", TOKENS, 16])],
+        writer.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    got = _run(_session(model), x)
+
+    w_int8, w_scale = quantize_weight(weight.numpy().T)
+    for image in range(x.shape[0]):
+        xi = x[image]
+        high, low = max(float(xi.max()), 0.0), min(float(xi.min()), 0.0)
+        scale = np.float32((high - low) / 127.0)
+        zero_point = np.clip(np.rint(-low / scale), 0, 127)
+        q = np.clip(np.rint(xi / scale) + zero_point, 0, 127)
+        product = (q - zero_point).astype(np.int64) @ w_int8.astype(np.int64)  # exact integers
+        expected = product.astype(np.float32) * (scale * w_scale) + bias.numpy()
+        np.testing.assert_allclose(got[image], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        # And the scheme is a fair INT8 approximation of the FP32 Linear.
+        exact = xi @ weight.numpy().T + bias.numpy()
+        assert np.abs(expected - exact).max() < 0.05 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("quantize", [frozenset({"mlp.c_fc", "mlp.c_proj"}), frozenset(LINEARS)])
+def test_each_image_gets_its_own_result_and_runs_fuse(
+    blocks: list[nn.Module], hidden: np.ndarray, quantize: frozenset[str]
+) -> None:
+    """Bit-identical alone and in a batch (per-image scales), and a three-block graph equals three one-block graphs
+    (the same ops on the same values). The per-batch variant has teeth: it changes an image's result."""
+    together = _session(blocks_graph(blocks, quantize=quantize))
+    batch = _run(together, hidden)
+    alone = np.concatenate([_run(together, hidden[i : i + 1]) for i in range(hidden.shape[0])])
+    assert np.array_equal(batch, alone)
+
+    chained = hidden
+    for block in blocks:
+        chained = _run(_session(blocks_graph([block], quantize=quantize)), chained)
+    assert np.array_equal(batch, chained)
+
+    with torch.inference_mode():
+        reference = hidden
+        for block in blocks:
+            reference = block(torch.from_numpy(reference)).numpy()
+    relative = np.linalg.norm(batch - reference) / np.linalg.norm(reference)
+    assert relative < 0.02  # INT8 noise on three blocks (measured ~0.002-0.005); a wrong weight is >> 0.1
+
+    per_batch = _session(blocks_graph(blocks, quantize=quantize, per_image=False))
+    mixed = _run(per_batch, hidden)
+    alone_per_batch = np.concatenate([_run(per_batch, hidden[i : i + 1]) for i in range(hidden.shape[0])])
+    assert not np.array_equal(mixed, alone_per_batch)
+
+
+def test_unsupported_blocks_are_refused(blocks: list[nn.Module]) -> None:
+    with pytest.raises(ValueError, match="unknown Linears"):
+        blocks_graph(blocks[:1], quantize=frozenset({"attn.qkv"}))
+    odd = ResidualAttentionBlock(WIDTH, HEADS, batch_first=True, act_layer=nn.ReLU)
+    with pytest.raises(UnsupportedBlock, match="activation ReLU"):
+        blocks_graph([odd])
+    with pytest.raises(UnsupportedBlock, match="batch-first"):
+        blocks_graph([ResidualAttentionBlock(WIDTH, HEADS, batch_first=False)])
