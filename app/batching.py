@@ -1,15 +1,17 @@
-"""Micro-batching: concurrent requests that share a label set become one engine batch, run on one worker thread.
+"""Micro-batching: concurrent requests become one engine batch, run on one worker thread.
 
-Requests are grouped by a key (labels, templates, operating point): only images of the same group can share an
-engine call, since the text embeddings and thresholds are per call. The oldest waiting image decides which group
-runs next, so no group starves. A group runs when it holds ``max_batch_size`` images or its oldest image has waited
-``max_wait`` seconds; while the worker is busy, images pile up and the next batch leaves at once, so the wait only
-costs latency when the service is idle.
+Every queued image can share an engine call whatever its request's labels, templates or operating point: the key a
+request is submitted under travels with each of its images, and the engine answers each row against its own key
+(:meth:`lraee_core.engine.EarlyExitClassifier.classify_rows`). The queue is one line, oldest image first: a batch
+takes up to ``max_batch_size`` of the oldest images, so nothing starves. A batch runs when ``max_batch_size``
+images wait or the oldest has waited ``max_wait`` seconds; while the worker is busy, images pile up and the next
+batch leaves at once, so the wait only costs latency when the service is idle.
 
 One worker thread runs every batch: torch already spreads one batch over the intra-op threads, and two batches at
-once on two cores would only fight over them. The queue is bounded in images; a request that does not fit is
-refused whole (429) rather than partly admitted. Requests take their places with :meth:`MicroBatcher.admit` before
-their images are decoded, so a full queue costs a refused request no decoding.
+once on two cores would only fight over them. Text encoding of new labels happens before a request is submitted,
+elsewhere (app/text_worker.py), so the worker never waits for it. The queue is bounded in images; a request that
+does not fit is refused whole (429) rather than partly admitted. Requests take their places with
+:meth:`MicroBatcher.admit` before their images are decoded, so a full queue costs a refused request no decoding.
 
 When no live image waits, the worker may run one small piece of background work (shadow checks, app/shadow.py);
 live images that arrive meanwhile wait at most for that one piece. :meth:`MicroBatcher.stalled_seconds` tells
@@ -37,18 +39,18 @@ from .errors import QueueFull, ServiceUnavailable
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# (group key, images [B, 3, H, W], top_k) -> one result per image; blocking, runs on the worker thread.
-RunBatch = Callable[[Hashable, torch.Tensor, int], list[ExitResult]]
-# (group key, batch size, engine seconds, results) after each batch, for metrics.
-BatchObserver = Callable[[Hashable, int, float, Sequence[ExitResult]], None]
+# (each row's key, images [B, 3, H, W], each row's top_k) -> one result per image; blocking, on the worker thread.
+RunBatch = Callable[[Sequence[Hashable], torch.Tensor, Sequence[int]], list[ExitResult]]
+# (each row's key, engine seconds, results) after each batch, for metrics.
+BatchObserver = Callable[[Sequence[Hashable], float, Sequence[ExitResult]], None]
 DepthObserver = Callable[[int], None]
 
 
 class BackgroundWork(Protocol):
     """Work the worker does only when no live image waits (the shadow sampler)."""
 
-    def offer(self, key: Hashable, images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
-        """See each finished live batch (on the event loop; must not block)."""
+    def offer(self, keys: Sequence[Hashable], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+        """See each finished live batch, with each row's key (on the event loop; must not block)."""
 
     def next_job(self) -> Callable[[], None] | None:
         """One short blocking job for the worker thread, or None when there is nothing to do."""
@@ -87,6 +89,7 @@ class BatchOutcome:
 
 @dataclass
 class _Job:
+    key: Hashable  # the request's key, handed to the engine with the image
     image: torch.Tensor  # [3, H, W]
     top_k: int
     future: asyncio.Future[BatchOutcome]
@@ -94,7 +97,7 @@ class _Job:
 
 
 class MicroBatcher:
-    """Bounded queue of images grouped by key, drained by one consumer task onto one worker thread."""
+    """Bounded queue of images, oldest first, drained by one consumer task onto one worker thread."""
 
     def __init__(
         self,
@@ -112,7 +115,7 @@ class MicroBatcher:
         self.capacity = capacity
         self._on_batch = on_batch
         self._on_depth = on_depth
-        self._groups: dict[Hashable, deque[_Job]] = {}
+        self._queue: deque[_Job] = deque()
         self._depth = 0
         self._reserved = 0  # places held by admitted requests whose images are still being decoded
         self._background: BackgroundWork | None = None
@@ -167,11 +170,10 @@ class MicroBatcher:
         self._fail_waiting("the inference worker has stopped")
 
     def _fail_waiting(self, reason: str) -> None:
-        for group in self._groups.values():
-            for job in group:
-                if not job.future.done():
-                    job.future.set_exception(ServiceUnavailable(reason))
-        self._groups.clear()
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(ServiceUnavailable(reason))
+        self._queue.clear()
         self._set_depth(0)
 
     async def stop(self) -> None:
@@ -204,7 +206,8 @@ class MicroBatcher:
     async def submit(
         self, key: Hashable, images: Sequence[torch.Tensor], top_k: int, admission: Admission | None = None
     ) -> list[BatchOutcome]:
-        """Queue ``images`` (all or none) under ``key`` and wait for their results, in order.
+        """Queue ``images`` (all or none) under ``key`` (the engine's question for them) and wait for their
+        results, in order.
 
         With ``admission`` (from :meth:`admit`, for these images) the places are already held; without, they are
         taken here. Raises :class:`QueueFull` when they do not fit and :class:`ServiceUnavailable` when stopping.
@@ -218,55 +221,43 @@ class MicroBatcher:
             raise ServiceUnavailable("the inference worker is not running")
         admission.release()  # the places pass from the reservation to the queue in the same step
         loop = asyncio.get_running_loop()
-        jobs = [_Job(image=image, top_k=top_k, future=loop.create_future()) for image in images]
-        self._groups.setdefault(key, deque()).extend(jobs)
+        jobs = [_Job(key=key, image=image, top_k=top_k, future=loop.create_future()) for image in images]
+        self._queue.extend(jobs)
         self._set_depth(self._depth + len(jobs))
         self._wakeup.set()
         try:
             outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
         except asyncio.CancelledError:
-            self._withdraw(key, jobs)
+            self._withdraw(jobs)
             raise
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         return [outcome for outcome in outcomes if isinstance(outcome, BatchOutcome)]
 
-    def _withdraw(self, key: Hashable, jobs: list[_Job]) -> None:
-        group = self._groups.get(key)
-        if group is None:
-            return
+    def _withdraw(self, jobs: list[_Job]) -> None:
         leaving = {id(job) for job in jobs}
-        kept = deque(job for job in group if id(job) not in leaving)
-        self._set_depth(self._depth - (len(group) - len(kept)))
-        if kept:
-            self._groups[key] = kept
-        else:
-            del self._groups[key]
+        kept = deque(job for job in self._queue if id(job) not in leaving)
+        self._set_depth(self._depth - (len(self._queue) - len(kept)))
+        self._queue = kept
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
         if self._on_depth is not None:
             self._on_depth(depth)
 
-    def _oldest_key(self) -> Hashable | None:
-        if not self._groups:
-            return None
-        return min(self._groups, key=lambda key: self._groups[key][0].admitted_at)
-
     async def _consume(self) -> None:
         while not self._closed:
-            key = self._oldest_key()
-            if key is None:
+            if not self._queue:
                 if await self._run_background():
                     continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._let_group_fill(key)
-            jobs = self._take(key)
+            await self._let_batch_fill()
+            jobs = self._take()
             if jobs:
-                await self._execute(key, jobs)
+                await self._execute(jobs)
 
     async def _run_background(self) -> bool:
         """Run one background job on the worker if there is one; False when there was none."""
@@ -288,13 +279,10 @@ class MicroBatcher:
             self._busy_since = None
         return True
 
-    async def _let_group_fill(self, key: Hashable) -> None:
-        """Wait until the group is full or its oldest image has waited ``max_wait_seconds``."""
-        while True:
-            group = self._groups.get(key)
-            if group is None or len(group) >= self.max_batch_size:
-                return
-            remaining = group[0].admitted_at + self.max_wait_seconds - time.perf_counter()
+    async def _let_batch_fill(self) -> None:
+        """Wait until a full batch waits or the oldest image has waited ``max_wait_seconds``."""
+        while self._queue and len(self._queue) < self.max_batch_size:
+            remaining = self._queue[0].admitted_at + self.max_wait_seconds - time.perf_counter()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -303,24 +291,23 @@ class MicroBatcher:
             except TimeoutError:
                 return
 
-    def _take(self, key: Hashable) -> list[_Job]:
-        group = self._groups.get(key)
-        if group is None:
-            return []
-        jobs = [group.popleft() for _ in range(min(self.max_batch_size, len(group)))]
-        if not group:
-            del self._groups[key]
+    def _take(self) -> list[_Job]:
+        """The oldest images, up to a batch."""
+        jobs = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
         self._set_depth(self._depth - len(jobs))
         # Futures cancelled by a departed client are skipped here rather than computed for nobody.
         return [job for job in jobs if not job.future.done()]
 
-    async def _execute(self, key: Hashable, jobs: list[_Job]) -> None:
+    async def _execute(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
-        top_k = max(job.top_k for job in jobs)
+        keys = [job.key for job in jobs]
         images = [job.image for job in jobs]
+        top_ks = [job.top_k for job in jobs]
         self._busy_since = time.perf_counter()
         try:
-            started, seconds, results = await loop.run_in_executor(self._executor, self._timed_run, key, images, top_k)
+            started, seconds, results = await loop.run_in_executor(
+                self._executor, self._timed_run, keys, images, top_ks
+            )
         except Exception as exc:
             log.exception("engine batch of %d images failed", len(jobs))
             for job in jobs:
@@ -332,12 +319,12 @@ class MicroBatcher:
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         if self._on_batch is not None:
             try:
-                self._on_batch(key, len(jobs), seconds, results)
+                self._on_batch(keys, seconds, results)
             except Exception:  # observability must never cost a request its answer
                 log.exception("batch observer failed")
         if self._background is not None:
             try:
-                self._background.offer(key, images, results)
+                self._background.offer(keys, images, results)
             except Exception:
                 log.exception("background work failed to take a batch")
         for job, result in zip(jobs, results, strict=True):
@@ -352,11 +339,11 @@ class MicroBatcher:
                 )
 
     def _timed_run(
-        self, key: Hashable, images: list[torch.Tensor], top_k: int
+        self, keys: list[Hashable], images: list[torch.Tensor], top_ks: list[int]
     ) -> tuple[float, float, list[ExitResult]]:
         assert self._run_batch is not None, "start() sets it before the first batch"
         started = time.perf_counter()
-        results = self._run_batch(key, torch.stack(images), top_k)  # [B, 3, H, W]
+        results = self._run_batch(keys, torch.stack(images), top_ks)  # [B, 3, H, W]
         if len(results) != len(images):
             raise RuntimeError(f"the engine returned {len(results)} results for {len(images)} images")
         return started, time.perf_counter() - started, results

@@ -99,6 +99,19 @@ class QueueFull(ServiceError):
         )
 
 
+class TextQueueFull(ServiceError):
+    """The text encoder's queue (requests with new labels) is full; retry after ``Retry-After`` seconds."""
+
+    status = 429
+    code = "text_queue_full"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"the text encoder's queue (requests with labels not seen before) is full; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 class ServiceUnavailable(ServiceError):
     """The model is not loaded yet, or the service is shutting down."""
 

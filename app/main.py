@@ -43,6 +43,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     set_pil_pixel_limit(settings.max_image_pixels)
     batcher: MicroBatcher | None = None
     decoder: ImageDecoder | None = None
+    service: ModelService | None = None
     try:
         # Loading happens on the inference worker too: nothing blocks the loop, and warm-up initialises the very
         # thread (and its torch thread pool) that serves requests.
@@ -77,6 +78,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await batcher.stop()
         if decoder is not None:
             decoder.close()
+        if service is not None:
+            service.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -143,15 +143,14 @@ class Metrics:
         """One shadow check's outcome (called from the inference worker; prometheus_client is thread-safe)."""
         self.shadow_checks.labels(layer=str(layer), operating_point=operating_point, agree=str(agree).lower()).inc()
 
-    def observe_batch(self, key: Hashable, size: int, seconds: float, results: Sequence[ExitResult]) -> None:
-        """Record one engine batch and where each of its images left."""
-        self.batch_size.observe(size)
+    def observe_batch(self, keys: Sequence[Hashable], seconds: float, results: Sequence[ExitResult]) -> None:
+        """Record one engine batch (each image's request key) and where each of its images left."""
+        self.batch_size.observe(len(results))
         self.inference.observe(seconds)
-        operating_point = key.operating_point if isinstance(key, BatchKey) else None
-        for result in results:
+        for key, result in zip(keys, results, strict=True):
             self.exit_layer.labels(layer=str(result.exit_layer) if result.exit_path == "head" else FULL_PATH).inc()
-            if operating_point is not None:
-                self.answers.labels(operating_point=operating_point, exit_path=result.exit_path).inc()
+            if isinstance(key, BatchKey):
+                self.answers.labels(operating_point=key.operating_point, exit_path=result.exit_path).inc()
             self.flops_saved.observe(result.flops_saved)
             self.flops_spent.inc(result.flops)
             self.flops_full.inc(result.flops_full)

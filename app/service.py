@@ -1,13 +1,15 @@
 """The loaded model as the service sees it: loading with actionable errors, warm-up, request validation against
-the checkpoint (labels, templates, operating points), the blocking batch call the worker thread makes, and the
-summary ``GET /model`` shows. Knows nothing of HTTP transport; raises the service's errors.
+the checkpoint (labels, templates, operating points, the prompt budget), resolving a request's text embeddings
+before it joins the inference queue (from the cache at once, or on the text worker when labels are new), the
+blocking batch call the inference worker makes, and the summary ``GET /model`` shows. Knows nothing of HTTP
+transport; raises the service's errors.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from PIL import Image
 
 from lraee_core.checkpoint import MANIFEST, load_classifier
 from lraee_core.config import FULL_OPERATING_POINT
-from lraee_core.engine import EarlyExitClassifier, ExitResult
+from lraee_core.engine import EarlyExitClassifier, ExitResult, LabelQuery
 from lraee_core.errors import InputError, LraeeError
 from lraee_core.exits import ExitRule
 from lraee_core.text import validate_labels, validate_templates
@@ -23,7 +25,8 @@ from lraee_core.text import validate_labels, validate_templates
 from .errors import InvalidInput, StartupError
 from .schemas import ClassifyOptions, ClassifyResponse, ModelSummary, OperatingPointOut, PredictionOut, PrunedLayerOut
 from .schemas import Timing as TimingOut
-from .settings import MAX_PROMPTS, MAX_TEMPLATES, Settings
+from .settings import MAX_TEMPLATES, Settings
+from .text_worker import TextWorker
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,15 @@ WARM_UP_LABELS = ("a photo",)
 
 @dataclass(frozen=True)
 class BatchKey:
-    """What requests must share to ride in one engine batch: the text side and the thresholds."""
+    """A request's question: its text side and thresholds. Requests with different keys share engine batches; the
+    engine answers each image against its own key."""
 
     labels: tuple[str, ...]  # validated, stripped, in request order
     templates: tuple[str, ...] | None  # None: the engine's default templates
-    operating_point: str  # resolved name (never None, so "default" and its explicit name batch together)
+    operating_point: str  # resolved name (never None)
+    # The engine's form of the question, text embeddings included, once resolved (ModelService.resolve_text);
+    # left out of equality and hashing, which stay those of the three fields above.
+    resolved: LabelQuery | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class ModelService:
     def __init__(self, classifier: EarlyExitClassifier, settings: Settings) -> None:
         self.classifier = classifier
         self.settings = settings
+        self.text_worker = TextWorker(capacity=settings.text_queue_capacity)
         if settings.max_labels > classifier.max_labels:
             raise StartupError(
                 f"LRAEE_MAX_LABELS={settings.max_labels} exceeds the engine's limit of {classifier.max_labels}"
@@ -120,12 +128,13 @@ class ModelService:
                 templates = validate_templates(options.templates)
             except InputError as exc:
                 raise InvalidInput(str(exc), code="invalid_templates") from exc
-            if len(labels) * len(templates) > MAX_PROMPTS:
-                raise InvalidInput(
-                    f"{len(labels)} labels x {len(templates)} templates = {len(labels) * len(templates)} prompts; "
-                    f"the limit is {MAX_PROMPTS}",
-                    code="invalid_templates",
-                )
+        prompts = len(labels) * len(templates if templates is not None else self.classifier.default_templates)
+        if prompts > settings.max_prompts:
+            raise InvalidInput(
+                f"{len(labels)} labels x {prompts // len(labels)} templates = {prompts} prompts; "
+                f"the limit is {settings.max_prompts}",
+                code="invalid_templates" if templates is not None else "invalid_labels",
+            )
         policy = self.classifier.policy
         operating_point = options.operating_point or policy.default_operating_point
         if operating_point not in policy.names:
@@ -137,19 +146,46 @@ class ModelService:
             raise InvalidInput(f"top_k must be between 1 and {settings.max_labels}", code="invalid_top_k")
         return Query(BatchKey(labels, templates, operating_point), options.top_k)
 
-    def run_batch(self, key: Hashable, images: torch.Tensor, top_k: int) -> list[ExitResult]:
-        """One engine call (blocking; the batcher's worker thread makes it)."""
-        assert isinstance(key, BatchKey)
+    async def resolve_text(self, query: Query) -> Query:
+        """``query`` with its text embeddings resolved, before it may join the inference queue: from the cache at
+        once when every label is there, else encoded on the text worker (:class:`TextQueueFull` when its queue is
+        full). The inference worker never encodes a request's labels."""
+        key = query.key
+        cached = self.classifier.cached_text_embeddings(key.labels, key.templates)
+        if cached is None:
+            cached = await self.text_worker.run(self.classifier.text_embeddings, key.labels, key.templates)
+        resolved = self.classifier.query(
+            key.labels, operating_point=key.operating_point, top_k=query.top_k, text=cached
+        )
+        return replace(query, key=replace(key, resolved=resolved))
+
+    def run_batch(self, keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
+        """One engine call, each image against its own request's key (blocking; the batcher's worker thread makes
+        it). Keys come resolved (:meth:`resolve_text`); one that is not is resolved here, from the cache."""
+        questions: dict[int, LabelQuery] = {}
         try:
-            return self.classifier.classify(
-                images, key.labels, templates=key.templates, top_k=top_k, operating_point=key.operating_point
-            )
+            for key, top_k in zip(keys, top_ks, strict=True):
+                assert isinstance(key, BatchKey)
+                if id(key) not in questions:
+                    questions[id(key)] = key.resolved or self.classifier.query(
+                        key.labels, templates=key.templates, operating_point=key.operating_point, top_k=top_k
+                    )
+            return self.classifier.classify_rows(images, [questions[id(key)] for key in keys])
         except InputError as exc:  # prepare() checks all of this first; kept so a gap is a 422, not a 500
             raise InvalidInput(str(exc)) from exc
 
     def run_full_depth(self, key: BatchKey, images: torch.Tensor) -> list[ExitResult]:
-        """``key``'s label set at full depth, no exit heads run (shadow checks; blocking, on the worker thread)."""
-        return self.classifier.classify(images, key.labels, templates=key.templates, top_k=1, exit_rule=ExitRule.full())
+        """``key``'s label set at full depth, no exit heads run (shadow checks; blocking, on the worker thread).
+        Uses the key's resolved text embeddings, so a check never encodes labels on the inference worker."""
+        text = key.resolved.text if key.resolved is not None else None
+        query = self.classifier.query(
+            key.labels, templates=key.templates, top_k=1, exit_rule=ExitRule.full(), text=text
+        )
+        return self.classifier.classify_rows(images, [query] * images.shape[0])
+
+    def close(self) -> None:
+        """Stop the text worker (queued encodings are dropped)."""
+        self.text_worker.close()
 
     def response(self, result: ExitResult, *, top_k: int, operating_point: str, timing: TimingOut) -> ClassifyResponse:
         """The API's view of one engine result (predictions cut to this request's ``top_k``)."""
@@ -213,7 +249,7 @@ class ModelService:
                 "max_labels": settings.max_labels,
                 "max_label_chars": settings.max_label_chars,
                 "max_templates": MAX_TEMPLATES,
-                "max_prompts": MAX_PROMPTS,
+                "max_prompts": settings.max_prompts,
                 "max_batch_images": settings.max_batch_images,
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_image_pixels": settings.max_image_pixels,

@@ -18,7 +18,7 @@ from lraee_core.text import MAX_LABEL_CHARS
 MIB = 1024 * 1024
 MAX_TEMPLATES = 100  # prompt templates per request; each label is encoded once per template
 # Prompts (labels x templates) one request may send to the text tower: 1000 labels x the 7 default templates fit.
-# New labels are encoded on the inference worker, so this bounds how long one request can hold it.
+# The default of LRAEE_MAX_PROMPTS; it bounds how long one request holds the text worker.
 MAX_PROMPTS = 10_000
 # Room in a request body for everything but the images (labels, templates, options, multipart framing). JSON may
 # escape one character as up to 6 bytes ("\uXXXX"), hence the factor.
@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_label_chars: int = Field(default=200, ge=1, le=MAX_LABEL_CHARS, description="characters per label / template")
     max_batch_images: int = Field(default=32, ge=1, le=1024, description="images per /classify/batch request")
     text_cache_size: int = Field(default=8192, ge=1, description="label embeddings kept in the engine's LRU")
+    max_prompts: int = Field(
+        default=MAX_PROMPTS, ge=1, le=1_000_000, description="labels x templates of one request (text encoding budget)"
+    )
+    text_queue_capacity: int = Field(
+        default=16, ge=1, description="requests with new labels waiting for the text encoder before 429"
+    )
     api_key: SecretStr | None = Field(default=None, description="when set, required on everything but health probes")
     max_inflight_requests: int = Field(
         default=64, ge=1, description="requests with a body being read, decoded or awaiting results at once; 429 over"

@@ -70,12 +70,15 @@ class ShadowSampler:
         """Samples waiting for their check."""
         return len(self._queue)
 
-    def offer(self, key: Hashable, images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
-        """Sample the early exits of a finished live batch (called on the event loop; never blocks)."""
-        if self.rate <= 0.0 or not isinstance(key, BatchKey):
+    def offer(self, keys: Sequence[Hashable], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+        """Sample the early exits of a finished live batch, each image with its request's key (called on the event
+        loop; never blocks)."""
+        if self.rate <= 0.0:
             return
-        for image, result in zip(images, results, strict=True):
-            if result.exit_path != "head" or not result.predictions or self._random.random() >= self.rate:
+        for key, image, result in zip(keys, images, results, strict=True):
+            if not isinstance(key, BatchKey) or result.exit_path != "head" or not result.predictions:
+                continue
+            if self._random.random() >= self.rate:
                 continue
             if len(self._queue) >= self.capacity:
                 if self._on_drop is not None:

@@ -115,6 +115,13 @@ class EarlyExitClassifier:
         chosen = self.default_templates if templates is None else validate_templates(templates)
         return self.text_cache.get(labels, chosen)
 
+    def cached_text_embeddings(
+        self, labels: Sequence[str], templates: Sequence[str] | None = None
+    ) -> torch.Tensor | None:
+        """The label embeddings [K, E] when all are in the text cache, else None (nothing is encoded)."""
+        chosen = self.default_templates if templates is None else validate_templates(templates)
+        return self.text_cache.lookup(labels, chosen)
+
     def exit_rule(self, operating_point: str | None = None) -> ExitRule:
         """The rule of a named operating point (the default when None; ``full`` on every checkpoint);
         :class:`InputError` naming the known ones if unknown."""

@@ -1,12 +1,13 @@
 """Micro-batching under load: batches form, results equal sequential ones, a full queue answers 429, departed
-clients are withdrawn from the queue, and distinct label sets never share an engine batch."""
+clients are withdrawn from the queue, requests with different label sets share engine batches (oldest first), and
+new labels are encoded off the inference worker: a request whose labels are cached never waits for them."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import httpx
@@ -42,7 +43,7 @@ class BlockedEngine:
 
     def __init__(self, app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> None:
         classifier = app.state.runtime.service.classifier
-        original = classifier.classify
+        original = classifier.classify_rows
         self.entered = threading.Event()
         self.release = threading.Event()
 
@@ -51,7 +52,7 @@ class BlockedEngine:
             assert self.release.wait(timeout=30), "test never released the engine"
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(classifier, "classify", classify)
+        monkeypatch.setattr(classifier, "classify_rows", classify)
 
 
 def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -210,33 +211,37 @@ def fake_result() -> ExitResult:
 
 
 @pytest.mark.anyio
-async def test_only_requests_with_the_same_key_share_a_batch() -> None:
-    calls: list[tuple[Hashable, int]] = []
-    gate = threading.Event()
+async def test_requests_with_different_keys_share_batches_oldest_first() -> None:
+    calls: list[list[Hashable]] = []
+    entered, gate = threading.Event(), threading.Event()
 
-    def run_batch(key: Hashable, images: torch.Tensor, top_k: int) -> list[ExitResult]:
+    def run_batch(keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
+        entered.set()
         gate.wait(timeout=10)
-        calls.append((key, images.shape[0]))
+        calls.append(list(keys))
         return [fake_result() for _ in range(images.shape[0])]
 
-    batcher = MicroBatcher(max_batch_size=8, max_wait_seconds=0.0, capacity=64, threads=1)
+    batcher = MicroBatcher(max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
     batcher.start(run_batch)
     image = torch.zeros(3, 2, 2)
     blocker = asyncio.create_task(batcher.submit("warm", [image], 1))
-    await asyncio.sleep(0.05)  # the worker now holds the "warm" batch
+    assert await asyncio.to_thread(entered.wait, 10)  # the worker now holds the "warm" batch
     waiting = [asyncio.create_task(batcher.submit(key, [image], 1)) for key in "ababa"]
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: batcher.depth == 5)
+    late = asyncio.create_task(batcher.submit("c", [image] * 2, 1))  # two images of one request, queued last
+    await wait_until(lambda: batcher.depth == 7)
     gate.set()
-    await asyncio.gather(blocker, *waiting)
+    await asyncio.gather(blocker, late, *waiting)
     await batcher.stop()
-    assert calls == [("warm", 1), ("a", 3), ("b", 2)]
+    # Different keys ride together; a batch is the oldest images whatever their keys, so none waits for a group.
+    assert calls == [["warm"], ["a", "b", "a", "b"], ["a", "c", "c"]]
 
 
 @pytest.mark.anyio
 async def test_queue_bound_and_shutdown() -> None:
     release = threading.Event()
 
-    def run_batch(key: Hashable, images: torch.Tensor, top_k: int) -> list[ExitResult]:
+    def run_batch(keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
         release.wait(timeout=10)
         return [fake_result() for _ in range(images.shape[0])]
 
@@ -264,12 +269,133 @@ async def test_queue_bound_and_shutdown() -> None:
 async def test_a_dead_consumer_fails_waiting_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     batcher = MicroBatcher(max_batch_size=4, max_wait_seconds=0.0, capacity=8, threads=1)
 
-    async def broken(key: Hashable) -> None:
+    async def broken() -> None:
         raise RuntimeError("a bug in the batcher")
 
-    monkeypatch.setattr(batcher, "_let_group_fill", broken)
-    batcher.start(lambda key, images, top_k: [fake_result() for _ in range(images.shape[0])])
+    monkeypatch.setattr(batcher, "_let_batch_fill", broken)
+    batcher.start(lambda keys, images, top_ks: [fake_result() for _ in range(images.shape[0])])
     with pytest.raises(ServiceUnavailable, match="worker has stopped"):
         await batcher.submit("k", [torch.zeros(3, 2, 2)], 1)
     assert not batcher.running and batcher.depth == 0
     await batcher.stop()  # still stops cleanly
+
+
+# ---- label sets of their own, and the text worker ---------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_requests_with_different_label_sets_share_one_engine_batch(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(make_settings(max_batch_size=8, max_batch_wait_ms=0))
+    label_sets = [LABELS, OTHER_LABELS, ["sky", "sea"]]
+    async with running(app) as client:
+        alone = [
+            await client.post("/classify", **form(imagegen.noise_png(i), labels)) for i, labels in enumerate(label_sets)
+        ]
+        engine = BlockedEngine(app, monkeypatch)
+        batcher = app.state.runtime.batcher
+        classifier = app.state.runtime.service.classifier
+        held = classifier.classify_rows
+        batches: list[list[tuple[str, ...]]] = []
+
+        def recording(images: torch.Tensor, queries: Any) -> Any:
+            batches.append([query.labels for query in queries])
+            return held(images, queries)
+
+        monkeypatch.setattr(classifier, "classify_rows", recording)
+        first = asyncio.create_task(client.post("/classify", **form(imagegen.png())))
+        await wait_until(engine.entered.is_set)
+        together = [
+            asyncio.create_task(client.post("/classify", **form(imagegen.noise_png(i), labels)))
+            for i, labels in enumerate(label_sets)
+        ]
+        await wait_until(lambda: batcher.depth == 3)
+        engine.release.set()
+        assert (await first).status_code == 200
+        answers = await asyncio.gather(*together)
+    assert batches[1] == [tuple(labels) for labels in label_sets], "the three label sets should share one batch"
+    for got, want in zip(answers, alone, strict=True):
+        assert got.status_code == 200
+        assert got.json()["exit_layer"] == want.json()["exit_layer"]
+        for a, b in zip(got.json()["predictions"], want.json()["predictions"], strict=True):
+            assert a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-5
+
+
+class SlowEncoder:
+    """Holds the text tower's next encodings until released (patched onto one app's text cache)."""
+
+    def __init__(self, app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+        cache = app.state.runtime.service.classifier.text_cache
+        original = cache._encode
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+        def encode(prompts: list[str]) -> torch.Tensor:
+            self.entered.set()
+            assert self.release.wait(timeout=30), "test never released the encoder"
+            return original(prompts)
+
+        monkeypatch.setattr(cache, "_encode", encode)
+
+
+@pytest.mark.anyio
+async def test_a_cached_label_set_never_waits_for_another_requests_new_labels(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(make_settings())
+    async with running(app) as client:
+        assert (await client.post("/classify", **form(imagegen.png()))).status_code == 200  # LABELS now cached
+        encoder = SlowEncoder(app, monkeypatch)
+        fresh_labels = [f"never seen label {i}" for i in range(500)]  # 3,500 prompts with the default templates
+        fresh = asyncio.create_task(client.post("/classify", **form(imagegen.png(), fresh_labels)))
+        assert await asyncio.to_thread(encoder.entered.wait, 30)  # the text worker is busy with the fresh labels
+        cached = await client.post("/classify", **form(imagegen.noise_png(1)))
+        # The cached request was answered while the fresh one's encoding was still held: it did not wait for it.
+        assert cached.status_code == 200, cached.text
+        assert not fresh.done() and not encoder.release.is_set()
+        encoder.release.set()
+        answer = await fresh
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"][0]["label"] in fresh_labels
+
+
+@pytest.mark.anyio
+async def test_a_full_text_queue_answers_429_and_cached_requests_still_pass(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(make_settings(text_queue_capacity=1))
+    async with running(app) as client:
+        assert (await client.post("/classify", **form(imagegen.png()))).status_code == 200  # LABELS now cached
+        encoder = SlowEncoder(app, monkeypatch)
+        fresh = asyncio.create_task(client.post("/classify", **form(imagegen.png(), ["new one", "new two"])))
+        assert await asyncio.to_thread(encoder.entered.wait, 30)
+        refused = await client.post("/classify", **form(imagegen.png(), ["other new", "labels"]))
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "text_queue_full"
+        assert refused.json()["error"]["status"] == 429
+        assert (await client.post("/classify", **form(imagegen.png()))).status_code == 200
+        encoder.release.set()
+        assert (await fresh).status_code == 200
+        # The queue has room again, and what was encoded is cached.
+        assert (await client.post("/classify", **form(imagegen.png(), ["other new", "labels"]))).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_the_prompt_budget_counts_labels_times_templates(make_settings: Any) -> None:
+    app = create_app(make_settings(max_prompts=10))
+    async with running(app) as client:
+        # 2 labels x the 7 default templates = 14 prompts
+        over = await client.post("/classify", **form(imagegen.png(), ["cat", "dog"]))
+        assert over.status_code == 422
+        assert over.json()["error"]["code"] == "invalid_labels"
+        assert "2 labels x 7 templates = 14 prompts; the limit is 10" in over.json()["error"]["message"]
+        templated = {
+            **form(imagegen.png(), ["cat", "dog"]),
+            "data": {"labels": ["cat", "dog"], "templates": ["a {}"] * 6},
+        }
+        over_templates = await client.post("/classify", **templated)
+        assert over_templates.status_code == 422 and over_templates.json()["error"]["code"] == "invalid_templates"
+        templated["data"]["templates"] = ["a {}", "the {}"]
+        assert (await client.post("/classify", **templated)).status_code == 200  # 4 prompts
+        assert (await client.get("/model")).json()["limits"]["max_prompts"] == 10

@@ -105,7 +105,9 @@ def test_batch_in_order_both_forms(client: TestClient) -> None:
                 assert got["label"] == want["label"] and abs(got["score"] - want["score"]) < 1e-5
 
 
-def test_text_encoding_runs_on_the_inference_worker(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_encoding_runs_on_the_text_worker(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New labels are encoded on the text worker's thread, never the inference worker's (which only reads the
+    embeddings the request brings)."""
     cache = client.app.state.runtime.service.classifier.text_cache  # type: ignore[attr-defined]
     threads: list[str] = []
     original = cache.get
@@ -117,7 +119,7 @@ def test_text_encoding_runs_on_the_inference_worker(client: TestClient, monkeypa
     monkeypatch.setattr(cache, "get", spy)
     response = client.post("/classify", **multipart(imagegen.png(), labels=["a label set never seen", "another"]))
     assert response.status_code == 200
-    assert threads and all(name.startswith("lraee-infer") for name in threads)
+    assert threads and all(name.startswith("lraee-text") for name in threads)
 
 
 def test_model_summary(client: TestClient) -> None:

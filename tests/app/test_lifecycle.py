@@ -88,14 +88,14 @@ async def test_readiness_fails_while_the_worker_is_wedged_and_recovers(
         runtime = app.state.runtime
         classifier = runtime.service.classifier
         entered, release = threading.Event(), threading.Event()
-        classify = classifier.classify
+        classify = classifier.classify_rows
 
         def wedged(*args: Any, **kwargs: Any) -> Any:
             entered.set()
             assert release.wait(timeout=60)
             return classify(*args, **kwargs)
 
-        monkeypatch.setattr(classifier, "classify", wedged)
+        monkeypatch.setattr(classifier, "classify_rows", wedged)
         first = asyncio.create_task(client.post("/classify", **multipart(imagegen.png())))
         assert await asyncio.to_thread(entered.wait, 30)
         await asyncio.sleep(0.7)  # longer than stall_seconds, but nothing waits: a long call is not a stall
@@ -187,7 +187,7 @@ def test_unexpected_errors_are_500_without_details(make_settings: Any, monkeypat
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("secret internals")
 
-        monkeypatch.setattr(app.state.runtime.service.classifier, "classify", broken)
+        monkeypatch.setattr(app.state.runtime.service.classifier, "classify_rows", broken)
         response = client.post("/classify", **multipart(imagegen.png()))
         assert response.status_code == 500
         assert response.json() == {

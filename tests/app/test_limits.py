@@ -150,14 +150,14 @@ async def test_app_refuses_over_budget_with_429_in_the_error_shape(make_settings
     async with running(app) as client:
         entered, release = threading.Event(), threading.Event()
         classifier = app.state.runtime.service.classifier
-        classify = classifier.classify
+        classify = classifier.classify_rows
 
         def held(*args: Any, **kwargs: Any) -> Any:
             entered.set()
             assert release.wait(timeout=60)
             return classify(*args, **kwargs)
 
-        classifier.classify = held
+        classifier.classify_rows = held
         try:
             first = asyncio.create_task(client.post("/classify", **multipart(PNG)))
             assert await asyncio.to_thread(entered.wait, 30)
@@ -169,7 +169,7 @@ async def test_app_refuses_over_budget_with_429_in_the_error_shape(make_settings
             assert (await first).status_code == 200
         finally:
             release.set()
-            del classifier.classify
+            del classifier.classify_rows
         metrics = (await client.get("/metrics")).text
         assert 'lraee_requests_total{route="/classify",status="429"} 1.0' in metrics
         assert "lraee_inflight_requests 0.0" in metrics and "lraee_inflight_bytes 0.0" in metrics

@@ -49,7 +49,7 @@ def test_sampler_keeps_early_exits_only_and_drops_when_full() -> None:
         1.0, full_depth, lambda *check: checks.append(check), on_drop=lambda: dropped.append(1), capacity=2
     )
     images = [torch.full((3, 2, 2), float(i % 2)) for i in range(4)]
-    sampler.offer(KEY, images, [result("cat"), result("cat", layer=11), result("cat", "full"), result("dog")])
+    sampler.offer([KEY] * 4, images, [result("cat"), result("cat", layer=11), result("cat", "full"), result("dog")])
     assert sampler.pending == 2 and dropped == [1]  # the full-path image is never sampled; the third early exit dropped
     while (job := sampler.next_job()) is not None:
         job()
@@ -60,10 +60,10 @@ def test_sampler_keeps_early_exits_only_and_drops_when_full() -> None:
 def test_sampler_rate_is_a_share_and_zero_is_off() -> None:
     image = torch.zeros(3, 2, 2)
     off = ShadowSampler(0.0, lambda *_: [], lambda *_: None)
-    off.offer(KEY, [image] * 100, [result("cat")] * 100)
+    off.offer([KEY] * 100, [image] * 100, [result("cat")] * 100)
     assert off.pending == 0
     tenth = ShadowSampler(0.1, lambda *_: [], lambda *_: None, capacity=10_000, seed=1)
-    tenth.offer(KEY, [image] * 2000, [result("cat")] * 2000)
+    tenth.offer([KEY] * 2000, [image] * 2000, [result("cat")] * 2000)
     assert 140 < tenth.pending < 260  # binomial(2000, 0.1): mean 200, sd 13
     with pytest.raises(ValueError, match="shadow rate"):
         ShadowSampler(1.5, lambda *_: [], lambda *_: None)
@@ -77,7 +77,7 @@ class Recorder:
         self.offered = 0
         self.jobs = 0
 
-    def offer(self, key: Hashable, images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+    def offer(self, keys: Sequence[Hashable], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
         self.offered += len(images)
         self.jobs += len(images)
 
@@ -92,8 +92,8 @@ class Recorder:
 async def test_background_work_runs_only_when_no_live_image_waits() -> None:
     log: list[str] = []
 
-    def run_batch(key: Hashable, images: torch.Tensor, top_k: int) -> list[ExitResult]:
-        log.append(f"live {key} x{images.shape[0]}")
+    def run_batch(keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
+        log.append(f"live {''.join(map(str, keys))}")
         return [result("cat")] * images.shape[0]
 
     batcher = MicroBatcher(max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
@@ -107,7 +107,7 @@ async def test_background_work_runs_only_when_no_live_image_waits() -> None:
             break
         await asyncio.sleep(0.01)
     await batcher.stop()
-    assert log[:2] == ["live a x4", "live b x4"] and log[2:] == ["shadow"] * 8, log
+    assert log[:2] == ["live aaaa", "live bbbb"] and log[2:] == ["shadow"] * 8, log
     assert background.offered == 8
 
 

@@ -82,3 +82,17 @@ def test_label_and_template_validation() -> None:
         validate_templates(["a photo of a cat"])
     with pytest.raises(InputError, match="must not be empty"):
         validate_templates([])
+
+
+def test_lookup_never_encodes_and_answers_only_fully_cached_label_sets() -> None:
+    encoder = CountingEncoder()
+    cache = TextEmbeddingCache(encoder, model_id="m")
+    templates = ("a {}",)
+    assert cache.lookup(["cat"], templates) is None
+    encoded = cache.get(["cat", "dog"], templates)
+    assert cache.lookup(["dog", "bird"], templates) is None  # one label missing: no partial answer
+    assert len(encoder.prompts) == 2
+    found = cache.lookup(["dog", "cat"], templates)
+    assert found is not None and torch.equal(found, encoded.flip(0))
+    assert cache.lookup(["cat"], ("another {}",)) is None  # keyed by templates too
+    assert (cache.stats.hits, cache.stats.misses) == (2, 2)
