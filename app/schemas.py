@@ -176,7 +176,7 @@ class ModelSummary(BaseModel):
     model: str = Field(description="Checkpoint id")
     backbone: str = Field(description="open_clip architecture / weights source")
     quant_mode: str
-    quantized_modules: int = Field(description="Modules converted to dynamic INT8")
+    quantized_modules: int = Field(description="Modules converted to INT8 (dynamic, or static with calibrated scales)")
     num_layers: int
     image_size: int
     candidate_layers: list[int]

@@ -43,6 +43,9 @@ def static_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--head-batch-size", "8",
             "--engine-check-images", "6",
             "--gate-label-sets", "2",
+            "--candidate-layers", "11,12",  # two exits keep the build short; the paper-mode tests cover the rest
+            "--label-counts", "2,0",
+            "--calib-label-counts", "2,0",
             "--threads", "2",
         ]
     )  # fmt: skip
