@@ -17,14 +17,6 @@ from lraee_core.backbone import VisionShape
 from lraee_core.config import BackboneConfig
 from lraee_core.flops import flops_model
 from lraee_core.gate import exits
-from training.pipeline.calibrate import (
-    candidate_thresholds,
-    full_outcome,
-    promises,
-    prune_layers,
-    search_point,
-    simulate,
-)
 from training.pipeline.config import (
     SPLIT_NAMES,
     BuildConfig,
@@ -39,6 +31,8 @@ from training.pipeline.evaluate import four_quadrants, pabee
 from training.pipeline.gate_fit import fit_logistic, gate_key, pairs
 from training.pipeline.label_sets import ExitView, auc, label_sets_for, log_uniform_counts, resolve_counts
 from training.pipeline.profile import ProfileAccumulator
+from training.pipeline.search import candidate_thresholds, promises, prune_layers, search_point
+from training.pipeline.simulate import full_outcome, simulate
 
 TINY_SHAPE = VisionShape(
     num_layers=12, width=128, num_heads=4, mlp_width=512, num_tokens=65, patch_size=8, image_size=64, embed_dim=128

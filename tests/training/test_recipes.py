@@ -21,9 +21,8 @@ from training.clip.recipes import (
     run_planned_build,
     world_builds,
 )
-from training.pipeline.calibrate import path_roots
 from training.pipeline.cli import CONFIG_FILE, parser, resolve_config
-from training.pipeline.config import BuildConfig, Job, load_build_config, portable_paths
+from training.pipeline.config import BuildConfig, Job, load_build_config, path_roots, portable_paths
 
 
 def _retyped(job: Job) -> BuildConfig:

@@ -376,6 +376,16 @@ class Job:
         return False
 
 
+def path_roots(job: Job) -> dict[str, str]:
+    """Named roots that make a job's recorded paths portable (``portable_paths``; the longest match wins)."""
+    return {
+        "checkpoint": str(job.checkpoint_dir),
+        "work": str(job.work_dir),
+        "repo": str(REPO_ROOT),
+        "data": data_root(),
+    }
+
+
 Result = TypeVar("Result")
 
 

@@ -35,29 +35,36 @@ from lraee_core.checkpoint import load_classifier, read_manifest, write_manifest
 from lraee_core.exits import ExitRule
 from lraee_core.images import load_image
 
-from .calibrate import (
-    CHECKPOINT_METHOD,
-    METHODS,
-    OPERATING_POINTS,
-    Outcome,
-    _per_row,
-    by_label_count,
-    candidate_thresholds,
-    full_outcome,
-    load_calibration,
-    method_scores,
+from .calibrate import load_calibration, run_calibrate
+from .config import (
+    ConfigError,
+    Job,
+    config_hash,
     path_roots,
-    run_calibrate,
-    simulate,
-    sweep_view,
+    portable_paths,
+    read_json,
+    step,
+    write_json,
+    write_record,
 )
-from .config import ConfigError, Job, config_hash, portable_paths, read_json, step, write_json, write_record
 from .data import load_splits
 from .features import FeatureStore
 from .gate_fit import load_gates
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads
 from .label_sets import ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
 from .profile import load_profile
+from .search import OPERATING_POINTS, candidate_thresholds
+from .simulate import (
+    CHECKPOINT_METHOD,
+    METHODS,
+    Outcome,
+    by_label_count,
+    full_outcome,
+    method_scores,
+    per_row,
+    simulate,
+    sweep_view,
+)
 
 REPORT_FILE = "report.json"
 
@@ -90,8 +97,8 @@ def pabee(view: ExitView, layers: Sequence[int], patience: int) -> Outcome:
     spent = (
         any_model.embed
         + exit_layer * any_model.block
-        + evaluated * _per_row(view, "head")
-        + np.where(alive, _per_row(view, "final"), 0)
+        + evaluated * per_row(view, "head")
+        + np.where(alive, per_row(view, "final"), 0)
     )
     return Outcome(
         exit_layer,
@@ -100,7 +107,7 @@ def pabee(view: ExitView, layers: Sequence[int], patience: int) -> Outcome:
         predictions == view.full_top1,
         predictions == view.truth,
         spent,
-        _per_row(view, "full_depth"),
+        per_row(view, "full_depth"),
     )
 
 
@@ -108,7 +115,7 @@ def single_exit(view: ExitView, layer: int) -> Outcome:
     """Every image answered by one exit head (SSA-Last when it is the deepest): no gate, one head charged."""
     any_model = next(iter(view.flops.values()))
     predictions = view.top1[layer]
-    spent = any_model.embed + layer * any_model.block + _per_row(view, "head")
+    spent = any_model.embed + layer * any_model.block + per_row(view, "head")
     return Outcome(
         np.full(view.size, layer),
         np.ones(view.size, dtype=bool),
@@ -116,7 +123,7 @@ def single_exit(view: ExitView, layer: int) -> Outcome:
         predictions == view.full_top1,
         predictions == view.truth,
         spent,
-        _per_row(view, "full_depth"),
+        per_row(view, "full_depth"),
     )
 
 

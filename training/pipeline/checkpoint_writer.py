@@ -1,0 +1,100 @@
+"""The checkpoint a build ships: the chosen method's heads and gates with a manifest saying how they were made."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lraee_core.backbone import build_backbone
+from lraee_core.checkpoint import Manifest, PrunedLayer, backbone_ref, save_checkpoint
+
+from .config import Job, path_roots, portable_paths, to_jsonable
+from .features import FeatureStore
+from .gate_fit import load_gates
+from .heads import load_heads
+from .profile import LayerProfile
+from .ranges import activation_ranges
+from .search import Selection
+from .simulate import CHECKPOINT_METHOD, METHODS
+
+
+def write_checkpoint(
+    job: Job,
+    store: FeatureStore,
+    selection: Selection,
+    pruned: Sequence[PrunedLayer],
+    profile: Sequence[LayerProfile],
+    calibration: dict[str, Any],
+    shipped: str = CHECKPOINT_METHOD,
+) -> Manifest:
+    """Save the shipped method's heads and gates of the chosen layers with a manifest saying how they were made
+    (portable: paths relative to named roots, the command as a user would retype it)."""
+    from .data import load_splits
+
+    config = job.config
+    method = METHODS[shipped]
+    head_config, heads = load_heads(job.step_dir("train-heads"), method.variant)
+    bank = load_gates(job.step_dir("fit-gate"), method.gates)
+    layers = selection.layers
+    gates = bank.for_layers(layers)
+    directory = job.checkpoint_dir
+    backbone = build_backbone(config.backbone)
+    splits = load_splits(job)
+    shape = store.shape
+    roots = path_roots(job)
+    manifest = Manifest(
+        checkpoint_id=config.calibrate.checkpoint_id,
+        backbone=backbone_ref(backbone, directory),
+        quant_mode=config.quant_mode,
+        quantized_modules=int(store.meta["quantized_modules"]),
+        image_size=shape.image_size,
+        num_layers=shape.num_layers,
+        width=shape.width,
+        embed_dim=shape.embed_dim,
+        head=head_config,
+        candidate_layers=tuple(layers),
+        operating_points={name: dict.fromkeys(layers, point.threshold) for name, point in selection.points.items()},
+        default_operating_point=config.calibrate.default_operating_point,
+        pruned_layers=tuple(pruned),
+        gate_features=bank.features,
+        promises={name: point.promise for name, point in selection.points.items()},
+        templates=tuple(config.data.templates),
+        calibration=portable_paths(
+            {
+                "kind": "lraee-train",
+                "command": list(job.argv),
+                "path_roots": {
+                    "checkpoint": "this checkpoint's directory",
+                    "work": "the build's work directory",
+                    "repo": "the project's root",
+                    "data": "the shared data folder (LRAEE_DATA_ROOT, default ../shared/data from the project)",
+                },
+                "data": splits.description,
+                "templates": list(config.data.templates),
+                "seeds": {"split": config.data.seed, "heads": config.heads.seed, "gate": config.gate.seed},
+                "shipped_method": {"name": shipped, "title": method.title, **calibration["ship_choice"]},
+                "head_loss": "label-free: 1 - cos to the served model's full-depth image embedding",
+                "gate": {
+                    "target": "exit top-1 == full-depth top-1 for the row's label set",
+                    "label_sets": "true class + K-1 others, K log-uniform over 2..N",
+                    "features": list(bank.features),
+                },
+                "search": "one shared threshold per point: the lowest calib quantile keeping the promise at every K",
+                "promise_margin_se": config.calibrate.promise_margin,
+                "candidate_pool": calibration["candidate_pool"],
+                "profile": calibration["profile"],
+                "config": to_jsonable(config),
+            },
+            roots,
+        ),
+        metrics={
+            "calibration": {
+                "split": "calib",
+                "note": "in-sample: these images chose the thresholds",
+                "images": calibration["calib_images"],
+                "operating_points": {name: point.calibration for name, point in selection.points.items()},
+            },
+        },
+    )
+    kept = {layer: heads[layer] for layer in layers}
+    return save_checkpoint(directory, manifest, kept, gates, activation_ranges(job))  # ranges: static modes only
