@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lraee_core.assets import DEFAULT_CHECKPOINT, EMBEDDED_CHECKPOINTS, resolve_checkpoint
+from lraee_core.backends import BackendChoice
 from lraee_core.images import DEFAULT_MAX_PIXELS
 from lraee_core.text import MAX_LABEL_CHARS
 
@@ -41,6 +42,12 @@ class Settings(BaseSettings):
     )
     open_clip_cache_dir: Path | None = Field(default=None, description="open_clip download cache")
     threads: int = Field(default=2, ge=1, le=256, description="torch intra-op threads of the inference worker")
+    backend: BackendChoice = Field(
+        default="auto",
+        description="what runs the vision tower: onnxruntime (INT8 with per-image activation scales inside the graph; "
+        "the fastest measured here, see bench/README.md), torch, or auto (onnxruntime for the checkpoint's quant "
+        "mode when it runs it, else torch)",
+    )
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="images per engine batch")
     max_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="how long a batch waits for company")
     queue_capacity: int = Field(default=256, ge=1, description="images waiting for the engine before 429")

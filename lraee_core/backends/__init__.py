@@ -5,14 +5,17 @@ mode, and returns the backbone the engine runs (a :class:`~lraee_core.backbone.C
 the interface) with a report of what was quantized. Every backend keeps the engine's batch-invariance promise: an
 image's answer does not depend on the other images of its batch.
 
-* ``torch``: PyTorch dynamic INT8 (:mod:`lraee_core.quantize`), activation scales per image; the default.
-* ``onnxruntime``: the tower exported to ONNX block by block and quantized with ORT (optional extra ``[onnx]``).
+* ``torch``: PyTorch dynamic INT8 (:mod:`lraee_core.quantize`), activation scales per image (a Python loop over the
+  images of a batch: fbgemm's dynamic Linear takes one scale per tensor); the library's default, needs nothing more.
+* ``onnxruntime``: the embedding stage and blocks written as ONNX graphs (:mod:`.ort_graphs`), INT8 with the
+  activation scales computed per image inside the graph, so a batch is one session call per block (or per span of
+  blocks, :meth:`~lraee_core.backbone.ClipBackbone.blocks`). The service's default (``LRAEE_BACKEND``): 1.4-1.5x
+  the torch backend's images/s on the default model here (bench/README.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from ..backbone import ClipBackbone
@@ -23,15 +26,27 @@ from ..quantize import QuantReport
 BackendName = Literal["torch", "onnxruntime"]
 BACKENDS: tuple[BackendName, ...] = ("torch", "onnxruntime")
 DEFAULT_BACKEND: BackendName = "torch"
+BackendChoice = Literal["auto", "torch", "onnxruntime"]  # what a deployment asks for; "auto": auto_backend()
+ONNXRUNTIME_MODES: tuple[QuantMode, ...] = ("none", "paper", "full")  # what the onnxruntime backend runs
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """How a backend builds and runs; the torch backend needs none of it."""
+    """How a backend runs; the torch backend needs none of it."""
 
     threads: int | None = None  # intra-op threads of a backend with its own thread pool; None: torch's count
-    workdir: Path | None = None  # where a compiling backend keeps its files (ONNX graphs); None: a temporary
-    # directory removed once the sessions are built
+
+
+def auto_backend(quant_mode: QuantMode) -> BackendName:
+    """The fastest backend measured here that runs ``quant_mode``: onnxruntime for the dynamic modes when it is
+    installed, torch otherwise (the static modes use fbgemm's static kernels)."""
+    if quant_mode not in ONNXRUNTIME_MODES:
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
 
 
 def prepare_backbone(

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import io
 import logging
-import tempfile
 import threading
 import time
 import warnings
@@ -42,7 +41,7 @@ from ..config import QuantMode
 from ..errors import BackboneError
 from ..quantize import QuantReport
 from . import BackendOptions
-from .ort_graphs import LINEARS, UnsupportedBlock, blocks_graph
+from .ort_graphs import LINEARS, UnsupportedBlock, blocks_graph, embed_graph
 
 INPUT = "input"
 OUTPUT = "output"
@@ -212,16 +211,6 @@ class _Stage(nn.Module):
         return self.stage(x)
 
 
-def export_embed(backbone: ClipBackbone, path: Path) -> Path:
-    """Export the embedding stage (patch convolution, [CLS], positions, ln_pre) to ``path``, checked in FP32."""
-    shape = backbone.shape
-    images = torch.randn(2, 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(0))
-    stage = _Stage(backbone, backbone.embed)
-    export_onnx(stage, images, path)
-    _check_fp32(path, stage, images, "embed")
-    return path
-
-
 @dataclass(frozen=True)
 class StagedGraphs:
     """FP32 ONNX files of the staged tower, each checked against PyTorch, and what making them cost."""
@@ -308,7 +297,7 @@ class OrtClipBackbone(ClipBackbone):
     def __init__(
         self,
         source: ClipBackbone,
-        embed_graph: Path,
+        embed: onnx.ModelProto,
         threads: int,
         *,
         quant_mode: QuantMode = "full",
@@ -326,7 +315,7 @@ class OrtClipBackbone(ClipBackbone):
         self._lock = threading.Lock()
         self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
         started = time.perf_counter()
-        self._embed = ort.InferenceSession(str(embed_graph), self._options, providers=["CPUExecutionProvider"])
+        self._embed = ort.InferenceSession(embed.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
         for layer in range(1, self.shape.num_layers + 1):
             self._segment(layer, layer)
         self.session_s = time.perf_counter() - started  # seconds to write the block graphs and open the sessions
@@ -381,6 +370,19 @@ class OrtClipBackbone(ClipBackbone):
         return run_session(self._segment(first, last), hidden, per_image=False)  # scales per image in the graph
 
 
+def checked_embed_graph(backbone: ClipBackbone) -> onnx.ModelProto:
+    """The embedding stage as ONNX (:func:`.ort_graphs.embed_graph`), checked in FP32 against PyTorch."""
+    try:
+        graph = embed_graph(backbone.visual)
+    except UnsupportedBlock as exc:
+        raise OrtExportError(f"embed: {exc}") from exc
+    shape = backbone.shape
+    images = torch.randn(2, 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(graph.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    _compare(session, _Stage(backbone, backbone.embed), images, "embed")
+    return graph
+
+
 def check_block_graphs(backbone: ClipBackbone) -> float:
     """Raise :class:`OrtExportError` unless every block's FP32 graph reproduces its PyTorch block; returns seconds."""
     started = time.perf_counter()
@@ -400,18 +402,11 @@ def check_block_graphs(backbone: ClipBackbone) -> float:
 def prepare_onnxruntime(
     backbone: ClipBackbone, quant_mode: QuantMode, options: BackendOptions
 ) -> tuple[ClipBackbone, QuantReport]:
-    """Export ``backbone``'s embedding stage, write its blocks as ONNX (checked in FP32 against PyTorch), quantize
-    per ``quant_mode`` and open the ORT sessions."""
+    """Write ``backbone``'s embedding stage and blocks as ONNX (each checked in FP32 against PyTorch), quantize per
+    ``quant_mode`` and open the ORT sessions."""
     if quant_mode not in MODE_LINEARS:
         raise BackboneError(f"the onnxruntime backend runs quant modes {tuple(MODE_LINEARS)}, not {quant_mode!r}")
     threads = options.threads or torch.get_num_threads()
     check_block_graphs(backbone)
-    with contextlib.ExitStack() as stack:
-        if options.workdir is not None:
-            workdir = Path(options.workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:  # sessions hold their graphs in memory, so the files may go once the sessions exist
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lraee-onnx-")))
-        embed = export_embed(backbone, workdir / "embed.onnx")
-        ort_backbone = OrtClipBackbone(backbone, embed, threads, quant_mode=quant_mode)
+    ort_backbone = OrtClipBackbone(backbone, checked_embed_graph(backbone), threads, quant_mode=quant_mode)
     return ort_backbone, ort_backbone.quant_report

@@ -256,3 +256,47 @@ def blocks_graph(
     )
     model.ir_version = IR_VERSION
     return model
+
+
+def embed_graph(visual: Any) -> onnx.ModelProto:  # Any: an open_clip VisionTransformer
+    """open_clip's ``VisionTransformer._embeds`` (patch convolution, [CLS], positions, ln_pre) as an ONNX graph
+    ``input`` [B, 3, H, W] -> ``output`` [B, T, D], all FP32.
+
+    The [CLS] row is made by padding one zero token in front and adding ``class_embedding + positional[0]`` (one
+    float addition, as PyTorch does at run time), so the graph needs no batch-sized expand and concat.
+    """
+    conv = getattr(visual, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or conv.bias is not None or conv.stride != conv.kernel_size:
+        raise UnsupportedBlock("expected a bias-free patch convolution with stride = kernel size")
+    dropout = getattr(visual, "patch_dropout", None)
+    if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Module) and not dropout.training)):
+        raise UnsupportedBlock("patch dropout must be inactive (eval mode)")
+    class_embedding = visual.class_embedding.detach().float().numpy()  # [D]
+    positions = visual.positional_embedding.detach().float().numpy().copy()  # [T, D]
+    positions[0] = class_embedding + positions[0]
+    w = GraphWriter(prefix="embed/")
+    patches = w.op(
+        "Conv",
+        [INPUT, w.const("patch_w", conv.weight.detach().float().numpy())],
+        kernel_shape=list(conv.kernel_size),
+        strides=list(conv.stride),
+    )  # [B, D, g, g]
+    tokens = w.op(
+        "Transpose", [w.op("Reshape", [patches, w.const("grid", [0, 0, -1], np.int64)])], perm=[0, 2, 1]
+    )  # [B, g*g, D]
+    padded = w.op("Pad", [tokens, w.const("pads", [0, 1, 0, 0, 0, 0], np.int64)])  # [B, T, D], row 0 zeros
+    hidden = w.op("Add", [padded, w.const("positions", positions)])
+    norm = visual.ln_pre
+    out = hidden if isinstance(norm, nn.Identity) else w.layer_norm(hidden, norm)
+    w.nodes.append(helper.make_node("Identity", [out], [OUTPUT], name="output"))
+    size = list(getattr(visual, "image_size", (None, None)))
+    graph = helper.make_graph(
+        w.nodes,
+        "embed",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 3, *size])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", *positions.shape])],
+        w.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime", reason="the onnxruntime backend is the option
 
 import onnxruntime as ort
 from onnx import TensorProto, helper
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from lraee_core.backends.ort_graphs import (
     INPUT,
@@ -23,6 +23,7 @@ from lraee_core.backends.ort_graphs import (
     GraphWriter,
     UnsupportedBlock,
     blocks_graph,
+    embed_graph,
     quantize_weight,
 )
 
@@ -134,3 +135,16 @@ def test_unsupported_blocks_are_refused(blocks: list[nn.Module]) -> None:
         blocks_graph([odd])
     with pytest.raises(UnsupportedBlock, match="batch-first"):
         blocks_graph([ResidualAttentionBlock(WIDTH, HEADS, batch_first=False)])
+
+
+def test_embed_graph_equals_open_clip() -> None:
+    torch.manual_seed(3)
+    visual = VisionTransformer(
+        image_size=16, patch_size=4, width=WIDTH, layers=1, heads=HEADS, mlp_ratio=4.0, output_dim=8
+    ).eval()
+    images = torch.randn(3, 3, 16, 16)
+    with torch.inference_mode():
+        expected = visual._embeds(images).numpy()
+    got = _run(_session(embed_graph(visual)), images.numpy())
+    assert got.shape == (3, 17, WIDTH)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -30,7 +30,7 @@ def ort_full(tiny_checkpoint: Path) -> EarlyExitClassifier:
 
 def test_quant_mode_override_without_rewriting_the_manifest(tiny_checkpoint: Path) -> None:
     own = read_manifest(tiny_checkpoint)
-    converted = {}
+    converted: dict[str, int] = {}
     for mode in ("none", "paper", "full"):
         classifier = load_classifier(tiny_checkpoint, quant_mode=mode)
         assert classifier.quant_report.mode == mode
@@ -96,3 +96,19 @@ def test_per_batch_scales_would_mix_images(ort_full: EarlyExitClassifier, images
         together = per_batch.block(1, per_batch.embed(images))
         alone = torch.cat([per_batch.block(1, per_batch.embed(images[i : i + 1])) for i in range(images.shape[0])])
     assert not torch.equal(together, alone)
+
+
+def test_auto_backend_picks_onnxruntime_for_the_modes_it_runs() -> None:
+    from lraee_core.backends import ONNXRUNTIME_MODES, auto_backend
+    from lraee_core.config import QUANT_MODES
+
+    for mode in QUANT_MODES:
+        assert auto_backend(mode) == ("onnxruntime" if mode in ONNXRUNTIME_MODES else "torch")
+    assert {"none", "paper", "full"} == set(ONNXRUNTIME_MODES) < set(QUANT_MODES)  # static modes stay torch
+
+
+def test_auto_backend_without_onnxruntime_is_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lraee_core.backends import auto_backend
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an install without it sees
+    assert auto_backend("paper") == "torch"
