@@ -77,3 +77,25 @@ def test_static_checkpoint_serves_and_matches_its_evaluation(static_build: Path)
     image = Image.new("RGB", (64, 64), CLASSES["red"])
     [result] = classifier.classify(classifier.backbone.preprocess(image).unsqueeze(0), list(CLASSES), top_k=3)
     assert len(result.predictions) == 3
+
+
+def test_quant_modes_summary_is_read_from_the_report(static_build: Path) -> None:
+    from training.pipeline.quant_modes import mode_summary, readme_table, render
+
+    report = json.loads((static_build / "checkpoint" / "report" / "report.json").read_text())
+    summary = mode_summary(report)
+    for k, row in summary["sweep"].items():
+        counts = report["four_quadrants"][k]["counts"]
+        assert (row["rescue"], row["loss"]) == (counts["rescue"], counts["loss"])
+    assert summary["final_cosine"] == report["profile"][-1]["cosine"]
+    table = readme_table({"static": {"tiny-val": summary}})
+    assert table.count("| `static` |") == 2  # K = 2 and K = all (3 labels: no K = 10)
+    assert "Does LRA-EE beat its own full depth" in render({"static": {"tiny-val": summary}})
+
+
+def test_quant_mode_builds_rerun_the_shipped_command() -> None:
+    from training.pipeline.quant_modes import shipped_command
+
+    options = shipped_command()
+    assert "--quant" not in options and "--work-dir" not in options and "--eval-data" not in options
+    assert options.count("--template") == 8 and not any("${" in option for option in options)

@@ -8,7 +8,8 @@ does; ``ilsvrc-val`` on the 259 ILSVRC2012 val photos, copying the head/gate/cal
 work dir (the same photos). ``paper`` copies its features from the shipped build's work dir when it is there.
 
 ``python -m training.pipeline.quant_modes summary`` reads every report there and writes ``summary.json``,
-``summary.md`` (the tables the README shows) and ``qirc.png`` (NSR, cosine and outlier share per layer and mode).
+``summary.md``, ``readme_table.md`` (the table the README shows) and ``qirc.png`` (NSR, cosine and outlier share
+per layer and mode). ``speed`` times the full-depth tower under FP32, ``paper`` and ``static`` (``speed.json``).
 """
 
 from __future__ import annotations
@@ -201,6 +202,35 @@ def render(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_KS = ("2", "10")  # label counts the README table shows, besides "all"
+
+
+def readme_table(summary: dict[str, dict[str, dict[str, Any]]], evaluation: str = "tiny-val") -> str:
+    """The README's table: per mode, the QIRC headline and, at a few K, full depth against the shipped exits."""
+    lines = [
+        "| mode | cosine to FP32 at layer 12 | pruned | K | FP32 full top-1 | INT8 full top-1 | LRA-EE top-1 "
+        "(balanced) | FLOPs saved | rescued / lost |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, evaluations in summary.items():
+        s = evaluations.get(evaluation)
+        if s is None:
+            continue
+        pruned = ", ".join(str(p["layer"]) for p in s["pruned_layers"]) or "none"
+        everything = str(s["num_labels"])
+        for k in (*README_KS, everything):
+            row = s["sweep"].get(k)
+            if row is None:
+                continue
+            k_name = f"{k} (all)" if k == everything else k
+            lines.append(
+                f"| `{mode}` | {s['final_cosine']:.5f} | {pruned} | {k_name} | {_pct(row['fp32_top1'])}% | "
+                f"{_pct(row['int8_top1'])}% | {_pct(row['lraee_top1'])}% | {_pct(row['flops_saved'])}% | "
+                f"{row['rescue']} / {row['loss']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
     """NSR (log), token cosine to FP32 and outlier share per layer, one line per mode (tiny-val profiles)."""
     import matplotlib
@@ -227,7 +257,7 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
 
 
 def write_summary() -> dict[str, Any]:
-    """Write summary.json, summary.md and qirc.png from the reports found; returns the summary."""
+    """Write summary.json, summary.md, readme_table.md and qirc.png from the reports found; returns the summary."""
     summary = {
         mode: {evaluation: mode_summary(report) for evaluation, report in evaluations.items()}
         for mode, evaluations in _reports().items()
@@ -235,9 +265,63 @@ def write_summary() -> dict[str, Any]:
     REPORTS.mkdir(parents=True, exist_ok=True)
     (REPORTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (REPORTS / "summary.md").write_text(render(summary))
+    (REPORTS / "readme_table.md").write_text(readme_table(summary))
     if summary:
         plot(summary, REPORTS / "qirc.png")
     return summary
+
+
+def speed(threads: int, repeats: int) -> dict[str, Any]:
+    """Full-depth vision-tower throughput (images/s) at batch 1 and 32 for FP32, ``paper`` and ``static`` on the
+    default tiny model and on random-init ViT-B-32, rounds interleaved so load drift hits every mode alike; static
+    ranges come from 48 Tiny-ImageNet training photos (:mod:`bench.static_ranges`)."""
+    import copy
+    import statistics
+    import time
+
+    import torch
+
+    from bench.static_ranges import bench_ranges
+    from lraee_core import load_classifier
+    from lraee_core.assets import DEFAULT_CHECKPOINT
+    from lraee_core.backbone import build_backbone
+    from lraee_core.config import BackboneConfig
+    from lraee_core.quantize import quantize_vision
+
+    torch.set_num_threads(threads)
+    results: dict[str, Any] = {"threads": threads, "repeats": repeats, "machine": "2 shared CPU cores"}
+    backbones = {
+        "default (everyday tiny)": load_classifier(DEFAULT_CHECKPOINT, quant_mode="none").backbone,
+        "ViT-B-32 (random init)": build_backbone(BackboneConfig("ViT-B-32")),
+    }
+    for name, fp32 in backbones.items():
+        ranges, note = bench_ranges(fp32)
+        towers = {"fp32": fp32.visual}
+        for mode in ("paper", "static"):
+            towers[mode] = copy.deepcopy(fp32.visual)
+            quantize_vision(towers[mode], mode, ranges)
+        side = fp32.shape.image_size
+        images = torch.randn(32, 3, side, side, generator=torch.Generator().manual_seed(0))
+        times: dict[str, dict[int, list[float]]] = {mode: {1: [], 32: []} for mode in towers}
+        with torch.inference_mode():
+            for tower in towers.values():  # warm-up
+                tower(images[:1])
+                tower(images)
+            for _ in range(repeats):
+                for mode, tower in towers.items():
+                    for batch in (1, 32):
+                        started = time.perf_counter()
+                        for index in range(32 // batch):
+                            tower(images[index * batch : (index + 1) * batch])
+                        times[mode][batch].append(time.perf_counter() - started)
+        results[name] = {
+            "ranges": note,
+            "images_per_s": {
+                mode: {str(batch): 32 / statistics.median(passes) for batch, passes in by_batch.items()}
+                for mode, by_batch in times.items()
+            },
+        }
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,9 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     one.add_argument("mode", choices=MODES)
     one.add_argument("--eval", default="tiny-val", choices=EVALS)
     sub.add_parser("summary", help="summarise every report in reports/quant-modes")
+    timing = sub.add_parser("speed", help="tower throughput of fp32, paper and static into speed.json")
+    timing.add_argument("--threads", type=int, default=1)
+    timing.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     if args.command == "build":
         return build(args.mode, args.eval)
+    if args.command == "speed":
+        REPORTS.mkdir(parents=True, exist_ok=True)
+        (REPORTS / "speed.json").write_text(json.dumps(speed(args.threads, args.repeats), indent=2) + "\n")
+        return 0
     write_summary()
     return 0
 
