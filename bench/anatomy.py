@@ -12,14 +12,17 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from lraee_core.backbone import ClipBackbone
+
 from .baselines import plain_quantize_dynamic
 from .timing import median, time_passes, timed_calls
-from .under_test import BackboneUnderTest
+from .under_test import SERVICE_ENGINE, BackboneUnderTest
 from .workloads import LARGE_BATCH
 
 # Profiler op names -> what they are in a block; first match wins, anything else is "other".
@@ -61,6 +64,10 @@ def _per_image_ms(run: Callable[[torch.Tensor], object], hidden: torch.Tensor, w
     return median(times.passes) / hidden.shape[0] * 1e3
 
 
+def _first_block(backbone: ClipBackbone, hidden: torch.Tensor) -> torch.Tensor:
+    return backbone.block(1, hidden)
+
+
 def block_timings(under_test: BackboneUnderTest, *, warmup: int, repeats: int) -> list[BlockTiming]:
     """Block 1 of every backend at batch 1 and 32."""
     fp32 = under_test.fp32
@@ -68,19 +75,21 @@ def block_timings(under_test: BackboneUnderTest, *, warmup: int, repeats: int) -
     images = torch.randn(LARGE_BATCH, 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         hidden = fp32.embed(images)  # [32, T, D]
-    paper = under_test.engines["paper"].backbone.visual.transformer.resblocks[0]
-    full = under_test.engines["full"].backbone.visual.transformer.resblocks[0]
-    ort_image = under_test.engines["ort-image"].backbone
-    ort_batch = under_test.engines["ort-batch"].backbone
+    engines = under_test.engines
+    paper = engines["torch-paper"].backbone.visual.transformer.resblocks[0]
+    service = engines[SERVICE_ENGINE].backbone
     runs: list[tuple[str, Callable[[torch.Tensor], object]]] = [
         ("torch FP32", fp32.visual.transformer.resblocks[0]),
-        ("torch INT8 paper, per-image scales (engine)", paper),
-        ("torch INT8 paper, plain quantize_dynamic", plain_quantize_dynamic(copy.deepcopy(paper))),
-        ("torch INT8 full, per-image scales (engine)", full),
-        ("torch INT8 full, plain quantize_dynamic", plain_quantize_dynamic(copy.deepcopy(full))),
-        ("ORT INT8, per-batch scales", lambda h: ort_batch.block(1, h)),
-        ("ORT INT8, per-image scales", lambda h: ort_image.block(1, h)),
+        ("torch INT8 paper, per-image scales (a loop over images)", paper),
+        ("torch INT8 paper, plain quantize_dynamic (per-batch scales)", plain_quantize_dynamic(copy.deepcopy(paper))),
+        (f"{under_test.service_backend} {under_test.own_mode} (the service's engine)", partial(_first_block, service)),
     ]
+    for name, title in (
+        ("ort-full", "onnxruntime full, per-image scales"),
+        ("ort-full-batch", "onnxruntime full, per-batch scales"),
+    ):
+        if name in engines:
+            runs.append((title, partial(_first_block, engines[name].backbone)))
     timings = []
     with torch.inference_mode():
         for backend, run in runs:
@@ -110,7 +119,7 @@ def _stderr_silenced() -> Iterator[None]:
 
 def profile_block(under_test: BackboneUnderTest, *, repeats: int) -> dict[str, float]:
     """Share of self CPU time per op group of the engine's paper-mode block 1 at batch 32."""
-    block: nn.Module = under_test.engines["paper"].backbone.visual.transformer.resblocks[0]
+    block: nn.Module = under_test.engines["torch-paper"].backbone.visual.transformer.resblocks[0]
     shape = under_test.fp32.shape
     hidden = torch.randn(LARGE_BATCH, shape.num_tokens, shape.width, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():

@@ -29,12 +29,20 @@ import torch
 
 from .anatomy import block_timings, profile_block
 from .exit_mix import PAPER_EXIT_MIX, PAPER_MIX_NOTE
+from .photos import BenchImages, everyday_dir, everyday_photos, noise_images
 from .report import advice, efficiencies, ratios, render, standing
 from .service import ServiceSkipped, run_service
 from .text_cost import measure_text_cost
 from .timing import max_rss_mib
-from .under_test import BACKBONES, RANDOM_WEIGHTS_NOTE, BackboneUnderTest, build_backbone_under_test
-from .workloads import LARGE_BATCH, imagenet_labels, measure, workloads
+from .under_test import (
+    BACKBONES,
+    RANDOM_WEIGHTS_NOTE,
+    SERVICE_ENGINE,
+    VIT_B_32,
+    BackboneUnderTest,
+    build_backbone_under_test,
+)
+from .workloads import LARGE_BATCH, imagenet_labels, measure_interleaved, row_key, workloads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -46,11 +54,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backbones", default=",".join(BACKBONES), help=f"comma-separated, from {', '.join(BACKBONES)}"
     )
-    parser.add_argument("--repeats", type=int, help="timed passes per figure (default 5; quick 2)")
+    parser.add_argument("--repeats", type=int, help="interleaved timed rounds (default 7; quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes before each figure (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads (default 2)")
     parser.add_argument("--labels", type=int, default=1000, help="ImageNet class names per label set (default 1000)")
-    parser.add_argument("--text-cold-repeats", type=int, help="fresh-cache text encodings (default 3; quick 1)")
+    parser.add_argument("--text-cold-repeats", type=int, help="fresh-cache text encodings (default 1)")
+    parser.add_argument(
+        "--no-photos", dest="photos", action="store_false", help="noise images for the default model too"
+    )
+    parser.add_argument(
+        "--text-full-context",
+        action="store_true",
+        help="also time open_clip's full-context text encoder (ViT-B-32: ~4 more minutes)",
+    )
     parser.add_argument("--skip-service", action="store_true", help="do not start the app")
     parser.add_argument("--service-labels", type=int, default=100, help="labels per service request (default 100)")
     parser.add_argument("--service-requests", type=int, help="requests per timed round (default 128; quick 16)")
@@ -71,8 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON and Markdown go")
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (2 if args.quick else 5)
-    args.text_cold_repeats = args.text_cold_repeats or (1 if args.quick else 3)
+    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.text_cold_repeats = args.text_cold_repeats or 1
     args.service_requests = args.service_requests or (16 if args.quick else 128)
     args.ort_tower = args.ort_tower or ("compose" if args.quick else "export")
     args.backbones = [name.strip() for name in args.backbones.split(",") if name.strip()]
@@ -98,6 +114,22 @@ def _load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
+def _busy_processes(limit: int = 5) -> list[str]:
+    """The other processes using the most CPU right now (ps), so a reader knows what shared the machine."""
+    try:
+        listing = subprocess.run(
+            ["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu", "--no-headers"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    own = str(os.getpid())
+    busy = [line.strip()[:160] for line in listing if line.split(None, 1)[0] != own and " ps -eo " not in line]
+    return busy[:limit]
+
+
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -112,25 +144,45 @@ def _describe(under_test: BackboneUnderTest) -> str:
     )
 
 
+def bench_images(under_test: BackboneUnderTest, photos: bool) -> BenchImages:
+    """Real everyday photos for a trained checkpoint (its operating points depend on what it sees), noise for
+    random weights or without the shared photos."""
+    side = under_test.fp32.shape.image_size
+    if under_test.name == VIT_B_32:
+        return noise_images(side, LARGE_BATCH, f"{VIT_B_32} has random weights; its early exits are forced")
+    if not photos:
+        return noise_images(side, LARGE_BATCH, "--no-photos")
+    found = everyday_photos(under_test.fp32.preprocess, LARGE_BATCH)
+    return found or noise_images(side, LARGE_BATCH, f"the shared photos are not at {everyday_dir()}")
+
+
 def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], int]:
     """Everything measured for one backbone, as a JSON-ready dict, and its count of failed service requests."""
     _log(f"{name}: building checkpoint, engines and ORT graphs")
     under_test = build_backbone_under_test(name, workdir, args.threads, tower_method=args.ort_tower)
     labels = imagenet_labels(args.labels)
-    own = under_test.engines[under_test.own_mode]
+    own = under_test.engines[SERVICE_ENGINE]
 
     _log(f"{name}: text embeddings, {len(labels)} labels cold x{args.text_cold_repeats} and cached")
     text, cache = measure_text_cost(
-        own, labels, cold_repeats=args.text_cold_repeats, cached_repeats=max(args.repeats, 5)
+        own,
+        labels,
+        cold_repeats=args.text_cold_repeats,
+        cached_repeats=max(args.repeats, 5),
+        full_context=args.text_full_context,
     )
     under_test.share_text_cache(cache)
 
     shape = under_test.fp32.shape
-    images = torch.randn(LARGE_BATCH, 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(0))
-    rows = []
-    for workload in workloads(under_test, labels):
-        _log(f"{name}: {workload.title}")
-        rows.append(measure(workload, images, warmup=args.warmup, repeats=args.repeats))
+    inputs = bench_images(under_test, args.photos)
+    row_labels = list(inputs.labels) if inputs.labels is not None else labels
+    rows = measure_interleaved(
+        workloads(under_test, row_labels),
+        inputs.images,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        progress=lambda message: _log(f"{name}: {message}"),
+    )
 
     _log(f"{name}: block anatomy")
     anatomy = {
@@ -138,7 +190,7 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
         "profile_paper_batch32": profile_block(under_test, repeats=args.repeats),
     }
 
-    cost = own.flops(len(labels))
+    cost = own.flops(len(row_labels))
     candidates = own.policy.candidate_layers
     flops: dict[str, Any] = {
         "full_depth": cost.full_depth,
@@ -161,7 +213,7 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
             result = run_service(
                 under_test.checkpoint.directory,
                 own,
-                labels[: args.service_labels],
+                row_labels[: args.service_labels],
                 threads=args.threads,
                 concurrency_levels=args.service_concurrency,
                 requests_per_round=args.service_requests,
@@ -177,7 +229,11 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
             service = {"skipped": str(skipped)}
             _log(f"{name}: service section skipped: {skipped}")
 
+    default_point_key = None
+    if not under_test.mix_applies:
+        default_point_key = row_key(SERVICE_ENGINE, f"op_{own.policy.default_operating_point}")
     notes = list(under_test.checkpoint.notes)
+    notes.append(inputs.note)
     if under_test.mix_applies:
         notes.append(f"* {PAPER_MIX_NOTE}")
     else:
@@ -195,17 +251,14 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
         "shape": dataclasses.asdict(shape),
         "candidate_layers": list(candidates),
         "operating_points": {p: own.policy.thresholds(p) for p in own.policy.names},
-        "labels": len(labels),
+        "default_operating_point": own.policy.default_operating_point,
+        "labels": len(row_labels),
         "flops": flops,
-        "setup": {
-            "seconds": under_test.setup_seconds,
-            "rss_growth_mib": under_test.setup_rss_mib,
-            "ort_staged_export_s": under_test.ort_graphs.export_s,
-            "ort_staged_check_s": under_test.ort_graphs.check_s,
-        },
+        "setup": {"seconds": under_test.setup_seconds, "rss_growth_mib": under_test.setup_rss_mib},
         "text": {**dataclasses.asdict(text), "cold_over_cached": text.cold_over_cached},
         "rows": [dataclasses.asdict(row) for row in rows],
-        "ratios": [dataclasses.asdict(r) for r in ratios(rows)],
+        "ratios": [dataclasses.asdict(r) for r in ratios(rows, default_point_key)],
+        "service_backend": under_test.service_backend,
         "early_exit_efficiency": [dataclasses.asdict(e) for e in efficiencies(rows)],
         "block_anatomy": anatomy,
         "service": service,
@@ -237,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "onnxruntime": onnxruntime.__version__,
         },
         "load_average_before": _load_average(),
+        "other_processes_before": _busy_processes(),
         "exit_mix": {"shares": {str(k or "full"): v for k, v in PAPER_EXIT_MIX.items()}, "note": PAPER_MIX_NOTE},
     }
     result: dict[str, Any] = {"schema": 1, "meta": meta, "backbones": {}}
@@ -249,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed_requests += errors
             gc.collect()
     meta["load_average_after"] = _load_average()
+    meta["other_processes_after"] = _busy_processes()
     meta["seconds"] = (datetime.now(UTC) - started).total_seconds()
     result["peak_rss_mib"] = max_rss_mib()
 

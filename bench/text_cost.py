@@ -41,9 +41,17 @@ class TextCost:
 
 
 def measure_text_cost(
-    engine: EarlyExitClassifier, labels: Sequence[str], *, cold_repeats: int, cached_repeats: int
+    engine: EarlyExitClassifier,
+    labels: Sequence[str],
+    *,
+    cold_repeats: int,
+    cached_repeats: int,
+    full_context: bool = False,
 ) -> tuple[TextCost, TextEmbeddingCache]:
-    """Time ``labels`` cold ``cold_repeats`` times and cached ``cached_repeats`` times; returns the filled cache."""
+    """Time ``labels`` cold ``cold_repeats`` times and cached ``cached_repeats`` times; returns the filled cache.
+
+    ``full_context`` also times open_clip's own padded ``encode_text`` (the one the engine's trimmed encoder
+    replaced; minutes on ViT-B-32, so only on request)."""
     cold, cache = _cold(engine, engine.backbone.encode_text, labels, cold_repeats)
     cached = []
     embeddings = cache.get(labels, DEFAULT_TEMPLATES)
@@ -52,6 +60,8 @@ def measure_text_cost(
         cache.get(labels, DEFAULT_TEMPLATES)
         cached.append(time.perf_counter() - started)
     cost = TextCost(len(labels), len(DEFAULT_TEMPLATES), median(cold), median(cached), cold, cached)
+    if not full_context:
+        return cost, cache
     full_runs, full_cache = _cold(engine, engine.backbone.encode_text_full_context, labels, cold_repeats)
     difference = (full_cache.get(labels, DEFAULT_TEMPLATES).float() - embeddings.float()).abs().max()
     cost.full_context_cold_s = median(full_runs)

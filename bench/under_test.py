@@ -20,7 +20,8 @@ from torch import nn
 from lraee_core import BackendOptions, EarlyExitClassifier, load_classifier, read_manifest
 from lraee_core.assets import DEFAULT_CHECKPOINT, MODEL_CONFIGS_DIR
 from lraee_core.backbone import ClipBackbone
-from lraee_core.backends.onnxruntime import OrtClipBackbone, StagedGraphs
+from lraee_core.backends import auto_backend
+from lraee_core.backends.onnxruntime import OrtClipBackbone, export_staged
 from lraee_core.checkpoint import MANIFEST
 from lraee_core.config import BackboneConfig, QuantMode
 from lraee_core.random_init import untrained_checkpoint
@@ -28,6 +29,7 @@ from lraee_core.text import TextEmbeddingCache
 
 from .baselines import OrtVisionTower, torch_int8_tower
 from .exit_mix import PAPER_EXIT_MIX
+from .static_ranges import bench_ranges
 from .timing import RssProbe
 
 VIT_B_32 = "ViT-B-32"
@@ -35,6 +37,9 @@ DEFAULT = "default"
 BACKBONES = (VIT_B_32, DEFAULT)
 RANDOM_WEIGHTS_NOTE = "random init, no pretrained weights available here"
 TINY_CONFIG = BackboneConfig("lraee-tiny-vit12", model_config_file=str(MODEL_CONFIGS_DIR / "lraee-tiny-vit12.json"))
+SERVICE_ENGINE = "service"  # engines[SERVICE_ENGINE]: the checkpoint's own quant mode on the service's backend
+# Torch engines measured beside the service's (a static mode is added separately: it needs calibrated ranges).
+TORCH_QUANT_MODES: tuple[QuantMode, ...] = ("paper",)
 MIX_CANDIDATES = tuple(sorted(layer for layer in PAPER_EXIT_MIX if layer is not None))  # (9, 11, 12)
 
 T = TypeVar("T")
@@ -82,12 +87,12 @@ class BackboneUnderTest:
 
     name: str  # VIT_B_32 or DEFAULT
     checkpoint: CheckpointChoice
-    engines: dict[str, EarlyExitClassifier]  # "paper", "full", "none", "ort-image", "ort-batch"
-    own_mode: QuantMode  # the checkpoint's quant mode: its operating points are measured with engines[own_mode]
+    engines: dict[str, EarlyExitClassifier]  # "none" (FP32), SERVICE_ENGINE, "torch-<mode>", "static", "ort-full"...
+    own_mode: QuantMode  # the checkpoint's quant mode: its operating points are measured with engines[SERVICE_ENGINE]
+    service_backend: str  # the backend the service picks for own_mode (LRAEE_BACKEND=auto)
     fp32: ClipBackbone  # the FP32 backbone (text tower, baselines, exports)
     torch_int8_tower: nn.Module  # a paper-mode INT8 copy of the vision tower, as the engine quantizes it
     ort_tower: OrtVisionTower
-    ort_graphs: StagedGraphs
     setup_rss_mib: dict[str, float | None] = field(default_factory=dict)  # component -> resident memory it added
     setup_seconds: dict[str, float] = field(default_factory=dict)  # component -> seconds to build
 
@@ -99,7 +104,7 @@ class BackboneUnderTest:
     @property
     def mix_applies(self) -> bool:
         """True when the checkpoint has exit heads at all the layers the paper mix names."""
-        engine = self.engines[self.own_mode]
+        engine = self.engines[SERVICE_ENGINE]
         return self.fp32.shape.num_layers == 12 and set(MIX_CANDIDATES) <= set(engine.policy.candidate_layers)
 
 
@@ -122,7 +127,7 @@ class SetupLog:
 
 def with_batch_scales(engine: EarlyExitClassifier) -> EarlyExitClassifier:
     """The same ORT engine with one activation scale per batch, what a bare ``quantize_dynamic`` does (a diagnosis
-    row: what the engine's per-image scales cost). Sessions, heads and text cache are shared."""
+    row: what the engine's per-image scales cost). Heads and text cache are shared; the block sessions are new."""
     backbone = engine.backbone
     if not isinstance(backbone, OrtClipBackbone):
         raise TypeError(f"per-batch scales are an onnxruntime backend option, not {type(backbone).__name__}'s")
@@ -132,7 +137,8 @@ def with_batch_scales(engine: EarlyExitClassifier) -> EarlyExitClassifier:
 
 
 def build_backbone_under_test(name: str, workdir: Path, threads: int, *, tower_method: str) -> BackboneUnderTest:
-    """Load the engines (torch none/paper/full, ORT per-block INT8) and build the baselines of one backbone."""
+    """Load the engines (the service's backend, torch modes, ORT full INT8 for the paper mix) and build the
+    baselines of one backbone."""
     setup = SetupLog()
     choice = choose_checkpoint(name, workdir)
     own_mode = read_manifest(choice.directory).quant_mode
@@ -140,32 +146,43 @@ def build_backbone_under_test(name: str, workdir: Path, threads: int, *, tower_m
     load = partial(load_classifier, choice.directory)
     engines = {"none": setup.build("engine fp32 (text tower, baselines, exports)", partial(load, quant_mode="none"))}
     fp32 = engines["none"].backbone
-    torch_modes: tuple[QuantMode, ...] = ("paper", "full")
-    for mode in torch_modes:
-        engines[mode] = setup.build(f"engine torch {mode}", partial(load, quant_mode=mode))
-    ort_options = BackendOptions(threads=threads, workdir=workdir / "onnx-staged")
-    engines["ort-image"] = setup.build(
-        "engine ORT INT8 full (staged export, quantization, sessions)",
-        partial(load, quant_mode="full", backend="onnxruntime", backend_options=ort_options),
+    ort_options = BackendOptions(threads=threads)
+    service_backend = auto_backend(own_mode)  # what the service runs with LRAEE_BACKEND at its default, auto
+    engines[SERVICE_ENGINE] = setup.build(
+        f"engine {service_backend} {own_mode} (the service's)",
+        partial(load, backend=service_backend, backend_options=ort_options),
     )
-    engines["ort-batch"] = with_batch_scales(engines["ort-image"])
-    ort_backbone = engines["ort-image"].backbone
-    assert isinstance(ort_backbone, OrtClipBackbone)
-    graphs = ort_backbone.graphs
+    for mode in TORCH_QUANT_MODES:
+        engines[f"torch-{mode}"] = setup.build(f"engine torch {mode}", partial(load, quant_mode=mode))
+    # static INT8 needs calibrated activation ranges; neither checkpoint carries any (see bench.static_ranges)
+    ranges, ranges_note = bench_ranges(fp32)
+    choice = CheckpointChoice(choice.directory, (*choice.notes, ranges_note))
+    engines["static"] = setup.build("engine torch static", partial(load, quant_mode="static", activation_ranges=ranges))
+    if name == VIT_B_32:
+        # The ORT INT8 baseline converts every matmul; the engine in the same mode is the like-for-like comparison.
+        engines["ort-full"] = setup.build(
+            "engine ORT full", partial(load, quant_mode="full", backend="onnxruntime", backend_options=ort_options)
+        )
+        engines["ort-full-batch"] = setup.build(
+            "engine ORT full, per-batch scales", lambda: with_batch_scales(engines["ort-full"])
+        )
+    staged = None
+    if tower_method == "compose":
+        staged = setup.build("ORT staged export (composed baseline)", lambda: export_staged(fp32, workdir / "staged"))
     torch_tower = setup.build("torch INT8 tower (paper)", lambda: torch_int8_tower(fp32))
     ort_tower = setup.build(
         "ORT INT8 tower",
-        lambda: OrtVisionTower(fp32, workdir / "onnx-tower", threads, method=tower_method, staged=graphs),
+        lambda: OrtVisionTower(fp32, workdir / "onnx-tower", threads, method=tower_method, staged=staged),
     )
     under_test = BackboneUnderTest(
         name=name,
         checkpoint=choice,
         engines=engines,
         own_mode=own_mode,
+        service_backend=service_backend,
         fp32=fp32,
         torch_int8_tower=torch_tower,
         ort_tower=ort_tower,
-        ort_graphs=graphs,
         setup_rss_mib=setup.rss_mib,
         setup_seconds=setup.seconds,
     )

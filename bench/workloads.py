@@ -7,6 +7,7 @@ percentiles come from the single-image calls of every timed pass.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,8 @@ from lraee_core.exits import ExitRule
 
 from .baselines import tower_classifier
 from .exit_mix import MIX_CYCLE, PAPER_MIX_NOTE, ExitTarget, forced_exits, realized_shares
-from .timing import PassTimes, RssProbe, percentile, time_passes, timed_calls
-from .under_test import BackboneUnderTest
+from .timing import PassTimes, RssProbe, percentile
+from .under_test import SERVICE_ENGINE, BackboneUnderTest
 
 LARGE_BATCH = 32
 Classify = Callable[[torch.Tensor, list[ExitTarget] | None], list[ExitResult] | None]
@@ -90,8 +91,25 @@ def _tower_call(encode: Callable[[torch.Tensor], torch.Tensor], text: torch.Tens
     return classify
 
 
+# What each LRA-EE engine of BackboneUnderTest.engines is, as the tables print it.
+ENGINE_TITLES = {
+    SERVICE_ENGINE: "LRA-EE {backend} {mode} (the service's engine)",
+    "torch-paper": "LRA-EE torch INT8 paper (per-image scales: a loop over images)",
+    "torch-full": "LRA-EE torch INT8 full (attention too; a loop over images)",
+    "static": "LRA-EE torch INT8 static (W8A8, fixed calibrated scales)",
+    "ort-full": "LRA-EE onnxruntime INT8 full (attention too), per-image scales",
+    "ort-full-batch": "LRA-EE onnxruntime INT8 full, per-BATCH scales (not batch-invariant; diagnosis)",
+}
+
+
+def row_key(engine: str, what: str) -> str:
+    """``lraee_<engine>_<what>``, e.g. ``lraee_service_paper_mix``."""
+    return f"lraee_{engine.replace('-', '_')}_{what}"
+
+
 def workloads(under_test: BackboneUnderTest, labels: Sequence[str]) -> list[Workload]:
-    """Every row of one backbone, baselines first."""
+    """Every row of one backbone, baselines first: the service's engine at each operating point (trained
+    checkpoints), the torch engine at the default one, and every engine at full depth and under the paper mix."""
     engines = under_test.engines
     fp32 = under_test.fp32
     text = engines["none"].text_embeddings(labels)  # fills the shared cache if it is cold
@@ -109,45 +127,54 @@ def workloads(under_test: BackboneUnderTest, labels: Sequence[str]) -> list[Work
         ),
         Workload(
             "ort_int8",
-            "ONNX Runtime INT8 quantize_dynamic, full depth",
+            "ONNX Runtime INT8 quantize_dynamic (every matmul, per-batch scales), full depth",
             _tower_call(under_test.ort_tower, text, scale),
         ),
     ]
-    own = engines[under_test.own_mode]
-    engine_titles = {
-        "paper": "LRA-EE torch INT8 paper",
-        "full": "LRA-EE torch INT8 full (attention too)",
-        "ort-image": "LRA-EE ORT INT8 per-block, per-image scales",
-        "ort-batch": "LRA-EE ORT INT8 per-block, per-batch scales",
-    }
-    reference_of = {mode: f"lraee_{mode.replace('-', '_')}_full_depth" for mode in engine_titles}
-    for point in own.policy.names:
-        rows.append(
-            Workload(
-                f"lraee_{under_test.own_mode}_op_{point}",
-                f"{engine_titles.get(under_test.own_mode, 'LRA-EE torch FP32')} @ operating point {point!r}",
-                _engine_call(own, labels, operating_point=point),
-                full_depth_reference=reference_of.get(under_test.own_mode),
+    service = engines[SERVICE_ENGINE]
+    measured = [name for name in ENGINE_TITLES if name in engines]
+    titles = dict(ENGINE_TITLES)
+    titles[SERVICE_ENGINE] = titles[SERVICE_ENGINE].format(backend=under_test.service_backend, mode=under_test.own_mode)
+    if not under_test.mix_applies:  # a trained checkpoint: its operating points are what users run
+        default = service.policy.default_operating_point
+        for point in service.policy.names:
+            rows.append(
+                Workload(
+                    row_key(SERVICE_ENGINE, f"op_{point}"),
+                    f"{titles[SERVICE_ENGINE]} @ operating point {point!r}"
+                    + (" (default)" if point == default else ""),
+                    _engine_call(service, labels, operating_point=point),
+                    full_depth_reference=row_key(SERVICE_ENGINE, "full_depth"),
+                )
             )
-        )
-    for mode, title in engine_titles.items():
+        for name in measured:
+            if name != SERVICE_ENGINE:
+                rows.append(
+                    Workload(
+                        row_key(name, f"op_{default}"),
+                        f"{titles[name]} @ operating point {default!r} (default)",
+                        _engine_call(engines[name], labels, operating_point=default),
+                        full_depth_reference=row_key(name, "full_depth"),
+                    )
+                )
+    for name in measured:
         # Every head evaluated, nobody leaves: the reference that shows what the heads cost (not the `full` rule).
-        never = dict.fromkeys(engines[mode].policy.candidate_layers, 1.0)
+        never = dict.fromkeys(engines[name].policy.candidate_layers, 1.0)
         rows.append(
             Workload(
-                reference_of[mode],
-                f"{title}, full depth (thresholds 1.0)",
-                _engine_call(engines[mode], labels, exit_rule=ExitRule.from_thresholds(never, "never")),
+                row_key(name, "full_depth"),
+                f"{titles[name]}, full depth (thresholds 1.0)",
+                _engine_call(engines[name], labels, exit_rule=ExitRule.from_thresholds(never, "never")),
             )
         )
         if under_test.mix_applies:
             rows.append(
                 Workload(
-                    f"lraee_{mode.replace('-', '_')}_paper_mix",
-                    f"{title}, ASSUMED paper exit mix*",
-                    _engine_call(engines[mode], labels),
+                    row_key(name, "paper_mix"),
+                    f"{titles[name]}, ASSUMED paper exit mix*",
+                    _engine_call(engines[name], labels),
                     forced_mix=True,
-                    full_depth_reference=reference_of[mode],
+                    full_depth_reference=row_key(name, "full_depth"),
                     notes=(PAPER_MIX_NOTE,),
                 )
             )
@@ -158,50 +185,101 @@ def _mean_saving(results: list[ExitResult] | None) -> float | None:
     return None if not results else sum(r.flops_saved for r in results) / len(results)
 
 
-def measure(workload: Workload, images: torch.Tensor, *, warmup: int, repeats: int) -> RowResult:
-    """Time ``workload`` at batch 1 and batch 32 on ``images`` [>= 32, 3, H, W]."""
-    cycle_targets = forced_exits(MIX_CYCLE) if workload.forced_mix else [None] * MIX_CYCLE
-    batch_targets = forced_exits(LARGE_BATCH) if workload.forced_mix else None
-    singles = [images[i % images.shape[0]].unsqueeze(0) for i in range(MIX_CYCLE)]
-    batch = images[:LARGE_BATCH]
-    last_cycle: list[ExitResult] = []
+class _Row:
+    """One workload's state while the rows are timed in interleaved rounds."""
 
-    def cycle_pass() -> list[float]:
-        last_cycle.clear()
+    def __init__(self, workload: Workload, images: torch.Tensor) -> None:
+        self.workload = workload
+        self.cycle_targets = forced_exits(MIX_CYCLE) if workload.forced_mix else [None] * MIX_CYCLE
+        self.batch_targets = forced_exits(LARGE_BATCH) if workload.forced_mix else None
+        self.singles = [images[i % images.shape[0]].unsqueeze(0) for i in range(MIX_CYCLE)]
+        self.batch = images[:LARGE_BATCH]
+        self.batch1 = PassTimes()
+        self.batch32 = PassTimes()
+        self.last_cycle: list[ExitResult] = []
+        self.batch_results: list[ExitResult] | None = None
+        self.rss_growth_mib: float | None = None
 
-        def call(index: int) -> Callable[[], None]:
-            def run() -> None:
-                forced = [cycle_targets[index]] if workload.forced_mix else None
-                last_cycle.extend(workload.classify(singles[index], forced) or [])
+    def cycle(self) -> list[float]:
+        """One batch-1 pass: MIX_CYCLE single-image calls; returns each call's seconds."""
+        self.last_cycle.clear()
+        seconds = []
+        for index, single in enumerate(self.singles):
+            forced = [self.cycle_targets[index]] if self.workload.forced_mix else None
+            start = time.perf_counter()
+            results = self.workload.classify(single, forced)
+            seconds.append(time.perf_counter() - start)
+            self.last_cycle.extend(results or [])
+        return seconds
 
-            return run
+    def batch_call(self) -> list[float]:
+        """One batch-32 pass: one call."""
+        start = time.perf_counter()
+        self.workload.classify(self.batch, self.batch_targets)
+        return [time.perf_counter() - start]
 
-        return timed_calls([call(i) for i in range(MIX_CYCLE)])
+    def warm_up(self, passes: int) -> None:
+        """Untimed passes; the first batch call also measures the resident memory it needs."""
+        for _ in range(passes):
+            self.cycle()
+        with RssProbe() as probe:
+            self.batch_results = self.workload.classify(self.batch, self.batch_targets)
+        self.rss_growth_mib = probe.growth_mib
+        for _ in range(max(0, passes - 1)):
+            self.batch_call()
 
-    batch1: PassTimes = time_passes(cycle_pass, warmup=warmup, repeats=repeats)
-    with RssProbe() as probe:
-        batch_results = workload.classify(batch, batch_targets)
-    batch32 = time_passes(
-        lambda: timed_calls([lambda: workload.classify(batch, batch_targets)]),
-        warmup=max(0, warmup - 1),
-        repeats=repeats,
-    )
-    shares = None
-    if batch_results:
-        shares = realized_shares([None if r.exit_path == "full" else r.exit_layer for r in batch_results])
-    return RowResult(
-        key=workload.key,
-        title=workload.title,
-        batch1_images_per_s=MIX_CYCLE / batch1.median_pass,
-        batch32_images_per_s=LARGE_BATCH / batch32.median_pass,
-        latency_p50_ms=percentile(batch1.calls, 50) * 1e3,
-        latency_p95_ms=percentile(batch1.calls, 95) * 1e3,
-        batch1_pass_s=batch1.passes,
-        batch32_pass_s=batch32.passes,
-        run_rss_growth_mib=probe.growth_mib,
-        flops_saving_batch1=_mean_saving(last_cycle),
-        flops_saving_batch32=_mean_saving(batch_results),
-        exit_shares_batch32=shares,
-        full_depth_reference=workload.full_depth_reference,
-        notes=list(workload.notes),
-    )
+    def result(self) -> RowResult:
+        shares = None
+        if self.batch_results:
+            shares = realized_shares([None if r.exit_path == "full" else r.exit_layer for r in self.batch_results])
+        return RowResult(
+            key=self.workload.key,
+            title=self.workload.title,
+            batch1_images_per_s=MIX_CYCLE / self.batch1.median_pass,
+            batch32_images_per_s=LARGE_BATCH / self.batch32.median_pass,
+            latency_p50_ms=percentile(self.batch1.calls, 50) * 1e3,
+            latency_p95_ms=percentile(self.batch1.calls, 95) * 1e3,
+            batch1_pass_s=self.batch1.passes,
+            batch32_pass_s=self.batch32.passes,
+            run_rss_growth_mib=self.rss_growth_mib,
+            flops_saving_batch1=_mean_saving(self.last_cycle),
+            flops_saving_batch32=_mean_saving(self.batch_results),
+            exit_shares_batch32=shares,
+            full_depth_reference=self.workload.full_depth_reference,
+            notes=list(self.workload.notes),
+        )
+
+
+def measure_interleaved(
+    rows: Sequence[Workload],
+    images: torch.Tensor,
+    *,
+    warmup: int,
+    repeats: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[RowResult]:
+    """Time every row at batch 1 and batch 32 on ``images`` [>= 32, 3, H, W] in ``repeats`` interleaved rounds.
+
+    Each round times one batch-1 pass and one batch-32 pass of every row in turn, so a stretch of load from other
+    processes on this shared machine hits every row alike instead of one row's whole measurement: the medians and
+    the per-round comparisons (early-exit efficiency) then compare like with like.
+    """
+    states = [_Row(workload, images) for workload in rows]
+    for state in states:
+        if progress is not None:
+            progress(f"warm-up: {state.workload.title}")
+        state.warm_up(warmup)
+    for round_index in range(repeats):
+        if progress is not None:
+            progress(f"round {round_index + 1}/{repeats}")
+        for state in states:
+            _time_pass(state.batch1, state.cycle)
+            _time_pass(state.batch32, state.batch_call)
+    return [state.result() for state in states]
+
+
+def _time_pass(times: PassTimes, run_pass: Callable[[], list[float]]) -> None:
+    start = time.perf_counter()
+    calls = run_pass()
+    times.passes.append(time.perf_counter() - start)
+    times.calls.extend(calls)

@@ -1,0 +1,81 @@
+"""The images the benchmark classifies: real everyday photos when the shared data folder has them, else noise.
+
+An early-exit engine's speed depends on its inputs: on noise a trained gate rarely lets an image leave, so the
+default model's operating points would be timed at full depth. The benchmark therefore feeds the default model the
+shared everyday photos (Intel scenes, flowers and CIFAR-10 training photos, classes taken in turn) against the 21
+class names of those sets, a label set of the size real requests send. ViT-B-32 has random weights here, so its
+rows keep seeded noise images and the 1,000 ImageNet class names (the paper's setting), and its early exits are
+forced (the assumed paper mix).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+_REPO = Path(__file__).resolve().parents[1]
+SETS = ("intel-scenes-train.tar", "flowers-train.tar", "cifar10-train.tar")  # under everyday-photos/
+
+
+@dataclass(frozen=True)
+class BenchImages:
+    """A batch of preprocessed images, the labels they are classified against, and where they came from."""
+
+    images: torch.Tensor  # [N, 3, H, W]
+    labels: tuple[str, ...] | None  # None: the caller's default label set
+    note: str  # printed with the results
+
+
+def everyday_dir() -> Path:
+    """The shared everyday-photos folder (``LRAEE_DATA_ROOT`` overrides the shared data root)."""
+    return Path(os.environ.get("LRAEE_DATA_ROOT", str(_REPO.parent / "shared" / "data"))) / "everyday-photos"
+
+
+def _photos_by_class(path: Path, per_class: int) -> dict[str, list[bytes]]:
+    found: dict[str, list[bytes]] = {}
+    with tarfile.open(path) as archive:
+        for member in archive:
+            label = member.name.split("/")[0]
+            if not member.isfile() or len(found.setdefault(label, [])) >= per_class:
+                continue
+            handle = archive.extractfile(member)
+            if handle is not None:
+                found[label].append(handle.read())
+    return found
+
+
+def everyday_photos(preprocess: Callable[[Any], torch.Tensor], count: int) -> BenchImages | None:
+    """``count`` preprocessed everyday photos, classes in turn, with the class names; None when absent."""
+    folder = everyday_dir()
+    paths = [folder / name for name in SETS]
+    if not all(path.is_file() for path in paths):
+        return None
+    by_class: dict[str, list[bytes]] = {}
+    for path in paths:
+        for label, photos in _photos_by_class(path, per_class=count).items():
+            by_class.setdefault(label, []).extend(photos)
+    labels = sorted(by_class)
+    in_turn = [photos[index] for index in range(count) for label in labels if index < len(photos := by_class[label])]
+    chosen = in_turn[:count]
+    if len(chosen) < count:
+        return None
+    images = torch.stack([preprocess(Image.open(io.BytesIO(data)).convert("RGB")) for data in chosen])
+    note = (
+        f"images: {count} real everyday photos ({', '.join(SETS)} under {folder}, classes in turn) against their "
+        f"{len(labels)} class names"
+    )
+    return BenchImages(images, tuple(labels), note)
+
+
+def noise_images(image_size: int, count: int, reason: str) -> BenchImages:
+    """Seeded noise images [count, 3, S, S]; ``reason`` says why they are used."""
+    images = torch.randn(count, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return BenchImages(images, None, f"images: {count} seeded noise images ({reason})")
