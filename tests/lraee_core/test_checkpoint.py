@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,9 @@ def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None
         (lambda d: _edit_manifest(d, promises={"turbo": 0.9}), "promise 'turbo'"),
     ],
 )
-def test_damaged_checkpoints_fail_with_the_reason(checkpoint: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_checkpoints_fail_with_the_reason(
+    checkpoint: Path, damage: Callable[[Path], object], message: str
+) -> None:
     damage(checkpoint)
     with pytest.raises(CheckpointError, match=message):
         load_classifier(checkpoint)

@@ -6,7 +6,7 @@ the fast path and routes attention through an explicit-matmul SDPA that it does 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -20,11 +20,21 @@ from lraee_core.flops import flops_model
 from lraee_core.heads import ExitHead, class_logits
 
 
-def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):  # type: ignore[no-untyped-def]
-    scores = (q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)
+def _math_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """F.scaled_dot_product_attention as explicit matmuls (inference: no dropout, no causal mask, no GQA)."""
+    scores = (query @ key.transpose(-2, -1)) * (scale or query.shape[-1] ** -0.5)
     if attn_mask is not None:
         scores = scores + attn_mask
-    return scores.softmax(-1) @ v
+    return scores.softmax(-1) @ value
 
 
 @contextmanager
@@ -40,7 +50,7 @@ def counted_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _count(fn) -> int:  # type: ignore[no-untyped-def]
+def _count(fn: Callable[[], object]) -> int:
     counter = FlopCounterMode(display=False)
     with counted_attention(), counter, torch.inference_mode():
         fn()

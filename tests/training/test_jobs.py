@@ -22,6 +22,10 @@ from training.pipeline.build import STEPS as BUILD_STEPS
 from training.pipeline.cli import main
 from training.pipeline.config import SPLIT_NAMES, Job, load_build_config, read_record
 from training.pipeline.data import load_splits
+from training.pipeline.evaluate import _remapped
+from training.pipeline.features import FeatureStore
+from training.pipeline.heads import VARIANTS, load_heads
+from training.pipeline.label_sets import ExitView, exit_view, label_sets_for
 from training.pipeline.simulate import METHODS, method_scores, simulate
 
 # The build's step order (written once, in training.pipeline.build); paper mode needs no activation ranges.
@@ -158,13 +162,8 @@ def _shipped(job: Job) -> str:
     return str(json.loads((job.step_dir("calibrate") / "calibration.json").read_text())["shipped_method"])
 
 
-def _engine_view(job: Job, k: int, rows: np.ndarray):  # type: ignore[no-untyped-def]
+def _engine_view(job: Job, k: int, rows: np.ndarray) -> tuple[FeatureStore, ExitView, np.ndarray]:
     """The shipped method's view of some eval images, each with its own label set of size k."""
-    from training.pipeline.evaluate import _remapped
-    from training.pipeline.features import FeatureStore
-    from training.pipeline.heads import VARIANTS, load_heads
-    from training.pipeline.label_sets import exit_view, label_sets_for
-
     store = FeatureStore(job.step_dir("extract"))
     truth = store.load("eval", ["labels"])["labels"].numpy()[rows]
     sets = _remapped(label_sets_for(truth, len(store.labels), [k], 1, np.random.default_rng(k)), rows)

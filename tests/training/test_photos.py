@@ -7,6 +7,7 @@ These need ``../shared/data/imagenet-photos/``; without it they skip, saying so.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import open_clip
@@ -99,7 +100,7 @@ def test_multi_positive_loss_does_not_punish_a_same_class_caption() -> None:
 @pytest.fixture(scope="module")
 def trained(photo_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("photo_clip")
-    common = dict(
+    base = PhotoClipConfig(
         train_dir=str(photo_slice / "train"),
         classes_tsv=str(photos.classes_tsv()),
         output_dir=str(out),
@@ -111,9 +112,9 @@ def trained(photo_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         checkpoint_every=2,
         progress=False,
     )
-    train_photo_clip(PhotoClipConfig(steps=2, **common))  # type: ignore[arg-type]
+    train_photo_clip(replace(base, steps=2))
     # Resuming continues from the saved step instead of starting over.
-    train_photo_clip(PhotoClipConfig(steps=3, eval_dirs=str(photo_slice / "val"), **common))  # type: ignore[arg-type]
+    train_photo_clip(replace(base, steps=3, eval_dirs=str(photo_slice / "val")))
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
+from training.clip.trainer import register_model_config
 from training.clip.world import (
     COLOUR_NAMES,
     COLOURS,
@@ -32,7 +33,6 @@ from training.clip.world import (
     labelled_set,
     split_combos,
 )
-from training.clip.world_clip import register_model_config
 
 N = 300  # scenes per split per check: enough to hit every scene kind and template many times
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,33 +15,30 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training.clip.world import COLOUR_NAMES, COLOURS, LABEL_SETS, generate
-from training.clip.world_clip import (
+from training.clip.trainer import (
     LOG_FILE,
     MODEL_NAME,
     STATE_FILE,
-    WorldClipConfig,
-    batch_indices,
     build_model,
     learning_rate,
     register_model_config,
     save_weights,
-    train_world_clip,
-    zero_shot_accuracy,
 )
+from training.clip.world import COLOUR_NAMES, COLOURS, LABEL_SETS, generate
+from training.clip.world_clip import WorldClipConfig, batch_indices, train_world_clip, zero_shot_accuracy
 
 # Warmup covers the first run's two steps, so its learning rates do not depend on `steps`, and a 2-step run
 # resumed to 3 steps must reproduce a straight 3-step run bit for bit.
-TINY = {"batch_size": 8, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1, "progress": False, "threads": 2}
+TINY = WorldClipConfig(batch_size=8, warmup_steps=2, checkpoint_every=2, log_every=1, progress=False, threads=2)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("world_clip")
     straight, resumed = root / "straight", root / "resumed"
-    train_world_clip(WorldClipConfig(output_dir=str(straight), steps=3, eval_images=4, **TINY))
-    train_world_clip(WorldClipConfig(output_dir=str(resumed), steps=2, eval_images=0, **TINY))
-    train_world_clip(WorldClipConfig(output_dir=str(resumed), steps=3, eval_images=0, **TINY))
+    train_world_clip(replace(TINY, output_dir=str(straight), steps=3, eval_images=4))
+    train_world_clip(replace(TINY, output_dir=str(resumed), steps=2, eval_images=0))
+    train_world_clip(replace(TINY, output_dir=str(resumed), steps=3, eval_images=0))
     return {"straight": straight, "resumed": resumed}
 
 
@@ -93,7 +91,7 @@ def test_training_log_reports_loss_time_and_zero_shot(runs: dict[str, Path]) -> 
 
 
 def test_resuming_with_different_data_is_refused(runs: dict[str, Path]) -> None:
-    changed = WorldClipConfig(output_dir=str(runs["resumed"]), steps=3, eval_images=0, **{**TINY, "batch_size": 4})
+    changed = replace(TINY, output_dir=str(runs["resumed"]), steps=3, eval_images=0, batch_size=4)
     with pytest.raises(ValueError, match="batch_size"):
         train_world_clip(changed)
 
@@ -133,7 +131,7 @@ def test_config_refuses_invalid_values(bad: dict) -> None:
 
 
 def test_bf16_step_trains(tmp_path: Path) -> None:
-    cfg = WorldClipConfig(output_dir=str(tmp_path), steps=1, eval_images=0, precision="bf16", **TINY)
+    cfg = replace(TINY, output_dir=str(tmp_path), steps=1, eval_images=0, precision="bf16")
     weights = load_file(train_world_clip(cfg))
     assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in weights.values())
 

@@ -39,7 +39,17 @@ from training.pipeline.cli import CONFIG_FILE, OPTIONS
 from training.pipeline.config import BuildConfig, Job, replace_field, write_json
 
 from .everyday import EverydayClipConfig, train_everyday_clip
-from .photo_clip import HOLDOUT_FILE, PhotoClipConfig, scan_photos, split_holdout, train_photo_clip, write_holdout
+from .photo_clip import (
+    HOLDOUT_FILE,
+    TEMPLATES,
+    PhotoClipConfig,
+    scan_photos,
+    split_holdout,
+    train_photo_clip,
+    write_holdout,
+    zero_shot_top1,
+)
+from .trainer import build_model
 from .world import HELD_OUT_TEMPLATES
 from .world_clip import WorldClipConfig, train_world_clip
 
@@ -328,9 +338,6 @@ def everyday(clip_steps: int, stop_step: int, threads: int, init_weights: Path) 
 
 def world_model_on_photos(threads: int) -> dict[str, object]:
     """The other candidate default, measured the same way: the world CLIP's FP32 zero-shot on the same photos."""
-    from .photo_clip import TEMPLATES, zero_shot_top1
-    from .trainer import build_model
-
     torch.set_num_threads(threads)
     model, preprocess, tokenizer = build_model(EMBEDDED_CHECKPOINTS["world"] / "weights.safetensors")
     wnids = photos.tiny_wnids()

@@ -22,19 +22,7 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch.utils.data import DataLoader, Sampler
 
-from training.clip.trainer import (
-    LOG_FILE,
-    MODEL_NAME,
-    STATE_FILE,
-    Preprocess,
-    Tokenizer,
-    TrainingRun,
-    build_model,
-    config_parser,
-    learning_rate,
-    register_model_config,
-    save_weights,
-)
+from training.clip.trainer import Preprocess, Tokenizer, TrainingRun, config_parser
 from training.clip.world import (
     HELD_OUT_COMBOS,
     HELD_OUT_TEMPLATES,
@@ -46,23 +34,6 @@ from training.clip.world import (
     generate_labelled,
     label_names,
 )
-
-# What the world's tests and callers read from here; the shared pieces live in training.clip.trainer.
-__all__ = [
-    "LOG_FILE",
-    "MODEL_NAME",
-    "STATE_FILE",
-    "WorldClipConfig",
-    "batch_indices",
-    "build_model",
-    "evaluate_zero_shot",
-    "learning_rate",
-    "main",
-    "register_model_config",
-    "save_weights",
-    "train_world_clip",
-    "zero_shot_accuracy",
-]
 
 # A resumed run must draw the same data as the run it continues; other fields (steps, intervals, threads) may
 # change between sessions.
