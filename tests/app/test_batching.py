@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, MutableMapping, Sequence
 from typing import Any
 
 import httpx
@@ -156,7 +156,7 @@ async def test_departed_clients_are_withdrawn(make_settings: Any, monkeypatch: p
         request = client.build_request("POST", "/classify", **form(imagegen.png()))
         body = request.read()
         messages = [{"type": "http.request", "body": body, "more_body": False}]
-        sent: list[dict[str, Any]] = []
+        sent: list[MutableMapping[str, Any]] = []
         queued = asyncio.Event()
 
         async def receive() -> dict[str, Any]:
@@ -165,7 +165,7 @@ async def test_departed_clients_are_withdrawn(make_settings: Any, monkeypatch: p
             await queued.wait()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:  # the ASGI send callable's type
             sent.append(message)
 
         scope = {
