@@ -20,11 +20,12 @@ from lraee_core.exits import ExitRule
 from lraee_core.images import load_image
 from training.pipeline.build import STEPS as BUILD_STEPS
 from training.pipeline.cli import main
-from training.pipeline.config import SPLIT_NAMES, Job, load_build_config, read_record
+from training.pipeline.config import SPLIT_NAMES, load_build_config
 from training.pipeline.data import load_splits
 from training.pipeline.evaluate import _remapped
 from training.pipeline.features import FeatureStore
 from training.pipeline.heads import VARIANTS, load_heads
+from training.pipeline.jobs import Job, read_record
 from training.pipeline.label_sets import ExitView, exit_view, label_sets_for
 from training.pipeline.simulate import METHODS, method_scores, simulate
 

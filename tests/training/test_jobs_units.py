@@ -17,18 +17,11 @@ from lraee_core.backbone import VisionShape
 from lraee_core.config import BackboneConfig
 from lraee_core.flops import flops_model
 from lraee_core.gate import exits
-from training.pipeline.config import (
-    SPLIT_NAMES,
-    BuildConfig,
-    CalibrateConfig,
-    DataConfig,
-    ExtractConfig,
-    GateFitConfig,
-    portable_paths,
-)
+from training.pipeline.config import SPLIT_NAMES, BuildConfig, CalibrateConfig, DataConfig, ExtractConfig, GateFitConfig
 from training.pipeline.data import DataError, make_splits, read_classes_tsv, stratified_order
 from training.pipeline.evaluate import four_quadrants, pabee
 from training.pipeline.gate_fit import fit_logistic, gate_key, pairs
+from training.pipeline.jobs import portable_paths
 from training.pipeline.label_sets import ExitView, auc, label_sets_for, log_uniform_counts, resolve_counts
 from training.pipeline.profile import ProfileAccumulator
 from training.pipeline.search import candidate_thresholds, promises, prune_layers, search_point

@@ -22,7 +22,8 @@ from training.clip.recipes import (
     world_builds,
 )
 from training.pipeline.cli import CONFIG_FILE, parser, resolve_config
-from training.pipeline.config import BuildConfig, Job, load_build_config, path_roots, portable_paths
+from training.pipeline.config import BuildConfig, load_build_config
+from training.pipeline.jobs import Job, path_roots, portable_paths
 
 
 def _retyped(job: Job) -> BuildConfig:

@@ -15,7 +15,7 @@ from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
 from lraee_core.static_quant import RANGES_FILE, ActivationRanges
 from training.pipeline.cli import main
-from training.pipeline.config import read_record
+from training.pipeline.jobs import read_record
 
 CLASSES = {"red": (150, 90, 90), "green": (90, 140, 95), "blue": (90, 100, 150)}
 

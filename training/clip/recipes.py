@@ -36,7 +36,8 @@ from lraee_core.checkpoint import read_manifest
 from training.clip import photos
 from training.pipeline.build import run_build
 from training.pipeline.cli import CONFIG_FILE, OPTIONS
-from training.pipeline.config import BuildConfig, Job, replace_field, write_json
+from training.pipeline.config import BuildConfig, replace_field
+from training.pipeline.jobs import Job, write_json
 
 from .everyday import EverydayClipConfig, train_everyday_clip
 from .photo_clip import (

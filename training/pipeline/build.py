@@ -12,12 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .calibrate import run_calibrate
-from .config import Job
 from .data import run_split
 from .evaluate import run_evaluate
 from .features import run_extract
 from .gate_fit import run_fit_gate
 from .heads import run_train_heads
+from .jobs import Job
 from .profile import run_profile
 from .ranges import run_ranges
 

@@ -13,9 +13,10 @@ from typing import Any
 from lraee_core.checkpoint import MANIFEST
 
 from .checkpoint_writer import write_checkpoint
-from .config import CalibrateConfig, ConfigError, Job, config_hash, read_json, step, write_json, write_record
+from .config import CalibrateConfig, ConfigError
 from .features import FeatureStore
 from .gate_fit import load_gates, run_fit_gate
+from .jobs import Job, config_hash, read_json, step, write_json, write_record
 from .label_sets import ExitView
 from .profile import load_profile, run_profile
 from .search import OPERATING_POINTS, Selection, promises, prune_layers, select_candidates

@@ -8,10 +8,11 @@ from typing import Any
 from lraee_core.backbone import build_backbone
 from lraee_core.checkpoint import Manifest, PrunedLayer, backbone_ref, save_checkpoint
 
-from .config import Job, path_roots, portable_paths, to_jsonable
+from .config import to_jsonable
 from .features import FeatureStore
 from .gate_fit import load_gates
 from .heads import load_heads
+from .jobs import Job, path_roots, portable_paths
 from .profile import LayerProfile
 from .ranges import activation_ranges
 from .search import Selection

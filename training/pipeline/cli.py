@@ -26,9 +26,10 @@ from lraee_core.errors import LraeeError
 
 from .build import STEPS, run_build
 from .calibrate import OPERATING_POINTS
-from .config import BuildConfig, ConfigError, Job, load_build_config, write_json
+from .config import BuildConfig, ConfigError, load_build_config
 from .data import WORLD_PREFIX
 from .evaluate import EngineMismatchError
+from .jobs import Job, write_json
 
 log = logging.getLogger("training")
 CONFIG_FILE = "config.json"

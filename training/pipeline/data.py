@@ -36,18 +36,8 @@ from torch.utils.data import Dataset
 
 from lraee_core.images import load_image
 
-from .config import (
-    SPLIT_NAMES,
-    ConfigError,
-    DataConfig,
-    Job,
-    SplitSize,
-    config_hash,
-    read_json,
-    step,
-    write_json,
-    write_record,
-)
+from .config import SPLIT_NAMES, ConfigError, DataConfig, SplitSize
+from .jobs import Job, config_hash, read_json, step, write_json, write_record
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 WORLD_PREFIX = "world:"

@@ -36,21 +36,12 @@ from lraee_core.exits import ExitRule
 from lraee_core.images import load_image
 
 from .calibrate import load_calibration, run_calibrate
-from .config import (
-    ConfigError,
-    Job,
-    config_hash,
-    path_roots,
-    portable_paths,
-    read_json,
-    step,
-    write_json,
-    write_record,
-)
+from .config import ConfigError
 from .data import load_splits
 from .features import FeatureStore
 from .gate_fit import load_gates
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads
+from .jobs import Job, config_hash, path_roots, portable_paths, read_json, step, write_json, write_record
 from .label_sets import ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
 from .profile import load_profile
 from .search import OPERATING_POINTS, candidate_thresholds

@@ -35,19 +35,9 @@ from lraee_core.quantize import QuantReport, quantize_vision
 from lraee_core.static_quant import ActivationRanges
 from lraee_core.text import TextEmbeddingCache, validate_templates
 
-from .config import (
-    SPLIT_NAMES,
-    BuildConfig,
-    ConfigError,
-    Job,
-    backbone_identity,
-    config_hash,
-    read_json,
-    step,
-    write_json,
-    write_record,
-)
+from .config import SPLIT_NAMES, BuildConfig, ConfigError
 from .data import ImageDataset, Splits, run_split
+from .jobs import Job, backbone_identity, config_hash, read_json, step, write_json, write_record
 from .ranges import activation_ranges
 
 META_FILE = "meta.json"

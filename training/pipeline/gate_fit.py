@@ -31,9 +31,10 @@ import torch
 
 from lraee_core.gate import PAPER_FEATURES, GateParams, validate_feature_names
 
-from .config import ConfigError, GateFitConfig, Job, config_hash, read_json, step, write_json, write_record
+from .config import ConfigError, GateFitConfig
 from .features import FeatureStore
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads, run_train_heads
+from .jobs import Job, config_hash, read_json, step, write_json, write_record
 from .label_sets import ExitView, auc, exit_view, label_sets_for, log_uniform_counts
 
 COSINE = ("cos_top1", "cos_gap", "entropy_norm", "log_k")

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from lraee_core.config import HeadConfig, Loss, Pooling
 from lraee_core.heads import ExitHead, class_logits
 
-from .config import HeadTrainConfig, Job, config_hash, read_json, step, write_json, write_record
+from .config import HeadTrainConfig
 from .features import FeatureStore, run_extract
+from .jobs import Job, config_hash, read_json, step, write_json, write_record
 
 HEADS_FILE = "heads.json"
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .config import Job, backbone_identity, config_hash, read_json, step, write_json, write_record
 from .data import ImageDataset, run_split
 from .features import build_backbones
+from .jobs import Job, backbone_identity, config_hash, read_json, step, write_json, write_record
 from .ranges import activation_ranges
 
 PROFILE_FILE = "profile.json"

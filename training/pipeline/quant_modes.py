@@ -24,7 +24,8 @@ from lraee_core.assets import EMBEDDED_CHECKPOINTS
 from lraee_core.checkpoint import read_manifest
 
 from .cli import main as cli
-from .config import REPO_ROOT, CalibrateConfig, data_root
+from .config import CalibrateConfig
+from .jobs import REPO_ROOT, data_root
 from .search import prune_layers
 
 RUNS = REPO_ROOT / "runs" / "quant_builds"

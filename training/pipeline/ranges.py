@@ -17,8 +17,8 @@ from tqdm import tqdm
 from lraee_core.backbone import build_backbone
 from lraee_core.static_quant import RANGES_FILE, STATIC_MODES, ActivationRanges, observe_ranges
 
-from .config import Job, backbone_identity, config_hash, step, write_record
 from .data import ImageDataset, run_split
+from .jobs import Job, backbone_identity, config_hash, step, write_record
 
 CALIBRATION_IMAGES = 512  # calib-split images observed (all of them when the split is smaller)
 BATCH_SIZE = 32  # images per FP32 forward pass

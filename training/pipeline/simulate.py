@@ -19,10 +19,10 @@ import torch
 
 from lraee_core.gate import GateParams
 
-from .config import Job
 from .features import FeatureStore
 from .gate_fit import PAPER_GATE, GateBank
 from .heads import VARIANTS, load_heads
+from .jobs import Job
 from .label_sets import ExitView, exit_view, label_sets_for, resolve_counts
 
 Scoring = Literal["gate", "confidence"]
