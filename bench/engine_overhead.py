@@ -1,8 +1,8 @@
 """Engine overhead: how much of an ``EarlyExitClassifier`` call is spent outside the vision tower's own stages.
 
-The backbone's stages (``embed``, each ``block``, ``pool_final``) are wrapped with timers on the loaded instance, so
-one engine call reports both its wall time and the part spent inside those stages; the rest is the engine's own
-work (exit heads, gates, compaction, text look-ups, results). Rows:
+The backbone's stages (``embed``, each span of ``blocks``, ``pool_final``) are wrapped with timers on the loaded
+instance, so one engine call reports both its wall time and the part spent inside those stages; the rest is the
+engine's own work (exit heads, gates, compaction, text look-ups, results). Rows:
 
 * ``one label set``: ``classify(images, labels)`` at the default operating point, every row the same 5 labels;
 * ``varied label sets``: ``classify_rows`` with each row its own 2-20 labels (cached text), as the service batches
@@ -53,11 +53,11 @@ class StageClock:
 
 @contextmanager
 def clocked_stages(engine: EarlyExitClassifier) -> Iterator[StageClock]:
-    """Wrap the backbone's ``embed``, ``block`` and ``pool_final`` with timers (instance attributes, undone after)."""
+    """Wrap the backbone's ``embed``, ``blocks`` and ``pool_final`` with timers (instance attributes, undone after)."""
     backbone = engine.backbone
     clock = StageClock()
     originals: dict[str, Callable[..., torch.Tensor]] = {
-        name: getattr(backbone, name) for name in ("embed", "block", "pool_final")
+        name: getattr(backbone, name) for name in ("embed", "blocks", "pool_final")
     }
 
     def timed(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -5,6 +5,10 @@ The server is started as its own process (``uvicorn app.main:create_app --factor
 ``repeats`` timed rounds of a bounded number of requests, all posting the same image and label set; any failed
 request is counted and makes the benchmark fail. The reference is the same engine in this process at the server's
 maximum batch size, measured in the same run.
+
+``python -m bench.service`` runs real traffic instead (:func:`run_varied_service`): 16 clients, each posting its own
+label set of 2-20 labels, against plain open_clip FP32 in process at batch 32 on the same backbone, rounds of the two
+interleaved; it writes ``bench/results/service-<time>.md`` with the command and what else was using the CPU.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import asyncio
 import base64
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -346,3 +352,287 @@ def run_service(
         errors=len(errors),
         error_samples=errors[:_ERROR_SAMPLES],
     )
+
+
+# ---- real traffic: every client its own label set, against plain open_clip FP32 in process ----------------------
+
+# Label vocabulary of the varied-traffic rows: 8 x 12 = 96 two-word labels.
+VOCABULARY = tuple(
+    f"{adjective} {noun}"
+    for adjective in ("red", "small", "old", "striped", "wooden", "shiny", "wet", "tiny")
+    for noun in ("cat", "dog", "car", "tree", "boat", "house", "cup", "bird", "chair", "lamp", "shoe", "clock")
+)
+BASELINE_BATCH = 32  # plain open_clip's batch in the reference
+BASELINE_LABELS = 10  # labels of the reference's zero-shot head
+
+
+@dataclass
+class VariedServiceResult:
+    """The service under real traffic (each client its own labels) beside plain open_clip FP32 in process."""
+
+    checkpoint: str
+    clients: int
+    labels_per_client: list[int]  # each client's label-set size (drawn from 2-20)
+    server_threads: int  # LRAEE_THREADS of the server; the in-process reference uses as many torch threads
+    requests_per_round: int
+    service_requests_per_s: list[float]  # each timed round (one image per request)
+    baseline_images_per_s: list[float]  # each timed round, measured just before the service round
+    ratios: list[float]  # service / baseline of the same round
+    latency_p50_ms: float
+    latency_p95_ms: float
+    server_timing_ms: dict[str, float]  # medians of the responses' timing_ms
+    mean_engine_batch: float  # images per engine batch over the timed rounds (from /metrics)
+    server_cpu_cores: float  # server CPU seconds / wall seconds over the timed service rounds
+    client_cpu_cores: float  # this process (the clients) over the same rounds
+    model: dict[str, object]  # GET /model: quant mode, backbone
+    errors: int
+    error_samples: list[str] = field(default_factory=list)
+
+
+def client_label_sets(clients: int, low: int = 2, high: int = 20, seed: int = 0) -> list[tuple[str, ...]]:
+    """One label set per client, ``low``-``high`` labels drawn from :data:`VOCABULARY` (seeded: the same each run)."""
+    draw = random.Random(seed)
+    return [tuple(draw.sample(VOCABULARY, draw.randint(low, high))) for _ in range(clients)]
+
+
+def plain_open_clip_rate(checkpoint: Path, image: bytes, threads: int) -> Callable[[int], float]:
+    """A pass of plain open_clip FP32 (``visual`` forward, cosine logits, softmax, top-5) at batch 32 on the
+    checkpoint's own backbone: returns a function running ``batches`` batches and giving images/s."""
+    from lraee_core.checkpoint import load_classifier
+
+    from .baselines import tower_classifier
+
+    torch.set_num_threads(threads)
+    fp32 = load_classifier(checkpoint, quant_mode="none")
+    text = fp32.text_embeddings(VOCABULARY[:BASELINE_LABELS])
+    classify = tower_classifier(fp32.backbone.visual, text, fp32.backbone.logit_scale)
+    tensor = fp32.backbone.preprocess(load_image(image))
+    images = tensor.unsqueeze(0).repeat(BASELINE_BATCH, 1, 1, 1)  # [32, 3, H, W]
+
+    def rate(batches: int) -> float:
+        started = time.perf_counter()
+        for _ in range(batches):
+            classify(images)
+        return batches * BASELINE_BATCH / (time.perf_counter() - started)
+
+    return rate
+
+
+async def _metric(client: httpx.AsyncClient, name: str) -> float:
+    text = (await client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def _varied_round(
+    client: httpx.AsyncClient,
+    image: bytes,
+    label_sets: Sequence[tuple[str, ...]],
+    count: int,
+    errors: list[str],
+    log: _RoundLog,
+) -> float:
+    """``count`` requests shared among the clients, each client posting its own label set; the round's seconds."""
+    remaining = count
+
+    async def worker(labels: tuple[str, ...]) -> None:
+        nonlocal remaining
+        request = _Request("multipart", image, labels)
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            try:
+                response = await request.send(client)
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            log.latencies.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                continue
+            for name, value in (response.json().get("timing_ms") or {}).items():
+                log.server_timing.setdefault(name, []).append(float(value))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(labels) for labels in label_sets))
+    return time.perf_counter() - started
+
+
+def run_varied_service(
+    checkpoint: Path,
+    *,
+    clients: int = 16,
+    threads: int = 2,
+    requests_per_round: int = 320,
+    baseline_batches: int = 8,
+    warmup: int = 1,
+    repeats: int = 5,
+    time_limit_s: float = 900.0,
+    log_path: Path,
+) -> VariedServiceResult:
+    """Start the app on ``checkpoint``; in each round, time plain open_clip FP32 in process at batch 32, then the
+    service under ``clients`` concurrent clients each posting its own 2-20 labels (interleaved, so load drifting on
+    a shared machine hits both alike). Raises ServiceSkipped."""
+    reason = app_import_error()
+    if reason is not None:
+        raise ServiceSkipped(f"`from app.main import create_app` fails ({reason})")
+    image = sample_image()
+    label_sets = client_label_sets(clients)
+    baseline = plain_open_clip_rate(checkpoint, image, threads)
+    deadline = time.monotonic() + time_limit_s
+    errors: list[str] = []
+    log = _RoundLog()
+    service_rates: list[float] = []
+    baseline_rates: list[float] = []
+
+    async def drive(server: _Server) -> tuple[dict[str, object], float, float, float]:
+        await _wait_ready(server, _Request("multipart", image, label_sets[0]), deadline)
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120.0, limits=limits) as client:
+            model = (await client.get("/model")).json()
+            await _varied_round(client, image, label_sets, clients, errors, _RoundLog())  # every label set cached
+            batches_before = await _metric(client, "lraee_batch_size_count")
+            images_before = await _metric(client, "lraee_batch_size_sum")
+            server_cpu, client_cpu, wall = 0.0, 0.0, 0.0
+            for round_index in range(warmup + repeats):
+                if time.monotonic() > deadline:
+                    errors.append("time limit reached before all rounds ran")
+                    break
+                baseline_rate = baseline(baseline_batches)
+                cpu_before, own_before = _cpu_seconds(server.process.pid), time.process_time()
+                round_log = log if round_index >= warmup else _RoundLog()
+                seconds = await _varied_round(client, image, label_sets, requests_per_round, errors, round_log)
+                if round_index < warmup:
+                    batches_before = await _metric(client, "lraee_batch_size_count")
+                    images_before = await _metric(client, "lraee_batch_size_sum")
+                    continue
+                server_cpu += _cpu_seconds(server.process.pid) - cpu_before
+                client_cpu += time.process_time() - own_before
+                wall += seconds
+                baseline_rates.append(baseline_rate)
+                service_rates.append(requests_per_round / seconds)
+            batches = await _metric(client, "lraee_batch_size_count") - batches_before
+            images = await _metric(client, "lraee_batch_size_sum") - images_before
+        summary = {key: model.get(key) for key in ("model", "backbone", "quant_mode", "quantized_modules")}
+        return summary, images / max(batches, 1.0), server_cpu / max(wall, 1e-9), client_cpu / max(wall, 1e-9)
+
+    with _Server(checkpoint, threads, 20, log_path) as server:
+        model, mean_batch, server_cores, client_cores = asyncio.run(drive(server))
+    if not service_rates:
+        raise ServiceSkipped(f"no timed round finished; errors: {errors[:_ERROR_SAMPLES]}")
+    return VariedServiceResult(
+        checkpoint=str(checkpoint),
+        clients=clients,
+        labels_per_client=[len(labels) for labels in label_sets],
+        server_threads=threads,
+        requests_per_round=requests_per_round,
+        service_requests_per_s=service_rates,
+        baseline_images_per_s=baseline_rates,
+        ratios=[s / b for s, b in zip(service_rates, baseline_rates, strict=True)],
+        latency_p50_ms=percentile(log.latencies, 50) * 1e3,
+        latency_p95_ms=percentile(log.latencies, 95) * 1e3,
+        server_timing_ms={name: median(values) for name, values in log.server_timing.items()},
+        mean_engine_batch=mean_batch,
+        server_cpu_cores=server_cores,
+        client_cpu_cores=client_cores,
+        model=model,
+        errors=len(errors),
+        error_samples=errors[:_ERROR_SAMPLES],
+    )
+
+
+def machine_load() -> list[str]:
+    """What else is using the CPU: the load average and the busiest other processes (``ps``), for the record."""
+    lines = [f"load average: {Path('/proc/loadavg').read_text().strip()}"]
+    try:
+        ps = subprocess.run(
+            ["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [*lines, f"ps failed: {exc}"]
+    own = os.getpid()
+    busy = [line.strip() for line in ps[1:] if line.split() and line.split()[0] != str(own)]
+    return lines + [line[:160] for line in busy[:6]]
+
+
+def varied_report(result: VariedServiceResult, command: str, load_before: list[str], load_after: list[str]) -> str:
+    """Markdown record of one varied-traffic run."""
+    ratio = median(result.ratios)
+    lines = [
+        f"# Service under real traffic vs plain open_clip FP32: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Checkpoint `{result.checkpoint}` ({result.model}); server `LRAEE_THREADS={result.server_threads}`, "
+        f"the in-process reference with {result.server_threads} torch threads; {os.cpu_count()} CPUs on the machine.",
+        f"{result.clients} clients, each its own label set of {min(result.labels_per_client)}-"
+        f"{max(result.labels_per_client)} labels (sizes {result.labels_per_client}), multipart `/classify` of one "
+        f"320x240 JPEG, {result.requests_per_round} requests per round; every label set cached after the untimed "
+        f"first round. Reference: plain open_clip FP32 `visual` + cosine logits + softmax + top-5 at batch "
+        f"{BASELINE_BATCH}, in process, on the same backbone, timed just before each service round.",
+        "",
+        "| | median | rounds |",
+        "|---|---:|---|",
+        f"| service requests/s (= images/s) | {median(result.service_requests_per_s):.1f} | "
+        + ", ".join(f"{v:.1f}" for v in result.service_requests_per_s)
+        + " |",
+        f"| plain open_clip FP32 images/s (batch {BASELINE_BATCH}) | {median(result.baseline_images_per_s):.1f} | "
+        + ", ".join(f"{v:.1f}" for v in result.baseline_images_per_s)
+        + " |",
+        f"| service / open_clip (same round) | **{ratio:.2f}x** | "
+        + ", ".join(f"{v:.2f}" for v in result.ratios)
+        + " |",
+        "",
+        f"Latency p50 {result.latency_p50_ms:.1f} ms, p95 {result.latency_p95_ms:.1f} ms; server timing medians (ms) "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result.server_timing_ms.items())
+        + f"; mean engine batch {result.mean_engine_batch:.1f} images; server CPU {result.server_cpu_cores:.2f} "
+        f"cores, clients (this process) {result.client_cpu_cores:.2f} cores; errors {result.errors}"
+        + (f" ({result.error_samples})" if result.error_samples else "")
+        + ".",
+        "",
+        "What else was using the CPU, before the run:",
+        "",
+        *(f"    {line}" for line in load_before),
+        "",
+        "and after it:",
+        "",
+        *(f"    {line}" for line in load_after),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.service``: the varied-traffic run, printed and written to bench/results/service-<time>.md."""
+    import argparse
+
+    from lraee_core.assets import resolve_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m bench.service", description=main.__doc__)
+    parser.add_argument("--checkpoint", default="everyday", help="checkpoint directory or embedded name")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="server LRAEE_THREADS and the reference's threads")
+    parser.add_argument("--requests", type=int, default=320, help="requests per timed round")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="markdown record (default bench/results/service-*.md)")
+    args = parser.parse_args(argv)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or REPO_ROOT / "bench" / "results" / f"service-{stamp}.md"
+    load_before = machine_load()
+    result = run_varied_service(
+        resolve_checkpoint(args.checkpoint),
+        clients=args.clients,
+        threads=args.threads,
+        requests_per_round=args.requests,
+        repeats=args.repeats,
+        log_path=Path(f"/tmp/lraee-bench-service-{stamp}.log"),
+    )
+    command = "python -m bench.service " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = varied_report(result, command.strip(), load_before, machine_load())
+    print(record)
+    out.write_text(record)
+
+
+if __name__ == "__main__":
+    main()

@@ -197,8 +197,12 @@ class EarlyExitClassifier:
 
         alive = torch.arange(batch)  # batch row of each row still running
         hidden = self.backbone.embed(images)  # [B, T, D]
-        for layer in range(1, self.num_layers + 1):
-            hidden = self.backbone.block(layer, hidden)
+        done = 0  # blocks run so far
+        # The hidden state is only read at candidate layers, so the blocks between two run as one span (one call;
+        # one graph on a backend that compiles spans).
+        for layer in sorted({*heads, self.num_layers}):
+            hidden = self.backbone.blocks(done + 1, layer, hidden)
+            done = layer
             if layer not in heads:
                 continue
             # Rows whose rule runs no heads (`full`) ride along without them.
