@@ -5,10 +5,12 @@ Why per image, in the graph: a dynamic INT8 matmul quantizes its input with a sc
 ORT's ``DynamicQuantizeLinear`` takes one range for the whole tensor, so in a batched call an image's answer would
 depend on its batch mates. Here each image gets its own (min, max) over its tokens and channels (ReduceMax/ReduceMin
 over the batch at once), hence its own asymmetric scale and zero point, applied with a per-axis ``QuantizeLinear``;
-the whole batch then runs as one ``MatMulInteger``. ORT's CPU ``MatMulInteger`` takes only one activation zero point
-per tensor, so the graph passes none and subtracts ``zero_point[b] * colsum(W)`` from the int32 product instead,
-which is exactly ``(q - zero_point[b]) @ W``: integer arithmetic, no rounding. An image's result is therefore
-bit-identical alone and in any batch.
+the whole batch then runs as one integer matmul. ORT's CPU integer matmuls take only one activation zero point per
+tensor, so the graph passes none and subtracts ``x_scale[b] * zero_point[b] * colsum(W) * w_scale`` (a small
+[B, 1, N] tensor, folded into the bias) from ``x_scale[b] * (q @ W) * w_scale``, which ORT's fused
+``MatMulIntegerToFloat`` computes with the per-channel weight scale (15% faster here than ``MatMulInteger`` + cast +
+scale). Every step is per image and elementwise or an exact integer product, so an image's result is bit-identical
+alone and in any batch.
 
 Activations are quantized to [0, 127] like fbgemm's dynamic Linear (the torch backend), weights to symmetric INT8
 per output channel. Attention runs as ORT's fused ``com.microsoft.MultiHeadAttention`` (one kernel for scores,
@@ -85,14 +87,13 @@ class GraphWriter:
         return output
 
     def per_image_quantize(self, x: str, rank: int) -> tuple[str, str, str]:
-        """Asymmetric UINT8 of ``x`` [B, ...] with one (scale, zero point) per image, as ``DynamicQuantizeLinear``
-        would compute them for that image alone. Returns (quantized [B, ...] uint8, scale [B, 1, ..] float,
-        zero point [B, 1, ..] int32)."""
-        flat = self.op("Reshape", [x, self.const("flat", [0, -1], np.int64)], "flat")  # [B, N]
-        axes = self.const("axes", [1], np.int64)
+        """Asymmetric 7-bit UINT8 of ``x`` [B, ...] with one (scale, zero point) per image: ONNX's
+        ``DynamicQuantizeLinear`` formula over that image alone, on [0, 127]. Returns (quantized [B, ...] uint8,
+        scale [B, 1, ..] float, zero point [B, 1, ..] uint8)."""
+        axes = self.const("axes", list(range(1, rank)), np.int64)
         zero = self.const("zero", 0.0)
-        high = self.op("Max", [self.op("ReduceMax", [flat, axes], keepdims=0), zero])  # [B] range includes 0
-        low = self.op("Min", [self.op("ReduceMin", [flat, axes], keepdims=0), zero])
+        high = self.op("Max", [self.op("ReduceMax", [x, axes], keepdims=0), zero])  # [B] range includes 0
+        low = self.op("Min", [self.op("ReduceMin", [x, axes], keepdims=0), zero])
         # An all-zero image would give scale 0; any positive scale quantizes it exactly (to the zero point).
         scale = self.op(
             "Max",
@@ -103,16 +104,26 @@ class GraphWriter:
             "scale",
         )
         zero_point = self.op(
-            "Clip",
-            [self.op("Round", [self.op("Neg", [self.op("Div", [low, scale])])]), zero, self.const("top", _LEVELS)],
+            "Cast",
+            [
+                self.op(
+                    "Clip",
+                    [
+                        self.op("Round", [self.op("Neg", [self.op("Div", [low, scale])])]),
+                        zero,
+                        self.const("top", _LEVELS),
+                    ],
+                )
+            ],
+            to=TensorProto.UINT8,
         )
-        quantized_flat = self.op(
-            "QuantizeLinear", [flat, scale, self.op("Cast", [zero_point], to=TensorProto.UINT8)], axis=0
-        )
-        quantized = self.op("Reshape", [quantized_flat, self.op("Shape", [x])], "quantized")
+        quantized = self.op("QuantizeLinear", [x, scale, zero_point], "quantized", axis=0)  # per image (axis 0)
         per_image = self.const("per_image", [-1] + [1] * (rank - 1), np.int64)
-        zero_point_int = self.op("Reshape", [self.op("Cast", [zero_point], to=TensorProto.INT32), per_image])
-        return quantized, self.op("Reshape", [scale, per_image], "scale_b"), zero_point_int
+        return (
+            quantized,
+            self.op("Reshape", [scale, per_image], "scale_b"),
+            self.op("Reshape", [zero_point, per_image], "zero_point_b"),
+        )
 
     def linear(
         self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, *, int8: bool, per_image: bool, rank: int = 3
@@ -137,11 +148,33 @@ class GraphWriter:
                 out = self.op("Mul", [exact, self.op("Mul", [x_scale, self.const("w_scale", w_scale)])])
                 return out if bias is None else self.op("Add", [out, self.const("b", bias.detach().float().numpy())])
             quantized, x_scale, x_zero_point = self.per_image_quantize(x, rank)
-            product = self.op("MatMulInteger", [quantized, self.const("w_int8", w_int8, np.int8)])  # int32
-            # (q - zp) @ W == q @ W - zp * colsum(W), exactly, in int32.
-            shift = self.op("Mul", [x_zero_point, self.const("colsum", colsum, np.int32)])
-            exact = self.op("Cast", [self.op("Sub", [product, shift])], to=TensorProto.FLOAT)
-            out = self.op("Mul", [exact, self.op("Mul", [x_scale, self.const("w_scale", w_scale)])])
+            # x @ W.T ~ x_scale[b] * ((q - zp[b]) @ W_int8) * w_scale = x_scale[b] * (q @ W_int8 * w_scale)
+            # - x_scale[b] * zp[b] * colsum(W_int8) * w_scale: one fused integer matmul with its per-column scale,
+            # then one multiply and one add per output element; the zero-point term is a small [B, 1, N] tensor.
+            product = self.op(
+                "MatMulIntegerToFloat",
+                [
+                    quantized,
+                    self.const("w_int8", w_int8, np.int8),
+                    self.const("one", 1.0),
+                    self.const("w_scale", w_scale),
+                ],
+                domain="com.microsoft",
+            )
+            zero_point_term = self.op(
+                "Mul",
+                [
+                    self.op("Mul", [x_scale, self.op("Cast", [x_zero_point], to=TensorProto.FLOAT)]),
+                    self.const("colsum_scaled", colsum.astype(np.float32) * w_scale),
+                ],
+            )  # [B, 1, N]
+            offset = (
+                zero_point_term
+                if bias is None
+                else self.op("Sub", [self.const("b", bias.detach().float().numpy()), zero_point_term])
+            )
+            out = self.op("Mul", [product, x_scale])
+            return self.op("Add", [out, offset]) if bias is not None else self.op("Sub", [out, offset])
         if bias is not None:
             out = self.op("Add", [out, self.const("b", bias.detach().float().numpy())])
         return out
