@@ -1,0 +1,101 @@
+"""The shared tiny-CLIP training loop: bit-exact resume, refused data changes, the log and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.clip.trainer import LOG_FILE, STATE_FILE, TrainingRun, config_parser
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images [B, 3, 64, 64], tokens [B, context]
+CAPTIONS = ["a red square", "a blue circle", "a green star", "a grey blob"]
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """The fields a trainer's config must carry, plus one data field of its own."""
+
+    output_dir: str  # the run's directory
+    data_dir: str = "."  # stands in for a trainer's data folder (compared as a resolved path on resume)
+    steps: int = 3  # schedule length
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 0.0  # final learning rate
+    warmup_steps: int = 1  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay of matrices
+    beta2: float = 0.98  # AdamW second moment
+    grad_clip_norm: float | None = 1.0  # global clip
+    seed: int = 0  # init and draws
+    threads: int = 1  # torch threads
+    device: str = "cpu"  # torch device
+    log_every: int = 1  # steps between log entries
+    checkpoint_every: int = 2  # steps between state.pt writes
+    half: bool = False  # FP16 weights file
+    progress: bool = False  # no progress bar in tests
+
+
+def _train(cfg: TinyConfig, end: int | None = None) -> TrainingRun:
+    run = TrainingRun(cfg, must_match=("seed", "data_dir"), path_fields=("data_dir",))
+    tokens = run.tokenizer(CAPTIONS)
+    loss_fn = open_clip.ClipLoss()
+
+    def draw(step: int) -> Batch:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        return torch.randn((len(CAPTIONS), 3, 64, 64), generator=generator), tokens
+
+    def batch_loss(batch: Batch) -> torch.Tensor:
+        output = run.model(*batch)
+        loss: torch.Tensor = loss_fn(output["image_features"], output["text_features"], output["logit_scale"])
+        return loss
+
+    stop = cfg.steps if end is None else end
+    run.train(map(draw, range(run.step, stop)), batch_loss, stop)
+    run.finish(lambda: {"extra": "mine"})
+    return run
+
+
+def test_interrupted_and_resumed_run_equals_a_straight_one(tmp_path: Path) -> None:
+    straight = _train(TinyConfig(output_dir=str(tmp_path / "straight")))
+    interrupted = TinyConfig(output_dir=str(tmp_path / "resumed"))
+    _train(interrupted, end=2)
+    resumed = _train(interrupted)
+    assert straight.step == resumed.step == 3
+    weights = [load_file(Path(run.output_dir) / "weights.safetensors") for run in (straight, resumed)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert [e["loss"] for e in straight.history] == [e["loss"] for e in resumed.history]
+    assert [e["step"] for e in resumed.history] == [1, 2, 3]
+
+
+def test_log_holds_config_history_and_the_trainers_extras(tmp_path: Path) -> None:
+    cfg = TinyConfig(output_dir=str(tmp_path), steps=2, half=True)
+    _train(cfg)
+    log = json.loads((tmp_path / LOG_FILE).read_text())
+    assert log["config"]["output_dir"] == str(tmp_path) and log["steps"] == 2
+    assert log["extra"] == "mine" and log["weights_dtype"] == "float16"
+    assert log["final_loss"] == log["history"][-1]["loss"]
+    assert 0.0 <= log["history"][-1]["data_fraction"] <= 1.0
+    assert torch.load(tmp_path / STATE_FILE, weights_only=True)["step"] == 2
+
+
+def test_resume_refuses_other_data_but_accepts_another_spelling_of_its_path(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = TinyConfig(output_dir=str(tmp_path / "run"), data_dir=str(data), steps=1)
+    _train(cfg)
+    with pytest.raises(ValueError, match="seed"):
+        _train(replace(cfg, seed=1, steps=2))
+    relative = os.path.relpath(data)
+    assert _train(replace(cfg, data_dir=relative, steps=2)).step == 2
+
+
+def test_command_line_has_a_flag_per_scalar_field() -> None:
+    parser = config_parser("tiny", TinyConfig(output_dir="x"))
+    args = vars(parser.parse_args(["--output-dir", "runs/y", "--steps", "7", "--half", "--lr", "0.5"]))
+    cfg = TinyConfig(**args)
+    assert (cfg.output_dir, cfg.steps, cfg.half, cfg.lr, cfg.progress) == ("runs/y", 7, True, 0.5, False)
