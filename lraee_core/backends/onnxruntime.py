@@ -291,7 +291,8 @@ class OrtClipBackbone(ClipBackbone):
 
     Blocks are written directly as ONNX (:mod:`.ort_graphs`): INT8 Linears with activation scales per image inside
     the graph, so a batch runs in one session call and each image gets the result it gets alone. A run of
-    consecutive blocks (:meth:`blocks`) is one graph and one call; its session is built on first use and kept.
+    consecutive blocks (:meth:`blocks`) is one graph and one call; its session is built on first use and kept
+    (the engine runs the same spans, between candidate layers, every time; the service's warm-up builds them).
     """
 
     def __init__(
@@ -314,11 +315,7 @@ class OrtClipBackbone(ClipBackbone):
         self._resblocks = list(self.visual.transformer.resblocks)  # FP32 modules the block graphs are written from
         self._lock = threading.Lock()
         self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
-        started = time.perf_counter()
         self._embed = ort.InferenceSession(embed.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
-        for layer in range(1, self.shape.num_layers + 1):
-            self._segment(layer, layer)
-        self.session_s = time.perf_counter() - started  # seconds to write the block graphs and open the sessions
         self.quant_report = QuantReport(
             mode=quant_mode,
             converted=tuple(
@@ -330,13 +327,11 @@ class OrtClipBackbone(ClipBackbone):
         )
 
     def with_scales(self, per_image_scales: bool) -> OrtClipBackbone:
-        """The same tower with the other activation-scale policy (new block sessions, same embed graph)."""
+        """The same tower with the other activation-scale policy (its own block sessions, the same embed graph)."""
         other = copy.copy(self)
         other.per_image_scales = per_image_scales
         other._lock = threading.Lock()
         other._sessions = {}
-        for layer in range(1, self.shape.num_layers + 1):
-            other._segment(layer, layer)
         return other
 
     def _segment(self, first: int, last: int) -> ort.InferenceSession:
