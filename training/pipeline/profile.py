@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +129,6 @@ def profile_hash(job: Job, splits_hash: str) -> str:
 @step("profile")
 def run_profile(job: Job) -> str:
     """Step ``profile``: write ``profile/profile.json`` and ``profile.png``; returns the step hash."""
-    from .report import plot_profile  # matplotlib is imported only when a plot is drawn
-
     splits = run_split(job)
     wanted = profile_hash(job, splits.content_hash)
     directory = job.step_dir("profile")
@@ -160,6 +159,38 @@ def run_profile(job: Job) -> str:
     plot_profile(layers, directory / PROFILE_PLOT, title=f"{quantized.name}, INT8 {config.quant_mode}")
     write_record(directory, "profile", wanted, {"images": count})
     return wanted
+
+
+def plot_profile(layers: Sequence[LayerProfile], path: Path, title: str = "") -> None:
+    """NSR/INR, INT8-vs-FP32 cosine and largest activations per layer."""
+    from matplotlib.figure import Figure  # matplotlib is imported only when a plot is drawn
+
+    x = [p.layer for p in layers]
+    figure = Figure(figsize=(12, 3.8))
+    figure.subplots_adjust(left=0.07, right=0.97, bottom=0.14, top=0.84, wspace=0.55)
+    nsr_axis, cosine_axis, max_axis = figure.subplots(1, 3)
+    (nsr_line,) = nsr_axis.plot(x, [p.nsr for p in layers], "o-", label="NSR")
+    nsr_axis.set_yscale("log")
+    nsr_axis.set_ylabel("NSR: noise / block change")
+    inr_axis = nsr_axis.twinx()
+    (inr_line,) = inr_axis.plot(x, [p.inr for p in layers], "s--", color="tab:orange", label="INR = 1 / NSR")
+    inr_axis.set_yscale("log")
+    nsr_axis.legend(handles=[nsr_line, inr_line], fontsize=8)
+    nsr_axis.set_title("noise-to-signal ratio")
+    cosine_axis.plot(x, [p.cosine for p in layers], "o-")
+    cosine_axis.ticklabel_format(axis="y", useOffset=False)
+    cosine_axis.set_title("cosine(INT8, FP32) per token")
+    max_axis.plot(x, [p.max_abs_fp32 for p in layers], "o-", label="FP32")
+    max_axis.plot(x, [p.max_abs_int8 for p in layers], "s--", label="INT8")
+    max_axis.set_title("max |activation|")
+    max_axis.legend()
+    for axis in (nsr_axis, cosine_axis, max_axis):
+        axis.set_xticks(x)
+        axis.set_xlabel("layer (blocks run)")
+    if title:
+        figure.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
 
 
 def load_profile(job: Job) -> list[LayerProfile]:
