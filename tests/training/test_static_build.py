@@ -99,3 +99,11 @@ def test_quant_mode_builds_rerun_the_shipped_command() -> None:
     options = shipped_command()
     assert "--quant" not in options and "--work-dir" not in options and "--eval-data" not in options
     assert options.count("--template") == 8 and not any("${" in option for option in options)
+
+
+def test_sign_test_of_rescued_against_lost() -> None:
+    from training.pipeline.quant_modes import sign_test
+
+    assert sign_test(0, 5) == pytest.approx(2 / 32)  # all five disagreements one way: 2 x (1/2)^5
+    assert sign_test(5, 0) == sign_test(0, 5)
+    assert sign_test(2, 1) == 1.0 and sign_test(0, 0) == 1.0

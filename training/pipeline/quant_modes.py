@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,15 @@ def mode_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sign_test(rescued: int, lost: int) -> float:
+    """Exact two-sided sign-test p-value of ``rescued`` against ``lost`` (McNemar's test on the discordant pairs)."""
+    total = rescued + lost
+    if total == 0:
+        return 1.0
+    tail = sum(math.comb(total, i) for i in range(min(rescued, lost) + 1)) / 2**total
+    return min(1.0, 2 * tail)
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.2f}"
 
@@ -205,11 +215,21 @@ def render(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
                     f"{_pct(row['agreement'])} | {_pct(row['flops_saved'])} | {row['rescue']} | {row['loss']} | "
                     f"{row['net_gain_points']:+.2f} |"
                 )
-    lines += ["", "## Does LRA-EE beat its own full depth (rescued > lost)?", ""]
+    lines += [
+        "",
+        "## Does LRA-EE beat its own full depth (rescued > lost)?",
+        "",
+        "p: exact two-sided sign test (McNemar) of rescued against lost, the only images where the two disagree.",
+        "",
+    ]
     for mode, evaluations in summary.items():
         for evaluation, s in evaluations.items():
-            wins = [k for k, row in s["sweep"].items() if row["rescue"] > row["loss"]]
-            verdict = f"yes at K = {', '.join(wins)}" if wins else "no, at no K"
+            wins = [
+                f"{k} ({row['rescue']} vs {row['loss']}, p = {sign_test(row['rescue'], row['loss']):.2g})"
+                for k, row in s["sweep"].items()
+                if row["rescue"] > row["loss"]
+            ]
+            verdict = f"yes at K = {'; '.join(wins)}" if wins else "no, at no K"
             lines.append(f"- {mode}, {evaluation}: {verdict}.")
     return "\n".join(lines) + "\n"
 
