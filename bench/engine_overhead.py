@@ -1,12 +1,16 @@
 """Engine overhead: how much of an ``EarlyExitClassifier`` call is spent outside the vision tower's own stages.
 
-The backbone's stages (``embed``, each span of ``blocks``, ``pool_final``) are wrapped with timers on the loaded
+The backbone's stages (``embed``, each ``block``, ``pool_final``) are wrapped with timers on the loaded
 instance, so one engine call reports both its wall time and the part spent inside those stages; the rest is the
 engine's own work (exit heads, gates, compaction, text look-ups, results). Rows:
 
 * ``one label set``: ``classify(images, labels)`` at the default operating point, every row the same 5 labels;
-* ``varied label sets``: ``classify_rows`` with each row its own 2-20 labels (cached text), as the service batches
-  real traffic.
+* ``varied label sets, one joint call``: ``classify_rows`` with each row its own 2-20 labels (cached text), as the
+  service batches real traffic;
+* ``varied label sets, one call per row``: the same rows, one ``classify`` call each: what the service did when only
+  requests with identical label sets shared a batch;
+* with ``--reference REV``: the engine of git revision REV on the same backbone, heads and text cache, timed in the
+  same rounds (an A/B of the engine code alone under the same machine load).
 
 Repeats are interleaved (every case once per round) so drift in a shared machine's load hits every case alike;
 medians and the spread (min-max over rounds) are reported.
@@ -19,13 +23,17 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +49,7 @@ WORDS = tuple(
     for noun in ("cat", "dog", "car", "tree", "boat", "house", "cup", "bird", "chair", "lamp")
 )
 ONE_LABEL_SET = ("cat", "dog", "car", "tree", "boat")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -53,11 +62,14 @@ class StageClock:
 
 @contextmanager
 def clocked_stages(engine: EarlyExitClassifier) -> Iterator[StageClock]:
-    """Wrap the backbone's ``embed``, ``blocks`` and ``pool_final`` with timers (instance attributes, undone after)."""
+    """Wrap the backbone's ``embed``, ``block`` and ``pool_final`` with timers (instance attributes, undone after).
+
+    ``block``, not ``blocks``: the torch backbone's ``blocks`` calls ``block`` for each layer, so engines that call
+    either are timed alike (a backend whose ``blocks`` bypasses ``block`` would need its own clock)."""
     backbone = engine.backbone
     clock = StageClock()
     originals: dict[str, Callable[..., torch.Tensor]] = {
-        name: getattr(backbone, name) for name in ("embed", "blocks", "pool_final")
+        name: getattr(backbone, name) for name in ("embed", "block", "pool_final")
     }
 
     def timed(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -96,25 +108,62 @@ class Case:
         return [e - s for e, s in zip(self.engine_ms, self.stages_ms, strict=True)]
 
 
-def build_cases(engine: EarlyExitClassifier, batches: tuple[int, ...], seed: int = 0) -> list[Case]:
-    """The one-label-set and (when supported) varied-label-set cases at each batch size."""
+def reference_engine(engine: EarlyExitClassifier, revision: str) -> Any:
+    """The ``EarlyExitClassifier`` of ``lraee_core/engine.py`` at git ``revision``, built on ``engine``'s very
+    backbone, heads, gates and text cache: an A/B of the engine code alone, timed in the same rounds."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:lraee_core/engine.py"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    name = f"lraee_core._engine_at_{revision}"
+    module = types.ModuleType(name)
+    module.__package__ = "lraee_core"  # its relative imports resolve to today's modules
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"lraee_core/engine.py@{revision}", "exec"), module.__dict__)
+    old = module.EarlyExitClassifier(
+        engine.backbone,
+        engine.quant_report,
+        engine.heads,
+        engine.gates,
+        engine.policy,
+        engine.head_config,
+        checkpoint_id=engine.checkpoint_id,
+        manifest=engine.manifest,
+    )
+    old.text_cache = engine.text_cache
+    return old
+
+
+def build_cases(
+    engine: EarlyExitClassifier, batches: tuple[int, ...], reference: Any = None, seed: int = 0
+) -> list[Case]:
+    """The cases at each batch size (with ``reference``, an older engine, its rows too)."""
     generator = torch.Generator().manual_seed(seed)
     size = engine.backbone.shape.image_size
     draw = random.Random(seed)
     cases = []
     for batch in batches:
         images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+        label_sets = [draw.sample(WORDS, draw.randint(2, 20)) for _ in range(batch)]
+        queries = [engine.query(labels) for labels in label_sets]
 
-        def one_label_set(images: torch.Tensor = images) -> object:
+        def one_label_set(images: torch.Tensor = images, engine: Any = engine) -> object:
             return engine.classify(images, ONE_LABEL_SET)
-
-        cases.append(Case("one label set", batch, one_label_set))
-        queries = [engine.query(draw.sample(WORDS, draw.randint(2, 20))) for _ in range(batch)]
 
         def varied(images: torch.Tensor = images, queries: list[LabelQuery] = queries) -> object:
             return engine.classify_rows(images, queries)
 
-        cases.append(Case("varied label sets", batch, varied))
+        def one_call_per_label_set(images: torch.Tensor = images, label_sets: list[list[str]] = label_sets) -> object:
+            # What the service did before it batched across label sets: every request its own engine call.
+            runner = reference if reference is not None else engine
+            return [runner.classify(images[row : row + 1], labels) for row, labels in enumerate(label_sets)]
+
+        cases.append(Case("one label set", batch, one_label_set))
+        if reference is not None:
+            cases.append(Case("one label set, reference engine", batch, partial(one_label_set, engine=reference)))
+        cases.append(Case("varied label sets, one joint call", batch, varied))
+        if batch > 1:
+            who = "reference engine" if reference is not None else "this engine"
+            cases.append(Case(f"varied label sets, one call per row ({who})", batch, one_call_per_label_set))
     return cases
 
 
@@ -140,14 +189,14 @@ def report(engine: EarlyExitClassifier, cases: list[Case], command: str) -> str:
         f"Command: `{command}`; torch threads {torch.get_num_threads()}; default operating point "
         f"`{engine.policy.default_operating_point}`. Medians over interleaved rounds, [min-max] spread.",
         "",
-        "| case | batch | engine ms | in stages ms | overhead ms | overhead share | overhead per image ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| case | batch | engine ms | images/s | in stages ms | overhead ms | overhead share | overhead per image ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in cases:
         engine_ms, stages_ms, overhead = median(case.engine_ms), median(case.stages_ms), median(case.overhead_ms)
         lines.append(
             f"| {case.name} | {case.batch} | {engine_ms:.2f} [{min(case.engine_ms):.2f}-{max(case.engine_ms):.2f}] "
-            f"| {stages_ms:.2f} | {overhead:.2f} [{min(case.overhead_ms):.2f}-{max(case.overhead_ms):.2f}] "
+            f"| {case.batch / engine_ms * 1e3:.0f} | {stages_ms:.2f} | {overhead:.2f} [{min(case.overhead_ms):.2f}-{max(case.overhead_ms):.2f}] "
             f"| {overhead / engine_ms:.0%} | {overhead / case.batch:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -162,10 +211,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    parser.add_argument(
+        "--reference", default=None, help="git revision whose engine.py is timed beside this one (an A/B)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = load_classifier(resolve_checkpoint(args.checkpoint))
-    cases = build_cases(engine, tuple(int(b) for b in args.batches.split(",")))
+    reference = reference_engine(engine, args.reference) if args.reference else None
+    cases = build_cases(engine, tuple(int(b) for b in args.batches.split(",")), reference)
     with torch.inference_mode():
         measure(engine, cases, args.warmup, args.repeats)
     command = "python -m bench.engine_overhead " + " ".join(argv if argv is not None else sys.argv[1:])

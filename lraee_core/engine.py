@@ -93,6 +93,7 @@ class EarlyExitClassifier:
         self.manifest = manifest
         self.text_cache = TextEmbeddingCache(backbone.encode_text, model_id=checkpoint_id, capacity=text_cache_capacity)
         self._logit_scale = backbone.logit_scale
+        self._rules: dict[str, ExitRule] = {}  # operating point name -> its rule, built once
 
     @property
     def default_templates(self) -> tuple[str, ...]:
@@ -126,12 +127,20 @@ class EarlyExitClassifier:
         """The rule of a named operating point (the default when None; ``full`` on every checkpoint);
         :class:`InputError` naming the known ones if unknown."""
         name = operating_point or self.policy.default_operating_point
-        if name == FULL_OPERATING_POINT:
-            return ExitRule.full()
-        try:
-            return ExitRule.from_thresholds(self.policy.thresholds(name), name)
-        except KeyError:
-            raise InputError(f"unknown operating point {name!r}; this model has {list(self.policy.names)}") from None
+        rule = self._rules.get(name)
+        if rule is None:
+            if name == FULL_OPERATING_POINT:
+                rule = ExitRule.full()
+            else:
+                try:
+                    rule = ExitRule.from_thresholds(self.policy.thresholds(name), name)
+                except KeyError:
+                    known = list(self.policy.names)
+                    raise InputError(f"unknown operating point {name!r}; this model has {known}") from None
+            # One (frozen) rule object per point: rows of different requests at one point share it, which keeps
+            # their thresholds a constant column in the engine.
+            self._rules[name] = rule
+        return rule
 
     def query(
         self,
@@ -193,7 +202,7 @@ class EarlyExitClassifier:
         evaluated = torch.zeros(batch, dtype=torch.long)
         previous_top1 = torch.full((batch,), -1, dtype=torch.long)  # -1 (matches no label) before the first candidate
         answered: list[tuple[torch.Tensor, torch.Tensor]] = []  # (batch rows [n], their padded logits [n, W])
-        heads = self.heads if bool(plan.exits.evaluates.any()) else {}
+        heads = self.heads if plan.exits.any_evaluate else {}
 
         alive = torch.arange(batch)  # batch row of each row still running
         hidden = self.backbone.embed(images)  # [B, T, D]
@@ -206,7 +215,7 @@ class EarlyExitClassifier:
             if layer not in heads:
                 continue
             # Rows whose rule runs no heads (`full`) ride along without them.
-            evaluating = None if plan.all_evaluate else plan.exits.evaluates[alive].nonzero().flatten()
+            evaluating = None if plan.exits.all_evaluate else plan.exits.evaluates[alive].nonzero().flatten()
             rows = alive if evaluating is None else alive[evaluating]
             if rows.numel() == 0:
                 continue
@@ -314,13 +323,11 @@ class _RowPlan:
     queries: list[LabelQuery]  # per row
     costs: list[FlopsModel]  # per row (one model per distinct label-set size)
     text: torch.Tensor  # [sum K, E] float32: each distinct query's text embeddings, concatenated
-    counts: torch.Tensor  # [B] long: K of each row's label set
-    offsets: torch.Tensor  # [B] long: where each row's labels start in ``text``
+    counts: torch.Tensor | None  # [B] long: K of each row's label set (None: one label set, ``width``)
+    offsets: torch.Tensor | None  # [B] long: where each row's labels start in ``text`` (None: one label set)
     width: int  # the widest label set
-    uniform: bool  # every row asks the same query: no gather, no padding
-    all_evaluate: bool  # every row's rule runs heads
     exits: RowExits  # per-row exit rules
-    top_ks: torch.Tensor  # [B] long: predictions each row wants
+    top_ks: list[int]  # per row: predictions wanted
 
     @classmethod
     def of(
@@ -336,30 +343,31 @@ class _RowPlan:
             except ValueError as exc:
                 raise InputError(str(exc)) from exc
         sizes = [len(query.labels) for query in unique]
-        starts = [0]
-        for size in sizes[:-1]:
-            starts.append(starts[-1] + size)
-        which = torch.tensor(index, dtype=torch.long)
         models = {size: flops_model(shape, head_hidden_dim, size) for size in set(sizes)}
-        exits = RowExits.of([query.rule for query in queries], positions, candidate_layers)
+        counts = offsets = None
+        if len(unique) > 1:
+            starts = [0]
+            for size in sizes[:-1]:
+                starts.append(starts[-1] + size)
+            which = torch.tensor(index, dtype=torch.long)  # [B] distinct query of each row
+            counts = torch.tensor(sizes, dtype=torch.long)[which]
+            offsets = torch.tensor(starts, dtype=torch.long)[which]
         return cls(
             queries=list(queries),
             costs=[models[len(query.labels)] for query in queries],
-            text=torch.cat([query.text for query in unique]).float(),
-            counts=torch.tensor(sizes, dtype=torch.long)[which],
-            offsets=torch.tensor(starts, dtype=torch.long)[which],
+            text=torch.cat([query.text for query in unique]).float() if len(unique) > 1 else unique[0].text.float(),
+            counts=counts,
+            offsets=offsets,
             width=max(sizes),
-            uniform=len(unique) == 1,
-            all_evaluate=bool(exits.evaluates.all()),
-            exits=exits,
-            top_ks=torch.tensor([query.top_k for query in unique], dtype=torch.long)[which],
+            exits=RowExits.of([query.rule for query in queries], positions, candidate_layers),
+            top_ks=[query.top_k for query in queries],
         )
 
     def logits(self, embeddings: torch.Tensor, rows: torch.Tensor, logit_scale: float) -> torch.Tensor:
         """Each row's logits [b, W] against its own labels (columns past its K are -inf) from unit embeddings [b, E]
         of batch rows ``rows``."""
         every = class_logits(embeddings, self.text, logit_scale)  # [b, sum K]
-        if self.uniform:
+        if self.counts is None or self.offsets is None:
             return every
         columns = torch.arange(self.width)
         counts = self.counts[rows].unsqueeze(1)
@@ -367,18 +375,20 @@ class _RowPlan:
         return every.gather(1, where).masked_fill(columns >= counts, float("-inf"))
 
     def label_counts(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """K per row for the gate features; None when every row has the full width (one label set)."""
-        return None if self.uniform else self.counts[rows]
+        """K per row for the gate features; None when every row has the same label set."""
+        return None if self.counts is None else self.counts[rows]
 
     def padding(self, rows: torch.Tensor, width: int) -> torch.Tensor | None:
         """Mask [b, W] of the padding columns of ``rows``, None when there is none."""
-        if self.uniform:
+        if self.counts is None:
             return None
         return torch.arange(width) >= self.counts[rows].unsqueeze(1)
 
     def max_top_k(self, rows: torch.Tensor) -> int:
         """The most predictions any of ``rows`` wants."""
-        return int(self.top_ks[rows].max())
+        if self.counts is None:
+            return self.top_ks[0]
+        return max(self.top_ks[row] for row in rows.tolist())
 
 
 def _positions_within(groups: Sequence[int]) -> list[int]:

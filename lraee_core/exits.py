@@ -67,38 +67,49 @@ class RowExits:
     the rows come from requests with different rules. Build it with :meth:`of`."""
 
     thresholds: Mapping[int, torch.Tensor]  # candidate layer -> [B] float32 gate threshold per row (>= 1: stays)
-    forced: torch.Tensor  # [B] long: the layer a forced row leaves at (0: full depth); unused for other rows
-    is_forced: torch.Tensor  # [B] bool: the row follows a forced mix, not its gate
+    forced: torch.Tensor | None  # [B] long: the layer a forced row leaves at (0: full depth); None: no row forced
+    is_forced: torch.Tensor | None  # [B] bool: the row follows a forced mix, not its gate; None: no row forced
     evaluates: torch.Tensor  # [B] bool: the row's rule runs exit heads and gates (False for `full`)
+    any_evaluate: bool  # some row runs heads
+    all_evaluate: bool  # every row runs heads
 
     @classmethod
     def of(cls, rules: Sequence[ExitRule], positions: Sequence[int], candidate_layers: Sequence[int]) -> RowExits:
         """Row i follows ``rules[i]``; ``positions[i]`` is its index among the rows of its own request (which entry
         of a forced mix it takes). Thresholds are float32, as the gate's probabilities are, so a row leaves exactly
         when a single-rule batch would let it."""
-        distinct: dict[int, int] = {}
-        index = [distinct.setdefault(id(rule), len(distinct)) for rule in rules]
+        batch = len(rules)
         unique = list({id(rule): rule for rule in rules}.values())
-        which = torch.tensor(index, dtype=torch.long)  # [B] rule of each row
-        thresholds = {
-            layer: torch.tensor([rule.thresholds.get(layer, 1.0) for rule in unique], dtype=torch.float32)[which]
-            for layer in candidate_layers
-        }
-        forced = torch.zeros(len(rules), dtype=torch.long)
-        is_forced = torch.tensor([rule.forced is not None for rule in unique], dtype=torch.bool)[which]
-        if bool(is_forced.any()):
+        if len(unique) == 1:  # one rule: constant columns, no per-row look-up
+            [rule] = unique
+            thresholds = {
+                layer: torch.full((batch,), rule.thresholds.get(layer, 1.0), dtype=torch.float32)
+                for layer in candidate_layers
+            }
+            evaluates = torch.full((batch,), rule.evaluate_heads, dtype=torch.bool)
+        else:
+            number = {id(rule): index for index, rule in enumerate(unique)}
+            which = torch.tensor([number[id(rule)] for rule in rules], dtype=torch.long)  # [B] rule of each row
+            thresholds = {
+                layer: torch.tensor([rule.thresholds.get(layer, 1.0) for rule in unique], dtype=torch.float32)[which]
+                for layer in candidate_layers
+            }
+            evaluates = torch.tensor([rule.evaluate_heads for rule in unique], dtype=torch.bool)[which]
+        forced = is_forced = None
+        if any(rule.forced is not None for rule in unique):
             plan = [
                 (rule.forced[position] or 0) if rule.forced is not None else 0
                 for rule, position in zip(rules, positions, strict=True)
             ]
             forced = torch.tensor(plan, dtype=torch.long)
-        evaluates = torch.tensor([rule.evaluate_heads for rule in unique], dtype=torch.bool)[which]
-        return cls(thresholds, forced, is_forced, evaluates)
+            is_forced = torch.tensor([rule.forced is not None for rule in rules], dtype=torch.bool)
+        flags = [rule.evaluate_heads for rule in unique]
+        return cls(thresholds, forced, is_forced, evaluates, any(flags), all(flags))
 
     def leave(self, layer: int, rows: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
         """Mask [b] of the rows (batch indices ``rows`` [b], gate probabilities [b]) that leave at ``layer``."""
         threshold = self.thresholds[layer][rows]
         by_gate = (threshold < 1.0) & (probability >= threshold)
-        if not bool(self.is_forced.any()):
+        if self.forced is None or self.is_forced is None:
             return by_gate
         return torch.where(self.is_forced[rows], self.forced[rows] == layer, by_gate)

@@ -77,8 +77,12 @@ def gate_features(
     """
     logits = logits.float()
     batch, width = logits.shape
-    counts = torch.full((batch,), width, dtype=torch.long) if num_labels is None else num_labels
-    several = counts > 1  # rows whose label set has a runner-up
+    # One K for every row (the common case: a single label set) keeps every feature a scalar op; only a batch whose
+    # rows have different label-set sizes needs the per-row forms (``counts``).
+    k, counts = width, None
+    if num_labels is not None:
+        smallest, largest = (int(v) for v in num_labels.aminmax())
+        k, counts = (smallest, None) if smallest == largest else (largest, num_labels)
     columns: dict[str, torch.Tensor] = {}
     top = logits.topk(min(2, width), dim=-1).values / logit_scale  # [B, <=2] cosines (padding is -inf, never top)
     probs = logits.softmax(dim=-1)  # padding gets probability 0
@@ -87,12 +91,21 @@ def gate_features(
             columns[name] = top[:, 0]
         elif name == "cos_gap":
             # With a single label the gap is to the lowest possible cosine, -1.
-            columns[name] = torch.where(several, top[:, 0] - top[:, -1], top[:, 0] + 1.0)
+            if counts is not None:
+                columns[name] = torch.where(counts > 1, top[:, 0] - top[:, -1], top[:, 0] + 1.0)
+            else:
+                columns[name] = top[:, 0] - top[:, 1] if k > 1 else top[:, 0] + 1.0
         elif name == "entropy_norm":
-            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
-            columns[name] = torch.where(several, entropy / _log_counts(counts), torch.zeros(batch))
+            if k > 1:
+                entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
+                if counts is None:
+                    columns[name] = entropy / math.log(k)
+                else:
+                    columns[name] = torch.where(counts > 1, entropy / _log_per_row(counts), 0.0)
+            else:
+                columns[name] = torch.zeros(batch)
         elif name == "log_k":
-            columns[name] = _log_counts(counts)
+            columns[name] = _log_per_row(counts) if counts is not None else torch.full((batch,), math.log(k))
         elif name == "sav":
             if sav is None:
                 raise ValueError("the 'sav' feature needs the layer's SAV")
@@ -105,21 +118,18 @@ def gate_features(
         elif name in ("confidence", "margin"):
             ranked = probs.topk(min(2, width), dim=-1).values
             confidence = ranked[:, 0]
-            # With a single label the runner-up probability is zero, so the margin is the confidence itself.
-            columns[name] = (
-                confidence if name == "confidence" else torch.where(several, confidence - ranked[:, -1], confidence)
-            )
+            # With a single label the runner-up probability is zero, so the margin is the confidence itself (the
+            # padding's zero gives the same for a single-label row in a padded batch).
+            columns[name] = confidence if name == "confidence" or width == 1 else confidence - ranked[:, 1]
         else:
             raise ValueError(f"unknown gate feature {name!r}; known: {list(FEATURES)}")
     return torch.stack([columns[name] for name in names], dim=-1)
 
 
-def _log_counts(counts: torch.Tensor) -> torch.Tensor:
-    """log K per row [B] as float32, each the float32 rounding of ``math.log(K)`` (a gate fitted with one K
-    sees exactly the value it was fitted on); one ``math.log`` per distinct K."""
-    distinct, inverse = counts.unique(return_inverse=True)
-    logs = torch.tensor([math.log(k) for k in distinct.tolist()], dtype=torch.float32)
-    return logs[inverse]
+def _log_per_row(counts: torch.Tensor) -> torch.Tensor:
+    """log K per row [B] as the gate sees it: ``math.log(K)`` rounded to float32 (float64 log, then float32, gives
+    exactly that for every K up to 200,000, checked)."""
+    return counts.double().log().float()
 
 
 @dataclass(frozen=True)
