@@ -150,17 +150,25 @@ class ModelService:
             raise InvalidInput(f"top_k must be between 1 and {settings.max_labels}", code="invalid_top_k")
         return Query(BatchKey(labels, templates, operating_point), options.top_k)
 
+    def with_cached_text(self, query: Query) -> Query | None:
+        """``query`` with its text embeddings when every label is in the cache (no waiting), else None."""
+        text = self.classifier.cached_text_embeddings(query.key.labels, query.key.templates)
+        return None if text is None else self._resolved(query, text)
+
     async def resolve_text(self, query: Query) -> Query:
         """``query`` with its text embeddings resolved, before it may join the inference queue: from the cache at
         once when every label is there, else encoded on the text worker (:class:`TextQueueFull` when its queue is
         full). The inference worker never encodes a request's labels."""
+        cached = self.with_cached_text(query)
+        if cached is not None:
+            return cached
         key = query.key
-        cached = self.classifier.cached_text_embeddings(key.labels, key.templates)
-        if cached is None:
-            cached = await self.text_worker.run(self.classifier.text_embeddings, key.labels, key.templates)
-        resolved = self.classifier.query(
-            key.labels, operating_point=key.operating_point, top_k=query.top_k, text=cached
-        )
+        text = await self.text_worker.run(self.classifier.text_embeddings, key.labels, key.templates)
+        return self._resolved(query, text)
+
+    def _resolved(self, query: Query, text: torch.Tensor) -> Query:
+        key = query.key
+        resolved = self.classifier.query(key.labels, operating_point=key.operating_point, top_k=query.top_k, text=text)
         return replace(query, key=replace(key, resolved=resolved))
 
     def run_batch(self, keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:

@@ -108,7 +108,8 @@ async def run_classification(
     """
     query = service.prepare(parsed.options)  # text-side errors before any pixel is decoded
     # Text embeddings before the inference queue: new labels are encoded on the text worker, never on the engine's.
-    query = await until_disconnected(request, service.resolve_text(query))
+    cached = service.with_cached_text(query)
+    query = cached if cached is not None else await until_disconnected(request, service.resolve_text(query))
     # Places in the queue before decoding: a full queue refuses the request (429) without spending a decode on it.
     with batcher.admit(len(parsed.images)) as admission:
         decoded = await decoder.decode(parsed.images, batch=batch)
