@@ -52,6 +52,12 @@ RANGE_METHOD = "minmax"  # how ranges were observed (see the module docstring)
 _INPUT_QMAX_REAL = 127  # reduce_range: the x86 kernels need 7-bit activation inputs (module docstring)
 _WEIGHT_QMAX = 127  # symmetric INT8 weights, per output channel
 
+# torch marks its quantized tensor types deprecated in favour of torchao; they are still what runs its static INT8
+# kernels. Filtered once here: a per-call catch_warnings would also be unsafe with the server's worker threads.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
+)
+
 
 @dataclass(frozen=True)
 class ActivationRanges:
@@ -151,19 +157,15 @@ class StaticInt8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.input_scale, self.input_zero_point = affine_qparams(*input_range, _INPUT_QMAX_REAL)
-        with warnings.catch_warnings():  # torch marks its quantized tensors deprecated in favour of torchao
-            warnings.simplefilter("ignore")
-            self.quantized = QuantizedLinear(linear.in_features, linear.out_features, dtype=torch.qint8)
-            bias = None if linear.bias is None else linear.bias.detach().float()
-            self.quantized.set_weight_bias(_quantized_weight(linear), bias)
+        self.quantized = QuantizedLinear(linear.in_features, linear.out_features, dtype=torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.quantized.set_weight_bias(_quantized_weight(linear), bias)
         scale, zero_point = affine_qparams(*output_range, 255)
         self.quantized.scale, self.quantized.zero_point = scale, zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantized = torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8)
-            return self.quantized(quantized).dequantize()
+        quantized = torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8)
+        return self.quantized(quantized).dequantize()
 
 
 class FakeQuantLinear(nn.Module):
@@ -181,9 +183,7 @@ class FakeQuantLinear(nn.Module):
         self.qmax = 2**bits - 1
         self.input_scale, self.input_zero_point = affine_qparams(*input_range, self.qmax)
         self.output_scale, self.output_zero_point = affine_qparams(*output_range, self.qmax)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.register_buffer("weight", _quantized_weight(linear).dequantize())
+        self.register_buffer("weight", _quantized_weight(linear).dequantize())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
