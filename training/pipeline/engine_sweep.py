@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from lraee_core.assets import resolve_checkpoint
-from lraee_core.checkpoint import load_classifier
+from lraee_core.backends import BACKENDS, auto_backend
+from lraee_core.checkpoint import load_classifier, read_manifest
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
 
@@ -104,10 +105,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--k", default="2,5,10,50", help="label counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--backend",
+        choices=("auto", *BACKENDS),
+        default="torch",
+        help="what runs the vision tower (auto: the service's default, LRAEE_BACKEND=auto)",
+    )
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    classifier = load_classifier(resolve_checkpoint(args.checkpoint))
+    directory = resolve_checkpoint(args.checkpoint)
+    backend = auto_backend(read_manifest(directory).quant_mode) if args.backend == "auto" else args.backend
+    classifier = load_classifier(directory, backend=backend)
     paths, labels, names = photo_folder(args.photos, args.classes_tsv, args.per_class)
     if args.only_classes_of is not None:
         keep = {p.name for p in args.only_classes_of.iterdir() if p.is_dir()}
@@ -122,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ks = [int(k) for k in args.k.split(",")]
     result = {
         "checkpoint": classifier.checkpoint_id,
+        "backend": backend,
         "photos": args.photos.name,
         "images": len(paths),
         "classes": len(names),
