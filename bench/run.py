@@ -36,6 +36,7 @@ from .text_cost import measure_text_cost
 from .timing import max_rss_mib
 from .under_test import (
     BACKBONES,
+    DEFAULT,
     RANDOM_WEIGHTS_NOTE,
     SERVICE_ENGINE,
     VIT_B_32,
@@ -68,6 +69,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also time open_clip's full-context text encoder (ViT-B-32: ~4 more minutes)",
     )
     parser.add_argument("--skip-service", action="store_true", help="do not start the app")
+    parser.add_argument(
+        "--service-backbones",
+        default=DEFAULT,
+        help=f"backbones whose service section runs (default {DEFAULT}: the served model; ViT-B-32's takes minutes)",
+    )
     parser.add_argument("--service-labels", type=int, default=100, help="labels per service request (default 100)")
     parser.add_argument("--service-requests", type=int, help="requests per timed round (default 128; quick 16)")
     parser.add_argument("--service-concurrency", default="8,32", help="client counts (default 8,32)")
@@ -96,6 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown backbones {sorted(unknown)}; expected {', '.join(BACKBONES)}")
     args.service_concurrency = [int(c) for c in args.service_concurrency.split(",")]
+    args.service_backbones = {name.strip() for name in args.service_backbones.split(",") if name.strip()}
     if min(args.repeats, args.threads, args.labels, args.service_labels, *args.service_concurrency) < 1:
         parser.error("counts must be positive")
     return args
@@ -207,7 +214,7 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
 
     service: dict[str, Any] | None = None
     service_errors = 0
-    if not args.skip_service:
+    if not args.skip_service and name in args.service_backbones:
         _log(f"{name}: service, {args.service_concurrency} clients")
         try:
             result = run_service(
