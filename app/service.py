@@ -42,9 +42,9 @@ class BatchKey:
     labels: tuple[str, ...]  # validated, stripped, in request order
     templates: tuple[str, ...] | None  # None: the engine's default templates
     operating_point: str  # resolved name (never None)
-    # The engine's form of the question, text embeddings included, once resolved (ModelService.resolve_text);
-    # left out of equality and hashing, which stay those of the three fields above.
-    resolved: LabelQuery | None = field(default=None, compare=False, repr=False)
+    # Each label's text embedding [E], once resolved (ModelService.resolve_text): the inference worker stacks them
+    # and never encodes. Left out of equality and hashing, which stay those of the three fields above.
+    text_rows: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,10 @@ class ModelService:
         return Query(BatchKey(labels, templates, operating_point), options.top_k)
 
     def with_cached_text(self, query: Query) -> Query | None:
-        """``query`` with its text embeddings when every label is in the cache (no waiting), else None."""
-        text = self.classifier.cached_text_embeddings(query.key.labels, query.key.templates)
-        return None if text is None else self._resolved(query, text)
+        """``query`` with its text embeddings when every label is in the cache (no waiting, no torch op on the
+        event loop), else None."""
+        rows = self.classifier.cached_text_rows(query.key.labels, query.key.templates)
+        return None if rows is None else replace(query, key=replace(query.key, text_rows=rows))
 
     async def resolve_text(self, query: Query) -> Query:
         """``query`` with its text embeddings resolved, before it may join the inference queue: from the cache at
@@ -162,26 +163,35 @@ class ModelService:
         cached = self.with_cached_text(query)
         if cached is not None:
             return cached
-        key = query.key
-        text = await self.text_worker.run(self.classifier.text_embeddings, key.labels, key.templates)
-        return self._resolved(query, text)
+        rows = await self.text_worker.run(self._encode, query.key)
+        return replace(query, key=replace(query.key, text_rows=rows))
 
-    def _resolved(self, query: Query, text: torch.Tensor) -> Query:
-        key = query.key
-        resolved = self.classifier.query(key.labels, operating_point=key.operating_point, top_k=query.top_k, text=text)
-        return replace(query, key=replace(key, resolved=resolved))
+    def _encode(self, key: BatchKey) -> tuple[torch.Tensor, ...]:
+        """Encode (what the cache lacks of) a label set; runs on the text worker."""
+        return tuple(self.classifier.text_embeddings(key.labels, key.templates).unbind(0))
+
+    def _question(self, key: BatchKey, top_k: int, rule: ExitRule | None = None) -> LabelQuery:
+        """The engine's form of a key (on the inference worker): its resolved embeddings stacked, or, for a key
+        that skipped :meth:`resolve_text`, the cache's."""
+        text = torch.stack(key.text_rows) if key.text_rows is not None else None
+        return self.classifier.query(
+            key.labels,
+            templates=key.templates,
+            operating_point=key.operating_point,
+            top_k=top_k,
+            exit_rule=rule,
+            text=text,
+        )
 
     def run_batch(self, keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
         """One engine call, each image against its own request's key (blocking; the batcher's worker thread makes
-        it). Keys come resolved (:meth:`resolve_text`); one that is not is resolved here, from the cache."""
+        it)."""
         questions: dict[int, LabelQuery] = {}
         try:
             for key, top_k in zip(keys, top_ks, strict=True):
                 assert isinstance(key, BatchKey)
                 if id(key) not in questions:
-                    questions[id(key)] = key.resolved or self.classifier.query(
-                        key.labels, templates=key.templates, operating_point=key.operating_point, top_k=top_k
-                    )
+                    questions[id(key)] = self._question(key, top_k)
             return self.classifier.classify_rows(images, [questions[id(key)] for key in keys])
         except InputError as exc:  # prepare() checks all of this first; kept so a gap is a 422, not a 500
             raise InvalidInput(str(exc)) from exc
@@ -189,10 +199,7 @@ class ModelService:
     def run_full_depth(self, key: BatchKey, images: torch.Tensor) -> list[ExitResult]:
         """``key``'s label set at full depth, no exit heads run (shadow checks; blocking, on the worker thread).
         Uses the key's resolved text embeddings, so a check never encodes labels on the inference worker."""
-        text = key.resolved.text if key.resolved is not None else None
-        query = self.classifier.query(
-            key.labels, templates=key.templates, top_k=1, exit_rule=ExitRule.full(), text=text
-        )
+        query = self._question(key, 1, ExitRule.full())
         return self.classifier.classify_rows(images, [query] * images.shape[0])
 
     def close(self) -> None:

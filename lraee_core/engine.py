@@ -116,12 +116,13 @@ class EarlyExitClassifier:
         chosen = self.default_templates if templates is None else validate_templates(templates)
         return self.text_cache.get(labels, chosen)
 
-    def cached_text_embeddings(
+    def cached_text_rows(
         self, labels: Sequence[str], templates: Sequence[str] | None = None
-    ) -> torch.Tensor | None:
-        """The label embeddings [K, E] when all are in the text cache, else None (nothing is encoded)."""
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Each label's cached embedding [E] when all are in the text cache, else None (nothing is encoded; no torch
+        op runs, see :meth:`TextEmbeddingCache.lookup_rows`)."""
         chosen = self.default_templates if templates is None else validate_templates(templates)
-        return self.text_cache.lookup(labels, chosen)
+        return self.text_cache.lookup_rows(labels, chosen)
 
     def exit_rule(self, operating_point: str | None = None) -> ExitRule:
         """The rule of a named operating point (the default when None; ``full`` on every checkpoint);

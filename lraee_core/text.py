@@ -96,19 +96,29 @@ class TextEmbeddingCache:
         per_prompt = torch.cat(chunks).reshape(len(labels), len(templates), -1)  # [N, T, E]
         return F.normalize(per_prompt.mean(dim=1), dim=-1).half()
 
-    def lookup(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor | None:
-        """FP16 unit embeddings [K, E] of ``labels`` when every one is cached (counted as hits), else None; never
-        encodes, so it is cheap enough for an event loop or an inference worker."""
+    def lookup_rows(
+        self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Each label's FP16 unit embedding [E], in order, when every one is cached (counted as hits), else None.
+
+        Pure dictionary work, no torch op: cheap on an event loop, where a torch call would release the GIL and
+        then wait to get it back from a busy inference thread."""
         templates = tuple(templates)
         keys = [(self.model_id, templates, label) for label in labels]
         with self._lock:
             if any(key not in self._entries for key in keys):
                 return None
-            rows = [self._entries[key] for key in keys]
+            rows = tuple(self._entries[key] for key in keys)
             for key in keys:
                 self._entries.move_to_end(key)
             self.stats.hits += len(keys)
-        return torch.stack(rows)
+        return rows
+
+    def lookup(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor | None:
+        """FP16 unit embeddings [K, E] of ``labels`` when every one is cached (counted as hits), else None; never
+        encodes."""
+        rows = self.lookup_rows(labels, templates)
+        return None if rows is None else torch.stack(rows)
 
     def get(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
         """FP16 unit embeddings [K, E] of ``labels`` in order, encoding only the labels not cached yet."""

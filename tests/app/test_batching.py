@@ -314,7 +314,8 @@ async def test_requests_with_different_label_sets_share_one_engine_batch(
         engine.release.set()
         assert (await first).status_code == 200
         answers = await asyncio.gather(*together)
-    assert batches[1] == [tuple(labels) for labels in label_sets], "the three label sets should share one batch"
+    # The three requests (in whatever order their decoding finished) share the one batch after the held one.
+    assert sorted(batches[1]) == sorted(tuple(labels) for labels in label_sets), "the label sets should share a batch"
     for got, want in zip(answers, alone, strict=True):
         assert got.status_code == 200
         assert got.json()["exit_layer"] == want.json()["exit_layer"]

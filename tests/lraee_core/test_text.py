@@ -96,3 +96,6 @@ def test_lookup_never_encodes_and_answers_only_fully_cached_label_sets() -> None
     assert found is not None and torch.equal(found, encoded.flip(0))
     assert cache.lookup(["cat"], ("another {}",)) is None  # keyed by templates too
     assert (cache.stats.hits, cache.stats.misses) == (2, 2)
+    rows = cache.lookup_rows(["cat", "dog"], templates)
+    assert rows is not None and torch.equal(torch.stack(rows), encoded)  # the rows the stacked look-up is made of
+    assert cache.lookup_rows(["cat", "emu"], templates) is None
