@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from lraee_core.assets import resolve_checkpoint
+from lraee_core.backbone import ClipBackbone
 from lraee_core.checkpoint import load_classifier
 from lraee_core.engine import EarlyExitClassifier, LabelQuery
 
@@ -62,15 +63,16 @@ class StageClock:
 
 @contextmanager
 def clocked_stages(engine: EarlyExitClassifier) -> Iterator[StageClock]:
-    """Wrap the backbone's ``embed``, ``block`` and ``pool_final`` with timers (instance attributes, undone after).
+    """Wrap the backbone's ``embed``, blocks and ``pool_final`` with timers (instance attributes, undone after).
 
-    ``block``, not ``blocks``: the torch backbone's ``blocks`` calls ``block`` for each layer, so engines that call
-    either are timed alike (a backend whose ``blocks`` bypasses ``block`` would need its own clock)."""
+    Blocks are timed where both ``block`` and ``blocks`` end up, so engines calling either are timed alike: the
+    torch backbone's ``blocks`` calls ``block`` per layer, a backend compiling spans (onnxruntime) has ``block`` call
+    ``blocks``."""
     backbone = engine.backbone
     clock = StageClock()
-    originals: dict[str, Callable[..., torch.Tensor]] = {
-        name: getattr(backbone, name) for name in ("embed", "block", "pool_final")
-    }
+    spans_own = type(backbone).blocks is not ClipBackbone.blocks
+    stages = ("embed", "blocks" if spans_own else "block", "pool_final")
+    originals: dict[str, Callable[..., torch.Tensor]] = {name: getattr(backbone, name) for name in stages}
 
     def timed(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def run(*args: object) -> torch.Tensor:
@@ -186,7 +188,8 @@ def report(engine: EarlyExitClassifier, cases: list[Case], command: str) -> str:
     lines = [
         f"# Engine overhead: {engine.checkpoint_id} ({engine.backbone.name}), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
-        f"Command: `{command}`; torch threads {torch.get_num_threads()}; default operating point "
+        f"Command: `{command}`; backbone {type(engine.backbone).__name__}; torch threads {torch.get_num_threads()}; "
+        "default operating point "
         f"`{engine.policy.default_operating_point}`. Medians over interleaved rounds, [min-max] spread.",
         "",
         "| case | batch | engine ms | images/s | in stages ms | overhead ms | overhead share | overhead per image ms |",
@@ -196,7 +199,8 @@ def report(engine: EarlyExitClassifier, cases: list[Case], command: str) -> str:
         engine_ms, stages_ms, overhead = median(case.engine_ms), median(case.stages_ms), median(case.overhead_ms)
         lines.append(
             f"| {case.name} | {case.batch} | {engine_ms:.2f} [{min(case.engine_ms):.2f}-{max(case.engine_ms):.2f}] "
-            f"| {case.batch / engine_ms * 1e3:.0f} | {stages_ms:.2f} | {overhead:.2f} [{min(case.overhead_ms):.2f}-{max(case.overhead_ms):.2f}] "
+            f"| {case.batch / engine_ms * 1e3:.0f} | {stages_ms:.2f} "
+            f"| {overhead:.2f} [{min(case.overhead_ms):.2f}-{max(case.overhead_ms):.2f}] "
             f"| {overhead / engine_ms:.0%} | {overhead / case.batch:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -211,12 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="what runs the blocks")
     parser.add_argument(
         "--reference", default=None, help="git revision whose engine.py is timed beside this one (an A/B)"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    engine = load_classifier(resolve_checkpoint(args.checkpoint))
+    engine = load_classifier(resolve_checkpoint(args.checkpoint), backend=args.backend)
     reference = reference_engine(engine, args.reference) if args.reference else None
     cases = build_cases(engine, tuple(int(b) for b in args.batches.split(",")), reference)
     with torch.inference_mode():

@@ -385,8 +385,18 @@ class VariedServiceResult:
     server_cpu_cores: float  # server CPU seconds / wall seconds over the timed service rounds
     client_cpu_cores: float  # this process (the clients) over the same rounds
     model: dict[str, object]  # GET /model: quant mode, backbone
+    backend: str  # what runs the server's blocks (LRAEE_BACKEND, "auto" resolved as the server resolves it)
     errors: int
     error_samples: list[str] = field(default_factory=list)
+
+
+def server_backend(checkpoint: Path) -> str:
+    """The backend the server will pick from this environment's ``LRAEE_BACKEND`` (default ``auto``)."""
+    from lraee_core.backends import auto_backend
+    from lraee_core.checkpoint import read_manifest
+
+    chosen = os.environ.get("LRAEE_BACKEND", "auto")
+    return auto_backend(read_manifest(checkpoint).quant_mode) if chosen == "auto" else chosen
 
 
 def client_label_sets(clients: int, low: int = 2, high: int = 20, seed: int = 0) -> list[tuple[str, ...]]:
@@ -538,6 +548,7 @@ def run_varied_service(
         server_cpu_cores=server_cores,
         client_cpu_cores=client_cores,
         model=model,
+        backend=server_backend(checkpoint),
         errors=len(errors),
         error_samples=errors[:_ERROR_SAMPLES],
     )
@@ -565,7 +576,8 @@ def varied_report(result: VariedServiceResult, command: str, load_before: list[s
         "",
         f"Command: `{command}`",
         "",
-        f"Checkpoint `{result.checkpoint}` ({result.model}); server `LRAEE_THREADS={result.server_threads}`, "
+        f"Checkpoint `{result.checkpoint}` ({result.model}); server backend `{result.backend}`, "
+        f"`LRAEE_THREADS={result.server_threads}`, "
         f"the in-process reference with {result.server_threads} torch threads; {os.cpu_count()} CPUs on the machine.",
         f"{result.clients} clients, each its own label set of {min(result.labels_per_client)}-"
         f"{max(result.labels_per_client)} labels (sizes {result.labels_per_client}), multipart `/classify` of one "
