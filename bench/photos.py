@@ -2,15 +2,15 @@
 
 An early-exit engine's speed depends on its inputs: on noise a trained gate rarely lets an image leave, so the
 default model's operating points would be timed at full depth. The benchmark therefore feeds the default model the
-shared everyday photos (Intel scenes, flowers and CIFAR-10 training photos, classes taken in turn) against the 21
-class names of those sets, a label set of the size real requests send. ViT-B-32 has random weights here, so its
+shared everyday photos (Intel scenes, flowers and CIFAR-10 photos of the everyday CLIP's held-out split, which no
+training step saw, classes taken in turn) against the 21 class names of those sets, a label set of the size real
+requests send. ViT-B-32 has random weights here, so its
 rows keep seeded noise images and the 1,000 ImageNet class names (the paper's setting), and its early exits are
 forced (the assumed paper mix).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections.abc import Callable
@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+
+from lraee_core.images import load_image
 
 _REPO = Path(__file__).resolve().parents[1]
-SETS = ("intel-scenes-train.tar", "flowers-train.tar", "cifar10-train.tar")  # under everyday-photos/
+SETS = ("intel", "flowers", "cifar10")  # everyday sources (training.clip.everyday.SET_CLASSES) the bench reads
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,12 @@ def everyday_dir() -> Path:
     return Path(os.environ.get("LRAEE_DATA_ROOT", str(_REPO.parent / "shared" / "data"))) / "everyday-photos"
 
 
-def _photos_by_class(path: Path, per_class: int) -> dict[str, list[bytes]]:
+def _photos_by_class(path: Path, per_class: int, held_out: set[str]) -> dict[str, list[bytes]]:
     found: dict[str, list[bytes]] = {}
     with tarfile.open(path) as archive:
         for member in archive:
             label = member.name.split("/")[0]
-            if not member.isfile() or len(found.setdefault(label, [])) >= per_class:
+            if member.name not in held_out or len(found.setdefault(label, [])) >= per_class:
                 continue
             handle = archive.extractfile(member)
             if handle is not None:
@@ -54,22 +55,26 @@ def _photos_by_class(path: Path, per_class: int) -> dict[str, list[bytes]]:
 
 def everyday_photos(preprocess: Callable[[Any], torch.Tensor], count: int) -> BenchImages | None:
     """``count`` preprocessed everyday photos, classes in turn, with the class names; None when absent."""
+    from training.clip.everyday import SET_CLASSES, EverydayClipConfig, everyday_eval_split
+
     folder = everyday_dir()
-    paths = [folder / name for name in SETS]
+    paths = [folder / SET_CLASSES[name][0] for name in SETS]
     if not all(path.is_file() for path in paths):
         return None
+    # The split the everyday CLIP's training left out (its recipe's seed and fraction, the config defaults).
+    held = everyday_eval_split(EverydayClipConfig(everyday_dir=str(folder)))
     by_class: dict[str, list[bytes]] = {}
-    for path in paths:
-        for label, photos in _photos_by_class(path, per_class=count).items():
+    for name, path in zip(SETS, paths, strict=True):
+        for label, photos in _photos_by_class(path, per_class=count, held_out=set(held[name])).items():
             by_class.setdefault(label, []).extend(photos)
     labels = sorted(by_class)
     in_turn = [photos[index] for index in range(count) for label in labels if index < len(photos := by_class[label])]
     chosen = in_turn[:count]
     if len(chosen) < count:
         return None
-    images = torch.stack([preprocess(Image.open(io.BytesIO(data)).convert("RGB")) for data in chosen])
+    images = torch.stack([preprocess(load_image(data)) for data in chosen])
     note = (
-        f"images: {count} real everyday photos ({', '.join(SETS)} under {folder}, classes in turn) against their "
+        f"images: {count} held-out everyday photos ({', '.join(SETS)} under {folder}, classes in turn) against their "
         f"{len(labels)} class names"
     )
     return BenchImages(images, tuple(labels), note)

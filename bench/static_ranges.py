@@ -9,15 +9,14 @@ so: the speed of fixed-scale kernels does not depend on where their scales came 
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from lraee_core.backbone import ClipBackbone
+from lraee_core.images import load_image
 from lraee_core.static_quant import ActivationRanges, observe_ranges
 
 PHOTOS = 48  # calibration photos (one per class)
@@ -45,7 +44,7 @@ def calibration_photos(backbone: ClipBackbone, count: int = PHOTOS) -> torch.Ten
             if handle is None:
                 continue
             seen.add(wnid)
-            image = Image.open(io.BytesIO(handle.read())).convert("RGB")
+            image = load_image(handle.read())
             images.append(backbone.preprocess(image))
             if len(images) == count:
                 break
