@@ -30,7 +30,7 @@ from .flops import FlopsModel, flops_model
 from .gate import GateParams, gate_features, spatial_activation_variance
 from .heads import ExitHead, class_logits
 from .manifest import Manifest
-from .quantize import QuantReport
+from .quant_base import QuantReport
 from .text import DEFAULT_TEMPLATES, TextEmbeddingCache, validate_labels, validate_templates
 
 ExitPath = Literal["head", "full"]

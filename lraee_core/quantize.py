@@ -17,27 +17,16 @@ it gets alone.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
 from .config import QUANT_MODES, QuantMode
 from .errors import BackboneError
-
-if TYPE_CHECKING:
-    from .static_quant import ActivationRanges
-
-
-@dataclass(frozen=True)
-class QuantReport:
-    """What quantization did to the vision tower."""
-
-    mode: QuantMode  # the requested mode
-    converted: tuple[str, ...]  # names (relative to the vision tower) of the modules now running INT8 weights
+from .quant_base import ProjectedSelfAttention, QuantReport
+from .static_quant import ActivationRanges, quantize_static
 
 
 class PerImageDynamicLinear(nn.Module):
@@ -70,46 +59,14 @@ def _quantize_linears(module: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-class DynamicInt8SelfAttention(nn.Module):
-    """Self-attention equal to a batch-first ``nn.MultiheadAttention`` with INT8 dynamic projections.
-
-    Called as open_clip's ResidualAttentionBlock calls its ``attn``: ``attn(q, k, v, need_weights=False,
-    attn_mask=...)[0]`` with ``q is k is v``.
-    """
-
-    def __init__(self, attention: nn.MultiheadAttention) -> None:
-        super().__init__()
-        if not attention.batch_first or attention.in_proj_weight is None:
-            raise BackboneError("full quantization needs batch-first self-attention with a packed in_proj")
-        width = attention.embed_dim
-        self.num_heads = attention.num_heads
-        in_proj = nn.Linear(width, 3 * width, bias=attention.in_proj_bias is not None)
-        out_proj = nn.Linear(width, width, bias=attention.out_proj.bias is not None)
-        with torch.no_grad():
-            in_proj.weight.copy_(attention.in_proj_weight)
-            out_proj.weight.copy_(attention.out_proj.weight)
-            if attention.in_proj_bias is not None:
-                in_proj.bias.copy_(attention.in_proj_bias)
-            if attention.out_proj.bias is not None:
-                out_proj.bias.copy_(attention.out_proj.bias)
-        projections: Any = _quantize_linears(nn.ModuleDict({"in_proj": in_proj, "out_proj": out_proj}))
-        _wrap_per_image(projections)
-        self.in_proj = projections["in_proj"]
-        self.out_proj = projections["out_proj"]
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor | None = None,
-        value: torch.Tensor | None = None,
-        need_weights: bool = False,
-        attn_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        batch, tokens, width = query.shape
-        qkv = self.in_proj(query).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, head_dim]
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, width)), None
+def dynamic_int8_attention(attention: nn.MultiheadAttention) -> ProjectedSelfAttention:
+    """Self-attention equal to a batch-first ``nn.MultiheadAttention`` with INT8 dynamic projections (per-image
+    activation scales, like every Linear this module converts)."""
+    module = ProjectedSelfAttention(attention)
+    projections: Any = _quantize_linears(nn.ModuleDict({"in_proj": module.in_proj, "out_proj": module.out_proj}))
+    _wrap_per_image(projections)
+    module.in_proj, module.out_proj = projections["in_proj"], projections["out_proj"]
+    return module
 
 
 def quantize_vision(visual: nn.Module, mode: QuantMode, ranges: ActivationRanges | None = None) -> QuantReport:
@@ -121,14 +78,12 @@ def quantize_vision(visual: nn.Module, mode: QuantMode, ranges: ActivationRanges
     if mode == "none":
         return QuantReport(mode=mode, converted=())
     if mode.startswith("static"):
-        from .static_quant import quantize_static  # imported here: static_quant builds on this module
-
         return quantize_static(visual, mode, ranges)
     visual.eval()
     if mode == "full":
         blocks: Any = visual.get_submodule("transformer.resblocks")
         for block in blocks:
-            block.attn = DynamicInt8SelfAttention(block.attn)
+            block.attn = dynamic_int8_attention(block.attn)
     _quantize_linears(visual)
     _wrap_per_image(visual)
     converted = tuple(name for name, module in visual.named_modules() if isinstance(module, PerImageDynamicLinear))

@@ -42,7 +42,7 @@ from torch.ao.nn.quantized import Linear as QuantizedLinear
 
 from .config import QuantMode
 from .errors import BackboneError
-from .quantize import QuantReport
+from .quant_base import ProjectedSelfAttention, QuantReport
 
 ACTIVATION_BITS: dict[str, int] = {"static": 8, "static-a6": 6, "static-a4": 4}  # mode -> activation bits
 STATIC_MODES: tuple[QuantMode, ...] = ("static", "static-a6", "static-a4")
@@ -102,45 +102,6 @@ def affine_qparams(low: float, high: float, qmax: int) -> tuple[float, int]:
     scale = max((high - low) / qmax, 1e-8)
     zero_point = int(min(qmax, max(0, round(-low / scale))))
     return scale, zero_point
-
-
-class ProjectedSelfAttention(nn.Module):
-    """Self-attention equal to a batch-first ``nn.MultiheadAttention``, with its projections as separate modules.
-
-    Called as open_clip's ResidualAttentionBlock calls its ``attn``: ``attn(q, k, v, need_weights=False,
-    attn_mask=...)[0]`` with ``q is k is v``. The projections start as FP32 ``nn.Linear`` copies (so observers can
-    see their inputs and outputs) and are swapped for quantized ones by :func:`quantize_static`.
-    """
-
-    def __init__(self, attention: nn.MultiheadAttention) -> None:
-        super().__init__()
-        if not attention.batch_first or attention.in_proj_weight is None:
-            raise BackboneError("static quantization needs batch-first self-attention with a packed in_proj")
-        width = attention.embed_dim
-        self.num_heads = attention.num_heads
-        self.in_proj: nn.Module = nn.Linear(width, 3 * width, bias=attention.in_proj_bias is not None)
-        self.out_proj: nn.Module = nn.Linear(width, width, bias=attention.out_proj.bias is not None)
-        with torch.no_grad():
-            self.in_proj.weight.copy_(attention.in_proj_weight)
-            self.out_proj.weight.copy_(attention.out_proj.weight)
-            if attention.in_proj_bias is not None:
-                self.in_proj.bias.copy_(attention.in_proj_bias)
-            if attention.out_proj.bias is not None:
-                self.out_proj.bias.copy_(attention.out_proj.bias)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor | None = None,
-        value: torch.Tensor | None = None,
-        need_weights: bool = False,
-        attn_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        batch, tokens, width = query.shape
-        qkv = self.in_proj(query).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, head_dim]
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, width)), None
 
 
 def _quantized_weight(linear: nn.Linear) -> torch.Tensor:

@@ -15,26 +15,19 @@ image's answer does not depend on the other images of its batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from ..backbone import ClipBackbone
 from ..config import QUANT_MODES, QuantMode
 from ..errors import BackboneError
-from ..quantize import QuantReport
+from ..quant_base import QuantReport
+from .options import BackendOptions
 
 BackendName = Literal["torch", "onnxruntime"]
 BACKENDS: tuple[BackendName, ...] = ("torch", "onnxruntime")
 DEFAULT_BACKEND: BackendName = "torch"
 BackendChoice = Literal["auto", "torch", "onnxruntime"]  # what a deployment asks for; "auto": auto_backend()
 ONNXRUNTIME_MODES: tuple[QuantMode, ...] = ("none", "paper", "full")  # what the onnxruntime backend runs
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """How a backend runs; the torch backend needs none of it."""
-
-    threads: int | None = None  # intra-op threads of a backend with its own thread pool; None: torch's count
 
 
 def auto_backend(quant_mode: QuantMode) -> BackendName:

@@ -39,8 +39,8 @@ from torch import nn
 from ..backbone import ClipBackbone
 from ..config import QuantMode
 from ..errors import BackboneError
-from ..quantize import QuantReport
-from . import BackendOptions
+from ..quant_base import QuantReport
+from .options import BackendOptions
 from .ort_graphs import LINEARS, UnsupportedBlock, blocks_graph, embed_graph
 
 INPUT = "input"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..backbone import ClipBackbone
 from ..config import QuantMode
-from ..quantize import QuantReport, quantize_vision
+from ..quant_base import QuantReport
+from ..quantize import quantize_vision
 
 
 def prepare_torch(backbone: ClipBackbone, quant_mode: QuantMode) -> tuple[ClipBackbone, QuantReport]:
