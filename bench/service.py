@@ -219,12 +219,13 @@ class _RoundLog:
 
 
 async def _round(
-    client: httpx.AsyncClient, request: _Request, concurrency: int, count: int, errors: list[str], log: _RoundLog
+    client: httpx.AsyncClient, requests: Sequence[_Request], count: int, errors: list[str], log: _RoundLog
 ) -> float:
-    """``count`` requests from ``concurrency`` clients; returns the round's seconds."""
+    """``count`` requests shared among ``len(requests)`` concurrent clients, client i sending ``requests[i]`` over
+    and over; returns the round's seconds."""
     remaining = count
 
-    async def worker() -> None:
+    async def worker(request: _Request) -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
@@ -238,12 +239,11 @@ async def _round(
             if response.status_code != 200:
                 errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
                 continue
-            timing = response.json().get("timing_ms") or {}
-            for name, value in timing.items():
+            for name, value in (response.json().get("timing_ms") or {}).items():
                 log.server_timing.setdefault(name, []).append(float(value))
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(request) for request in requests))
     return time.perf_counter() - started
 
 
@@ -263,14 +263,14 @@ async def _drive(
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120.0, limits=limits) as client:
             before = len(errors)
-            await _round(client, request, concurrency, concurrency, errors, _RoundLog())  # warm-up, untimed
+            await _round(client, [request] * concurrency, concurrency, errors, _RoundLog())  # warm-up, untimed
             rates, log, wall = [], _RoundLog(), 0.0
             server_cpu, client_cpu = _cpu_seconds(server.process.pid), time.process_time()
             for _ in range(repeats):
                 if time.monotonic() > deadline:
                     errors.append(f"concurrency {concurrency}: section time limit reached before all rounds ran")
                     break
-                seconds = await _round(client, request, concurrency, requests_per_round, errors, log)
+                seconds = await _round(client, [request] * concurrency, requests_per_round, errors, log)
                 rates.append(requests_per_round / seconds)
                 wall += seconds
             if not rates or not log.latencies:
@@ -436,40 +436,6 @@ async def _metric(client: httpx.AsyncClient, name: str) -> float:
     return 0.0
 
 
-async def _varied_round(
-    client: httpx.AsyncClient,
-    image: bytes,
-    label_sets: Sequence[tuple[str, ...]],
-    count: int,
-    errors: list[str],
-    log: _RoundLog,
-) -> float:
-    """``count`` requests shared among the clients, each client posting its own label set; the round's seconds."""
-    remaining = count
-
-    async def worker(labels: tuple[str, ...]) -> None:
-        nonlocal remaining
-        request = _Request("multipart", image, labels)
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            try:
-                response = await request.send(client)
-            except httpx.HTTPError as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-                continue
-            log.latencies.append(time.perf_counter() - started)
-            if response.status_code != 200:
-                errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
-                continue
-            for name, value in (response.json().get("timing_ms") or {}).items():
-                log.server_timing.setdefault(name, []).append(float(value))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(labels) for labels in label_sets))
-    return time.perf_counter() - started
-
-
 def run_varied_service(
     checkpoint: Path,
     *,
@@ -490,6 +456,7 @@ def run_varied_service(
         raise ServiceSkipped(f"`from app.main import create_app` fails ({reason})")
     image = sample_image()
     label_sets = client_label_sets(clients)
+    requests = [_Request("multipart", image, labels) for labels in label_sets]  # client i posts its own labels
     baseline = plain_open_clip_rate(checkpoint, image, threads)
     deadline = time.monotonic() + time_limit_s
     errors: list[str] = []
@@ -502,7 +469,7 @@ def run_varied_service(
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120.0, limits=limits) as client:
             model = (await client.get("/model")).json()
-            await _varied_round(client, image, label_sets, clients, errors, _RoundLog())  # every label set cached
+            await _round(client, requests, clients, errors, _RoundLog())  # every label set cached
             batches_before = await _metric(client, "lraee_batch_size_count")
             images_before = await _metric(client, "lraee_batch_size_sum")
             server_cpu, client_cpu, wall = 0.0, 0.0, 0.0
@@ -513,7 +480,7 @@ def run_varied_service(
                 baseline_rate = baseline(baseline_batches)
                 cpu_before, own_before = _cpu_seconds(server.process.pid), time.process_time()
                 round_log = log if round_index >= warmup else _RoundLog()
-                seconds = await _varied_round(client, image, label_sets, requests_per_round, errors, round_log)
+                seconds = await _round(client, requests, requests_per_round, errors, round_log)
                 if round_index < warmup:
                     batches_before = await _metric(client, "lraee_batch_size_count")
                     images_before = await _metric(client, "lraee_batch_size_sum")
