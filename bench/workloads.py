@@ -168,15 +168,7 @@ def workloads(under_test: BackboneUnderTest, labels: Sequence[str]) -> list[Work
         # ViT-B-32's passes take seconds, so its diagnosis engines get the mix row only.
         with_reference = not under_test.mix_applies or name in MIX_REFERENCE_ENGINES
         if not with_reference:
-            rows.append(
-                Workload(
-                    row_key(name, "paper_mix"),
-                    f"{titles[name]}, ASSUMED paper exit mix*",
-                    _engine_call(engines[name], labels),
-                    forced_mix=True,
-                    notes=(PAPER_MIX_NOTE,),
-                )
-            )
+            rows.append(_paper_mix_row(name, titles[name], engines[name], labels, reference=None))
             continue
         # The plain full-depth CLIP path (the `full` rule: no heads), the path each image's flops_saved is measured
         # against, so time saved and FLOPs saved share their reference.
@@ -199,17 +191,22 @@ def workloads(under_test: BackboneUnderTest, labels: Sequence[str]) -> list[Work
                 )
             )
         if under_test.mix_applies:
-            rows.append(
-                Workload(
-                    row_key(name, "paper_mix"),
-                    f"{titles[name]}, ASSUMED paper exit mix*",
-                    _engine_call(engines[name], labels),
-                    forced_mix=True,
-                    full_depth_reference=row_key(name, "full_depth"),
-                    notes=(PAPER_MIX_NOTE,),
-                )
-            )
+            rows.append(_paper_mix_row(name, titles[name], engines[name], labels, row_key(name, "full_depth")))
     return rows
+
+
+def _paper_mix_row(
+    name: str, title: str, engine: EarlyExitClassifier, labels: Sequence[str], reference: str | None
+) -> Workload:
+    """An engine under the forced, ASSUMED paper exit mix; ``reference``: its full-depth row, if it has one."""
+    return Workload(
+        row_key(name, "paper_mix"),
+        f"{title}, ASSUMED paper exit mix*",
+        _engine_call(engine, labels),
+        forced_mix=True,
+        full_depth_reference=reference,
+        notes=(PAPER_MIX_NOTE,),
+    )
 
 
 def _mean_saving(results: list[ExitResult] | None) -> float | None:
