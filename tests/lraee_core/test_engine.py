@@ -12,6 +12,8 @@ from lraee_core.errors import InputError
 from lraee_core.exits import ExitRule
 from lraee_core.heads import class_logits
 
+from .thresholds import median_thresholds
+
 LABELS = ["cat", "dog", "car", "tree", "boat"]
 
 
@@ -25,30 +27,8 @@ def images() -> torch.Tensor:
     return torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
 
-def _mixed_thresholds(classifier: EarlyExitClassifier, images: torch.Tensor) -> dict[int, float]:
-    """Thresholds at the median gate probability of each layer, so some images leave and some go on."""
-    from lraee_core.gate import gate_features, spatial_activation_variance
-
-    thresholds = {}
-    text = classifier.text_embeddings(LABELS)
-    scale = classifier.backbone.logit_scale
-    previous = None
-    with torch.inference_mode():
-        hidden = classifier.backbone.embed(images)
-        for layer in range(1, classifier.num_layers + 1):
-            hidden = classifier.backbone.block(layer, hidden)
-            if layer in classifier.heads:
-                head, gate = classifier.heads[layer], classifier.gates[layer]
-                logits = class_logits(head(head.pool(hidden)), text, scale)
-                sav = spatial_activation_variance(hidden)
-                probability = gate.probability(gate_features(gate.features, logits, scale, sav, previous))
-                previous = logits.argmax(-1)
-                thresholds[layer] = float(probability.median()) + 1e-6
-    return thresholds
-
-
 def test_batch_gives_each_image_its_own_result(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
-    thresholds = _mixed_thresholds(classifier, images)
+    thresholds = median_thresholds(classifier, images, LABELS)
     rule = ExitRule.from_thresholds(thresholds)
     batched = classifier.classify(images, LABELS, exit_rule=rule, top_k=5)
     paths = {(r.exit_layer, r.exit_path) for r in batched}

@@ -11,8 +11,8 @@ from lraee_core.checkpoint import load_classifier
 from lraee_core.engine import EarlyExitClassifier, ExitResult, LabelQuery
 from lraee_core.errors import InputError
 from lraee_core.exits import ExitRule
-from lraee_core.gate import gate_features, spatial_activation_variance
-from lraee_core.heads import class_logits
+
+from .thresholds import median_thresholds
 
 LABEL_SETS = [
     ["cat"],
@@ -35,21 +35,7 @@ def images() -> torch.Tensor:
 
 def median_rule(classifier: EarlyExitClassifier, images: torch.Tensor, labels: list[str]) -> ExitRule:
     """Thresholds at each candidate's median gate probability for these images and labels: the batch splits."""
-    text = classifier.text_embeddings(labels)
-    scale = classifier.backbone.logit_scale
-    thresholds, previous = {}, None
-    with torch.inference_mode():
-        hidden = classifier.backbone.embed(images)
-        for layer in range(1, classifier.num_layers + 1):
-            hidden = classifier.backbone.block(layer, hidden)
-            if layer in classifier.heads:
-                head, gate = classifier.heads[layer], classifier.gates[layer]
-                logits = class_logits(head(head.pool(hidden)), text, scale)
-                sav = spatial_activation_variance(hidden)
-                probability = gate.probability(gate_features(gate.features, logits, scale, sav, previous))
-                previous = logits.argmax(-1)
-                thresholds[layer] = float(probability.median()) + 1e-6
-    return ExitRule.from_thresholds(thresholds)
+    return ExitRule.from_thresholds(median_thresholds(classifier, images, labels))
 
 
 def assert_same(joint: ExitResult, alone: ExitResult) -> None:
