@@ -13,14 +13,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import open_clip
 import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .config import BackboneConfig
+from .config import BackboneConfig, HeadConfig
 from .errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,25 @@ class VisionShape:
     patch_size: int  # square patch side in pixels
     image_size: int  # square input side in pixels
     embed_dim: int  # joint embedding width (output of the final projection)
+
+
+class SpanHead(Protocol):
+    """What a span needs of an exit head (:class:`lraee_core.heads.ExitHead`)."""
+
+    config: HeadConfig
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [B, T, D] -> [B, D]
+
+    def __call__(self, pooled: torch.Tensor) -> torch.Tensor: ...  # [B, D] -> unit [B, E]
+
+
+@dataclass(frozen=True)
+class SpanOutput:
+    """What one run of blocks gives the engine (:meth:`ClipBackbone.span`)."""
+
+    hidden: torch.Tensor  # [B, T, D] state after the span's last block
+    exit: torch.Tensor | None  # [B, E] unit embedding of the exit head at the last block (None: no head given)
+    final: torch.Tensor | None  # [B, E] unit full-depth embedding (None: not asked, or the span ends before it)
 
 
 class ClipBackbone:
@@ -129,6 +148,19 @@ class ClipBackbone:
         for layer in range(first, last + 1):
             hidden = self.block(layer, hidden)
         return hidden
+
+    def span(
+        self, first: int, last: int, hidden: torch.Tensor, head: SpanHead | None = None, final: bool = False
+    ) -> SpanOutput:
+        """Blocks ``first``..``last`` on layer ``first - 1``'s state, then what the engine reads there: the unit
+        embedding of ``head`` (an exit head at layer ``last``) and, with ``final`` and ``last`` the top block, the
+        unit full-depth embedding. A backend that compiles spans (onnxruntime) computes both inside the span's graph,
+        saving the per-op overhead of small PyTorch ops at every candidate layer."""
+        hidden = self.blocks(first, last, hidden)
+        exit_embedding = None if head is None else head(head.pool(hidden))
+        top = final and last == self.shape.num_layers
+        final_embedding = torch.nn.functional.normalize(self.pool_final(hidden).float(), dim=-1) if top else None
+        return SpanOutput(hidden, exit_embedding, final_embedding)
 
     def pool_final(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-depth pooling and projection exactly as open_clip does it: [B, T, D] -> [B, E] (unnormalised)."""

@@ -207,23 +207,29 @@ class EarlyExitClassifier:
 
         alive = torch.arange(batch)  # batch row of each row still running
         hidden = self.backbone.embed(images)  # [B, T, D]
+        final: torch.Tensor | None = None  # [alive, E] unit full-depth embeddings once the top span has run
         done = 0  # blocks run so far
         # The hidden state is only read at candidate layers, so the blocks between two run as one span (one call;
-        # one graph on a backend that compiles spans).
+        # one graph, the exit head and the final pooling included, on a backend that compiles spans).
         for layer in sorted({*heads, self.num_layers}):
-            hidden = self.backbone.blocks(done + 1, layer, hidden)
-            done = layer
-            if layer not in heads:
-                continue
+            head = heads.get(layer)
             # Rows whose rule runs no heads (`full`) ride along without them.
-            evaluating = None if plan.exits.all_evaluate else plan.exits.evaluates[alive].nonzero().flatten()
-            rows = alive if evaluating is None else alive[evaluating]
-            if rows.numel() == 0:
+            evaluating = None
+            if head is not None and not plan.exits.all_evaluate:
+                evaluating = plan.exits.evaluates[alive].nonzero().flatten()
+                if evaluating.numel() == 0:
+                    head = None
+            span = self.backbone.span(done + 1, layer, hidden, head, final=layer == self.num_layers)
+            hidden, final, done = span.hidden, span.final, layer
+            if head is None or span.exit is None:
                 continue
-            layer_hidden = hidden if evaluating is None else hidden[evaluating]
-            head, gate = heads[layer], self.gates[layer]
-            logits = plan.logits(head(head.pool(layer_hidden)), rows, self._logit_scale)  # [b, W]
-            sav = spatial_activation_variance(layer_hidden) if "sav" in gate.features else None
+            rows = alive if evaluating is None else alive[evaluating]
+            embedding = span.exit if evaluating is None else span.exit[evaluating]
+            gate = self.gates[layer]
+            logits = plan.logits(embedding, rows, self._logit_scale)  # [b, W]
+            sav = None
+            if "sav" in gate.features:
+                sav = spatial_activation_variance(hidden if evaluating is None else hidden[evaluating])
             features = gate_features(
                 gate.features, logits, self._logit_scale, sav, previous_top1[rows], plan.label_counts(rows)
             )
@@ -243,10 +249,12 @@ class EarlyExitClassifier:
             staying[gone] = False
             keep = staying[alive].nonzero().flatten()  # compaction by index: positions in the running batch
             hidden, alive = hidden[keep], alive[keep]
+            final = None if final is None else final[keep]
             if alive.numel() == 0:
                 break
         if alive.numel() > 0:
-            final = F.normalize(self.backbone.pool_final(hidden).float(), dim=-1)
+            if final is None:
+                final = F.normalize(self.backbone.pool_final(hidden).float(), dim=-1)
             answered.append((alive, plan.logits(final, alive, self._logit_scale)))
         return self._results(plan, answered, exit_layer, left_at_head, gate_prob, evaluated)
 

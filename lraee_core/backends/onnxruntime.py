@@ -36,12 +36,12 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
-from ..backbone import ClipBackbone
+from ..backbone import ClipBackbone, SpanHead, SpanOutput
 from ..config import QuantMode
 from ..errors import BackboneError
 from ..quant_base import QuantReport
 from .options import BackendOptions
-from .ort_graphs import LINEARS, UnsupportedBlock, blocks_graph, embed_graph
+from .ort_graphs import EXIT, FINAL, LINEARS, UnsupportedBlock, blocks_graph, embed_graph, final_in_graph
 
 INPUT = "input"
 OUTPUT = "output"
@@ -314,7 +314,9 @@ class OrtClipBackbone(ClipBackbone):
         self._options = session_options(threads, interleaved=True)
         self._resblocks = list(self.visual.transformer.resblocks)  # FP32 modules the block graphs are written from
         self._lock = threading.Lock()
-        self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
+        # (first, last, id of the exit head or None, final pooling in the graph) -> (session, the head it holds)
+        self._sessions: dict[tuple[int, int, int | None, bool], tuple[ort.InferenceSession, SpanHead | None]] = {}
+        self._final_in_graph = final_in_graph(self.visual)
         self._embed = ort.InferenceSession(embed.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
         self.quant_report = QuantReport(
             mode=quant_mode,
@@ -334,21 +336,28 @@ class OrtClipBackbone(ClipBackbone):
         other._sessions = {}
         return other
 
-    def _segment(self, first: int, last: int) -> ort.InferenceSession:
-        key = (first, last)
-        session = self._sessions.get(key)
-        if session is None:
+    def _segment(
+        self, first: int, last: int, head: SpanHead | None = None, final: bool = False
+    ) -> ort.InferenceSession:
+        # The head is kept with its session, so its id (part of the key) cannot be reused by another head.
+        key = (first, last, None if head is None else id(head), final)
+        entry = self._sessions.get(key)
+        if entry is None:
             with self._lock:
-                session = self._sessions.get(key)
-                if session is None:
+                entry = self._sessions.get(key)
+                if entry is None:
                     graph = blocks_graph(
-                        self._resblocks[first - 1 : last], quantize=self._quantize, per_image=self.per_image_scales
+                        self._resblocks[first - 1 : last],
+                        quantize=self._quantize,
+                        per_image=self.per_image_scales,
+                        head=head,
+                        final=self.visual if final else None,
                     )
                     session = ort.InferenceSession(
                         graph.SerializeToString(), self._options, providers=["CPUExecutionProvider"]
                     )
-                    self._sessions[key] = session
-        return session
+                    entry = self._sessions[key] = (session, head)
+        return entry[0]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding + [CLS] + positions + ln_pre in ORT: [B, 3, H, W] -> [B, T, D]."""
@@ -360,9 +369,34 @@ class OrtClipBackbone(ClipBackbone):
 
     def blocks(self, first: int, last: int, hidden: torch.Tensor) -> torch.Tensor:
         """Blocks ``first``..``last`` (1-based, inclusive) as one session call: [B, T, D] -> [B, T, D]."""
+        return self._run(first, last, hidden).hidden
+
+    def span(
+        self, first: int, last: int, hidden: torch.Tensor, head: SpanHead | None = None, final: bool = False
+    ) -> SpanOutput:
+        """Blocks ``first``..``last``, the exit head's embedding and the final embedding as one graph and one session
+        call (see :meth:`ClipBackbone.span`); each image's outputs are its own whatever its batch."""
+        return self._run(first, last, hidden, head, final)
+
+    def _run(
+        self, first: int, last: int, hidden: torch.Tensor, head: SpanHead | None = None, final: bool = False
+    ) -> SpanOutput:
         if not 1 <= first <= last <= self.shape.num_layers:
             raise ValueError(f"blocks {first}..{last} outside 1..{self.shape.num_layers}")
-        return run_session(self._segment(first, last), hidden, per_image=False)  # scales per image in the graph
+        top = final and last == self.shape.num_layers
+        pooled_here = top and self._final_in_graph
+        names = [OUTPUT] + ([EXIT] if head is not None else []) + ([FINAL] if pooled_here else [])
+        array = np.ascontiguousarray(hidden.detach().float().numpy())
+        outputs = dict(
+            zip(names, self._segment(first, last, head, pooled_here).run(names, {INPUT: array}), strict=True)
+        )
+        out = torch.from_numpy(outputs[OUTPUT])
+        exit_embedding = torch.from_numpy(outputs[EXIT]) if EXIT in outputs else None
+        if pooled_here:
+            final_embedding: torch.Tensor | None = torch.from_numpy(outputs[FINAL])
+        else:
+            final_embedding = torch.nn.functional.normalize(self.pool_final(out).float(), dim=-1) if top else None
+        return SpanOutput(out, exit_embedding, final_embedding)
 
 
 def checked_embed_graph(backbone: ClipBackbone) -> onnx.ModelProto:

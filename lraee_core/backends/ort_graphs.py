@@ -33,6 +33,8 @@ from torch import nn
 
 INPUT = "input"
 OUTPUT = "output"
+EXIT = "exit"  # a span's optional output: the unit embedding of the exit head at its last block [B, E]
+FINAL = "final"  # a top span's optional output: the unit full-depth embedding [B, E]
 OPSET = 21  # per-axis QuantizeLinear with a dynamic scale, LayerNormalization, Gelu
 # Activations take 7 bits, [0, 127], as fbgemm's dynamic Linear does (reduce_range): without AVX-512 VNNI, ORT's
 # u8s8 kernel adds pairs of u8*s8 products in int16 (VPMADDUBSW), which saturates for 8-bit activations. Measured
@@ -254,14 +256,75 @@ def _write_block(w: GraphWriter, x: str, block: nn.Module, quantize: frozenset[s
     return w.op("Add", [hidden, w.layer_scale(proj, block.ls_2)], "residual")  # type: ignore[arg-type]
 
 
+def _unit(w: GraphWriter, x: str) -> str:
+    """``F.normalize(x, dim=-1)``: x / max(||x||, 1e-12) over the last axis of [B, E]."""
+    norm = w.op("ReduceL2", [x, w.const("last", [-1], np.int64)], keepdims=1)
+    return w.op("Div", [x, w.op("Max", [norm, w.const("eps", 1e-12)])])
+
+
+def _token(w: GraphWriter, hidden: str, index: int) -> str:
+    """Token ``index`` of every image: [B, T, D] -> [B, D]."""
+    scalar = w.name("token")  # a 0-d index (``const`` would make it 1-d), so Gather drops the token axis
+    w.initializers.append(numpy_helper.from_array(np.array(index, dtype=np.int64), scalar))
+    return w.op("Gather", [hidden, scalar], axis=1)
+
+
+def _write_exit_head(w: GraphWriter, hidden: str, head: Any) -> str:  # Any: a lraee_core.heads.ExitHead
+    """An exit head (pool, LayerNorm, Linear, GELU, Linear, L2 normalisation) in FP32: [B, T, D] -> [B, E]."""
+    pooling = head.config.pooling
+    if pooling == "cls":
+        pooled = _token(w, hidden, 0)
+    elif pooling == "ssa":  # mean of the patch tokens, [CLS] excluded
+        patches = w.op(
+            "Slice",
+            [
+                hidden,
+                w.const("start", [1], np.int64),
+                w.const("end", [2**62], np.int64),
+                w.const("axis", [1], np.int64),
+            ],
+        )
+        pooled = w.op("ReduceMean", [patches, w.const("tokens", [1], np.int64)], keepdims=0)
+    else:
+        raise UnsupportedBlock(f"exit head pooling {pooling!r}")
+    x = w.layer_norm(pooled, head.norm)
+    x = _activation(w, w.linear(x, head.fc1.weight, head.fc1.bias, int8=False, per_image=False, rank=2), head.act)
+    return _unit(w, w.linear(x, head.fc2.weight, head.fc2.bias, int8=False, per_image=False, rank=2))
+
+
+def _write_final(w: GraphWriter, hidden: str, visual: Any) -> str:  # Any: an open_clip VisionTransformer
+    """open_clip's [CLS] ('tok') pooling, ln_post and projection, then L2 normalisation: [B, T, D] -> [B, E]. LayerNorm
+    acts per token, so ln_post before or after taking the [CLS] token is the same."""
+    if not final_in_graph(visual):
+        raise UnsupportedBlock("the final pooling in the graph covers [CLS] ('tok') pooling only")
+    pooled = _token(w, hidden, 0)
+    if not isinstance(visual.ln_post, nn.Identity):
+        pooled = w.layer_norm(pooled, visual.ln_post)
+    if visual.proj is not None:
+        pooled = w.op("MatMul", [pooled, w.const("proj", visual.proj.detach().float().numpy())])
+    return _unit(w, pooled)
+
+
+def final_in_graph(visual: Any) -> bool:  # Any: an open_clip VisionTransformer
+    """Whether :func:`blocks_graph` can write ``visual``'s final pooling (else the caller pools in PyTorch)."""
+    return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", None) == "tok"
+
+
 def blocks_graph(
-    blocks: Sequence[nn.Module], *, quantize: frozenset[str] = frozenset(), per_image: bool = True
+    blocks: Sequence[nn.Module],
+    *,
+    quantize: frozenset[str] = frozenset(),
+    per_image: bool = True,
+    head: Any | None = None,  # Any: a lraee_core.heads.ExitHead
+    final: Any | None = None,  # Any: the open_clip VisionTransformer whose final pooling to append
 ) -> onnx.ModelProto:
     """Consecutive open_clip ``ResidualAttentionBlock`` s (batch-first self-attention) as one ONNX graph
-    ``input`` [B, T, D] -> ``output`` [B, T, D].
+    ``input`` [B, T, D] -> ``output`` [B, T, D], plus ``exit`` [B, E] (the unit embedding of exit ``head`` read at the
+    last block) when a head is given and ``final`` [B, E] (the unit full-depth embedding) when the tower is.
 
     ``quantize`` names the Linears of every block that run INT8 (:data:`LINEARS`); ``per_image``: activation scales
     per image (the engine's promise) or, False, one per tensor as a bare ``quantize_dynamic`` (diagnosis only).
+    The head and the final pooling run in FP32, as in PyTorch (equal to it within float rounding).
     :class:`UnsupportedBlock` for structures this writer does not cover (cross-attention norms, ``ln_attn``,
     ``ln_inner``, other activations).
     """
@@ -277,11 +340,17 @@ def blocks_graph(
         hidden = _write_block(w, hidden, block, quantize, per_image)
     w.nodes.append(helper.make_node("Identity", [hidden], [OUTPUT], name="output"))
     width = _check_block(blocks[0])[0].embed_dim
+    outputs = [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "tokens", width])]
+    for name, write, module in ((EXIT, _write_exit_head, head), (FINAL, _write_final, final)):
+        if module is not None:
+            w.prefix = f"{name}/"
+            w.nodes.append(helper.make_node("Identity", [write(w, hidden, module)], [name], name=name))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "embed"]))
     graph = helper.make_graph(
         w.nodes,
         f"blocks{len(blocks)}",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "tokens", width])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "tokens", width])],
+        outputs,
         w.initializers,
     )
     model = helper.make_model(

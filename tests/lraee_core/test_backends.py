@@ -112,3 +112,37 @@ def test_auto_backend_without_onnxruntime_is_torch(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an install without it sees
     assert auto_backend("paper") == "torch"
+
+
+@pytest.mark.slow
+def test_onnxruntime_spans_compute_the_exit_head_and_final_pooling(
+    ort_full: EarlyExitClassifier, images: torch.Tensor
+) -> None:
+    """The exit head and the full-depth pooling run inside the span graphs: they equal PyTorch's head and
+    ``pool_final`` on the same hidden state within float rounding, and an image's embeddings alone and in a batch
+    differ by no more than that (the blocks' hidden states stay bit-identical; the FP32 head's reductions, like
+    PyTorch's, may round differently by batch size)."""
+    from lraee_core.backbone import ClipBackbone
+
+    backbone, top = ort_full.backbone, ort_full.num_layers
+    layer = min(ort_full.heads)
+    head = ort_full.heads[layer]
+
+    def run(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        early = backbone.span(1, layer, backbone.embed(batch), head)
+        late = backbone.span(layer + 1, top, early.hidden, final=True)
+        assert early.exit is not None and late.final is not None and early.final is None and late.exit is None
+        return early.hidden, early.exit, late.hidden, late.final
+
+    with torch.inference_mode():
+        hidden, exit_embedding, last, final = run(images)
+        alone = [run(images[i : i + 1]) for i in range(images.shape[0])]
+        reference = ClipBackbone.span(backbone, layer + 1, top, hidden, final=True)  # PyTorch head and pooling
+        torch.testing.assert_close(exit_embedding, head(head.pool(hidden)), rtol=0, atol=1e-6)
+        assert reference.final is not None
+        torch.testing.assert_close(final, reference.final, rtol=0, atol=1e-6)
+    torch.testing.assert_close(exit_embedding, torch.cat([a[1] for a in alone]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(final, torch.cat([a[3] for a in alone]), rtol=0, atol=1e-6)
+    assert torch.equal(hidden, torch.cat([a[0] for a in alone]))
+    assert torch.equal(last, torch.cat([a[2] for a in alone]))
+    assert exit_embedding.norm(dim=-1).sub(1).abs().max() < 1e-5
