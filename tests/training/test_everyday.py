@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,6 +76,15 @@ def test_draw_batch_is_a_pure_function_of_seed_and_step() -> None:
     assert pixels.shape == (16, 3, 4, 4) and len(captions) == len(concepts) == len(image_concepts) == 16
     # The diagonal is always a positive pair: every caption means one of its own image's concepts.
     assert concept_positives(concepts, image_concepts).diagonal().all()
+
+
+def test_a_continued_run_draws_new_batches_from_the_same_splits() -> None:
+    """``draw_seed`` moves the batch, caption and crop draws and nothing else; 0 keeps a run's draws as before."""
+    base = EverydayClipConfig(batch_size=16, mix="cifar10:0.5,flickr8k:0.5")
+    shares = parse_mix(base.mix)
+    continued = replace(base, draw_seed=1)
+    assert base.draws == replace(base, draw_seed=0).draws == base.seed
+    assert draw_batch(_sources(), shares, base, 7)[1:] != draw_batch(_sources(), shares, continued, 7)[1:]
 
 
 def test_splits_are_disjoint_stratified_and_seeded() -> None:

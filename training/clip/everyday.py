@@ -101,7 +101,15 @@ SET_CLASSES: dict[str, tuple[str, dict[str, str]]] = {
 # Every flower species is a flower to a client, whatever WordNet's botany says (roses are shrubs there).
 EXTRA_EVERYDAY = {"flowers": ("flower",)}
 # A resumed run must draw the same data as the run it continues.
-_RESUME_MUST_MATCH = ("seed", "batch_size", "train_dir", "holdout_per_class", "eval_fraction", "flickr_eval_images")
+_RESUME_MUST_MATCH = (
+    "seed",
+    "draw_seed",
+    "batch_size",
+    "train_dir",
+    "holdout_per_class",
+    "eval_fraction",
+    "flickr_eval_images",
+)
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,8 @@ class EverydayClipConfig:
     beta2: float = 0.98  # AdamW second-moment decay, as CLIP
     grad_clip_norm: float | None = 1.0  # global gradient-norm clip; None: none
     crop_scale_min: float = 0.35  # RandomResizedCrop's smallest area fraction
-    seed: int = 0  # holdout choice, batch and caption draws
+    seed: int = 0  # holdout and eval splits; also the batch, caption and crop draws while draw_seed is 0
+    draw_seed: int = 0  # batch, caption and crop draws (0: seed); a continued run sets it so it draws new batches
     threads: int = 2  # torch.set_num_threads
     device: str = "cpu"  # torch device ("cuda" where a GPU is lent)
     log_every: int = 20  # steps between log history entries
@@ -144,6 +153,11 @@ class EverydayClipConfig:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must lie in [0, 1)")
         parse_mix(self.mix)
+
+    @property
+    def draws(self) -> int:
+        """The seed of the batch, caption and crop draws."""
+        return self.draw_seed or self.seed
 
 
 def parse_mix(mix: str) -> dict[str, float]:
@@ -303,10 +317,10 @@ def draw_batch(
 ) -> tuple[torch.Tensor, list[str], list[str], list[frozenset[str]]]:
     """The batch of step ``step``: uint8 pixels [B, 3, S, S], captions, caption concepts, image concept sets.
 
-    A pure function of (seed, step), so a resumed run draws what the interrupted one would have drawn.
+    A pure function of (draw seed, step), so a resumed run draws what the interrupted one would have drawn.
     """
-    rng = np.random.default_rng([cfg.seed, step])
-    text_rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = np.random.default_rng([cfg.draws, step])
+    text_rng = random.Random(cfg.draws * 1_000_003 + step)
     names = [s.name for s in sources]
     counts = rng.multinomial(cfg.batch_size, [shares[n] for n in names])
     pixels, captions, concepts, image_concepts = [], [], [], []
@@ -367,7 +381,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     def draw(step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """Augmented images [B, 3, S, S], captions and their positives [B, B] of step ``step``."""
         pixels, captions, concepts, image_concepts = draw_batch(sources, shares, cfg, step)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(cfg.draws * 1_000_003 + step)
         return augment(pixels, generator), captions, concept_positives(concepts, image_concepts)
 
     def batch_loss(batch: tuple[torch.Tensor, list[str], torch.Tensor]) -> torch.Tensor:

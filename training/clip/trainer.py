@@ -283,10 +283,12 @@ class TrainingRun:
         state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         saved = json.loads(state["config"])
         current = dataclasses.asdict(self.cfg)
+        # A field added after a state was written reads as its default there (a new field keeps old behaviour at it).
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
         changed = [
             name
             for name in self._must_match
-            if self._comparable(name, saved.get(name)) != self._comparable(name, current[name])
+            if self._comparable(name, saved.get(name, defaults[name])) != self._comparable(name, current[name])
         ]
         if changed:
             raise ValueError(
