@@ -2,6 +2,8 @@
 
 ``python -m training.clip.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
 ``python -m training.clip.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
+``python -m training.clip.recipes everyday`` (two CLIP stages from the photos CLIP, about 2.5 h on 2 cores, then the
+photos builds and the everyday evaluation)
 
 Each recipe trains the tiny CLIP (resumable: rerunning continues), copies its FP16 weights into the checkpoint
 directory (so the manifest names them by a relative path and the checkpoint moves as one folder), and runs the
@@ -287,7 +289,22 @@ def photo(
     }
 
 
-EVERYDAY_STEPS = 1400  # the everyday CLIP's learning-rate schedule spans this many steps
+@dataclass(frozen=True)
+class EverydayStage:
+    """One resumable run of the everyday CLIP trainer; a stage starts from the previous stage's weights."""
+
+    run: str  # its run directory under runs/
+    overrides: tuple[tuple[str, Any], ...]  # EverydayClipConfig fields it sets (the rest keep their defaults)
+
+
+# The everyday CLIP as shipped: stage 1 from the photos CLIP (schedule over 1,400 steps, ended at 1,250, 1.5 h on 2
+# cores), stage 2 from stage 1's weights with new batch draws and a fresh, shorter cosine schedule.
+EVERYDAY_STAGES = (
+    EverydayStage("everyday_clip", (("steps", 1400), ("stop_step", 1250))),
+    EverydayStage("everyday_clip2", (("steps", 1000), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 1))),
+)
+
+
 # The everyday checkpoint's calibration (and so default request) templates: wordings its captions used.
 EVERYDAY_TEMPLATES = (
     "a photo of a {}.",
@@ -301,26 +318,32 @@ EVERYDAY_TEMPLATES = (
 )
 
 
-def everyday(clip_steps: int, stop_step: int, threads: int, init_weights: Path) -> dict[str, object]:
-    """The everyday CLIP (warm-started from ``init_weights``, the photos CLIP), the shipped ``everyday`` checkpoint
-    built like ``photos`` (same holdout photos, same LRA-EE build and K-sweeps), and the everyday evaluation on
-    held-out photos with users' label sets (``training.clip.everyday_eval``)."""
+def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] = EVERYDAY_STAGES) -> dict[str, object]:
+    """The everyday CLIP (``stages`` in turn, the first warm-started from ``init_weights``, the photos CLIP), the
+    shipped ``everyday`` checkpoint built like ``photos`` (same holdout photos, same LRA-EE build and K-sweeps), and
+    the everyday evaluation on held-out photos with users' label sets (``training.clip.everyday_eval``)."""
     from .everyday_eval import REPORT_FILE, evaluate
 
     train = photos.extract("train")
-    clip_dir = RUNS / "everyday_clip"
-    clip = EverydayClipConfig(
-        train_dir=str(train),
-        output_dir=str(clip_dir),
-        steps=clip_steps,
-        stop_step=stop_step,
-        init_weights=str(init_weights),
-        threads=threads,
-        progress=False,
-    )
-    weights, holdout = train_everyday_clip(clip), clip_dir / HOLDOUT_FILE
+    weights, logs, holdouts = init_weights, [], []
+    for stage in stages:
+        clip_dir = RUNS / stage.run
+        clip = EverydayClipConfig(
+            train_dir=str(train),
+            output_dir=str(clip_dir),
+            init_weights=str(weights),
+            threads=threads,
+            progress=False,
+            **dict(stage.overrides),
+        )
+        weights = train_everyday_clip(clip)
+        logs.append(clip_dir / "training_log.json")
+        holdouts.append((clip_dir / HOLDOUT_FILE).read_text())
+    if len(set(holdouts)) != 1:  # every stage holds out the same photos (seed 0), or the build would see trained ones
+        raise RuntimeError("the everyday stages' holdout.csv files differ")
+    holdout = RUNS / stages[0].run / HOLDOUT_FILE  # the same file in every stage (checked above)
     summary = photo(
-        clip_steps,
+        0,
         threads,
         weights,
         holdout,
@@ -333,7 +356,10 @@ def everyday(clip_steps: int, stop_step: int, threads: int, init_weights: Path) 
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     summary["everyday_eval"] = _relative(out / REPORT_FILE)
-    summary["clip_log"] = _relative(clip_dir / "training_log.json")
+    summary["clip_log"] = _relative(logs[-1])
+    summary["clip_stages"] = [_relative(log) for log in logs]
+    for number, log in enumerate(logs, start=1):  # every stage's log beside the summary (the last one also as
+        shutil.copyfile(log, REPORTS / "everyday" / f"clip_training_log.stage{number}.json")  # clip_training_log)
     return summary
 
 
@@ -385,7 +411,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--holdout", type=Path, help="photos: the build's photos (path,label CSV) for --clip-weights")
     parser.add_argument("--clip-dir", type=Path, help="photos: a photo-clip run dir (weights, holdout, log) to use")
-    parser.add_argument("--stop-step", type=int, default=0, help="everyday: end the CLIP run at this step")
     parser.add_argument(
         "--init-weights",
         type=Path,
@@ -397,9 +422,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("training").setLevel(logging.INFO)
     if args.recipe == "everyday":
-        steps = args.clip_steps or EVERYDAY_STEPS
-        summary = everyday(steps, args.stop_step, args.threads, args.init_weights)
-        _finish("everyday", summary, RUNS / "everyday_clip" / "training_log.json")
+        if args.clip_steps is not None:
+            parser.error("everyday: the CLIP's stages and their steps are EVERYDAY_STAGES, not flags")
+        summary = everyday(args.threads, args.init_weights)
+        _finish("everyday", summary, RUNS / EVERYDAY_STAGES[-1].run / "training_log.json")
     elif args.recipe == "world":
         summary = world(args.clip_steps or 700, args.threads, args.samples, args.clip_weights, args.other_samples)
         _finish("world", summary, None if args.clip_weights else RUNS / "world_clip" / "training_log.json")
