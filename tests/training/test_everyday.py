@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +12,15 @@ import torch.nn.functional as F
 
 from training.clip.captions import ClassCaptions
 from training.clip.everyday import (
+    BUILD_SHARE,
+    SET_CLASSES,
     EverydayClipConfig,
     Source,
     concept_loss,
     concept_positives,
     draw_batch,
+    everyday_build_split,
+    everyday_eval_split,
     flickr_split,
     parse_mix,
     split_members,
@@ -85,6 +90,21 @@ def test_a_continued_run_draws_new_batches_from_the_same_splits() -> None:
     continued = replace(base, draw_seed=1)
     assert base.draws == replace(base, draw_seed=0).draws == base.seed
     assert draw_batch(_sources(), shares, base, 7)[1:] != draw_batch(_sources(), shares, continued, 7)[1:]
+
+
+def test_the_build_half_and_the_evaluation_half_of_the_held_out_photos_never_meet() -> None:
+    cfg = EverydayClipConfig()
+    if not Path(cfg.everyday_dir).is_dir():
+        pytest.skip("the everyday photos are not here")
+    held = everyday_eval_split(cfg)
+    build, evaluation = everyday_build_split(cfg)
+    assert evaluation["flickr8k"] == held["flickr8k"] and "flickr8k" not in build
+    for name in SET_CLASSES:
+        assert not set(build[name]) & set(evaluation[name])
+        assert sorted(build[name] + evaluation[name]) == sorted(held[name])
+        classes = {member.split("/")[0] for member in held[name]}
+        assert {member.split("/")[0] for member in build[name]} == classes  # every class on both sides
+        assert abs(len(build[name]) - BUILD_SHARE * len(held[name])) <= len(classes)
 
 
 def test_splits_are_disjoint_stratified_and_seeded() -> None:

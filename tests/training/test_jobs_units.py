@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,33 @@ def test_wnid_folders_take_imagenet_class_names(tmp_path: Path) -> None:
     assert len(set(everything.labels)) == 1000  # the engine refuses repeated labels; ImageNet repeats two names
     assert (everything.labels[657], everything.labels[744]) == ("missile", "missile (2)")
     assert {label for split in everything.splits.values() for label in split.labels} == {0, 1, 5}
+
+
+def test_a_source_may_mix_wnids_with_named_classes(tmp_path: Path) -> None:
+    """The everyday build: Tiny photos labelled by wnid beside CIFAR-10 photos labelled by name; a wnid-shaped key
+    missing from the table is still refused, not turned into a class called "n00000999"."""
+    wnids = _classes_tsv(tmp_path / "classes.tsv")
+    rows = ["path,label"]
+    for key in (wnids[0], wnids[5], "airplane", "sea_lion"):
+        for image in range(5):
+            _png(tmp_path / "images" / key / f"{image}.png")
+            rows.append(f"images/{key}/{image}.png,{key}")
+    (tmp_path / "mixed.csv").write_text("\n".join(rows) + "\n")
+    config = DataConfig(
+        source=str(tmp_path / "mixed.csv"),
+        classes_tsv=str(tmp_path / "classes.tsv"),
+        head_split=8,
+        gate_split=4,
+        calib_split=4,
+        eval_split=4,
+    )
+    splits = make_splits(config, tmp_path)
+    names = open_clip.IMAGENET_CLASSNAMES
+    assert sorted(splits.labels) == sorted((names[0], names[5], "airplane", "sea lion"))
+    assert {label for split in splits.splits.values() for label in split.labels} == {0, 1, 2, 3}
+    (tmp_path / "typo.csv").write_text("path,label\nimages/airplane/0.png,n99999999\n")
+    with pytest.raises(DataError, match="not a wnid of the classes table"):
+        make_splits(replace(config, source=str(tmp_path / "typo.csv")), tmp_path)
 
 
 def test_a_classes_table_that_contradicts_sorted_order_is_refused(tmp_path: Path) -> None:

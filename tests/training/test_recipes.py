@@ -96,9 +96,9 @@ def test_shipped_photo_builds_record_the_shipped_manifests_command(recipe: str) 
         builds = photo_builds(weights, RUNS / "photo_holdout" / "holdout.csv", data / "val", data / "acuity")
         threads = 1
     else:
-        holdout = RUNS / "everyday_clip" / "holdout.csv"
+        source = RUNS / "everyday_build.csv"  # the Tiny holdout + the everyday build half (everyday_build_source)
         builds = photo_builds(
-            weights, holdout, data / "val", data / "acuity", "everyday", "everyday-tiny", EVERYDAY_TEMPLATES
+            weights, source, data / "val", data / "acuity", "everyday", "everyday-tiny", EVERYDAY_TEMPLATES
         )
         threads = 2
     assert [b.ships for b in builds] == [True, False]

@@ -255,6 +255,26 @@ def everyday_eval_split(cfg: EverydayClipConfig) -> dict[str, list[str]]:
     return held
 
 
+# Share of each labelled everyday set's held-out members that goes to the LRA-EE build (heads, gates, calibration),
+# so the exits' promises are calibrated on everyday photos as well as Tiny ones; the rest is evaluation only.
+BUILD_SHARE = 0.5
+
+
+def everyday_build_split(cfg: EverydayClipConfig) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The held-out members (never trained on by the CLIP) cut in two, per class and seeded: (build, evaluation).
+    The build half of CIFAR-10 / Intel / flowers joins the LRA-EE build's photos; the evaluation half, and every
+    held-out Flickr8k photo (no labels to build on), are what ``training.clip.everyday_eval`` scores."""
+    held = everyday_eval_split(cfg)
+    build: dict[str, list[str]] = {}
+    evaluation: dict[str, list[str]] = {"flickr8k": held["flickr8k"]}
+    for name in SET_CLASSES:
+        members = held[name]
+        to_build, to_eval = split_members(members, 1.0 - BUILD_SHARE, cfg.seed + 1)
+        build[name] = [members[i] for i in to_build]
+        evaluation[name] = [members[i] for i in to_eval]
+    return build, evaluation
+
+
 def load_sources(cfg: EverydayClipConfig, size: int, shares: dict[str, float]) -> tuple[list[Source], PhotoSet]:
     """Decode the training part of every source with a positive share; also returns the Tiny photo set."""
     photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
@@ -366,7 +386,7 @@ def concept_loss(
 
 def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     """Train (or resume) the tiny CLIP on the everyday mixture; returns the path of ``weights.safetensors``."""
-    run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, init_weights=cfg.init_weights)
+    run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, path_fields=("train_dir",), init_weights=cfg.init_weights)
     model, tokenizer = run.model, run.tokenizer
     shares = parse_mix(cfg.mix)
     # A finished (or stopped and shortened) run only writes its outputs: no photo needs decoding for that.

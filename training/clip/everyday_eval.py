@@ -14,7 +14,8 @@ Tasks:
 * ``everyday-5way``: photos whose class falls under exactly one everyday word (``captions.EVERYDAY_CONCEPTS``, by
   WordNet hypernyms), against that word + 4 seeded other everyday words that are neither above nor below it
   ("animal" is never a distractor for a dog). ILSVRC val photos of all 725 classes and a Tiny val sample.
-* ``cifar10-10way``, ``intel-6way``, ``flowers-5way``: the held-out members, their class names as labels.
+* ``cifar10-10way``, ``intel-6way``, ``flowers-5way``: the evaluation half of the held-out members
+  (``everyday.everyday_build_split``; the build half calibrates the exits), their class names as labels.
 * ``flickr8k-retrieval``: image -> text recall@5 among the 5 captions of each held-out Flickr8k photo (no exits: the
   gate needs a label set, so this row is full depth only).
 
@@ -48,7 +49,7 @@ from training.clip.everyday import (
     FLICKR_TAR,
     SET_CLASSES,
     EverydayClipConfig,
-    everyday_eval_split,
+    everyday_build_split,
     read_flickr_captions,
 )
 from training.clip.photo_clip import scan_photos
@@ -140,8 +141,9 @@ def imagenet_tasks(
 
 
 def everyday_tasks(cfg: EverydayClipConfig) -> tuple[dict[str, list[Item]], list[tuple[bytes, list[str]]]]:
-    """The held-out CIFAR-10 / Intel / flowers tasks, and the held-out Flickr8k photos with their captions."""
-    held = everyday_eval_split(cfg)
+    """The CIFAR-10 / Intel / flowers tasks on the evaluation half of their held-out members (the other half is the
+    LRA-EE build's), and the held-out Flickr8k photos with their captions."""
+    held = everyday_build_split(cfg)[1]
     root = Path(cfg.everyday_dir)
     tasks: dict[str, list[Item]] = {}
     for name, (tar, classes) in SET_CLASSES.items():

@@ -23,9 +23,11 @@ train heads of their own, so only its colour+shape evaluations share the shipped
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import shutil
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +41,10 @@ from training.clip import photos
 from training.pipeline.build import run_build
 from training.pipeline.cli import CONFIG_FILE, OPTIONS
 from training.pipeline.config import BuildConfig, replace_field
+from training.pipeline.data import class_name, read_classes_tsv
 from training.pipeline.jobs import Job, write_json
 
-from .everyday import EverydayClipConfig, train_everyday_clip
+from .everyday import SET_CLASSES, EverydayClipConfig, everyday_build_split, train_everyday_clip
 from .photo_clip import (
     HOLDOUT_FILE,
     TEMPLATES,
@@ -318,6 +321,40 @@ EVERYDAY_TEMPLATES = (
 )
 
 
+EVERYDAY_BUILD_PHOTOS = REPO / "data" / "everyday-build"  # the build half of the everyday held-out photos, as files
+
+
+def everyday_build_source(holdout: Path, cfg: EverydayClipConfig, destination: Path) -> Path:
+    """The everyday checkpoint's build photos as one ``path,label`` CSV: the Tiny holdout (wnid labels) and the build
+    half of the CIFAR-10 / Intel / flowers held-out photos (``everyday_build_split``; class-name labels, extracted to
+    :data:`EVERYDAY_BUILD_PHOTOS`). An everyday class named like a Tiny class (Intel's "mountain") takes its wnid: one
+    concept, one label. The LRA-EE build then trains heads, fits gates and calibrates promises on both kinds."""
+    with holdout.open(newline="") as table:
+        rows = [(row["path"], row["label"]) for row in csv.DictReader(table)]
+    index = read_classes_tsv(photos.classes_tsv())
+    wnid_of_name = {class_name(wnid, index): wnid for wnid in {label for _, label in rows}}
+    build, _ = everyday_build_split(cfg)
+    for name, (tar, _) in SET_CLASSES.items():
+        wanted = set(build[name])
+        with tarfile.open(Path(cfg.everyday_dir) / tar) as archive:
+            for info in archive:
+                target = EVERYDAY_BUILD_PHOTOS / name / info.name
+                if info.isfile() and info.name in wanted and not target.is_file():
+                    data = archive.extractfile(info)
+                    assert data is not None
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data.read())
+        for member in sorted(wanted):
+            label = member.split("/")[0]
+            rows.append((str(EVERYDAY_BUILD_PHOTOS / name / member), wnid_of_name.get(label, label)))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with destination.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return destination
+
+
 def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] = EVERYDAY_STAGES) -> dict[str, object]:
     """The everyday CLIP (``stages`` in turn, the first warm-started from ``init_weights``, the photos CLIP), the
     shipped ``everyday`` checkpoint built like ``photos`` (same holdout photos, same LRA-EE build and K-sweeps), and
@@ -342,11 +379,12 @@ def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] =
     if len(set(holdouts)) != 1:  # every stage holds out the same photos (seed 0), or the build would see trained ones
         raise RuntimeError("the everyday stages' holdout.csv files differ")
     holdout = RUNS / stages[0].run / HOLDOUT_FILE  # the same file in every stage (checked above)
+    source = everyday_build_source(holdout, EverydayClipConfig(train_dir=str(train)), RUNS / "everyday_build.csv")
     summary = photo(
         0,
         threads,
         weights,
-        holdout,
+        source,
         recipe="everyday",
         checkpoint_id="everyday-tiny",
         templates=EVERYDAY_TEMPLATES,

@@ -4,7 +4,9 @@ Sources:
 
 * an ImageFolder tree ``root/<class>/<image>``. With ``classes_tsv`` (columns wnid, ImageNet-1k index, name, ...)
   folder names are WordNet ids and each class is named ``open_clip.IMAGENET_CLASSNAMES[i]``, ``i`` being the wnid's
-  position among the table's sorted wnids; otherwise a class is named after its folder, underscores read as spaces;
+  position among the table's sorted wnids (a key that is not shaped like a wnid, ``n`` + 8 digits, is a class name
+  itself, so a source may mix ImageNet classes with others such as CIFAR-10's); otherwise a class is named after its
+  folder, underscores read as spaces;
 * a manifest of ``path,label`` rows: ``.csv`` with that header, or ``.jsonl`` objects with those keys; relative
   paths are relative to the manifest's folder; labels are named like folders;
 * ``world:SPLIT:LABEL_SET:N``: the generated world (``training.clip.world.export_imagefolder``) exported once into the
@@ -177,9 +179,15 @@ def read_classes_tsv(path: str | Path) -> dict[str, int]:
     return table
 
 
+def is_wnid(key: str) -> bool:
+    """Whether a class key is shaped like a WordNet noun id (``n`` + 8 digits)."""
+    return len(key) == 9 and key[0] == "n" and key[1:].isdigit()
+
+
 def class_name(key: str, wnid_index: dict[str, int] | None) -> str:
-    """Display name (and prompt text) of a class key: ImageNet name for a wnid, else underscores -> spaces."""
-    if wnid_index is not None:
+    """Display name (and prompt text) of a class key: ImageNet name for a wnid of the table, else underscores ->
+    spaces; a wnid-shaped key missing from the table is refused (a typo must not become a class "n01443538")."""
+    if wnid_index is not None and is_wnid(key):
         if key not in wnid_index:
             raise DataError(f"class {key!r} is not a wnid of the classes table")
         return str(open_clip.IMAGENET_CLASSNAMES[wnid_index[key]])
