@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -139,14 +139,17 @@ class GateParams:
     weight: tuple[float, ...]  # coefficient per feature, in ``features`` order
     bias: float  # intercept
     features: tuple[str, ...] = PAPER_FEATURES  # names of the inputs the weights act on
+    # ``weight`` as a float32 tensor, made once (the engine calls ``probability`` at every candidate layer)
+    _weights: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.weight) != len(self.features):
             raise ValueError(f"{len(self.weight)} gate weights for {len(self.features)} features {self.features}")
+        object.__setattr__(self, "_weights", torch.tensor(self.weight, dtype=torch.float32))
 
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         """Gate probability [B] from features [B, F]."""
-        w = torch.tensor(self.weight, dtype=features.dtype, device=features.device)
+        w = self._weights.to(dtype=features.dtype, device=features.device)  # no copy for float32 on CPU
         return torch.sigmoid(features @ w + self.bias)
 
 
