@@ -127,3 +127,49 @@ def test_a_recipe_build_runs_from_its_settings_and_records_its_command(tmp_path:
     # later steps in the work dir need only --work-dir: the build's config was written there
     saved = load_build_config(tmp_path / "work" / CONFIG_FILE)
     assert saved == job.config
+
+
+def test_everyday_build_source_adds_the_build_half_and_never_the_evaluation_half(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The everyday build's photos: the Tiny holdout rows as they are, plus the build half of every labelled everyday
+    set's held-out members (extracted, named by class; "mountain" takes the Tiny class's wnid), none of the rest."""
+    import csv
+    import io
+    import tarfile
+
+    from training.clip import recipes
+    from training.clip.everyday import FLICKR_TAR, SET_CLASSES, EverydayClipConfig, everyday_build_split
+
+    def tar(path: Path, members: list[str]) -> None:
+        with tarfile.open(path, "w") as archive:
+            for name in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(name)
+                archive.addfile(info, io.BytesIO(name.encode()))
+
+    everyday_dir = tmp_path / "everyday"
+    everyday_dir.mkdir()
+    for _, (tar_name, classes) in SET_CLASSES.items():
+        tar(everyday_dir / tar_name, [f"{c}/{i}.jpg" for c in classes for i in range(10)])
+    tar(everyday_dir / FLICKR_TAR, [f"flickr/{i}.jpg" for i in range(20)])
+    mountain = "n09359803"
+    (tmp_path / "classes.tsv").write_text(f"wnid\tindex\n{mountain}\t970\nn01443537\t1\n")
+    holdout = tmp_path / "holdout.csv"
+    holdout.write_text("path,label\n/t/a.JPEG,n01443537\n/t/b.JPEG,n09359803\n")
+    monkeypatch.setattr(recipes, "EVERYDAY_BUILD_PHOTOS", tmp_path / "build")
+    monkeypatch.setattr(recipes.photos, "classes_tsv", lambda: tmp_path / "classes.tsv")
+    cfg = EverydayClipConfig(everyday_dir=str(everyday_dir), flickr_eval_images=5)
+
+    with (recipes.everyday_build_source(holdout, cfg, tmp_path / "source.csv")).open() as handle:
+        rows = [(row["path"], row["label"]) for row in csv.DictReader(handle)]
+    build, evaluation = everyday_build_split(cfg)
+    assert rows[:2] == [("/t/a.JPEG", "n01443537"), ("/t/b.JPEG", mountain)]
+    added = {Path(path).relative_to(tmp_path / "build").as_posix(): label for path, label in rows[2:]}
+    expected = {f"{name}/{member}" for name, members in build.items() for member in members}
+    assert set(added) == expected and len(added) == len(rows) - 2
+    assert not {f"{name}/{m}" for name in SET_CLASSES for m in evaluation[name]} & set(added)
+    assert all(
+        label == (mountain if key.split("/")[1] == "mountain" else key.split("/")[1]) for key, label in added.items()
+    )
+    assert all((tmp_path / "build" / key).read_bytes() == key.split("/", 1)[1].encode() for key in added)
