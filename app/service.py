@@ -106,14 +106,16 @@ class ModelService:
         return self.classifier.backbone.preprocess(image)
 
     def warm_up(self) -> None:
-        """A tiny image through every stage (blocking), so the first request pays no lazy initialisation: once past
-        every candidate head without leaving (each span a backend compiles, with its head) and once at `full`."""
+        """A grey image through every stage (blocking), so the first request pays no lazy initialisation: past every
+        candidate head without leaving (each span a backend compiles, with its head) and at `full`, alone and in a
+        batch of four (a backend may keep other sessions for small calls)."""
         classifier = self.classifier
         size = classifier.backbone.shape.image_size
         image = self.preprocess(Image.new("RGB", (size, size), (128, 128, 128))).unsqueeze(0)
         stay = ExitRule.from_thresholds({layer: 1.0 for layer in classifier.policy.candidate_layers}, name="warm-up")
-        for rule in (stay, ExitRule.full()):
-            classifier.classify(image, WARM_UP_LABELS, top_k=1, exit_rule=rule)
+        for batch in (image, image.expand(4, -1, -1, -1)):
+            for rule in (stay, ExitRule.full()):
+                classifier.classify(batch, WARM_UP_LABELS, top_k=1, exit_rule=rule)
 
     def prepare(self, options: ClassifyOptions) -> Query:
         """Validate a request's text side and options against the limits and the checkpoint."""

@@ -45,6 +45,10 @@ from .ort_graphs import EXIT, FINAL, LINEARS, UnsupportedBlock, blocks_graph, em
 
 INPUT = "input"
 OUTPUT = "output"
+# A span call on fewer activations than this (rows x tokens x width) runs on one thread: on the tiny default model
+# two ORT threads were slower than one up to batch 2 and faster from batch 4 (1.53 vs 1.81 ms at batch 1, 5.2 vs
+# 6.3 ms at batch 4, three blocks); ViT-B-32 at batch 1 (38,400) stays above it. Same results either way (tested).
+SMALL_CALL = 32_768
 _QUANTIZED_OPS = ("MatMulInteger", "ConvInteger")
 _WEIGHT_MATMULS = ("MatMul", "Gemm")
 _PAPER_PREFIX = "mlp."  # the paper mode converts the MLP Linears of each block (see lraee_core.quantize)
@@ -312,10 +316,11 @@ class OrtClipBackbone(ClipBackbone):
         self.threads = threads
         self._quantize = MODE_LINEARS[quant_mode]
         self._options = session_options(threads, interleaved=True)
+        self._small_options = session_options(1, interleaved=True)
         self._resblocks = list(self.visual.transformer.resblocks)  # FP32 modules the block graphs are written from
         self._lock = threading.Lock()
-        # (first, last, id of the exit head or None, final pooling in the graph) -> (session, the head it holds)
-        self._sessions: dict[tuple[int, int, int | None, bool], tuple[ort.InferenceSession, SpanHead | None]] = {}
+        # (first, last, id of the exit head or None, final pooling in the graph, one thread) -> (session, its head)
+        self._sessions: dict[tuple[int, int, int | None, bool, bool], tuple[ort.InferenceSession, SpanHead | None]] = {}
         self._final_in_graph = final_in_graph(self.visual)
         self._embed = ort.InferenceSession(embed.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
         self.quant_report = QuantReport(
@@ -337,10 +342,10 @@ class OrtClipBackbone(ClipBackbone):
         return other
 
     def _segment(
-        self, first: int, last: int, head: SpanHead | None = None, final: bool = False
+        self, first: int, last: int, head: SpanHead | None = None, final: bool = False, small: bool = False
     ) -> ort.InferenceSession:
         # The head is kept with its session, so its id (part of the key) cannot be reused by another head.
-        key = (first, last, None if head is None else id(head), final)
+        key = (first, last, None if head is None else id(head), final, small)
         entry = self._sessions.get(key)
         if entry is None:
             with self._lock:
@@ -353,8 +358,9 @@ class OrtClipBackbone(ClipBackbone):
                         head=head,
                         final=self.visual if final else None,
                     )
+                    options = self._small_options if small else self._options
                     session = ort.InferenceSession(
-                        graph.SerializeToString(), self._options, providers=["CPUExecutionProvider"]
+                        graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
                     )
                     entry = self._sessions[key] = (session, head)
         return entry[0]
@@ -387,9 +393,9 @@ class OrtClipBackbone(ClipBackbone):
         pooled_here = top and self._final_in_graph
         names = [OUTPUT] + ([EXIT] if head is not None else []) + ([FINAL] if pooled_here else [])
         array = np.ascontiguousarray(hidden.detach().float().numpy())
-        outputs = dict(
-            zip(names, self._segment(first, last, head, pooled_here).run(names, {INPUT: array}), strict=True)
-        )
+        small = self.threads > 1 and array.size < SMALL_CALL
+        session = self._segment(first, last, head, pooled_here, small)
+        outputs = dict(zip(names, session.run(names, {INPUT: array}), strict=True))
         out = torch.from_numpy(outputs[OUTPUT])
         exit_embedding = torch.from_numpy(outputs[EXIT]) if EXIT in outputs else None
         if pooled_here:

@@ -146,3 +146,30 @@ def test_onnxruntime_spans_compute_the_exit_head_and_final_pooling(
     assert torch.equal(hidden, torch.cat([a[0] for a in alone]))
     assert torch.equal(last, torch.cat([a[2] for a in alone]))
     assert exit_embedding.norm(dim=-1).sub(1).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_small_calls_run_on_one_thread_with_the_same_results(tiny_checkpoint: Path, images: torch.Tensor) -> None:
+    """A batch of one runs its spans on a one-thread session (below SMALL_CALL activations), the batch of six on the
+    two-thread one; each image's hidden states and exit embeddings are the same either way."""
+    from lraee_core.backends.onnxruntime import SMALL_CALL, OrtClipBackbone
+
+    classifier = load_classifier(
+        tiny_checkpoint, quant_mode="full", backend="onnxruntime", backend_options=BackendOptions(threads=2)
+    )
+    backbone = classifier.backbone
+    assert isinstance(backbone, OrtClipBackbone)
+    layer = min(classifier.heads)
+    head = classifier.heads[layer]
+    with torch.inference_mode():
+        embedded = backbone.embed(images)
+        assert embedded[:1].numel() < SMALL_CALL <= embedded.numel()
+        together = backbone.span(1, layer, embedded, head)
+        alone = [backbone.span(1, layer, embedded[i : i + 1], head) for i in range(images.shape[0])]
+    assert {key[-1] for key in backbone._sessions} == {True, False}  # both session kinds ran
+    assert torch.equal(together.hidden, torch.cat([a.hidden for a in alone]))
+    assert together.exit is not None
+    torch.testing.assert_close(
+        together.exit, torch.cat([a.exit for a in alone if a.exit is not None]), rtol=0, atol=1e-6
+    )
+    engine_batch_equals_single(classifier, images)
