@@ -297,7 +297,7 @@ def test_wnid_folders_take_imagenet_class_names(tmp_path: Path) -> None:
 
 def test_a_source_may_mix_wnids_with_named_classes(tmp_path: Path) -> None:
     """The everyday build: Tiny photos labelled by wnid beside CIFAR-10 photos labelled by name; a wnid-shaped key
-    missing from the table is still refused, not turned into a class called "n00000999"."""
+    missing from the table is still refused, not turned into a class called "n99999999"."""
     wnids = _classes_tsv(tmp_path / "classes.tsv")
     rows = ["path,label"]
     for key in (wnids[0], wnids[5], "airplane", "sea_lion"):
