@@ -159,8 +159,11 @@ class ClipBackbone:
         hidden = self.blocks(first, last, hidden)
         exit_embedding = None if head is None else head(head.pool(hidden))
         top = final and last == self.shape.num_layers
-        final_embedding = torch.nn.functional.normalize(self.pool_final(hidden).float(), dim=-1) if top else None
-        return SpanOutput(hidden, exit_embedding, final_embedding)
+        return SpanOutput(hidden, exit_embedding, self.final_embedding(hidden) if top else None)
+
+    def final_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The unit full-depth image embedding from the top block's state: [B, T, D] -> [B, E] float32."""
+        return torch.nn.functional.normalize(self.pool_final(hidden).float(), dim=-1)
 
     def pool_final(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-depth pooling and projection exactly as open_clip does it: [B, T, D] -> [B, E] (unnormalised)."""

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from .backbone import ClipBackbone, VisionShape
 from .config import FULL_OPERATING_POINT, ExitPolicy, HeadConfig
@@ -253,8 +252,7 @@ class EarlyExitClassifier:
             if alive.numel() == 0:
                 break
         if alive.numel() > 0:
-            if final is None:
-                final = F.normalize(self.backbone.pool_final(hidden).float(), dim=-1)
+            assert final is not None  # the top span ran (span(final=True) returns it) and nobody broke out
             answered.append((alive, plan.logits(final, alive, self._logit_scale)))
         return self._results(plan, answered, exit_layer, left_at_head, gate_prob, evaluated)
 

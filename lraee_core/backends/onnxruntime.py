@@ -401,7 +401,7 @@ class OrtClipBackbone(ClipBackbone):
         if pooled_here:
             final_embedding: torch.Tensor | None = torch.from_numpy(outputs[FINAL])
         else:
-            final_embedding = torch.nn.functional.normalize(self.pool_final(out).float(), dim=-1) if top else None
+            final_embedding = self.final_embedding(out) if top else None
         return SpanOutput(out, exit_embedding, final_embedding)
 
 

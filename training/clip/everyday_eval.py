@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lraee_core import EarlyExitClassifier, load_classifier
 from lraee_core.images import load_image
@@ -213,7 +212,7 @@ def retrieval_recall_at_5(classifier: EarlyExitClassifier, photos: Sequence[tupl
         hidden = classifier.backbone.embed(pixels)
         for layer in range(1, classifier.num_layers + 1):
             hidden = classifier.backbone.block(layer, hidden)
-        image = F.normalize(classifier.backbone.pool_final(hidden).float(), dim=-1)  # [b, E]
+        image = classifier.backbone.final_embedding(hidden)  # [b, E]
         top = (image @ text.T).topk(5, dim=1).indices  # [b, 5]
         rows = torch.arange(start, start + len(chunk))[:, None]
         hits += int((owner[top] == rows).any(dim=1).sum())

@@ -89,7 +89,7 @@ def features_of_batch(
             out[f"ssa.{layer}"] = quantized.pool_ssa(hidden).float()  # [B, D]
             out[f"cls.{layer}"] = quantized.pool_cls(hidden).float()  # [B, D]
             out[f"sav.{layer}"] = spatial_activation_variance(hidden)  # [B]
-    out["int8_final"] = F.normalize(quantized.pool_final(hidden).float(), dim=-1)  # [B, E]
+    out["int8_final"] = quantized.final_embedding(hidden)  # [B, E]
     out["fp32_final"] = F.normalize(fp32.encode_image_staged(images).float(), dim=-1)  # [B, E]
     return out
 
