@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import BackboneConfig, HeadConfig
 from .errors import BackboneError
+from .gate import GateAnswer, GateQuestion, answer_gate
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class SpanOutput:
     hidden: torch.Tensor  # [B, T, D] state after the span's last block
     exit: torch.Tensor | None  # [B, E] unit embedding of the exit head at the last block (None: no head given)
     final: torch.Tensor | None  # [B, E] unit full-depth embedding (None: not asked, or the span ends before it)
+    gate: GateAnswer | None = None  # the exit gate's verdict on the head's embedding (None: no gate asked)
 
 
 class ClipBackbone:
@@ -150,16 +152,31 @@ class ClipBackbone:
         return hidden
 
     def span(
-        self, first: int, last: int, hidden: torch.Tensor, head: SpanHead | None = None, final: bool = False
+        self,
+        first: int,
+        last: int,
+        hidden: torch.Tensor,
+        head: SpanHead | None = None,
+        final: bool = False,
+        gate: GateQuestion | None = None,
     ) -> SpanOutput:
         """Blocks ``first``..``last`` on layer ``first - 1``'s state, then what the engine reads there: the unit
-        embedding of ``head`` (an exit head at layer ``last``) and, with ``final`` and ``last`` the top block, the
-        unit full-depth embedding. A backend that compiles spans (onnxruntime) computes both inside the span's graph,
-        saving the per-op overhead of small PyTorch ops at every candidate layer."""
+        embedding of ``head`` (an exit head at layer ``last``), the verdict of its ``gate`` on it (needs ``head``)
+        and, with ``final`` and ``last`` the top block, the unit full-depth embedding. ``first = 0`` starts from the
+        images: ``hidden`` is then the preprocessed batch [B, 3, H, W] and the embedding stage runs first. A backend
+        that compiles spans (onnxruntime) computes all of it inside the span's graph, saving a call and the per-op
+        overhead of small PyTorch ops at every candidate layer."""
+        if gate is not None and head is None:
+            raise ValueError("a gate reads an exit head's embedding: pass the head too")
+        if first == 0:
+            hidden, first = self.embed(hidden), 1
         hidden = self.blocks(first, last, hidden)
         exit_embedding = None if head is None else head(head.pool(hidden))
         top = final and last == self.shape.num_layers
-        return SpanOutput(hidden, exit_embedding, self.final_embedding(hidden) if top else None)
+        answer = None
+        if gate is not None and exit_embedding is not None:
+            answer = answer_gate(gate, exit_embedding, hidden)
+        return SpanOutput(hidden, exit_embedding, self.final_embedding(hidden) if top else None, answer)
 
     def final_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
         """The unit full-depth image embedding from the top block's state: [B, T, D] -> [B, E] float32."""

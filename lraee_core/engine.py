@@ -3,7 +3,9 @@
 The vision blocks run once over the rows still alive, whatever their label sets. At each candidate layer the exit
 head runs on those rows in one op; each row's logits are taken against its own label set (every distinct label set
 sits in one text matrix: one GEMM, then a gather padded with -inf), and the gate features (which depend on K) and
-the exit rule's thresholds are per row, so a row leaves exactly when it would in a batch of its own. Rows the exit
+the exit rule's thresholds are per row, so a row leaves exactly when it would in a batch of its own. The head and
+the gate run with the span that ends at the candidate layer (:meth:`ClipBackbone.span`; inside its graph on a
+backend that compiles spans), so a candidate costs one call, not a train of small ops. Rows the exit
 rule (:mod:`lraee_core.exits`: an operating point's thresholds, ``full``, or a forced benchmark mix) lets go leave
 the batch with their logits (batch compaction by index: the remaining blocks run on a smaller batch, so FLOPs saved
 are time saved). Rows that reach the end take the ordinary full-depth CLIP path ([CLS] pooling + projection).
@@ -26,8 +28,8 @@ from .config import FULL_OPERATING_POINT, ExitPolicy, HeadConfig
 from .errors import InputError
 from .exits import ExitRule, RowExits
 from .flops import FlopsModel, flops_model
-from .gate import GateParams, gate_features, spatial_activation_variance
-from .heads import ExitHead, class_logits
+from .gate import GateParams, GateQuestion, row_logits
+from .heads import ExitHead
 from .manifest import Manifest
 from .quant_base import QuantReport
 from .text import DEFAULT_TEMPLATES, TextEmbeddingCache, validate_labels, validate_templates
@@ -194,7 +196,9 @@ class EarlyExitClassifier:
         _check_images(images)
         if len(queries) != images.shape[0]:
             raise InputError(f"{len(queries)} queries for {images.shape[0]} images")
-        plan = _RowPlan.of(queries, self.policy.candidate_layers, self.head_config.hidden_dim, self.backbone.shape)
+        plan = _RowPlan.of(
+            queries, self.policy.candidate_layers, self.head_config.hidden_dim, self.backbone.shape, self._logit_scale
+        )
         batch = images.shape[0]
         exit_layer = torch.full((batch,), self.num_layers, dtype=torch.long)
         left_at_head = torch.zeros(batch, dtype=torch.bool)
@@ -205,11 +209,11 @@ class EarlyExitClassifier:
         heads = self.heads if plan.exits.any_evaluate else {}
 
         alive = torch.arange(batch)  # batch row of each row still running
-        hidden = self.backbone.embed(images)  # [B, T, D]
+        hidden = images  # the first span starts from the images (embedding stage included), later ones at a block
         final: torch.Tensor | None = None  # [alive, E] unit full-depth embeddings once the top span has run
         done = 0  # blocks run so far
         # The hidden state is only read at candidate layers, so the blocks between two run as one span (one call;
-        # one graph, the exit head and the final pooling included, on a backend that compiles spans).
+        # one graph, the exit head, its gate and the final pooling included, on a backend that compiles spans).
         for layer in sorted({*heads, self.num_layers}):
             head = heads.get(layer)
             # Rows whose rule runs no heads (`full`) ride along without them.
@@ -218,24 +222,22 @@ class EarlyExitClassifier:
                 evaluating = plan.exits.evaluates[alive].nonzero().flatten()
                 if evaluating.numel() == 0:
                     head = None
-            span = self.backbone.span(done + 1, layer, hidden, head, final=layer == self.num_layers)
+            question = None if head is None else plan.question(self.gates[layer], alive, previous_top1[alive])
+            first = done + 1 if done else 0  # 0: from the images
+            span = self.backbone.span(first, layer, hidden, head, final=layer == self.num_layers, gate=question)
             hidden, final, done = span.hidden, span.final, layer
-            if head is None or span.exit is None:
+            if span.gate is None:
                 continue
+            verdict = span.gate  # for every running row; the rows that run no heads are dropped here
             rows = alive if evaluating is None else alive[evaluating]
-            embedding = span.exit if evaluating is None else span.exit[evaluating]
-            gate = self.gates[layer]
-            logits = plan.logits(embedding, rows, self._logit_scale)  # [b, W]
-            sav = None
-            if "sav" in gate.features:
-                sav = spatial_activation_variance(hidden if evaluating is None else hidden[evaluating])
-            features = gate_features(
-                gate.features, logits, self._logit_scale, sav, previous_top1[rows], plan.label_counts(rows)
+            logits, probability, top1 = (
+                (verdict.logits, verdict.probability, verdict.top1)
+                if evaluating is None
+                else (verdict.logits[evaluating], verdict.probability[evaluating], verdict.top1[evaluating])
             )
-            probability = gate.probability(features)  # [b]
             leave = plan.exits.leave(layer, rows, probability)
             evaluated[rows] += 1
-            previous_top1[rows] = logits.argmax(dim=-1)
+            previous_top1[rows] = top1
             if not bool(leave.any()):
                 continue
             leaving = leave.nonzero().flatten()
@@ -253,7 +255,7 @@ class EarlyExitClassifier:
                 break
         if alive.numel() > 0:
             assert final is not None  # the top span ran (span(final=True) returns it) and nobody broke out
-            answered.append((alive, plan.logits(final, alive, self._logit_scale)))
+            answered.append((alive, plan.logits(final, alive)))
         return self._results(plan, answered, exit_layer, left_at_head, gate_prob, evaluated)
 
     def _results(
@@ -331,14 +333,20 @@ class _RowPlan:
     costs: list[FlopsModel]  # per row (one model per distinct label-set size)
     text: torch.Tensor  # [sum K, E] float32: each distinct query's text embeddings, concatenated
     counts: torch.Tensor | None  # [B] long: K of each row's label set (None: one label set, ``width``)
-    offsets: torch.Tensor | None  # [B] long: where each row's labels start in ``text`` (None: one label set)
+    columns: torch.Tensor | None  # [B, W] long: each row's label columns in ``text``, padding repeats its last
     width: int  # the widest label set
     exits: RowExits  # per-row exit rules
     top_ks: list[int]  # per row: predictions wanted
+    logit_scale: float  # CLIP's temperature, exp(logit_scale)
 
     @classmethod
     def of(
-        cls, queries: Sequence[LabelQuery], candidate_layers: Sequence[int], head_hidden_dim: int, shape: VisionShape
+        cls,
+        queries: Sequence[LabelQuery],
+        candidate_layers: Sequence[int],
+        head_hidden_dim: int,
+        shape: VisionShape,
+        logit_scale: float,
     ) -> _RowPlan:
         distinct: dict[int, int] = {}
         index = [distinct.setdefault(id(query), len(distinct)) for query in queries]
@@ -351,39 +359,39 @@ class _RowPlan:
                 raise InputError(str(exc)) from exc
         sizes = [len(query.labels) for query in unique]
         models = {size: flops_model(shape, head_hidden_dim, size) for size in set(sizes)}
-        counts = offsets = None
+        counts = columns = None
         if len(unique) > 1:
             starts = [0]
             for size in sizes[:-1]:
                 starts.append(starts[-1] + size)
             which = torch.tensor(index, dtype=torch.long)  # [B] distinct query of each row
             counts = torch.tensor(sizes, dtype=torch.long)[which]
-            offsets = torch.tensor(starts, dtype=torch.long)[which]
+            offsets = torch.tensor(starts, dtype=torch.long)[which].unsqueeze(1)
+            columns = offsets + torch.arange(max(sizes)).clamp_max(counts.unsqueeze(1) - 1)  # [B, W]
         return cls(
             queries=list(queries),
             costs=[models[len(query.labels)] for query in queries],
             text=torch.cat([query.text for query in unique]).float() if len(unique) > 1 else unique[0].text.float(),
             counts=counts,
-            offsets=offsets,
+            columns=columns,
             width=max(sizes),
             exits=RowExits.of([query.rule for query in queries], positions, candidate_layers),
             top_ks=[query.top_k for query in queries],
+            logit_scale=logit_scale,
         )
 
-    def logits(self, embeddings: torch.Tensor, rows: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    def logits(self, embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Each row's logits [b, W] against its own labels (columns past its K are -inf) from unit embeddings [b, E]
         of batch rows ``rows``."""
-        every = class_logits(embeddings, self.text, logit_scale)  # [b, sum K]
-        if self.counts is None or self.offsets is None:
-            return every
-        columns = torch.arange(self.width)
-        counts = self.counts[rows].unsqueeze(1)
-        where = self.offsets[rows].unsqueeze(1) + columns.clamp_max(counts - 1)  # [b, W], padding repeats the last
-        return every.gather(1, where).masked_fill(columns >= counts, float("-inf"))
+        if self.counts is None or self.columns is None:
+            return row_logits(embeddings, self.text, self.logit_scale)
+        return row_logits(embeddings, self.text, self.logit_scale, self.columns[rows], self.counts[rows])
 
-    def label_counts(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """K per row for the gate features; None when every row has the same label set."""
-        return None if self.counts is None else self.counts[rows]
+    def question(self, gate: GateParams, rows: torch.Tensor, previous_top1: torch.Tensor) -> GateQuestion:
+        """The gate question of batch rows ``rows`` at one candidate layer."""
+        if self.counts is None or self.columns is None:
+            return GateQuestion(gate, self.logit_scale, self.text, None, None, previous_top1)
+        return GateQuestion(gate, self.logit_scale, self.text, self.columns[rows], self.counts[rows], previous_top1)
 
     def padding(self, rows: torch.Tensor, width: int) -> torch.Tensor | None:
         """Mask [b, W] of the padding columns of ``rows``, None when there is none."""

@@ -153,6 +153,59 @@ class GateParams:
         return torch.sigmoid(features @ w + self.bias)
 
 
+def row_logits(
+    embeddings: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: float,
+    columns: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each row's logits [b, W] against its own labels from unit embeddings [b, E] and the text matrix [S, E].
+
+    ``columns`` [b, W] says where each row's labels sit in ``text`` (padding repeats its last label) and ``counts``
+    [b] how many it has; the columns past a row's count are -inf. None: every row has all S labels, in order.
+    """
+    every = logit_scale * embeddings @ text.to(embeddings.dtype).T  # [b, S]
+    if columns is None or counts is None:
+        return every
+    padding = torch.arange(columns.shape[1]) >= counts.unsqueeze(1)
+    return every.gather(1, columns).masked_fill(padding, float("-inf"))
+
+
+@dataclass(frozen=True)
+class GateQuestion:
+    """What one candidate layer's gate reads besides the layer itself, for the rows of one span call (the engine
+    builds it; a backend answers it with the span, :meth:`lraee_core.backbone.ClipBackbone.span`)."""
+
+    params: GateParams  # the layer's gate
+    logit_scale: float  # CLIP's temperature, exp(logit_scale)
+    text: torch.Tensor  # [S, E] float32 unit text embeddings: every label set of the batch side by side
+    columns: torch.Tensor | None  # [b, W] long: where each row's labels sit in ``text`` (None: one label set)
+    counts: torch.Tensor | None  # [b] long: each row's K (None: one label set, K = S)
+    previous_top1: torch.Tensor  # [b] long: each row's answer at the previous candidate layer (-1 before the first)
+
+
+@dataclass(frozen=True)
+class GateAnswer:
+    """The gate's verdict on the rows of one span call."""
+
+    logits: torch.Tensor  # [b, W] each row's exit logits against its own labels (-inf past its K)
+    probability: torch.Tensor  # [b] float32 gate probability
+    top1: torch.Tensor  # [b] long: each row's top-1 label index
+
+
+def answer_gate(question: GateQuestion, exit_embedding: torch.Tensor, hidden: torch.Tensor) -> GateAnswer:
+    """The gate in PyTorch (the reference a backend's compiled gate is checked against): logits, features and
+    probability from an exit head's unit embeddings [b, E] and the layer's hidden state [b, T, D] (read for "sav")."""
+    logits = row_logits(exit_embedding, question.text, question.logit_scale, question.columns, question.counts)
+    params = question.params
+    sav = spatial_activation_variance(hidden) if "sav" in params.features else None
+    features = gate_features(
+        params.features, logits, question.logit_scale, sav, question.previous_top1, question.counts
+    )
+    return GateAnswer(logits, params.probability(features), logits.argmax(dim=-1))
+
+
 def exits(probability: torch.Tensor, threshold: float) -> torch.Tensor:
     """Boolean mask [B] of the images that leave at a layer with this threshold (>= 1.0 never leaves)."""
     if threshold >= 1.0:

@@ -7,8 +7,9 @@ batch runs in one session call and each image's result is bit-identical to what 
 the same Linears as the torch backend: ``paper`` the two MLP Linears of each block, ``full`` every Linear of the
 blocks, ``none`` nothing. Attention scores and softmax stay FP32 (one fused ``MultiHeadAttention`` kernel), and so
 does the embedding stage (exported with the dynamo exporter; ORT's ``ConvInteger`` ran the patch convolution 2.8x
-slower than FP32 on ViT-B-32 here). ``pool_final`` ([CLS] LayerNorm + projection of one token) and the text tower
-stay PyTorch FP32.
+slower than FP32 on ViT-B-32 here). A span's graph also holds what the engine reads at its last block, in FP32:
+the exit head, the gate (logits against the rows' own label sets, features and probability) and, at the top, the
+final [CLS] pooling and projection; each equals PyTorch's within float rounding. The text tower stays PyTorch FP32.
 
 The exporter helpers below (:func:`export_onnx`, :func:`quantize_int8`, :func:`export_staged`) also build the
 benchmark's baseline: the tower as one exported graph under ORT's own ``quantize_dynamic`` (one activation scale
@@ -39,9 +40,27 @@ from torch import nn
 from ..backbone import ClipBackbone, SpanHead, SpanOutput
 from ..config import QuantMode
 from ..errors import BackboneError
+from ..gate import GateAnswer, GateParams, GateQuestion
 from ..quant_base import QuantReport
 from .options import BackendOptions
-from .ort_graphs import EXIT, FINAL, LINEARS, UnsupportedBlock, blocks_graph, embed_graph, final_in_graph
+from .ort_graphs import (
+    COLUMNS,
+    EXIT,
+    FINAL,
+    LINEARS,
+    LOG_K,
+    LOGITS,
+    PADDING,
+    PREVIOUS,
+    PROBABILITY,
+    SEVERAL,
+    TEXT,
+    TOP1,
+    UnsupportedBlock,
+    blocks_graph,
+    embed_graph,
+    final_in_graph,
+)
 
 INPUT = "input"
 OUTPUT = "output"
@@ -290,8 +309,8 @@ MODE_LINEARS: dict[str, frozenset[str]] = {
 
 
 class OrtClipBackbone(ClipBackbone):
-    """A ClipBackbone whose ``embed`` and blocks run as ORT graphs (INT8 as ``quant_mode`` says); the text tower
-    and ``pool_final`` stay PyTorch FP32.
+    """A ClipBackbone whose ``embed`` and spans (blocks, exit head, gate, final pooling) run as ORT graphs (INT8 as
+    ``quant_mode`` says); the text tower stays PyTorch FP32.
 
     Blocks are written directly as ONNX (:mod:`.ort_graphs`): INT8 Linears with activation scales per image inside
     the graph, so a batch runs in one session call and each image gets the result it gets alone. A run of
@@ -319,8 +338,9 @@ class OrtClipBackbone(ClipBackbone):
         self._small_options = session_options(1, interleaved=True)
         self._resblocks = list(self.visual.transformer.resblocks)  # FP32 modules the block graphs are written from
         self._lock = threading.Lock()
-        # (first, last, id of the exit head or None, final pooling in the graph, one thread) -> (session, its head)
-        self._sessions: dict[tuple[int, int, int | None, bool, bool], tuple[ort.InferenceSession, SpanHead | None]] = {}
+        # (first, last, id of the exit head, id of the gate and its logit scale, final pooling in the graph, one
+        # thread) -> (session, its head and gate: kept so their ids cannot be reused by others)
+        self._sessions: dict[_SessionKey, tuple[ort.InferenceSession, SpanHead | None, GateParams | None]] = {}
         self._final_in_graph = final_in_graph(self.visual)
         self._embed = ort.InferenceSession(embed.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
         self.quant_report = QuantReport(
@@ -342,27 +362,38 @@ class OrtClipBackbone(ClipBackbone):
         return other
 
     def _segment(
-        self, first: int, last: int, head: SpanHead | None = None, final: bool = False, small: bool = False
+        self,
+        first: int,
+        last: int,
+        head: SpanHead | None = None,
+        final: bool = False,
+        small: bool = False,
+        gate: GateQuestion | None = None,
     ) -> ort.InferenceSession:
-        # The head is kept with its session, so its id (part of the key) cannot be reused by another head.
-        key = (first, last, None if head is None else id(head), final, small)
+        # The head and gate are kept with their session, so their ids (part of the key) cannot be reused by others.
+        params = None if gate is None else gate.params
+        gate_key = None if gate is None else (id(params), gate.logit_scale)
+        key = (first, last, None if head is None else id(head), gate_key, final, small)
         entry = self._sessions.get(key)
         if entry is None:
             with self._lock:
                 entry = self._sessions.get(key)
                 if entry is None:
                     graph = blocks_graph(
-                        self._resblocks[first - 1 : last],
+                        self._resblocks[max(first, 1) - 1 : last],
                         quantize=self._quantize,
                         per_image=self.per_image_scales,
                         head=head,
                         final=self.visual if final else None,
+                        gate=params,
+                        logit_scale=1.0 if gate is None else gate.logit_scale,
+                        embed=self.visual if first == 0 else None,
                     )
                     options = self._small_options if small else self._options
                     session = ort.InferenceSession(
                         graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
                     )
-                    entry = self._sessions[key] = (session, head)
+                    entry = self._sessions[key] = (session, head, params)
         return entry[0]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -375,34 +406,82 @@ class OrtClipBackbone(ClipBackbone):
 
     def blocks(self, first: int, last: int, hidden: torch.Tensor) -> torch.Tensor:
         """Blocks ``first``..``last`` (1-based, inclusive) as one session call: [B, T, D] -> [B, T, D]."""
+        if first < 1:
+            raise ValueError(f"blocks {first}..{last} outside 1..{self.shape.num_layers}")
         return self._run(first, last, hidden).hidden
 
     def span(
-        self, first: int, last: int, hidden: torch.Tensor, head: SpanHead | None = None, final: bool = False
+        self,
+        first: int,
+        last: int,
+        hidden: torch.Tensor,
+        head: SpanHead | None = None,
+        final: bool = False,
+        gate: GateQuestion | None = None,
     ) -> SpanOutput:
-        """Blocks ``first``..``last``, the exit head's embedding and the final embedding as one graph and one session
-        call (see :meth:`ClipBackbone.span`); each image's outputs are its own whatever its batch."""
-        return self._run(first, last, hidden, head, final)
+        """Blocks ``first``..``last``, the exit head's embedding, its gate's verdict and the final embedding as one
+        graph and one session call (see :meth:`ClipBackbone.span`); each image's outputs are its own whatever its
+        batch."""
+        if gate is not None and head is None:
+            raise ValueError("a gate reads an exit head's embedding: pass the head too")
+        return self._run(first, last, hidden, head, final, gate)
 
     def _run(
-        self, first: int, last: int, hidden: torch.Tensor, head: SpanHead | None = None, final: bool = False
+        self,
+        first: int,
+        last: int,
+        hidden: torch.Tensor,
+        head: SpanHead | None = None,
+        final: bool = False,
+        gate: GateQuestion | None = None,
     ) -> SpanOutput:
-        if not 1 <= first <= last <= self.shape.num_layers:
-            raise ValueError(f"blocks {first}..{last} outside 1..{self.shape.num_layers}")
+        if not (0 <= first <= last <= self.shape.num_layers and last >= 1):
+            raise ValueError(f"blocks {first}..{last} outside 1..{self.shape.num_layers} (0: from the images)")
         top = final and last == self.shape.num_layers
         pooled_here = top and self._final_in_graph
         names = [OUTPUT] + ([EXIT] if head is not None else []) + ([FINAL] if pooled_here else [])
+        names += [LOGITS, PROBABILITY, TOP1] if gate is not None else []
         array = np.ascontiguousarray(hidden.detach().float().numpy())
+        feeds = {INPUT: array} if gate is None else {INPUT: array, **_gate_feeds(gate, array.shape[0])}
         small = self.threads > 1 and array.size < SMALL_CALL
-        session = self._segment(first, last, head, pooled_here, small)
-        outputs = dict(zip(names, session.run(names, {INPUT: array}), strict=True))
+        session = self._segment(first, last, head, pooled_here, small, gate)
+        outputs = dict(zip(names, session.run(names, feeds), strict=True))
         out = torch.from_numpy(outputs[OUTPUT])
         exit_embedding = torch.from_numpy(outputs[EXIT]) if EXIT in outputs else None
         if pooled_here:
             final_embedding: torch.Tensor | None = torch.from_numpy(outputs[FINAL])
         else:
             final_embedding = self.final_embedding(out) if top else None
-        return SpanOutput(out, exit_embedding, final_embedding)
+        answer = None
+        if gate is not None:
+            answer = GateAnswer(*(torch.from_numpy(outputs[name]) for name in (LOGITS, PROBABILITY, TOP1)))
+        return SpanOutput(out, exit_embedding, final_embedding, answer)
+
+
+_SessionKey = tuple[int, int, int | None, tuple[int, float] | None, bool, bool]
+
+
+def _gate_feeds(gate: GateQuestion, rows: int) -> dict[str, np.ndarray]:
+    """A gated span's extra inputs (:data:`.ort_graphs.GATE_INPUTS`) for ``rows`` rows; with one label set every
+    row reads all of ``text`` in order."""
+    text = np.ascontiguousarray(gate.text.float().numpy())
+    if gate.columns is None or gate.counts is None:
+        labels = text.shape[0]
+        columns = np.arange(labels, dtype=np.int64)[None, :].repeat(rows, axis=0)
+        padding = np.zeros((rows, labels), dtype=bool)
+        counts = np.full(rows, labels, dtype=np.int64)
+    else:
+        columns = np.ascontiguousarray(gate.columns.numpy())
+        counts = gate.counts.numpy()
+        padding = np.arange(columns.shape[1]) >= counts[:, None]
+    return {
+        TEXT: text,
+        COLUMNS: columns,
+        PADDING: padding,
+        LOG_K: np.log(counts.astype(np.float64)).astype(np.float32),  # as lraee_core.gate's log K per row
+        SEVERAL: counts > 1,
+        PREVIOUS: np.ascontiguousarray(gate.previous_top1.numpy()),
+    }
 
 
 def checked_embed_graph(backbone: ClipBackbone) -> onnx.ModelProto:

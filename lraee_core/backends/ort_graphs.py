@@ -35,6 +35,17 @@ INPUT = "input"
 OUTPUT = "output"
 EXIT = "exit"  # a span's optional output: the unit embedding of the exit head at its last block [B, E]
 FINAL = "final"  # a top span's optional output: the unit full-depth embedding [B, E]
+# A gated span's extra inputs (the rows' label sets, see lraee_core.gate.GateQuestion) and outputs (GateAnswer).
+TEXT = "text"  # [S, E] float32 unit text embeddings of every label set of the batch
+COLUMNS = "columns"  # [B, W] int64: each row's label columns in TEXT
+PADDING = "padding"  # [B, W] bool: the columns past each row's K
+LOG_K = "log_k"  # [B] float32: log K of each row's label set
+SEVERAL = "several"  # [B] bool: the row has more than one label
+PREVIOUS = "previous_top1"  # [B] int64: each row's top-1 at the previous candidate layer (-1: none)
+GATE_INPUTS = (TEXT, COLUMNS, PADDING, LOG_K, SEVERAL, PREVIOUS)
+LOGITS = "logits"  # [B, W] float32 each row's exit logits against its own labels (-inf past its K)
+PROBABILITY = "probability"  # [B] float32 gate probability
+TOP1 = "top1"  # [B] int64 each row's top-1 label index
 OPSET = 21  # per-axis QuantizeLinear with a dynamic scale, LayerNormalization, Gelu
 # Activations take 7 bits, [0, 127], as fbgemm's dynamic Linear does (reduce_range): without AVX-512 VNNI, ORT's
 # u8s8 kernel adds pairs of u8*s8 products in int16 (VPMADDUBSW), which saturates for 8-bit activations. Measured
@@ -305,6 +316,75 @@ def _write_final(w: GraphWriter, hidden: str, visual: Any) -> str:  # Any: an op
     return _unit(w, pooled)
 
 
+def _column(w: GraphWriter, x: str, index: int) -> str:
+    """Column ``index`` of a [B, n] tensor: [B]."""
+    scalar = w.name("column")
+    w.initializers.append(numpy_helper.from_array(np.array(index, dtype=np.int64), scalar))
+    return w.op("Gather", [x, scalar], axis=1)
+
+
+def _top2(w: GraphWriter, x: str, filler: float) -> tuple[str, str]:
+    """The two largest entries of each row of ``x`` [B, W] as two [B] tensors, with ``filler`` standing in for the
+    second when W is 1 (a column of it is appended: the first column times 0 plus ``filler``, so no shape op)."""
+    first = w.op("Slice", [x, w.const("s0", [0], np.int64), w.const("s1", [1], np.int64), w.const("ax", [1], np.int64)])
+    extra = w.op("Add", [w.op("Mul", [first, w.const("nought", 0.0)]), w.const("filler", filler)])
+    values, indices = w.name("top2"), w.name("top2_index")
+    two = w.const("two", [2], np.int64)
+    w.nodes.append(helper.make_node("TopK", [w.op("Concat", [x, extra], axis=1), two], [values, indices], axis=1))
+    return _column(w, values, 0), _column(w, values, 1)
+
+
+def _write_gate(w: GraphWriter, hidden: str, embedding: str, gate: Any, logit_scale: float) -> tuple[str, str, str]:
+    """The exit gate on a head's unit embedding ``embedding`` [B, E] (``gate``: a lraee_core.gate.GateParams), as
+    :func:`lraee_core.gate.answer_gate` computes it in PyTorch: returns (logits [B, W], probability [B], top1 [B])."""
+    scale = w.const("logit_scale", logit_scale)
+    every = w.op("Gemm", [w.op("Mul", [embedding, scale]), TEXT], transB=1)  # [B, S], scale x cosine
+    gathered = w.op("GatherElements", [every, COLUMNS], axis=1)  # [B, W] each row's own labels
+    logits = w.op("Where", [PADDING, w.const("minus_inf", -np.inf), gathered])
+    top1 = w.op("ArgMax", [logits], axis=-1, keepdims=0)
+    probs = w.op("Softmax", [logits], axis=-1)  # padding gets 0
+    columns: dict[str, str] = {}
+    for name in gate.features:
+        if name in ("cos_top1", "cos_gap"):
+            first, second = _top2(w, logits, -np.inf)
+            top = w.op("Div", [first, scale])
+            gap = w.op("Sub", [top, w.op("Div", [second, scale])])
+            single = w.op("Add", [top, w.const("one", 1.0)])  # one label: the gap to the lowest cosine, -1
+            columns[name] = top if name == "cos_top1" else w.op("Where", [SEVERAL, gap, single])
+        elif name == "entropy_norm":
+            logs = w.op("Log", [w.op("Max", [probs, w.const("floor", 1e-30)])])
+            entropy = w.op(
+                "Neg", [w.op("ReduceSum", [w.op("Mul", [probs, logs]), w.const("last", [-1], np.int64)], keepdims=0)]
+            )
+            columns[name] = w.op("Where", [SEVERAL, w.op("Div", [entropy, LOG_K]), w.const("zero", 0.0)])
+        elif name == "log_k":
+            columns[name] = LOG_K
+        elif name == "sav":
+            patches = w.op(
+                "Slice",
+                [hidden, w.const("p0", [1], np.int64), w.const("p1", [2**62], np.int64), w.const("pa", [1], np.int64)],
+            )
+            norms = w.op("ReduceL2", [patches, w.const("width", [-1], np.int64)], keepdims=0)  # [B, N]
+            tokens = w.const("tokens", [1], np.int64)
+            mean = w.op("ReduceMean", [norms, tokens], keepdims=1)  # [B, 1]
+            centred = w.op("Sub", [norms, mean])
+            variance = w.op("ReduceMean", [w.op("Mul", [centred, centred]), tokens], keepdims=0)
+            floor = w.op("Max", [w.op("Squeeze", [mean, tokens]), w.const("eps", 1e-12)])
+            columns[name] = w.op("Div", [variance, w.op("Mul", [floor, floor])])
+        elif name == "agree_prev":
+            columns[name] = w.op("Cast", [w.op("Equal", [top1, PREVIOUS])], to=TensorProto.FLOAT)
+        elif name in ("confidence", "margin"):
+            first, second = _top2(w, probs, 0.0)  # one label: the runner-up probability is 0
+            columns[name] = first if name == "confidence" else w.op("Sub", [first, second])
+        else:
+            raise UnsupportedBlock(f"gate feature {name!r}")
+    last = w.const("feature_axis", [1], np.int64)
+    features = w.op("Concat", [w.op("Unsqueeze", [columns[name], last]) for name in gate.features], axis=1)
+    weights = w.const("gate_w", np.asarray(gate.weight, dtype=np.float32))
+    probability = w.op("Sigmoid", [w.op("Add", [w.op("MatMul", [features, weights]), w.const("gate_b", gate.bias)])])
+    return logits, probability, top1
+
+
 def final_in_graph(visual: Any) -> bool:  # Any: an open_clip VisionTransformer
     """Whether :func:`blocks_graph` can write ``visual``'s final pooling (else the caller pools in PyTorch)."""
     return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", None) == "tok"
@@ -317,10 +397,16 @@ def blocks_graph(
     per_image: bool = True,
     head: Any | None = None,  # Any: a lraee_core.heads.ExitHead
     final: Any | None = None,  # Any: the open_clip VisionTransformer whose final pooling to append
+    gate: Any | None = None,  # Any: a lraee_core.gate.GateParams, evaluated on the head's embedding
+    logit_scale: float = 1.0,  # CLIP's temperature, for the gate's logits
+    embed: Any | None = None,  # Any: the open_clip VisionTransformer whose embedding stage comes first
 ) -> onnx.ModelProto:
     """Consecutive open_clip ``ResidualAttentionBlock`` s (batch-first self-attention) as one ONNX graph
     ``input`` [B, T, D] -> ``output`` [B, T, D], plus ``exit`` [B, E] (the unit embedding of exit ``head`` read at the
-    last block) when a head is given and ``final`` [B, E] (the unit full-depth embedding) when the tower is.
+    last block) when a head is given and ``final`` [B, E] (the unit full-depth embedding) when the tower is. A
+    ``gate`` (with a head) adds the inputs :data:`GATE_INPUTS` and the outputs ``logits``, ``probability`` and
+    ``top1`` (see :func:`_write_gate`). With ``embed`` the graph starts from the images: ``input`` is [B, 3, H, W]
+    and the embedding stage (:func:`_write_embed`) runs first.
 
     ``quantize`` names the Linears of every block that run INT8 (:data:`LINEARS`); ``per_image``: activation scales
     per image (the engine's promise) or, False, one per tensor as a bare ``quantize_dynamic`` (diagnosis only).
@@ -335,24 +421,48 @@ def blocks_graph(
         raise ValueError("no blocks to write")
     w = GraphWriter()
     hidden = INPUT
+    if embed is not None:
+        w.prefix = "embed/"
+        hidden = _write_embed(w, INPUT, embed)
     for index, block in enumerate(blocks):
         w.prefix = f"b{index}/"
         hidden = _write_block(w, hidden, block, quantize, per_image)
     w.nodes.append(helper.make_node("Identity", [hidden], [OUTPUT], name="output"))
     width = _check_block(blocks[0])[0].embed_dim
     outputs = [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "tokens", width])]
+    inputs = [
+        _images_input(embed)
+        if embed is not None
+        else helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "tokens", width])
+    ]
+    if gate is not None and head is None:
+        raise ValueError("a gate reads an exit head's embedding: pass the head too")
     for name, write, module in ((EXIT, _write_exit_head, head), (FINAL, _write_final, final)):
         if module is not None:
             w.prefix = f"{name}/"
-            w.nodes.append(helper.make_node("Identity", [write(w, hidden, module)], [name], name=name))
+            written = write(w, hidden, module)
+            w.nodes.append(helper.make_node("Identity", [written], [name], name=name))
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "embed"]))
-    graph = helper.make_graph(
-        w.nodes,
-        f"blocks{len(blocks)}",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "tokens", width])],
-        outputs,
-        w.initializers,
-    )
+            if name == EXIT and gate is not None:
+                w.prefix = "gate/"
+                for output, value in zip(
+                    (LOGITS, PROBABILITY, TOP1), _write_gate(w, hidden, written, gate, logit_scale), strict=True
+                ):
+                    w.nodes.append(helper.make_node("Identity", [value], [output], name=output))
+                outputs += [
+                    helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "labels"]),
+                    helper.make_tensor_value_info(PROBABILITY, TensorProto.FLOAT, ["batch"]),
+                    helper.make_tensor_value_info(TOP1, TensorProto.INT64, ["batch"]),
+                ]
+                inputs += [
+                    helper.make_tensor_value_info(TEXT, TensorProto.FLOAT, ["set_labels", "embed"]),
+                    helper.make_tensor_value_info(COLUMNS, TensorProto.INT64, ["batch", "labels"]),
+                    helper.make_tensor_value_info(PADDING, TensorProto.BOOL, ["batch", "labels"]),
+                    helper.make_tensor_value_info(LOG_K, TensorProto.FLOAT, ["batch"]),
+                    helper.make_tensor_value_info(SEVERAL, TensorProto.BOOL, ["batch"]),
+                    helper.make_tensor_value_info(PREVIOUS, TensorProto.INT64, ["batch"]),
+                ]
+    graph = helper.make_graph(w.nodes, f"blocks{len(blocks)}", inputs, outputs, w.initializers)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     )
@@ -360,9 +470,9 @@ def blocks_graph(
     return model
 
 
-def embed_graph(visual: Any) -> onnx.ModelProto:  # Any: an open_clip VisionTransformer
-    """open_clip's ``VisionTransformer._embeds`` (patch convolution, [CLS], positions, ln_pre) as an ONNX graph
-    ``input`` [B, 3, H, W] -> ``output`` [B, T, D], all FP32.
+def _write_embed(w: GraphWriter, images: str, visual: Any) -> str:  # Any: an open_clip VisionTransformer
+    """open_clip's ``VisionTransformer._embeds`` (patch convolution, [CLS], positions, ln_pre) in FP32 on ``images``
+    [B, 3, H, W]: returns layer 0, [B, T, D].
 
     The [CLS] row is made by padding one zero token in front and adding ``class_embedding + positional[0]`` (one
     float addition, as PyTorch does at run time), so the graph needs no batch-sized expand and concat.
@@ -376,10 +486,9 @@ def embed_graph(visual: Any) -> onnx.ModelProto:  # Any: an open_clip VisionTran
     class_embedding = visual.class_embedding.detach().float().numpy()  # [D]
     positions = visual.positional_embedding.detach().float().numpy().copy()  # [T, D]
     positions[0] = class_embedding + positions[0]
-    w = GraphWriter(prefix="embed/")
     patches = w.op(
         "Conv",
-        [INPUT, w.const("patch_w", conv.weight.detach().float().numpy())],
+        [images, w.const("patch_w", conv.weight.detach().float().numpy())],
         kernel_shape=list(conv.kernel_size),
         strides=list(conv.stride),
     )  # [B, D, g, g]
@@ -389,14 +498,26 @@ def embed_graph(visual: Any) -> onnx.ModelProto:  # Any: an open_clip VisionTran
     padded = w.op("Pad", [tokens, w.const("pads", [0, 1, 0, 0, 0, 0], np.int64)])  # [B, T, D], row 0 zeros
     hidden = w.op("Add", [padded, w.const("positions", positions)])
     norm = visual.ln_pre
-    out = hidden if isinstance(norm, nn.Identity) else w.layer_norm(hidden, norm)
-    w.nodes.append(helper.make_node("Identity", [out], [OUTPUT], name="output"))
+    return hidden if isinstance(norm, nn.Identity) else w.layer_norm(hidden, norm)
+
+
+def _images_input(visual: Any) -> onnx.ValueInfoProto:  # Any: an open_clip VisionTransformer
     size = list(getattr(visual, "image_size", (None, None)))
+    return helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 3, *size])
+
+
+def embed_graph(visual: Any) -> onnx.ModelProto:  # Any: an open_clip VisionTransformer
+    """The embedding stage alone (:func:`_write_embed`) as an ONNX graph ``input`` [B, 3, H, W] -> ``output``
+    [B, T, D], all FP32."""
+    w = GraphWriter(prefix="embed/")
+    out = _write_embed(w, INPUT, visual)
+    w.nodes.append(helper.make_node("Identity", [out], [OUTPUT], name="output"))
+    tokens, width = visual.positional_embedding.shape
     graph = helper.make_graph(
         w.nodes,
         "embed",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 3, *size])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", *positions.shape])],
+        [_images_input(visual)],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", int(tokens), int(width)])],
         w.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

@@ -149,6 +149,71 @@ def test_onnxruntime_spans_compute_the_exit_head_and_final_pooling(
 
 
 @pytest.mark.slow
+def test_a_span_from_the_images_embeds_them_in_its_graph(ort_full: EarlyExitClassifier, images: torch.Tensor) -> None:
+    """``span(0, ...)`` takes the images and runs the embedding stage in the span's own graph (one call less per
+    batch): the same hidden state, bit for bit, and the same exit embedding as the embedding stage's own graph
+    followed by ``span(1, ...)``."""
+    backbone, layer = ort_full.backbone, min(ort_full.heads)
+    head = ort_full.heads[layer]
+    with torch.inference_mode():
+        merged = backbone.span(0, layer, images, head)
+        staged = backbone.span(1, layer, backbone.embed(images), head)
+    assert torch.equal(merged.hidden, staged.hidden)
+    assert merged.exit is not None and staged.exit is not None
+    torch.testing.assert_close(merged.exit, staged.exit, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        backbone.span(0, 0, images)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label_sets", ["one", "several"])
+def test_onnxruntime_spans_answer_the_gate_as_pytorch_does(
+    ort_full: EarlyExitClassifier, images: torch.Tensor, label_sets: str
+) -> None:
+    """The gate written into the span graph (every feature the gate knows, with random weights) gives PyTorch's
+    logits, probability and top-1 on the same exit embedding and hidden state, with one label set for the batch and
+    with a label set per row (padded, including one-label rows); an image's verdict alone equals its verdict in the
+    batch within float rounding."""
+    from lraee_core.gate import FEATURES, GateParams, GateQuestion, answer_gate
+
+    backbone, layer = ort_full.backbone, min(ort_full.heads)
+    head = ort_full.heads[layer]
+    generator = torch.Generator().manual_seed(3)
+    params = GateParams(tuple(torch.randn(len(FEATURES), generator=generator).tolist()), 0.2, FEATURES)
+    text = torch.nn.functional.normalize(torch.randn(9, backbone.shape.embed_dim, generator=generator), dim=-1)
+    rows = images.shape[0]
+    previous = torch.tensor([-1, 0, 2, 1, 0, 3])[:rows]
+    columns = counts = None
+    if label_sets == "several":  # label sets [0:3], [3:4] (one label) and [4:9], two rows each
+        counts = torch.tensor([3, 1, 5, 3, 1, 5])[:rows]
+        starts = torch.tensor([0, 3, 4, 0, 3, 4])[:rows]
+        columns = starts.unsqueeze(1) + torch.arange(5).clamp_max(counts.unsqueeze(1) - 1)
+
+    def question(which: slice) -> GateQuestion:
+        own_columns = None if columns is None else columns[which]
+        own_counts = None if counts is None else counts[which]
+        return GateQuestion(params, ort_full._logit_scale, text, own_columns, own_counts, previous[which])
+
+    with torch.inference_mode():
+        hidden = backbone.embed(images)
+        span = backbone.span(1, layer, hidden, head, gate=question(slice(None)))
+        alone = [backbone.span(1, layer, hidden[i : i + 1], head, gate=question(slice(i, i + 1))) for i in range(rows)]
+    assert span.gate is not None and span.exit is not None
+    reference = answer_gate(question(slice(None)), span.exit, span.hidden)
+    assert torch.equal(span.gate.logits.isinf(), reference.logits.isinf())  # the same padding
+    finite = reference.logits.isfinite()
+    torch.testing.assert_close(span.gate.logits[finite], reference.logits[finite], rtol=0, atol=1e-5)
+    torch.testing.assert_close(span.gate.probability, reference.probability, rtol=0, atol=1e-6)
+    assert torch.equal(span.gate.top1, reference.top1)
+    for i, single in enumerate(alone):
+        assert single.gate is not None
+        torch.testing.assert_close(single.gate.probability[0], span.gate.probability[i], rtol=0, atol=1e-6)
+        assert int(single.gate.top1[0]) == int(span.gate.top1[i])
+    with pytest.raises(ValueError, match="pass the head"):
+        backbone.span(1, layer, hidden, gate=question(slice(None)))
+
+
+@pytest.mark.slow
 def test_small_calls_run_on_one_thread_with_the_same_results(tiny_checkpoint: Path, images: torch.Tensor) -> None:
     """A batch of one runs its spans on a one-thread session (below SMALL_CALL activations), the batch of six on the
     two-thread one; each image's hidden states and exit embeddings are the same either way."""
