@@ -301,10 +301,12 @@ class EverydayStage:
 
 
 # The everyday CLIP as shipped: stage 1 from the photos CLIP (schedule over 1,400 steps, ended at 1,250, 1.5 h on 2
-# cores), stage 2 from stage 1's weights with new batch draws and a fresh, shorter cosine schedule.
+# cores), then stages 2 and 3 each from the previous stage's weights with new batch draws and a fresh, shorter cosine
+# schedule (about 50 and 60 min on 2 cores).
 EVERYDAY_STAGES = (
     EverydayStage("everyday_clip", (("steps", 1400), ("stop_step", 1250))),
     EverydayStage("everyday_clip2", (("steps", 1000), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 1))),
+    EverydayStage("everyday_clip3", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 2))),
 )
 
 
