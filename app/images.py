@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
 from lraee_core.errors import ImageError
-from lraee_core.images import load_image
+from lraee_core.images import check_image, load_image
 
 from .errors import ServiceError, image_error
 
@@ -28,6 +28,7 @@ class DecodedImage:
 
 
 Preprocess = Callable[[Image.Image], Any]
+T = TypeVar("T")
 
 
 class ImageDecoder:
@@ -53,22 +54,38 @@ class ImageDecoder:
             raise TypeError(f"the backbone's preprocess returned {type(tensor).__name__}, expected a [3, H, W] tensor")
         return DecodedImage(tensor=tensor, seconds=time.perf_counter() - start)
 
+    def check_one(self, data: bytes) -> None:
+        """The decoder's header checks alone (format, pixel count; no pixel decoded; blocking, runs on the pool)."""
+        try:
+            check_image(data, max_pixels=self._max_pixels).close()
+        except ImageError as exc:
+            raise image_error(exc) from exc
+
+    async def check(self, images: Sequence[bytes], *, batch: bool) -> None:
+        """Refuse a request whose images are not images (or too large) before costlier work is spent on it, with the
+        error :meth:`decode` would give; damaged pixels are only found by :meth:`decode`."""
+        await self._each(self.check_one, images, batch=batch)
+
     async def decode(self, images: Sequence[bytes], *, batch: bool) -> list[DecodedImage]:
         """Decode all ``images`` concurrently; the first bad one (lowest index) fails the whole request.
 
         With ``batch`` the error names the image's index.
         """
+        return await self._each(self.decode_one, images, batch=batch)
+
+    async def _each(self, work: Callable[[bytes], T], images: Sequence[bytes], *, batch: bool) -> list[T]:
+        """``work`` on every image concurrently on the pool; the first failure (lowest index) is raised."""
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._executor, self.decode_one, data) for data in images]
+        futures = [loop.run_in_executor(self._executor, work, data) for data in images]
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        decoded: list[DecodedImage] = []
+        done: list[T] = []
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, ServiceError):
                 raise outcome.for_image(index) if batch else outcome
             if isinstance(outcome, BaseException):
                 raise outcome
-            decoded.append(outcome)
-        return decoded
+            done.append(outcome)
+        return done
 
     def close(self) -> None:
         """Stop the pool; queued decodes are dropped."""

@@ -68,6 +68,28 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
 
     Raises :class:`~lraee_core.errors.ImageError`; see :func:`load_image` for the codes.
     """
+    image = check_image(data, max_pixels=max_pixels)
+    try:
+        image.load()  # the first frame only: PIL opens animations on frame 0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"the image has too many pixels: {exc}", code="image_too_large") from exc
+    except Exception as exc:  # decoders of untrusted data fail in many ways (OSError, SyntaxError, struct.error, ...)
+        raise ImageError(f"the {image.format} image is truncated or corrupt: {exc}", code="corrupt_image") from exc
+    try:
+        return to_rgb(_upright(image))
+    except Exception as exc:  # a mode PIL cannot turn into RGB
+        raise ImageError(
+            f"cannot convert a {image.format} image in mode {image.mode} to RGB", code="unsupported_image_mode"
+        ) from exc
+
+
+def check_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The header checks of :func:`decode_rgb` alone (format sniffed from the bytes, pixel count), no pixel decoded:
+    the opened, not yet loaded image. Cheap enough to refuse a non-image before any costlier work on its request.
+
+    Raises :class:`~lraee_core.errors.ImageError` with code ``empty_image``, ``invalid_image``, ``image_too_large``
+    or ``corrupt_image`` (a header with no pixels).
+    """
     if not data:
         raise ImageError("the image is empty (0 bytes)", code="empty_image")
     try:
@@ -86,18 +108,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         )
     if width < 1 or height < 1:
         raise ImageError(f"the image is {width}x{height} pixels", code="corrupt_image")
-    try:
-        image.load()  # the first frame only: PIL opens animations on frame 0
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"the image has too many pixels: {exc}", code="image_too_large") from exc
-    except Exception as exc:  # decoders of untrusted data fail in many ways (OSError, SyntaxError, struct.error, ...)
-        raise ImageError(f"the {image.format} image is truncated or corrupt: {exc}", code="corrupt_image") from exc
-    try:
-        return to_rgb(_upright(image))
-    except Exception as exc:  # a mode PIL cannot turn into RGB
-        raise ImageError(
-            f"cannot convert a {image.format} image in mode {image.mode} to RGB", code="unsupported_image_mode"
-        ) from exc
+    return image
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -109,6 +109,8 @@ async def run_classification(
     query = service.prepare(parsed.options)  # text-side errors before any pixel is decoded
     # Text embeddings before the inference queue: new labels are encoded on the text worker, never on the engine's.
     cached = service.with_cached_text(query)
+    if cached is None:
+        await decoder.check(parsed.images, batch=batch)  # a non-image is refused before its labels are encoded
     query = cached if cached is not None else await until_disconnected(request, service.resolve_text(query))
     # Places in the queue before decoding: a full queue refuses the request (429) without spending a decode on it.
     with batcher.admit(len(parsed.images)) as admission:

@@ -122,6 +122,32 @@ def test_text_encoding_runs_on_the_text_worker(client: TestClient, monkeypatch: 
     assert threads and all(name.startswith("lraee-text") for name in threads)
 
 
+def test_a_non_image_is_refused_before_its_new_labels_are_encoded(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image headers are checked before a request's fresh labels go to the text worker: garbage bytes get their
+    415 (with the image's index in a batch) and no prompt is encoded for them."""
+    cache = client.app.state.runtime.service.classifier.text_cache  # type: ignore[attr-defined]
+    encoded: list[object] = []
+    original = cache.get
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        encoded.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "get", spy)
+    fresh = ["a label nobody sent before", "and its sibling"]
+    single = client.post("/classify", **multipart(b"not an image at all", labels=fresh))
+    batch = client.post(
+        "/classify/batch", json={"images": [b64(imagegen.png()), b64(b"GIF89a nonsense")], "labels": fresh}
+    )
+    assert single.status_code == 415 and batch.status_code == 415
+    assert batch.json()["error"]["details"] == {"index": 1}  # the second image
+    assert encoded == []
+    assert client.post("/classify", **multipart(imagegen.png(), labels=fresh)).status_code == 200
+    assert len(encoded) == 1  # a good image with the same labels encodes them once
+
+
 def test_model_summary(client: TestClient) -> None:
     body = client.get("/model").json()
     assert body["model"] == "untrained" and body["backbone"].startswith("lraee-tiny-vit12")

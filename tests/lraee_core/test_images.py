@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lraee_core.errors import ImageError
-from lraee_core.images import DEFAULT_MAX_PIXELS, load_image, trim_aspect_ratio
+from lraee_core.images import DEFAULT_MAX_PIXELS, check_image, load_image, trim_aspect_ratio
 from tests.app import imagegen
 
 LIMIT = DEFAULT_MAX_PIXELS
@@ -84,6 +84,23 @@ def test_bomb_is_refused_from_the_header() -> None:
     with pytest.raises(ImageError) as info:
         decode(imagegen.png_claiming(100_000, 100_000))
     assert info.value.code == "image_too_large"
+
+
+def test_the_header_check_refuses_what_decoding_would_without_decoding_pixels() -> None:
+    """``check_image`` gives the decoder's own refusals for non-images, empty and too-large images from the header;
+    a truncated image passes it (its pixels are only read by decoding, which then refuses it)."""
+    for data, code in ((b"", "empty_image"), (b"hello, world", "invalid_image")):
+        with pytest.raises(ImageError) as info:
+            check_image(data)
+        assert info.value.code == code
+    with pytest.raises(ImageError) as info:
+        check_image(imagegen.png_claiming(100_000, 100_000))
+    assert info.value.code == "image_too_large"
+    truncated = imagegen.truncated(imagegen.png((64, 64)))
+    opened = check_image(truncated)
+    assert opened.size == (64, 64) and opened.format == "PNG"
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        decode(truncated)
 
 
 def test_pixel_limit_is_ours_not_only_pils() -> None:
