@@ -408,7 +408,7 @@ class OrtClipBackbone(ClipBackbone):
         """Blocks ``first``..``last`` (1-based, inclusive) as one session call: [B, T, D] -> [B, T, D]."""
         if first < 1:
             raise ValueError(f"blocks {first}..{last} outside 1..{self.shape.num_layers}")
-        return self._run(first, last, hidden).hidden
+        return self.span(first, last, hidden).hidden
 
     def span(
         self,
@@ -424,17 +424,6 @@ class OrtClipBackbone(ClipBackbone):
         batch."""
         if gate is not None and head is None:
             raise ValueError("a gate reads an exit head's embedding: pass the head too")
-        return self._run(first, last, hidden, head, final, gate)
-
-    def _run(
-        self,
-        first: int,
-        last: int,
-        hidden: torch.Tensor,
-        head: SpanHead | None = None,
-        final: bool = False,
-        gate: GateQuestion | None = None,
-    ) -> SpanOutput:
         if not (0 <= first <= last <= self.shape.num_layers and last >= 1):
             raise ValueError(f"blocks {first}..{last} outside 1..{self.shape.num_layers} (0: from the images)")
         top = final and last == self.shape.num_layers
