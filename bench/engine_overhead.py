@@ -1,8 +1,10 @@
 """Engine overhead: how much of an ``EarlyExitClassifier`` call is spent outside the vision tower's own stages.
 
-The backbone's stages (``embed``, each ``block``, ``pool_final``) are wrapped with timers on the loaded
-instance, so one engine call reports both its wall time and the part spent inside those stages; the rest is the
-engine's own work (exit heads, gates, compaction, text look-ups, results). Rows:
+The backbone's calls (``span``, ``embed``, ``blocks``, ``block``, ``pool_final``) are wrapped with timers on the
+loaded instance, the outermost call counting once, so one engine call reports both its wall time and the part spent
+inside the backbone; the rest is the engine's own work (compaction, exit decisions, text look-ups, results). On a
+backend that compiles spans (onnxruntime) the exit heads, gates and final pooling run inside the span's graph and
+count as backbone time; on the torch backend they run in ``span`` too. Rows:
 
 * ``one label set``: ``classify(images, labels)`` at the default operating point, every row the same 5 labels;
 * ``varied label sets, one joint call``: ``classify_rows`` with each row its own 2-20 labels (cached text), as the
@@ -38,7 +40,6 @@ from typing import Any
 import torch
 
 from lraee_core.assets import resolve_checkpoint
-from lraee_core.backbone import ClipBackbone
 from lraee_core.checkpoint import load_classifier
 from lraee_core.engine import EarlyExitClassifier, LabelQuery
 
@@ -63,25 +64,25 @@ class StageClock:
 
 @contextmanager
 def clocked_stages(engine: EarlyExitClassifier) -> Iterator[StageClock]:
-    """Wrap the backbone's ``embed``, blocks and ``pool_final`` with timers (instance attributes, undone after).
-
-    Blocks are timed where both ``block`` and ``blocks`` end up, so engines calling either are timed alike: the
-    torch backbone's ``blocks`` calls ``block`` per layer, a backend compiling spans (onnxruntime) has ``block`` call
-    ``blocks``."""
+    """Wrap the backbone's calls with timers (instance attributes, undone after); a call made inside another timed
+    call (the torch ``span`` calls ``embed`` and ``blocks``, ``blocks`` calls ``block``) is not counted again."""
     backbone = engine.backbone
     clock = StageClock()
-    spans_own = type(backbone).blocks is not ClipBackbone.blocks
-    stages = ("embed", "blocks" if spans_own else "block", "pool_final")
-    originals: dict[str, Callable[..., torch.Tensor]] = {name: getattr(backbone, name) for name in stages}
+    stages = ("span", "embed", "blocks", "block", "pool_final")
+    originals: dict[str, Callable[..., Any]] = {name: getattr(backbone, name) for name in stages}
+    depth = [0]
 
-    def timed(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def run(*args: object) -> torch.Tensor:
+    def timed(function: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: object, **kwargs: object) -> Any:
+            depth[0] += 1
             started = time.perf_counter()
             try:
-                return function(*args)
+                return function(*args, **kwargs)
             finally:
-                clock.seconds += time.perf_counter() - started
-                clock.calls += 1
+                depth[0] -= 1
+                if depth[0] == 0:
+                    clock.seconds += time.perf_counter() - started
+                    clock.calls += 1
 
         return run
 
