@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lraee_core.assets import EMBEDDED_CHECKPOINTS, resolve_checkpoint
 from lraee_core.backbone import build_backbone
 from lraee_core.checkpoint import MANIFEST, TENSORS, load_classifier, read_manifest
 from lraee_core.config import BackboneConfig
@@ -124,3 +125,16 @@ def test_vit_b32_local_weights_checkpoint_end_to_end(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(weights))
     with pytest.raises(CheckpointError, match="not the ones this checkpoint was calibrated on"):
         load_classifier(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDED_CHECKPOINTS))
+def test_every_embedded_checkpoint_loads_under_its_own_id(name: str) -> None:
+    """Each embedded checkpoint loads by name and answers; no two share a checkpoint id (the id labels the metrics
+    and the text cache, so two models under one id could not be told apart on a dashboard)."""
+    ids = {read_manifest(directory).checkpoint_id for directory in EMBEDDED_CHECKPOINTS.values()}
+    assert len(ids) == len(EMBEDDED_CHECKPOINTS)
+    classifier = load_classifier(resolve_checkpoint(name))
+    assert classifier.checkpoint_id == read_manifest(EMBEDDED_CHECKPOINTS[name]).checkpoint_id
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    [first, second] = classifier.classify(images, ["cat", "dog", "car"])
+    assert first.predictions[0].label in {"cat", "dog", "car"} and 1 <= second.exit_layer <= classifier.num_layers
