@@ -153,6 +153,14 @@ class GateParams:
         return torch.sigmoid(features @ w + self.bias)
 
 
+def class_logits(embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Zero-shot logits: logit_scale x cosine of unit image embeddings [B, E] with unit text embeddings [K, E].
+
+    Text embeddings are stored FP16; they are upcast to the image dtype only for this matmul.
+    """
+    return logit_scale * embeddings @ text_embeddings.to(embeddings.dtype).T
+
+
 def row_logits(
     embeddings: torch.Tensor,
     text: torch.Tensor,
@@ -165,7 +173,7 @@ def row_logits(
     ``columns`` [b, W] says where each row's labels sit in ``text`` (padding repeats its last label) and ``counts``
     [b] how many it has; the columns past a row's count are -inf. None: every row has all S labels, in order.
     """
-    every = logit_scale * embeddings @ text.to(embeddings.dtype).T  # [b, S]
+    every = class_logits(embeddings, text, logit_scale)  # [b, S]
     if columns is None or counts is None:
         return every
     padding = torch.arange(columns.shape[1]) >= counts.unsqueeze(1)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .backbone import ClipBackbone
 from .config import HeadConfig
+from .gate import class_logits as class_logits  # the zero-shot logits, defined beside the gate that reads them
 
 
 class ExitHead(nn.Module):
@@ -35,11 +36,3 @@ class ExitHead(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled tokens [B, D] -> unit-norm joint-space embeddings [B, E]."""
         return F.normalize(self.fc2(self.act(self.fc1(self.norm(pooled)))), dim=-1)
-
-
-def class_logits(embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Zero-shot logits: logit_scale x cosine of unit image embeddings [B, E] with unit text embeddings [K, E].
-
-    Text embeddings are stored FP16; they are upcast to the image dtype only for this matmul.
-    """
-    return logit_scale * embeddings @ text_embeddings.to(embeddings.dtype).T
