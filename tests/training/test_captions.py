@@ -15,6 +15,7 @@ from training.clip.captions import (
     concept_key,
     draw_caption,
     everyday_label_sets,
+    unrelated_words,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -69,3 +70,10 @@ def test_everyday_label_sets_keep_only_unambiguous_classes(net: WordNet) -> None
     assert sets["n02123045"] == "cat"  # tabby
     assert sets["n01443537"] == "fish"  # goldfish
     assert "n01629819" not in sets or sets["n01629819"] in ("animal",)  # fire salamander: only the generic word
+
+
+def test_unrelated_words_leave_one_right_answer(net: WordNet) -> None:
+    others = unrelated_words("n02085620", "dog", net)  # Chihuahua
+    assert "dog" not in others and "animal" not in others  # the class is both: neither may stand beside "dog"
+    assert "car" in others and "cat" in others
+    assert "Chihuahua" not in others and len(others) == len(set(others))

@@ -16,8 +16,19 @@ from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
 from training.clip.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
 from training.pipeline.cli import main
+from training.pipeline.features import FeatureStore
 
 TEMPLATES = [t.format(what="a {}", be="is") for t in HELD_OUT_TEMPLATES]
+# Coarse words for the shapes, as the everyday build gives WordNet's: "ring" is also a class name (so shares its
+# label), the others are new words.
+ROUNDISH, POINTY = ("circle", "ring", "heart"), ("square", "triangle", "star", "cross", "diamond")
+WORD_SETS = {
+    "classes": {
+        **{name: {"word": "round shape", "others": ["pointy shape", "ring", "blob"]} for name in ROUNDISH[:1]},
+        **{name: {"word": "round shape", "others": ["pointy shape", "blob"]} for name in ROUNDISH[2:]},
+        **{name: {"word": "pointy shape", "others": ["round shape", "ring", "blob"]} for name in POINTY},
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +42,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out.mkdir()
     bundled = out / "weights.safetensors"  # weights inside the checkpoint travel with it (relative path)
     bundled.write_bytes(weights.read_bytes())
+    (root / "word_sets.json").write_text(json.dumps(WORD_SETS))
     status = main(
         [
             "build",
@@ -41,6 +53,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--data", "world:train:shapes:48",
             "--eval-data", "world:test:shapes:16",
             *[arg for template in TEMPLATES for arg in ("--template", template)],
+            "--word-sets", str(root / "word_sets.json"),
+            "--word-label-counts", "2,3",
             "--profile-images", "8",
             "--epochs", "1",
             "--head-batch-size", "8",
@@ -68,6 +82,30 @@ def test_build_records_how_the_checkpoint_was_made(built: Path) -> None:
     assert report["engine_check"]["ok"]  # the shipped engine reproduces the evaluation's exits
     log = json.loads((built / "clip" / "training_log.json").read_text())
     assert log["steps"] == 3 and log["weights_dtype"] == "float16"
+
+
+def test_word_label_sets_are_calibrated_apart(built: Path) -> None:
+    """With word sets the promises must also hold on label sets of words, kept apart per K ("words-K")."""
+    calibration = json.loads((built / "work" / "calibrate" / "calibration.json").read_text())
+    assert calibration["word_label_counts"] == [2, 3]
+    figures = calibration["methods"]["lraee"]["operating_points"]["balanced"]["calibration"]
+    assert {"words-2", "words-3"} <= set(figures) and {"2", "5"} <= set(figures)
+    # Every calib image whose class has a word (all but the rings) gets one word row per K.
+    store = FeatureStore(built / "work" / "extract")
+    labels = store.load("calib", ["labels"])["labels"].tolist()
+    with_a_word = sum(store.labels[label] != "ring" for label in labels)
+    assert figures["words-2"]["rows"] == figures["words-3"]["rows"] == with_a_word > 0
+    for point in ("accurate", "balanced", "fast"):
+        setting = calibration["methods"]["lraee"]["operating_points"][point]
+        for values in setting["calibration"].values():  # the promise held on every group, words included
+            assert values["agreement"] - values["agreement_se"] >= setting["promise"]
+    manifest = read_manifest(built / "checkpoint")
+    assert manifest.calibration["word_sets"] == {
+        "words": ["blob", "pointy shape", "ring", "round shape"],
+        "classes_with_a_word": 7,
+    }
+    gates = json.loads((built / "work" / "fit-gate" / "gates.json").read_text())
+    assert gates["label_sets"]["word_sets_k"] == [2, 3]
 
 
 def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_path: Path) -> None:

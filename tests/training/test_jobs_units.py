@@ -23,10 +23,19 @@ from training.pipeline.data import DataError, make_splits, read_classes_tsv, str
 from training.pipeline.evaluate import four_quadrants, pabee
 from training.pipeline.gate_fit import fit_logistic, gate_key, pairs
 from training.pipeline.jobs import portable_paths
-from training.pipeline.label_sets import ExitView, auc, label_sets_for, log_uniform_counts, resolve_counts
+from training.pipeline.label_sets import (
+    ExitView,
+    WordSets,
+    WordSetsError,
+    auc,
+    label_sets_for,
+    log_uniform_counts,
+    resolve_counts,
+    word_label_sets,
+)
 from training.pipeline.profile import ProfileAccumulator
 from training.pipeline.search import candidate_thresholds, promises, prune_layers, search_point
-from training.pipeline.simulate import full_outcome, simulate
+from training.pipeline.simulate import by_label_count, full_outcome, simulate
 
 TINY_SHAPE = VisionShape(
     num_layers=12, width=128, num_heads=4, mlp_width=512, num_tokens=65, patch_size=8, image_size=64, embed_dim=128
@@ -137,6 +146,73 @@ def test_log_uniform_label_counts_cover_small_and_large_sets() -> None:
     assert counts.min() == 2 and counts.max() == 1000
     assert 0.25 < float((counts <= 31).mean()) < 0.55  # log-uniform: about half below sqrt(1000)
     assert resolve_counts((2, 5, 10, 50, 0), 20) == [2, 5, 10, 20]
+
+
+LABELS = ("Chihuahua", "tabby", "sports car", "cat", "banana")
+WORDS = {
+    "classes": {
+        "Chihuahua": {"word": "dog", "others": ["car", "cat", "fruit"]},
+        "tabby": {"word": "cat", "others": ["car", "dog", "fruit"]},
+        "cat": {"word": "cat", "others": ["car", "dog", "fruit"]},
+        "sports car": {"word": "car", "others": ["dog", "fruit"]},
+    }
+}
+
+
+def test_word_sets_give_new_words_labels_after_the_classes_and_class_named_words_theirs() -> None:
+    words = WordSets.from_json(WORDS, LABELS)
+    assert words.words == ("car", "cat", "dog", "fruit") and words.extra == ("car", "dog", "fruit")
+    assert words.label_of.tolist() == [5, 3, 6, 7]  # "cat" is class 3; the others follow the 5 classes
+    assert words.word_of.tolist() == [2, 1, 0, 1, -1]  # banana has no word
+    assert words.to_json(LABELS) == WORDS  # what extract keeps in meta.json reads back the same
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        ({"classes": {}}, "non-empty"),
+        ({"classes": {"poodle": {"word": "dog", "others": []}}}, "outside the label set"),
+        ({"classes": {"tabby": {"word": "cat", "others": ["cat"]}}}, "among its others"),
+        ({"classes": {"tabby": {"word": "", "others": []}}}, "non-empty string"),
+    ],
+)
+def test_word_sets_that_do_not_fit_the_label_set_are_refused(document: dict, reason: str) -> None:
+    with pytest.raises(WordSetsError, match=reason):
+        WordSets.from_json(document, LABELS)
+
+
+def test_word_label_sets_hold_the_word_and_k_minus_1_of_its_others() -> None:
+    words = WordSets.from_json(WORDS, LABELS)
+    truth = np.array([0, 1, 2, 3, 4] * 20)
+    sets = word_label_sets(truth, words, [2, 4], 1, np.random.default_rng(0))
+    assert sets.truth is not None
+    rows2, members2 = sets.groups[2]
+    assert len(rows2) == 80  # every image but the bananas
+    rows4, members4 = sets.groups[4]
+    assert len(rows4) == 60  # "sports car" has only two others: no set of 4
+    for rows, members in ((rows2, members2), (rows4, members4)):
+        for row, labels in zip(rows.tolist(), members.tolist(), strict=True):
+            label = int(truth[sets.images[row]])
+            assert sets.truth[row] in labels and len(set(labels)) == len(labels)
+            assert sets.truth[row] == words.label_of[words.word_of[label]]
+            allowed = {int(words.label_of[o]) for o in words.others[label]}
+            assert set(labels) - {sets.truth[row]} <= allowed
+    assert {int(sets.truth[r]) for r in rows2} == {3, 5, 6}  # cat is class 3's label; car 5, dog 6
+
+
+def test_word_rows_are_reported_apart_from_class_rows_of_the_same_k() -> None:
+    (view, scores), layers = _view(size=200, ks=(2, 10)), (6, 9, 11)
+    words = np.zeros(view.size, dtype=bool)
+    words[::2] = True
+    marked = replace(view, words=words)
+    outcome = simulate(marked, layers, scores, [0.6, 0.6, 0.6])
+    figures = by_label_count(outcome, marked, layers)
+    assert set(figures) == {"2", "10", "words-2", "words-10"}
+    assert sum(f["rows"] for f in figures.values()) == view.size
+    assert figures["words-2"]["agreement"] == float(outcome.agrees[(view.counts == 2) & words].mean())
+    both = marked.subset(np.arange(10)).concat(marked.subset(np.arange(10, 20)))
+    assert (both.word_rows() == words[:20]).all()
+    assert set(by_label_count(simulate(view, layers, scores, [0.6] * 3), view, layers)) == {"2", "10"}
 
 
 # ---- simulation and threshold search -----------------------------------------------------------------------------

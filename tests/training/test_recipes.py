@@ -10,6 +10,7 @@ import pytest
 from lraee_core.assets import EMBEDDED_CHECKPOINTS
 from lraee_core.checkpoint import read_manifest
 from training.clip import photos
+from training.clip.captions import WORDNET_DIR
 from training.clip.recipes import (
     EVERYDAY_TEMPLATES,
     REPO,
@@ -17,6 +18,7 @@ from training.clip.recipes import (
     PlannedBuild,
     backbone_settings,
     build_job,
+    everyday_word_sets,
     photo_builds,
     run_planned_build,
     world_builds,
@@ -24,6 +26,7 @@ from training.clip.recipes import (
 from training.pipeline.cli import CONFIG_FILE, parser, resolve_config
 from training.pipeline.config import BuildConfig, load_build_config
 from training.pipeline.jobs import Job, path_roots, portable_paths
+from training.pipeline.label_sets import WordSets
 
 
 def _retyped(job: Job) -> BuildConfig:
@@ -173,3 +176,26 @@ def test_everyday_build_source_adds_the_build_half_and_never_the_evaluation_half
         label == (mountain if key.split("/")[1] == "mountain" else key.split("/")[1]) for key, label in added.items()
     )
     assert all((tmp_path / "build" / key).read_bytes() == key.split("/", 1)[1].encode() for key in added)
+
+
+def test_everyday_word_sets_give_each_class_its_word_and_the_words_beside_it(tmp_path: Path) -> None:
+    try:
+        photos.source_dir()
+    except photos.PhotosUnavailable as error:
+        pytest.skip(f"real photos absent: {error}")
+    if not (WORDNET_DIR / "data.noun").exists():
+        pytest.skip("WordNet 3.0 not installed")
+    source = tmp_path / "build.csv"
+    labels = ["n02085620", "n02085620", "n07753592", "cat", "automobile", "buildings"]
+    for i in range(len(labels)):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")  # the manifest's files must exist; they are never read
+    source.write_text("path,label\n" + "".join(f"{i}.jpg,{label}\n" for i, label in enumerate(labels)))
+    document = json.loads(everyday_word_sets(source, tmp_path / "out" / "word_sets.json").read_text())
+    classes = document["classes"]
+    assert classes["Chihuahua"]["word"] == "dog" and classes["banana"]["word"] == "fruit"
+    assert classes["cat"]["word"] == "cat" and classes["automobile"]["word"] == "car"
+    assert "animal" not in classes["Chihuahua"]["others"] and "car" in classes["Chihuahua"]["others"]
+    assert classes["buildings"]["word"] == "building"  # Intel's class, by its pinned synset
+    assert set(classes) == {"Chihuahua", "banana", "cat", "automobile", "buildings"}
+    words = WordSets.from_json(document, list(classes))  # the pipeline reads it back
+    assert words.label_of[words.words.index("cat")] == list(classes).index("cat")  # the class "cat" is the word

@@ -252,6 +252,17 @@ def everyday_word(wnid: str, net: WordNet | None = None) -> str | None:
     return words[0] if all(EVERYDAY_CONCEPTS[w] in above for w in words) else None
 
 
+def unrelated_words(wnid: str, word: str, net: WordNet | None = None) -> list[str]:
+    """The everyday words that may stand beside ``word`` in a label set for class ``wnid``: none the class is (by a
+    hypernym) and none above the word, so that ``word`` is the one right answer."""
+    net = net or wordnet()
+    lineage = net.ancestors(wnid) | {wnid}
+    synset = EVERYDAY_CONCEPTS[word]
+    return [
+        w for w, concept in EVERYDAY_CONCEPTS.items() if concept not in lineage and synset not in net.ancestors(concept)
+    ]
+
+
 def everyday_label_sets(wnids: Sequence[str], net: WordNet | None = None) -> dict[str, str]:
     """wnid -> its one everyday word, for the classes that have one (see :func:`everyday_word`)."""
     net = net or wordnet()

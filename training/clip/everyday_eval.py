@@ -42,7 +42,7 @@ import torch
 
 from lraee_core import EarlyExitClassifier, load_classifier
 from lraee_core.images import load_image
-from training.clip.captions import EVERYDAY_CONCEPTS, everyday_word, wordnet
+from training.clip.captions import everyday_word, unrelated_words, wordnet
 from training.clip.everyday import (
     FLICKR_CAPTIONS,
     FLICKR_TAR,
@@ -112,7 +112,6 @@ def imagenet_tasks(
         tasks["tiny-names-10way"].append(Item(path, tuple(labels), labels.index(names[label])))
 
     net = wordnet()
-    words = list(EVERYDAY_CONCEPTS)
     index = read_classes_tsv(classes_tsv)
     every_items: list[tuple[Path, str, str]] = []  # (photo, wnid, word)
     for wnid in sorted(index):
@@ -126,14 +125,7 @@ def imagenet_tasks(
     every_items += _sample([(p, w, word) for p, w, word in tiny_items if word is not None], sample, seed)
     tasks["everyday-5way"] = []
     for path, wnid, word in every_items:
-        lineage = net.ancestors(wnid) | {wnid}
-        truth_synset = EVERYDAY_CONCEPTS[word]
-        allowed = [
-            w
-            for w in words
-            if EVERYDAY_CONCEPTS[w] not in lineage and truth_synset not in net.ancestors(EVERYDAY_CONCEPTS[w])
-        ]
-        labels = [word, *rng.sample(allowed, 4)]
+        labels = [word, *rng.sample(unrelated_words(wnid, word, net), 4)]
         rng.shuffle(labels)
         tasks["everyday-5way"].append(Item(path, tuple(labels), labels.index(word)))
     return tasks

@@ -40,10 +40,12 @@ from lraee_core.checkpoint import read_manifest
 from training.clip import photos
 from training.pipeline.build import run_build
 from training.pipeline.cli import CONFIG_FILE, OPTIONS
-from training.pipeline.config import BuildConfig, replace_field
-from training.pipeline.data import class_name, read_classes_tsv
+from training.pipeline.config import BuildConfig, DataConfig, replace_field
+from training.pipeline.data import class_name, is_wnid, read_classes_tsv, scan_source
+from training.pipeline.data import label_set as build_label_set
 from training.pipeline.jobs import Job, write_json
 
+from .captions import EVERYDAY_CONCEPTS, everyday_word, unrelated_words, wordnet
 from .everyday import SET_CLASSES, EverydayClipConfig, everyday_build_split, train_everyday_clip
 from .photo_clip import (
     HOLDOUT_FILE,
@@ -211,6 +213,7 @@ def photo_builds(
     recipe: str = "photos",
     checkpoint_id: str = "photos-tiny202",
     templates: Sequence[str] = (),
+    word_sets: Path | None = None,
 ) -> list[PlannedBuild]:
     """The photo recipes' builds on the ``holdout`` photos: the shipped checkpoint evaluated on Tiny-ImageNet val
     first, then the same heads on the ILSVRC2012 val photos (``acuity``), reusing the first build's features."""
@@ -233,6 +236,7 @@ def photo_builds(
             ("calibrate.checkpoint_id", checkpoint_id),
             *PHOTO_HEADS,
             *((("data.templates", tuple(templates)),) if templates else ()),
+            *((("data.word_sets", str(word_sets.resolve())),) if word_sets is not None else ()),
             ("data.eval_source", str(eval_dir.resolve())),
             *limit,
         ]
@@ -252,12 +256,14 @@ def photo(
     recipe: str = "photos",
     checkpoint_id: str = "photos-tiny202",
     templates: Sequence[str] = (),
+    word_sets: Path | None = None,
 ) -> dict[str, object]:
     """Photo CLIP, the shipped ``photos`` checkpoint, evaluated on Tiny-ImageNet val and ILSVRC2012 val photos.
 
     With ``clip_weights`` no CLIP is trained: the build uses those weights and ``holdout`` (default: the photos
     photo_clip holds out with its default seed). ``recipe`` names the embedded checkpoint and the reports folder
-    (``everyday`` builds the everyday CLIP the same way; no world comparison then)."""
+    (``everyday`` builds the everyday CLIP the same way; no world comparison then). ``word_sets``: the builds'
+    ``data.word_sets``."""
     train = photos.extract("train")
     val = photos.extract("val")
     acuity = photos.extract("acuity")
@@ -276,7 +282,7 @@ def photo(
     elif holdout is None:
         holdout = holdout_csv(train, RUNS / "photo_holdout")
     weights = _bundle(clip_weights, EMBEDDED_CHECKPOINTS[recipe])
-    builds = photo_builds(weights, holdout, val, acuity, recipe, checkpoint_id, templates)
+    builds = photo_builds(weights, holdout, val, acuity, recipe, checkpoint_id, templates, word_sets)
     evaluations = _run_builds(builds, threads)
     if recipe != "photos":
         return {"evaluations": evaluations}
@@ -301,12 +307,13 @@ class EverydayStage:
 
 
 # The everyday CLIP as shipped: stage 1 from the photos CLIP (schedule over 1,400 steps, ended at 1,250, 1.5 h on 2
-# cores), then stages 2 and 3 each from the previous stage's weights with new batch draws and a fresh, shorter cosine
-# schedule (about 50 and 60 min on 2 cores).
+# cores), then stages 2, 3 and 4 each from the previous stage's weights with new batch draws and a fresh, shorter
+# cosine schedule (about 50, 60 and 70 min on 2 cores).
 EVERYDAY_STAGES = (
     EverydayStage("everyday_clip", (("steps", 1400), ("stop_step", 1250))),
     EverydayStage("everyday_clip2", (("steps", 1000), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 1))),
     EverydayStage("everyday_clip3", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 2))),
+    EverydayStage("everyday_clip4", (("steps", 1400), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 3))),
 )
 
 
@@ -357,6 +364,31 @@ def everyday_build_source(holdout: Path, cfg: EverydayClipConfig, destination: P
     return destination
 
 
+def everyday_word_sets(source: Path, destination: Path) -> Path:
+    """The everyday build's word sets (``data.word_sets``): every class of the build's label set that falls under
+    one everyday word (``captions.everyday_word``) gets that word and the words that may stand beside it
+    (``captions.unrelated_words``, the everyday-word evaluation's rule), so gates and promises see label sets like
+    "dog, car, banana" as well as class names."""
+    index = read_classes_tsv(photos.classes_tsv())
+    raw = scan_source(str(source), destination.parent)
+    labels = build_label_set(DataConfig(source=str(source), classes_tsv=str(photos.classes_tsv())), raw, index)
+    wnid_of_set_name = {name: wnid for _, classes in SET_CLASSES.values() for name, wnid in classes.items()}
+    net = wordnet()
+    classes: dict[str, dict[str, object]] = {}
+    for key, label in sorted(labels.by_key.items(), key=lambda item: item[1]):
+        wnid = key if is_wnid(key) else wnid_of_set_name.get(key)
+        word = None if wnid is None else everyday_word(wnid, net)
+        if wnid is None or word is None:
+            continue
+        classes[labels.names[label]] = {"word": word, "others": unrelated_words(wnid, word, net)}
+    for name in set(labels.names) & set(EVERYDAY_CONCEPTS):  # a word that is a class name shares its label
+        if classes.get(name, {}).get("word") != name:
+            raise RuntimeError(f"class {name!r} is named like the everyday word but is not that concept")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text(json.dumps({"classes": classes}, indent=1) + "\n")
+    return destination
+
+
 def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] = EVERYDAY_STAGES) -> dict[str, object]:
     """The everyday CLIP (``stages`` in turn, the first warm-started from ``init_weights``, the photos CLIP), the
     shipped ``everyday`` checkpoint built like ``photos`` (same holdout photos, same LRA-EE build and K-sweeps), and
@@ -382,6 +414,7 @@ def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] =
         raise RuntimeError("the everyday stages' holdout.csv files differ")
     holdout = RUNS / stages[0].run / HOLDOUT_FILE  # the same file in every stage (checked above)
     source = everyday_build_source(holdout, EverydayClipConfig(train_dir=str(train)), RUNS / "everyday_build.csv")
+    words = everyday_word_sets(source, RUNS / "everyday_word_sets.json")
     summary = photo(
         0,
         threads,
@@ -390,6 +423,7 @@ def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] =
         recipe="everyday",
         checkpoint_id="everyday-tiny",
         templates=EVERYDAY_TEMPLATES,
+        word_sets=words,
     )
     report = evaluate(EMBEDDED_CHECKPOINTS["everyday"], EverydayClipConfig(train_dir=str(train)), sample=500, seed=0)
     out = REPORTS / "everyday" / "everyday-eval"

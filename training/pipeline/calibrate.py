@@ -49,6 +49,8 @@ def _validate(config: CalibrateConfig) -> None:
         raise ConfigError("promises are agreement fractions in [0, 1]")
     if not config.label_counts:
         raise ConfigError("calibration needs at least one label count")
+    if any(k < 2 for k in config.word_label_counts):
+        raise ConfigError("word label sets need K >= 2 (the word and at least one other)")
     if config.ship not in (*SHIPPABLE, "auto"):
         raise ConfigError(f"ship must be one of {(*SHIPPABLE, 'auto')}")
 
@@ -84,7 +86,14 @@ def run_calibrate(job: Job) -> str:
     for name, method in METHODS.items():
         if method.variant not in views:
             views[method.variant] = sweep_view(
-                store, job, "calib", method.variant, config.label_counts, config.label_sets_per_image, config.seed
+                store,
+                job,
+                "calib",
+                method.variant,
+                config.label_counts,
+                config.label_sets_per_image,
+                config.seed,
+                config.word_label_counts,
             )
         bank = load_gates(job.step_dir("fit-gate"), method.gates)
         selection = select_candidates(views[method.variant], method, bank, pool, config, desc=name)
@@ -95,6 +104,7 @@ def run_calibrate(job: Job) -> str:
         "calib_images": store.count("calib"),
         "label_counts": sorted(int(k) for k in any_view.flops),
         "label_sets_per_image": config.label_sets_per_image,
+        "word_label_counts": list(config.word_label_counts) if store.word_sets() is not None else [],
         "cached_layers": list(store.layers),
         "candidate_pool": list(pool),
         "pruned_layers": [asdict(p) for p in pruned],

@@ -38,6 +38,8 @@ def write_checkpoint(
     bank = load_gates(job.step_dir("fit-gate"), method.gates)
     layers = selection.layers
     gates = bank.for_layers(layers)
+    word_sets = store.word_sets()
+    words_k = calibration.get("word_label_counts", [])
     directory = job.checkpoint_dir
     backbone = build_backbone(config.backbone)
     splits = load_splits(job)
@@ -77,10 +79,22 @@ def write_checkpoint(
                 "head_loss": "label-free: 1 - cos to the served model's full-depth image embedding",
                 "gate": {
                     "target": "exit top-1 == full-depth top-1 for the row's label set",
-                    "label_sets": "true class + K-1 others, K log-uniform over 2..N",
+                    "label_sets": "true class + K-1 others, K log-uniform over 2..N"
+                    + (
+                        f"; and word label sets (a class's coarse word + K-1 others, K in {list(words_k)})"
+                        if words_k
+                        else ""
+                    ),
                     "features": list(bank.features),
                 },
-                "search": "one shared threshold per point: the lowest calib quantile keeping the promise at every K",
+                "search": "one shared threshold per point: the lowest calib quantile keeping the promise at every K"
+                + (" and on the word label sets at every K" if words_k else ""),
+                "word_sets": None
+                if word_sets is None
+                else {
+                    "words": list(word_sets.words),
+                    "classes_with_a_word": int((word_sets.word_of >= 0).sum()),
+                },
                 "promise_margin_se": config.calibrate.promise_margin,
                 "candidate_pool": calibration["candidate_pool"],
                 "profile": calibration["profile"],

@@ -90,6 +90,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--eval-data", "data.eval_source", _source, "separate evaluation images (no eval split is carved)"),
     Option("--classes-tsv", "data.classes_tsv", _path, "ImageNet table wnid<TAB>index<TAB>name... for wnid folders"),
     Option("--classes-file", "data.classes_file", _path, "one class name per line: the label set"),
+    Option("--word-sets", "data.word_sets", _path, "JSON of coarse words per class: word label sets for gates/calib"),
     Option(
         "--label-space",
         "data.label_space",
@@ -139,6 +140,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--fast-promise", "calibrate.fast_promise", float, "held-out agreement 'fast' promises"),
     Option("--promise-margin", "calibrate.promise_margin", float, "standard errors calib agreement must clear"),
     Option("--calib-label-counts", "calibrate.label_counts", _counts, "K where promises must hold (0: all labels)"),
+    Option("--word-label-counts", "calibrate.word_label_counts", _counts, "K of word label sets (with --word-sets)"),
     Option("--threshold-candidates", "calibrate.threshold_candidates", int, "shared thresholds tried per point"),
     Option("--prune-fraction", "calibrate.prune_fraction", float, "prune INR < this x neighbours' mean (0: off)"),
     Option("--max-candidates", "calibrate.max_candidates", int, "most exit layers in the checkpoint"),

@@ -45,6 +45,8 @@ class DataConfig:
     eval_limit: int | None = None  # cap on the evaluation images (a stratified subsample)
     seed: int = 0  # seed of the split
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompt templates of the label ensemble ("{}" = class name)
+    word_sets: str | None = None  # JSON file of coarse words per class (label_sets.WordSets): adds word label sets
+    # to gate fitting and calibration, so the promises hold where clients type "dog" rather than class names
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class CalibrateConfig:
     promise_margin: float = 1.0  # calibration agreement must clear the promise by this many standard errors
     label_counts: tuple[int, ...] = (2, 5, 10, 50, 0)  # K at which every promise must hold (0: every label)
     label_sets_per_image: int = 1  # label sets drawn per calib image and K
+    word_label_counts: tuple[int, ...] = (2, 5, 10)  # K of the word label sets (with data.word_sets) at which
+    # every promise must hold too
     threshold_candidates: int = 200  # shared thresholds tried per point: quantiles of the calib gate scores
     prune_fraction: float = 0.5  # prune a layer whose INR < this x mean INR of its neighbouring layers (0: none)
     max_candidates: int = 3  # most exit layers kept (each one costs a head and a gate on every image reaching it)

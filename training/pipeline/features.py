@@ -4,7 +4,8 @@ Per image and per cached layer ``l`` (default: every layer >= num_layers / 2, so
 prune among them): the SSA input (mean of the patch tokens), the [CLS] token and the SAV gate feature, all from
 the INT8 tower exactly as the engine computes them; plus the INT8 full-depth embedding (the baseline and the
 engine's fall-back path) and the FP32 full-depth embedding (distillation target, FP32 baseline), both unit-norm.
-The label prompts' text embeddings are cached too, FP16 as the engine keeps them. Head training, gate fitting,
+The label prompts' text embeddings are cached too, FP16 as the engine keeps them, and with ``data.word_sets`` the
+words' (:class:`~training.pipeline.label_sets.WordSets`, kept in ``meta.json``). Head training, gate fitting,
 calibration and evaluation never run the backbone again.
 
 Layout: ``extract/meta.json``, ``extract/text.safetensors``, ``extract/<split>/shard-00000.safetensors``
@@ -38,6 +39,7 @@ from lraee_core.text import TextEmbeddingCache, validate_templates
 from .config import SPLIT_NAMES, BuildConfig, ConfigError
 from .data import ImageDataset, Splits, run_split
 from .jobs import Job, backbone_identity, config_hash, read_json, step, write_json, write_record
+from .label_sets import WordSets
 from .ranges import activation_ranges
 
 META_FILE = "meta.json"
@@ -68,12 +70,25 @@ def cached_layers(config: BuildConfig, num_layers: int) -> tuple[int, ...]:
     return tuple(layers)
 
 
+def word_sets(config: BuildConfig, labels: Sequence[str]) -> WordSets | None:
+    """The build's word sets (``data.word_sets``), checked against its label set; None without."""
+    if config.data.word_sets is None:
+        return None
+    try:
+        return WordSets.read(Path(config.data.word_sets), labels)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"data.word_sets {config.data.word_sets}: {error}") from error
+
+
 def extract_hash(config: BuildConfig, splits: Splits) -> str:
-    """Identity of the feature cache: the splits, the backbone and quant mode, extraction and prompt settings."""
+    """Identity of the feature cache: the splits, the backbone and quant mode, extraction and prompt settings, and
+    the word sets (their content, not their path)."""
     extract = config.extract
-    return config_hash(
-        "extract", splits.content_hash, backbone_identity(config), extract.candidate_layers, list(config.data.templates)
-    )
+    words = word_sets(config, splits.labels)
+    identity: list[Any] = [extract.candidate_layers, list(config.data.templates)]
+    if words is not None:  # builds without word sets keep their former identity
+        identity.append(words.to_json(splits.labels))
+    return config_hash("extract", splits.content_hash, backbone_identity(config), *identity)
 
 
 @torch.inference_mode()
@@ -143,9 +158,13 @@ def run_extract(job: Job) -> str:
     validate_templates(config.data.templates)
     quantized, fp32, report = build_backbones(config, activation_ranges(job))
     layers = cached_layers(config, quantized.shape.num_layers)
-    text = TextEmbeddingCache(quantized.encode_text, model_id=quantized.name).get(splits.labels, config.data.templates)
+    cache = TextEmbeddingCache(quantized.encode_text, model_id=quantized.name)
+    texts = {"text_embeddings": cache.get(splits.labels, config.data.templates).contiguous()}
+    words = word_sets(config, splits.labels)
+    if words is not None and words.extra:
+        texts["word_text_embeddings"] = cache.get(words.extra, config.data.templates).contiguous()
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({"text_embeddings": text.contiguous()}, str(directory / TEXT_FILE))
+    save_file(texts, str(directory / TEXT_FILE))
     shard_size = config.extract.shard_size
     shards: dict[str, list[str]] = {}
     for split in SPLIT_NAMES:
@@ -193,6 +212,7 @@ def run_extract(job: Job) -> str:
         "backbone": quantized.name,
         "weights_sha256": quantized.weights_sha256,
         "splits_hash": splits.content_hash,
+        "word_sets": None if words is None else words.to_json(splits.labels),
     }
     write_json(directory / META_FILE, meta)
     write_record(directory, "extract", wanted, {"layers": list(layers), "counts": meta["counts"]})
@@ -213,6 +233,19 @@ class FeatureStore:
     def text_embeddings(self) -> torch.Tensor:
         """The label set's FP16 unit text embeddings [K, E], exactly as the engine's text cache makes them."""
         return load_file(str(self.directory / TEXT_FILE))["text_embeddings"]
+
+    def word_sets(self) -> WordSets | None:
+        """The build's word sets, or None when it has none."""
+        document = self.meta.get("word_sets")
+        return None if document is None else WordSets.from_json(document, self.labels)
+
+    def view_text(self) -> torch.Tensor:
+        """The text matrix label sets index: the class prompts' embeddings, then those of the words that are no
+        class name (if any)."""
+        texts = load_file(str(self.directory / TEXT_FILE))
+        if "word_text_embeddings" not in texts:
+            return texts["text_embeddings"]
+        return torch.cat([texts["text_embeddings"], texts["word_text_embeddings"]])
 
     def count(self, split: str) -> int:
         """Images in a split."""

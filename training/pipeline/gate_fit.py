@@ -35,7 +35,7 @@ from .config import ConfigError, GateFitConfig
 from .features import FeatureStore
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads, run_train_heads
 from .jobs import Job, config_hash, read_json, step, write_json, write_record
-from .label_sets import ExitView, auc, exit_view, label_sets_for, log_uniform_counts
+from .label_sets import ExitView, auc, exit_view, label_sets_for, log_uniform_counts, word_label_sets
 
 COSINE = ("cos_top1", "cos_gap", "entropy_norm", "log_k")
 FEATURE_SETS: dict[str, tuple[str, ...]] = {  # candidates measured against each other; "paper" is the baseline
@@ -177,7 +177,8 @@ def gate_hash(job: Job, heads_hash: str) -> str:
 def gate_label_sets_view(
     store: FeatureStore, job: Job, split: str, variant: str, repeats: int, seed: int, fixed_k: int | None = None
 ) -> ExitView:
-    """A head set's view of a split with ``repeats`` label sets per image, K log-uniform (or ``fixed_k``)."""
+    """A head set's view of a split with ``repeats`` label sets per image, K log-uniform (or ``fixed_k``), and
+    without ``fixed_k`` one word label set per image at each of calibration's word K (when the build has words)."""
     _, heads = load_heads(job.step_dir("train-heads"), variant)
     truth = store.load(split, ["labels"])["labels"].numpy()
     rng = np.random.default_rng(seed)
@@ -186,7 +187,14 @@ def gate_label_sets_view(
     counts = np.full(rows, fixed_k) if fixed_k is not None else log_uniform_counts(rng, rows, num_labels)
     sets = label_sets_for(truth, num_labels, counts, repeats, rng)
     hidden = job.config.heads.hidden_dim or store.shape.width
-    return exit_view(store, split, heads, VARIANTS[variant].pooling, sets, hidden)
+    pooling = VARIANTS[variant].pooling
+    view = exit_view(store, split, heads, pooling, sets, hidden)
+    words = store.word_sets()
+    if words is None or fixed_k is not None:
+        return view
+    # Word label sets too (one per image at each K calibration checks), so the gates learn them.
+    word_sets = word_label_sets(truth, words, job.config.calibrate.word_label_counts, 1, rng)
+    return view if word_sets.size == 0 else view.concat(exit_view(store, split, heads, pooling, word_sets, hidden))
 
 
 @step("fit-gate")
@@ -208,7 +216,12 @@ def run_fit_gate(job: Job) -> str:
     result: dict[str, Any] = {
         "gate_images": store.count("gate"),
         "rows": views[SHIPPED_VARIANT].size,
-        "label_sets": {"per_image": repeats, "k": "log-uniform over 2..N", "seed": config.seed},
+        "label_sets": {
+            "per_image": repeats,
+            "k": "log-uniform over 2..N",
+            "seed": config.seed,
+            "word_sets_k": list(job.config.calibrate.word_label_counts) if store.word_sets() is not None else [],
+        },
         "features": list(features),
         "selection": selection,
         "variants": {},

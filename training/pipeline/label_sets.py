@@ -9,13 +9,23 @@ pairs, grouped by K.
 :func:`lraee_core.gate.gate_features`, the engine's own function, on the logits restricted to the row's label
 set), the INT8 and FP32 full-depth top-1, and the true label. Logits over a subset are the full logits gathered at
 the subset's columns: the same cosines the engine computes for that label set.
+
+**Word label sets.** Clients also type coarse words ("dog", "car") rather than class names. A build may give
+:class:`WordSets`: per class, the one word it falls under and the words that may stand beside it (neither above nor
+below it). A word label set is then that word plus K - 1 of those others. A word that is a class name has that
+class's label; the other words get labels N, N+1, ... and their text follows the class prompts' in the view's text
+matrix. :func:`by_label_count <training.pipeline.simulate.by_label_count>` keeps such rows apart ("words-K"), so a
+promise must hold on them as on class names.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,9 +34,70 @@ from lraee_core.flops import FlopsModel, flops_model
 from lraee_core.gate import FEATURES, gate_features
 from lraee_core.heads import ExitHead, class_logits
 
-from .features import FeatureStore
+if TYPE_CHECKING:  # features imports this module
+    from .features import FeatureStore
 
 BASE_FEATURES = tuple(name for name in FEATURES if name != "agree_prev")  # computed per layer, alone
+WORD_KEY = "words-{}"  # figures key of the word label sets of size K
+
+
+class WordSetsError(ValueError):
+    """A word-sets file that does not fit the build's label set."""
+
+
+@dataclass(frozen=True)
+class WordSets:
+    """Coarse words for the classes of a label set (module docstring), as a build's ``data.word_sets`` file gives
+    them: ``{"classes": {class name: {"word": w, "others": [words allowed beside w]}}}``. A word that is also a
+    class name ("cat" in a label set holding CIFAR-10's classes) is that class's label: same prompts, same text."""
+
+    words: tuple[str, ...]  # every word named by the file, sorted
+    label_of: np.ndarray  # [W] each word's label in a view: its class label, or N + its index in ``extra``
+    extra: tuple[str, ...]  # the words that are no class name, in label order: their text follows the classes'
+    word_of: np.ndarray  # [N] word index of each class label, -1 where the class has none
+    others: tuple[np.ndarray, ...]  # per class label: word indices allowed beside its word (empty when none)
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any], labels: Sequence[str]) -> WordSets:
+        """Check a word-sets document against the label set: every class it names must be a label, every word a
+        non-empty string, and a class's own word is never among its others."""
+        classes = document.get("classes")
+        if not isinstance(classes, Mapping) or not classes:
+            raise WordSetsError('word sets need a non-empty "classes" object')
+        index = {name: i for i, name in enumerate(labels)}
+        unknown = sorted(set(classes) - set(index))
+        if unknown:
+            raise WordSetsError(f"word sets name classes outside the label set: {unknown[:5]}")
+        named = [entry["word"] for entry in classes.values()] + [w for e in classes.values() for w in e["others"]]
+        if not all(isinstance(w, str) and w.strip() for w in named):
+            raise WordSetsError("every word must be a non-empty string")
+        words = sorted(set(named))
+        extra = tuple(w for w in words if w not in index)
+        label_of = np.array([index[w] if w in index else len(labels) + extra.index(w) for w in words], dtype=np.int64)
+        position = {w: i for i, w in enumerate(words)}
+        word_of = np.full(len(labels), -1, dtype=np.int64)
+        others: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in labels]
+        for name, entry in classes.items():
+            if entry["word"] in entry["others"]:
+                raise WordSetsError(f"{name!r}: its word {entry['word']!r} is among its others")
+            word_of[index[name]] = position[entry["word"]]
+            others[index[name]] = np.array(sorted(position[w] for w in set(entry["others"])), dtype=np.int64)
+        return cls(tuple(words), label_of, extra, word_of, tuple(others))
+
+    @classmethod
+    def read(cls, path: Path, labels: Sequence[str]) -> WordSets:
+        """:meth:`from_json` of a file."""
+        return cls.from_json(json.loads(path.read_text()), labels)
+
+    def to_json(self, labels: Sequence[str]) -> dict[str, Any]:
+        """The document :meth:`from_json` reads back."""
+        return {
+            "classes": {
+                labels[i]: {"word": self.words[w], "others": [self.words[o] for o in self.others[i]]}
+                for i, w in enumerate(self.word_of.tolist())
+                if w >= 0
+            }
+        }
 
 
 def log_uniform_counts(rng: np.random.Generator, count: int, num_labels: int, smallest: int = 2) -> np.ndarray:
@@ -49,6 +120,7 @@ class LabelSets:
     images: np.ndarray  # [M] image index within the split
     counts: np.ndarray  # [M] K of each row
     groups: dict[int, tuple[np.ndarray, np.ndarray]]  # K -> (row positions [n], label indices [n, K])
+    truth: np.ndarray | None = None  # [M] each row's right label when it is not the image's class (word sets)
 
     @property
     def size(self) -> int:
@@ -91,6 +163,43 @@ def label_sets_for(
     return LabelSets(images=images, counts=sets.counts, groups=sets.groups)
 
 
+def word_label_sets(
+    truth: np.ndarray, words: WordSets, counts: Sequence[int], repeats: int, rng: np.random.Generator
+) -> LabelSets:
+    """Word label sets for the images of a split whose class has a word: ``repeats`` rows per image and per K of
+    ``counts``, each the image's word plus K - 1 of its class's others in random order (labels: ``label_of``; an
+    image whose class has fewer than K - 1 others gets no row at that K)."""
+    images_of: list[np.ndarray] = []
+    counts_of: list[np.ndarray] = []
+    truth_of: list[np.ndarray] = []
+    groups: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    start = 0
+    for k in counts:
+        rows: list[np.ndarray] = []
+        for image in np.tile(np.arange(len(truth)), repeats).tolist():
+            label = int(truth[image])
+            word, others = int(words.word_of[label]), words.others[label]
+            if word < 0 or len(others) < k - 1:
+                continue
+            chosen = np.concatenate([[word], rng.choice(others, size=k - 1, replace=False)])
+            rows.append(np.concatenate([[image], words.label_of[rng.permutation(chosen)]]))
+        if not rows:
+            continue
+        table = np.stack(rows)
+        images_of.append(table[:, 0])
+        counts_of.append(np.full(len(table), k))
+        truth_of.append(words.label_of[words.word_of[truth[table[:, 0]]]])
+        groups[int(k)] = (np.arange(start, start + len(table)), table[:, 1:])
+        start += len(table)
+    empty = np.zeros(0, dtype=np.int64)
+    return LabelSets(
+        images=np.concatenate(images_of) if images_of else empty,
+        counts=np.concatenate(counts_of) if counts_of else empty,
+        groups=groups,
+        truth=np.concatenate(truth_of) if truth_of else empty,
+    )
+
+
 @dataclass(frozen=True)
 class ExitView:
     """What every exit of one head set would answer for every (image, label set) row of a split."""
@@ -102,11 +211,45 @@ class ExitView:
     top1: dict[int, np.ndarray]  # layer -> [M] the exit's top-1
     features: dict[int, dict[str, np.ndarray]]  # layer -> feature name -> [M] float32 (agree_prev excluded)
     flops: dict[int, FlopsModel]  # K -> FLOPs model
+    words: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [M] True on word label sets
+    # (an empty array: none of the rows)
 
     @property
     def size(self) -> int:
         """Rows."""
         return len(self.truth)
+
+    def word_rows(self) -> np.ndarray:
+        """[M] True on the rows whose label set is made of words."""
+        return self.words if len(self.words) == self.size else np.zeros(self.size, dtype=bool)
+
+    def groups(self) -> dict[str, np.ndarray]:
+        """Figures key -> [M] row mask: "K" for class-name label sets of size K, "words-K" for word ones."""
+        words = self.word_rows()
+        result: dict[str, np.ndarray] = {}
+        for k in sorted(self.flops):
+            sized = self.counts == k
+            if (sized & ~words).any():
+                result[str(k)] = sized & ~words
+            if (sized & words).any():
+                result[WORD_KEY.format(k)] = sized & words
+        return result
+
+    def concat(self, other: ExitView) -> ExitView:
+        """This view's rows followed by ``other``'s (same layers and features)."""
+        return ExitView(
+            counts=np.concatenate([self.counts, other.counts]),
+            truth=np.concatenate([self.truth, other.truth]),
+            full_top1=np.concatenate([self.full_top1, other.full_top1]),
+            fp32_top1=np.concatenate([self.fp32_top1, other.fp32_top1]),
+            top1={layer: np.concatenate([top, other.top1[layer]]) for layer, top in self.top1.items()},
+            features={
+                layer: {n: np.concatenate([f, other.features[layer][n]]) for n, f in named.items()}
+                for layer, named in self.features.items()
+            },
+            flops={**self.flops, **other.flops},
+            words=np.concatenate([self.word_rows(), other.word_rows()]),
+        )
 
     def agrees(self, layer: int) -> np.ndarray:
         """[M] True where the layer's exit answers what full depth answers."""
@@ -135,6 +278,7 @@ class ExitView:
             top1={layer: top[rows] for layer, top in self.top1.items()},
             features={layer: {n: f[rows] for n, f in named.items()} for layer, named in self.features.items()},
             flops=self.flops,
+            words=self.word_rows()[rows],
         )
 
 
@@ -162,11 +306,11 @@ def exit_view(
     names += ["labels", "int8_final", "fp32_final"]
     if cached is None or any(name not in cached for name in names):
         cached = store.load(split, names)
-    text = store.text_embeddings()
+    text = store.view_text()  # class prompts, then the words' when the build has word sets
     scale = store.logit_scale
     images = label_sets.images
     size = label_sets.size
-    truth = cached["labels"].numpy()[images]
+    truth = cached["labels"].numpy()[images] if label_sets.truth is None else label_sets.truth
     full_top1 = np.zeros(size, dtype=np.int64)
     fp32_top1 = np.zeros(size, dtype=np.int64)
     int8_logits = class_logits(cached["int8_final"], text, scale)
@@ -195,7 +339,8 @@ def exit_view(
         features[layer] = columns
     hidden = head_hidden_dim
     flops = {int(k): flops_model(store.shape, hidden, int(k)) for k in np.unique(label_sets.counts).tolist()}
-    return ExitView(label_sets.counts, truth, full_top1, fp32_top1, top1, features, flops)
+    words = np.full(size, label_sets.truth is not None)
+    return ExitView(label_sets.counts, truth, full_top1, fp32_top1, top1, features, flops, words)
 
 
 def auc(scores: np.ndarray, targets: np.ndarray) -> float | None:

@@ -23,7 +23,7 @@ from .features import FeatureStore
 from .gate_fit import PAPER_GATE, GateBank
 from .heads import VARIANTS, load_heads
 from .jobs import Job
-from .label_sets import ExitView, exit_view, label_sets_for, resolve_counts
+from .label_sets import ExitView, exit_view, label_sets_for, resolve_counts, word_label_sets
 
 Scoring = Literal["gate", "confidence"]
 
@@ -156,13 +156,13 @@ def exit_shares(outcome: Outcome, layers: Sequence[int], rows: np.ndarray | None
 
 
 def by_label_count(outcome: Outcome, view: ExitView, layers: Sequence[int]) -> dict[str, dict[str, Any]]:
-    """Agreement, top-1, FLOPs saved and exit shares of an outcome at each K of the view ("K" -> figures)."""
+    """Agreement, top-1, FLOPs saved and exit shares of an outcome at each K of the view ("K" -> figures; word label
+    sets apart, "words-K")."""
     figures = {}
-    for k in sorted(view.flops):
-        rows = view.counts == k
+    for key, rows in view.groups().items():
         count = int(rows.sum())
         agreement = float(outcome.agrees[rows].mean())
-        figures[str(k)] = {
+        figures[key] = {
             "rows": count,
             "agreement": agreement,
             "agreement_se": math.sqrt(max(agreement * (1 - agreement), 0.0) / max(1, count)),
@@ -187,12 +187,27 @@ def method_scores(view: ExitView, method: Method, bank: GateBank, layers: Sequen
 
 
 def sweep_view(
-    store: FeatureStore, job: Job, split: str, variant: str, counts: Sequence[int], repeats: int, seed: int
+    store: FeatureStore,
+    job: Job,
+    split: str,
+    variant: str,
+    counts: Sequence[int],
+    repeats: int,
+    seed: int,
+    word_counts: Sequence[int] = (),
 ) -> ExitView:
-    """A head set's view of a split: ``repeats`` label sets per image at each K of ``counts`` (0: every label)."""
+    """A head set's view of a split: ``repeats`` label sets per image at each K of ``counts`` (0: every label),
+    then, when the build has word sets, ``repeats`` word label sets per image at each K of ``word_counts``."""
     _, heads = load_heads(job.step_dir("train-heads"), variant)
     truth = store.load(split, ["labels"])["labels"].numpy()
     ks = resolve_counts(counts, len(store.labels))
-    sets = label_sets_for(truth, len(store.labels), ks, repeats, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    sets = label_sets_for(truth, len(store.labels), ks, repeats, rng)
     hidden = job.config.heads.hidden_dim or store.shape.width
-    return exit_view(store, split, heads, VARIANTS[variant].pooling, sets, hidden)
+    pooling = VARIANTS[variant].pooling
+    view = exit_view(store, split, heads, pooling, sets, hidden)
+    words = store.word_sets()
+    if words is None or not word_counts:
+        return view
+    word_sets = word_label_sets(truth, words, word_counts, repeats, rng)
+    return view if word_sets.size == 0 else view.concat(exit_view(store, split, heads, pooling, word_sets, hidden))
