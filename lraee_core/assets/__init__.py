@@ -1,15 +1,12 @@
 """Files shipped with the package: the tiny model's architecture and the embedded checkpoints.
 
-Four embedded checkpoints, all built by the project's own ``lraee-train`` jobs on the tiny 12-block CLIP:
+Three embedded checkpoints, all built by the project's own ``lraee-train`` jobs on the tiny 12-block CLIP:
 
 * ``everyday``: the photos CLIP trained further on everyday photos (CIFAR-10, Intel scenes, flowers, Flickr8k's
   human captions) with WordNet captions, so it knows everyday words ("dog", "car", "fruit"); the default, since
   clients send such labels (see the README's measurements);
-* ``everyday-v2``: the previous default (the same recipe with the CLIP's first two stages only, built at commit
-  35a5796; files unchanged but for its id, ``everyday-tiny-v2``, and its report directory in the manifest); kept
-  by name because it still wins on Intel scenes;
-* ``photos``: the CLIP trained on real ImageNet-class photos (202 classes) only; kept by name because it still wins
-  on fine-grained ImageNet class names;
+* ``photos``: the CLIP trained on real ImageNet-class photos (202 classes) only; the default before ``everyday``,
+  kept by name;
 * ``world``: the CLIP trained on the generated shape world; it knows coloured shapes and nothing else.
 
 A checkpoint setting may name any of them instead of giving a path.
@@ -22,7 +19,6 @@ MODEL_CONFIGS_DIR = ASSETS_DIR / "model_configs"  # open_clip JSON architectures
 EMBEDDED_CHECKPOINTS = {  # name -> checkpoint directory inside the package
     "photos": ASSETS_DIR / "photos",
     "everyday": ASSETS_DIR / "everyday",
-    "everyday-v2": ASSETS_DIR / "everyday-v2",
     "world": ASSETS_DIR / "world",
 }
 DEFAULT_EMBEDDED = "everyday"  # the checkpoint `make serve` loads when none is configured
@@ -30,7 +26,7 @@ DEFAULT_CHECKPOINT = EMBEDDED_CHECKPOINTS[DEFAULT_EMBEDDED]
 
 
 def resolve_checkpoint(value: str | Path) -> Path:
-    """An embedded checkpoint's name (``everyday``, ``everyday-v2``, ``photos``, ``world``) becomes its directory;
+    """An embedded checkpoint's name (``everyday``, ``photos``, ``world``) becomes its directory;
     anything else is a path."""
     name = str(value)
     return EMBEDDED_CHECKPOINTS[name] if name in EMBEDDED_CHECKPOINTS else Path(value)

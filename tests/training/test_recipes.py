@@ -100,8 +100,9 @@ def test_shipped_photo_builds_record_the_shipped_manifests_command(recipe: str) 
         threads = 1
     else:
         source = RUNS / "everyday_build.csv"  # the Tiny holdout + the everyday build half (everyday_build_source)
+        words = RUNS / "everyday_word_sets.json"  # its classes' everyday words (everyday_word_sets)
         builds = photo_builds(
-            weights, source, data / "val", data / "acuity", "everyday", "everyday-tiny", EVERYDAY_TEMPLATES
+            weights, source, data / "val", data / "acuity", "everyday", "everyday-tiny", EVERYDAY_TEMPLATES, words
         )
         threads = 2
     assert [b.ships for b in builds] == [True, False]
