@@ -25,8 +25,6 @@ from training.pipeline.gate_fit import fit_logistic, gate_key, pairs
 from training.pipeline.jobs import portable_paths
 from training.pipeline.label_sets import (
     ExitView,
-    WordSets,
-    WordSetsError,
     auc,
     label_sets_for,
     log_uniform_counts,
@@ -36,6 +34,7 @@ from training.pipeline.label_sets import (
 from training.pipeline.profile import ProfileAccumulator
 from training.pipeline.search import candidate_thresholds, promises, prune_layers, search_point
 from training.pipeline.simulate import by_label_count, full_outcome, simulate
+from training.pipeline.word_sets import WordSets, WordSetsError
 
 TINY_SHAPE = VisionShape(
     num_layers=12, width=128, num_heads=4, mlp_width=512, num_tokens=65, patch_size=8, image_size=64, embed_dim=128

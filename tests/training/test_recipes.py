@@ -26,7 +26,7 @@ from training.clip.recipes import (
 from training.pipeline.cli import CONFIG_FILE, parser, resolve_config
 from training.pipeline.config import BuildConfig, load_build_config
 from training.pipeline.jobs import Job, path_roots, portable_paths
-from training.pipeline.label_sets import WordSets
+from training.pipeline.word_sets import WordSets
 
 
 def _retyped(job: Job) -> BuildConfig:

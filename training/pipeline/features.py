@@ -39,8 +39,8 @@ from lraee_core.text import TextEmbeddingCache, validate_templates
 from .config import SPLIT_NAMES, BuildConfig, ConfigError
 from .data import ImageDataset, Splits, run_split
 from .jobs import Job, backbone_identity, config_hash, read_json, step, write_json, write_record
-from .label_sets import WordSets
 from .ranges import activation_ranges
+from .word_sets import WordSets
 
 META_FILE = "meta.json"
 TEXT_FILE = "text.safetensors"
