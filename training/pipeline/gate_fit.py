@@ -35,7 +35,7 @@ from .config import ConfigError, GateFitConfig
 from .features import FeatureStore
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads, run_train_heads
 from .jobs import Job, config_hash, read_json, step, write_json, write_record
-from .label_sets import ExitView, auc, exit_view, label_sets_for, log_uniform_counts, word_label_sets
+from .label_sets import ExitView, auc, exit_view_with_words, label_sets_for, log_uniform_counts
 
 COSINE = ("cos_top1", "cos_gap", "entropy_norm", "log_k")
 FEATURE_SETS: dict[str, tuple[str, ...]] = {  # candidates measured against each other; "paper" is the baseline
@@ -187,14 +187,10 @@ def gate_label_sets_view(
     counts = np.full(rows, fixed_k) if fixed_k is not None else log_uniform_counts(rng, rows, num_labels)
     sets = label_sets_for(truth, num_labels, counts, repeats, rng)
     hidden = job.config.heads.hidden_dim or store.shape.width
-    pooling = VARIANTS[variant].pooling
-    view = exit_view(store, split, heads, pooling, sets, hidden)
-    words = store.word_sets()
-    if words is None or fixed_k is not None:
-        return view
     # Word label sets too (one per image at each K calibration checks), so the gates learn them.
-    word_sets = word_label_sets(truth, words, job.config.calibrate.word_label_counts, 1, rng)
-    return view if word_sets.size == 0 else view.concat(exit_view(store, split, heads, pooling, word_sets, hidden))
+    word_counts = job.config.calibrate.word_label_counts if fixed_k is None else ()
+    pooling = VARIANTS[variant].pooling
+    return exit_view_with_words(store, split, heads, pooling, sets, hidden, word_counts, 1, rng)
 
 
 @step("fit-gate")

@@ -281,6 +281,28 @@ def exit_view(
     return ExitView(label_sets.counts, truth, full_top1, fp32_top1, top1, features, flops, words)
 
 
+def exit_view_with_words(
+    store: FeatureStore,
+    split: str,
+    heads: Mapping[int, ExitHead],
+    pooling: str,
+    label_sets: LabelSets,
+    head_hidden_dim: int,
+    word_counts: Sequence[int],
+    repeats: int,
+    rng: np.random.Generator,
+) -> ExitView:
+    """:func:`exit_view` of ``label_sets``, followed, when the build has word sets, by ``repeats`` word label sets
+    per image at each K of ``word_counts`` (:func:`word_label_sets`)."""
+    view = exit_view(store, split, heads, pooling, label_sets, head_hidden_dim)
+    words = store.word_sets()
+    if words is None or not word_counts:
+        return view
+    truth = store.load(split, ["labels"])["labels"].numpy()
+    sets = word_label_sets(truth, words, word_counts, repeats, rng)
+    return view if sets.size == 0 else view.concat(exit_view(store, split, heads, pooling, sets, head_hidden_dim))
+
+
 def auc(scores: np.ndarray, targets: np.ndarray) -> float | None:
     """Area under the ROC curve (ties counted half); None when only one class is present."""
     positives = int(targets.sum())

@@ -23,7 +23,7 @@ from .features import FeatureStore
 from .gate_fit import PAPER_GATE, GateBank
 from .heads import VARIANTS, load_heads
 from .jobs import Job
-from .label_sets import ExitView, exit_view, label_sets_for, resolve_counts, word_label_sets
+from .label_sets import ExitView, exit_view_with_words, label_sets_for, resolve_counts
 
 Scoring = Literal["gate", "confidence"]
 
@@ -205,9 +205,4 @@ def sweep_view(
     sets = label_sets_for(truth, len(store.labels), ks, repeats, rng)
     hidden = job.config.heads.hidden_dim or store.shape.width
     pooling = VARIANTS[variant].pooling
-    view = exit_view(store, split, heads, pooling, sets, hidden)
-    words = store.word_sets()
-    if words is None or not word_counts:
-        return view
-    word_sets = word_label_sets(truth, words, word_counts, repeats, rng)
-    return view if word_sets.size == 0 else view.concat(exit_view(store, split, heads, pooling, word_sets, hidden))
+    return exit_view_with_words(store, split, heads, pooling, sets, hidden, word_counts, repeats, rng)
