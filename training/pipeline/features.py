@@ -5,7 +5,7 @@ prune among them): the SSA input (mean of the patch tokens), the [CLS] token and
 the INT8 tower exactly as the engine computes them; plus the INT8 full-depth embedding (the baseline and the
 engine's fall-back path) and the FP32 full-depth embedding (distillation target, FP32 baseline), both unit-norm.
 The label prompts' text embeddings are cached too, FP16 as the engine keeps them, and with ``data.word_sets`` the
-words' (:class:`~training.pipeline.label_sets.WordSets`, kept in ``meta.json``). Head training, gate fitting,
+words' (:class:`~training.pipeline.word_sets.WordSets`, kept in ``meta.json``). Head training, gate fitting,
 calibration and evaluation never run the backbone again.
 
 Layout: ``extract/meta.json``, ``extract/text.safetensors``, ``extract/<split>/shard-00000.safetensors``
