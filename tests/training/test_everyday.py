@@ -1,18 +1,24 @@
-"""The everyday trainer's pieces: the concept loss, seeded batches, and held-out splits that never overlap."""
+"""The everyday trainer's pieces: the concept loss, seeded batches, held-out splits that never overlap, and runs
+from a pack (a machine without the photo folders) that come back finished."""
 
 from __future__ import annotations
 
+import io
+import json
 import math
-from dataclasses import replace
+import random
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from training.clip.captions import ClassCaptions
 from training.clip.everyday import (
     BUILD_SHARE,
+    PACK_SPLIT_FIELDS,
     SET_CLASSES,
     EverydayClipConfig,
     Source,
@@ -22,9 +28,14 @@ from training.clip.everyday import (
     everyday_build_split,
     everyday_eval_split,
     flickr_split,
+    load_sources,
     parse_mix,
     split_members,
+    to_pixels,
+    train_everyday_clip,
 )
+from training.clip.pack import EncodedSource, write_pack
+from training.clip.trainer import LOG_FILE, STATE_FILE
 
 
 def test_concept_positives_shared_caption_is_positive_for_every_covered_image() -> None:
@@ -33,6 +44,15 @@ def test_concept_positives_shared_caption_is_positive_for_every_covered_image() 
     images = [frozenset({chihuahua, dog}), frozenset({beagle, dog}), frozenset({cat})]
     positives = concept_positives(concepts, images)
     assert positives.tolist() == [[True, True, False], [True, False, False], [False, False, True]]
+
+
+def test_concept_positives_are_the_pairwise_membership_test() -> None:
+    rng = random.Random(0)
+    pool = [f"wn:{i}" for i in range(6)] + ["caption:x", "caption:y"]
+    concepts = [rng.choice(pool) for _ in range(40)]
+    image_concepts = [frozenset({concepts[i], *rng.sample(pool, rng.randint(0, 3))}) for i in range(40)]
+    expected = torch.tensor([[c in own for c in concepts] for own in image_concepts])
+    assert torch.equal(concept_positives(concepts, image_concepts), expected)
 
 
 def test_concept_loss_equals_clip_loss_when_all_concepts_differ() -> None:
@@ -121,3 +141,71 @@ def test_parse_mix_rejects_unknown_sources() -> None:
     assert parse_mix("tiny:3,cifar10:1") == {"tiny": 0.75, "cifar10": 0.25}
     with pytest.raises(ValueError, match="sources are"):
         parse_mix("imagenet:1")
+
+
+def _jpeg(seed: int, size: int) -> bytes:
+    pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_a_run_from_a_pack_trains_on_its_photos_and_comes_back_finished(tmp_path: Path) -> None:
+    caps = _sources()[0].captions
+    assert caps is not None
+    cfg = EverydayClipConfig(
+        pack_dir=str(tmp_path / "pack"),
+        output_dir=str(tmp_path / "run"),
+        mix="cifar10:0.5,flickr8k:0.5",
+        batch_size=8,
+        steps=2,
+        warmup_steps=1,
+        threads=1,
+        batched_augment=True,
+        prefetch=2,
+        progress=False,
+    )
+    settings = asdict(cfg)
+    meta = {
+        "split": {name: settings[name] for name in PACK_SPLIT_FIELDS},
+        "holdout_csv": "path,label\n/t/a.JPEG,n01443537\n",
+        "eval_split": {"cifar10": ["cat/1.jpg"], "flickr8k": ["f/9.jpg"]},
+        "counts": {"cifar10": 12, "flickr8k": 4, "intel": 9, "tiny_holdout": 1},
+    }
+    cifar = EncodedSource("cifar10", [_jpeg(i, 32) for i in range(12)], [i % 2 for i in range(12)], caps, None)
+    texts = [["a"], ["b"], ["c"], ["d"]]
+    flickr = EncodedSource("flickr8k", [_jpeg(20 + i, 72) for i in range(4)], [0, 1, 2, 3], None, texts)
+    write_pack([cifar, flickr], meta, tmp_path / "pack", part_bytes=4000)
+
+    # The pack's photos decode exactly as the service's decoder decodes the same files.
+    sources = load_sources(cfg, 64, parse_mix(cfg.mix))
+    assert [s.name for s in sources] == ["cifar10", "flickr8k"]
+    assert torch.equal(sources[0].pixels[3], to_pixels(_jpeg(3, 32), 64))
+    assert torch.equal(sources[1].pixels[2], to_pixels(_jpeg(22, 72), 64))
+    with pytest.raises(ValueError, match="no \\['intel'\\] photos"):
+        load_sources(cfg, 64, parse_mix("intel:1,cifar10:1"))
+
+    weights = train_everyday_clip(cfg)
+    run = tmp_path / "run"
+    log = json.loads((run / LOG_FILE).read_text())
+    assert log["steps"] == 2 and log["data"] == {"cifar10": 12, "flickr8k": 4, "tiny_holdout": 1}
+    assert (run / "holdout.csv").read_text() == meta["holdout_csv"]
+    assert json.loads((run / "eval_split.json").read_text()) == meta["eval_split"]
+
+    # Trained on another machine, it comes back as weights and log only (state.pt stays there): finished as it is.
+    (run / STATE_FILE).unlink()
+    trained = weights.read_bytes()
+    assert train_everyday_clip(cfg) == weights and weights.read_bytes() == trained
+    with pytest.raises(ValueError, match="trained elsewhere with other lr"):
+        train_everyday_clip(replace(cfg, lr=1e-3))
+    with pytest.raises(ValueError, match="trained elsewhere .*2 of 3 steps"):
+        train_everyday_clip(replace(cfg, steps=3))
+    # A pack written for other splits is refused: its photos could include this run's held-out ones.
+    with pytest.raises(ValueError, match="packed with other seed"):
+        train_everyday_clip(replace(cfg, seed=1, output_dir=str(tmp_path / "other")))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_stage_on_a_machine_without_one_says_where_to_train_it(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="train it on a GPU machine"):
+        train_everyday_clip(EverydayClipConfig(output_dir=str(tmp_path), device="cuda", progress=False))

@@ -22,6 +22,8 @@ from lraee_core.images import load_image
 from training.clip import photos
 from training.clip.photo_clip import (
     HOLDOUT_FILE,
+    Augment,
+    BatchAugment,
     PhotoClipConfig,
     multi_positive_loss,
     scan_photos,
@@ -75,6 +77,24 @@ def test_holdout_takes_the_same_number_of_every_class_and_is_disjoint(photo_slic
     per_class = [sum(found.labels[i] == c for i in holdout) for c in range(CLASSES)]
     assert per_class == [5] * CLASSES
     assert split_holdout(found, per_class=5, seed=0) == (train, holdout)  # a pure function of the seed
+
+
+def test_batch_augment_crops_inside_the_image_seeded_and_normalised_as_augment() -> None:
+    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    model.visual.image_size = (64, 64)  # the crop size is all the augmenters read from the model
+    batched, single = BatchAugment(model, 0.35), Augment(model, 0.35)
+    flat = torch.full((6, 3, 72, 96), 128, dtype=torch.uint8)
+    # A flat image stays flat: every box lies inside the image (a sample outside would read zeros).
+    out = batched(flat, torch.Generator().manual_seed(0))
+    assert out.shape == (6, 3, 64, 64)
+    assert torch.allclose(out, single(flat, torch.Generator().manual_seed(0)), atol=1e-5)
+    ramp = torch.arange(96, dtype=torch.uint8).expand(6, 3, 72, 96).contiguous()
+    first = batched(ramp, torch.Generator().manual_seed(3))
+    assert torch.equal(first, batched(ramp, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, batched(ramp, torch.Generator().manual_seed(4)))
+    # Crops and flips vary per image: a left-to-right ramp comes out rising in some rows and falling in others.
+    slopes = (first[:, 0, :, -1] - first[:, 0, :, 0]).mean(dim=1)
+    assert (slopes > 0).any() and (slopes < 0).any()
 
 
 def test_multi_positive_loss_is_clip_loss_when_classes_are_unique() -> None:

@@ -1,9 +1,12 @@
-"""The shared tiny-CLIP training loop: bit-exact resume, refused data changes, the log and the command line."""
+"""The shared tiny-CLIP training loop: bit-exact resume, refused data changes, time limits, the log, the command line,
+and its helpers (cached tokens, prefetched batches)."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,7 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.clip.trainer import LOG_FILE, STATE_FILE, TrainingRun, config_parser
+from training.clip.trainer import (
+    LOG_FILE,
+    STATE_FILE,
+    CachedTokenizer,
+    TrainingRun,
+    config_parser,
+    prefetched,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images [B, 3, 64, 64], tokens [B, context]
 CAPTIONS = ["a red square", "a blue circle", "a green star", "a grey blob"]
@@ -40,7 +50,7 @@ class TinyConfig:
     progress: bool = False  # no progress bar in tests
 
 
-def _train(cfg: TinyConfig, end: int | None = None) -> TrainingRun:
+def _train(cfg: TinyConfig, end: int | None = None, time_limit_s: float = 0.0) -> TrainingRun:
     run = TrainingRun(cfg, must_match=("seed", "data_dir"), path_fields=("data_dir",))
     tokens = run.tokenizer(CAPTIONS)
     loss_fn = open_clip.ClipLoss()
@@ -55,7 +65,7 @@ def _train(cfg: TinyConfig, end: int | None = None) -> TrainingRun:
         return loss
 
     stop = cfg.steps if end is None else end
-    run.train(map(draw, range(run.step, stop)), batch_loss, stop)
+    run.train(map(draw, range(run.step, stop)), batch_loss, stop, time_limit_s=time_limit_s)
     run.finish(lambda: {"extra": "mine"})
     return run
 
@@ -99,3 +109,47 @@ def test_command_line_has_a_flag_per_scalar_field() -> None:
     args = vars(parser.parse_args(["--output-dir", "runs/y", "--steps", "7", "--half", "--lr", "0.5"]))
     cfg = TinyConfig(**args)
     assert (cfg.output_dir, cfg.steps, cfg.half, cfg.lr, cfg.progress) == ("runs/y", 7, True, 0.5, False)
+
+
+def test_a_time_limit_ends_the_session_saved_and_the_next_one_continues(tmp_path: Path) -> None:
+    cfg = TinyConfig(output_dir=str(tmp_path / "run"), steps=4, checkpoint_every=10)
+    run = _train(cfg, time_limit_s=1e-9)  # out of time after the first step
+    assert run.step == 1 and torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["step"] == 1
+    assert [entry["step"] for entry in run.history] == [1]
+    assert _train(cfg).step == 4
+
+
+def test_cached_tokens_are_the_tokenizers_and_the_cache_is_bounded() -> None:
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    cached = CachedTokenizer(tokenizer, capacity=2)
+    texts = ["a dog", "a cat", "a dog", "a photo of a bus", "a cat"]
+    assert torch.equal(cached(texts), tokenizer(texts))
+    assert torch.equal(cached(texts[::-1]), tokenizer(texts[::-1]))
+    assert len(cached.rows) == 2
+
+
+def test_prefetched_keeps_order_raises_the_producers_error_and_stops_when_closed() -> None:
+    assert list(prefetched(iter(range(50)), 3)) == list(range(50))
+    assert list(prefetched(iter(range(5)), 0)) == list(range(5))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise KeyError("broken batch")
+
+    with pytest.raises(KeyError, match="broken batch"):
+        list(prefetched(failing(), 2))
+    drawn: list[int] = []
+
+    def endless() -> Iterator[int]:
+        step = 0
+        while True:
+            drawn.append(step)
+            yield step
+            step += 1
+
+    batches = prefetched(endless(), 2)
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+    batches.close()
+    count = len(drawn)
+    assert count <= 3 + 2 + 1  # taken, queued, and the one in hand when the stop came
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())

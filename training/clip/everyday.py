@@ -23,7 +23,9 @@ The loop, the optimizer, resumable state and the weights file are the shared one
 batches and captions are a pure function of (seed, step). ``init_weights`` warm-starts from a trained tiny CLIP (the
 shipped ``photos`` weights), which the recipe records.
 
-Run: ``lraee-train everyday-clip --output-dir runs/everyday_clip --steps 1500 --init-weights ...``.
+Run: ``lraee-train everyday-clip --output-dir runs/everyday_clip --steps 1500 --init-weights ...``. On a machine
+without the photo folders (a lent GPU), train from a pack: ``python -m training.clip.everyday --write-pack DIR`` here,
+carry DIR there, and give the run ``--pack-dir DIR`` (``training.clip.pack``: training photos only).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import json
 import random
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +54,18 @@ from training.clip.captions import (
     concept_key,
     draw_caption,
 )
-from training.clip.photo_clip import HOLDOUT_FILE, Augment, PhotoSet, scan_photos, split_holdout, write_holdout
+from training.clip.pack import EncodedSource, read_pack, write_pack
+from training.clip.photo_clip import HOLDOUT_FILE, Augment, BatchAugment, scan_photos, split_holdout, write_holdout
 from training.clip.photos import CLASSES_TSV, REPO_ROOT
 from training.clip.photos import SOURCE_DIR as IMAGENET_DIR
-from training.clip.trainer import TrainingRun, config_parser, image_size
+from training.clip.trainer import (
+    CachedTokenizer,
+    TrainingRun,
+    config_parser,
+    finished_elsewhere,
+    image_size,
+    prefetched,
+)
 
 EVERYDAY_DIR = REPO_ROOT.parent / "shared" / "data" / "everyday-photos"
 FLICKR_TAR = "flickr8k-train.tar"
@@ -138,8 +149,13 @@ class EverydayClipConfig:
     crop_scale_min: float = 0.35  # RandomResizedCrop's smallest area fraction
     seed: int = 0  # holdout and eval splits; also the batch, caption and crop draws while draw_seed is 0
     draw_seed: int = 0  # batch, caption and crop draws (0: seed); a continued run sets it so it draws new batches
-    threads: int = 2  # torch.set_num_threads
+    threads: int = 2  # torch.set_num_threads; also the threads that decode the photos
     device: str = "cpu"  # torch device ("cuda" where a GPU is lent)
+    pack_dir: str = ""  # read the training photos from a pack (``training.clip.everyday_pack``) instead of the folders
+    cuda_bf16: bool = False  # on CUDA, run the forward pass under bfloat16 autocast (CPU runs stay FP32)
+    batched_augment: bool = False  # crop and flip the whole batch in one op on the device (BatchAugment)
+    prefetch: int = 0  # batches drawn ahead in a background thread (0: drawn in the training loop)
+    time_limit_s: float = 0.0  # end this session after so much training time, state and weights saved (0: none)
     log_every: int = 20  # steps between log history entries
     checkpoint_every: int = 50  # steps between writes of state.pt (and at the last step)
     half: bool = True  # store weights.safetensors in FP16
@@ -275,18 +291,16 @@ def everyday_build_split(cfg: EverydayClipConfig) -> tuple[dict[str, list[str]],
     return build, evaluation
 
 
-def load_sources(cfg: EverydayClipConfig, size: int, shares: dict[str, float]) -> tuple[list[Source], PhotoSet]:
-    """Decode the training part of every source with a positive share; also returns the Tiny photo set."""
-    photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
-    sources: list[Source] = []
+def collect_sources(cfg: EverydayClipConfig, shares: dict[str, float]) -> list[EncodedSource]:
+    """The training part of every source with a positive share, still encoded: held-out photos never enter."""
+    sources: list[EncodedSource] = []
     root = Path(cfg.everyday_dir)
     if "tiny" in shares:
+        photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
         train_idx, _ = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
-        paths = [photos.paths[i] for i in train_idx]
-        bar = tqdm(paths, "decode tiny", disable=not cfg.progress)
-        pixels = torch.stack([to_pixels(path, size) for path in bar])
+        images = [Path(photos.paths[i]).read_bytes() for i in train_idx]
         captions = [class_captions(w, n) for w, n in zip(photos.wnids, photos.names, strict=True)]
-        sources.append(Source("tiny", pixels, [photos.labels[i] for i in train_idx], captions, None))
+        sources.append(EncodedSource("tiny", images, [photos.labels[i] for i in train_idx], captions, None))
     for name, (tar, classes) in SET_CLASSES.items():
         if name not in shares:
             continue
@@ -299,21 +313,37 @@ def load_sources(cfg: EverydayClipConfig, size: int, shares: dict[str, float]) -
             extra = [w for w in EXTRA_EVERYDAY.get(name, ()) if w not in cc.everyday]
             concepts = cc.image_concepts | {concept_key(EVERYDAY_CONCEPTS[w]) for w in extra}
             captions.append(ClassCaptions(cc.concept, cc.names, (*cc.everyday, *extra), concepts))
-        pixels = torch.stack(
-            [to_pixels(members[i][1], size) for i in tqdm(train_idx, f"decode {name}", disable=not cfg.progress)]
-        )
         labels = [order.index(members[i][0].split("/")[0]) for i in train_idx]
-        sources.append(Source(name, pixels, labels, captions, None))
+        sources.append(EncodedSource(name, [members[i][1] for i in train_idx], labels, captions, None))
     if "flickr8k" in shares:
         members = read_tar(root / FLICKR_TAR)
         texts = read_flickr_captions(root / FLICKR_CAPTIONS)
         train_idx, _ = flickr_split([m for m, _ in members], cfg.flickr_eval_images, cfg.seed)
-        pixels = torch.stack(
-            [to_pixels(members[i][1], size) for i in tqdm(train_idx, "decode flickr8k", disable=not cfg.progress)]
-        )
         per_photo = [texts[Path(members[i][0]).name] for i in train_idx]
-        sources.append(Source("flickr8k", pixels, list(range(len(train_idx))), None, per_photo))
-    return sources, photos
+        images = [members[i][1] for i in train_idx]
+        sources.append(EncodedSource("flickr8k", images, list(range(len(train_idx))), None, per_photo))
+    return sources
+
+
+def decode_sources(encoded: Sequence[EncodedSource], size: int, threads: int, progress: bool) -> list[Source]:
+    """Every source's photos decoded by ``to_pixels`` (the service's decoder) on ``threads`` threads."""
+    sources = []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for source in encoded:
+            decoded = pool.map(lambda data: to_pixels(data, size), source.images)
+            bar = tqdm(decoded, f"decode {source.name}", total=len(source.images), disable=not progress)
+            pixels = torch.stack(list(bar))
+            sources.append(Source(source.name, pixels, source.classes, source.captions, source.texts))
+    return sources
+
+
+def load_sources(cfg: EverydayClipConfig, size: int, shares: dict[str, float]) -> list[Source]:
+    """Decode the training part of every source with a positive share, from the photo folders or the pack."""
+    encoded = read_pack(Path(cfg.pack_dir)).sources if cfg.pack_dir else collect_sources(cfg, shares)
+    missing = set(shares) - {source.name for source in encoded}
+    if missing:
+        raise ValueError(f"{cfg.pack_dir}: the pack has no {sorted(missing)} photos; the mix asks for them")
+    return decode_sources([source for source in encoded if source.name in shares], size, cfg.threads, cfg.progress)
 
 
 def training_counts(cfg: EverydayClipConfig, shares: dict[str, float], tiny_train: int) -> dict[str, int]:
@@ -346,7 +376,7 @@ def draw_batch(
     pixels, captions, concepts, image_concepts = [], [], [], []
     for source, count in zip(sources, counts, strict=True):
         rows = rng.integers(0, len(source.classes), size=int(count))
-        pixels.append(source.pixels[torch.from_numpy(rows)])
+        pixels.append(source.pixels[torch.from_numpy(rows).to(source.pixels.device)])
         for row in rows.tolist():
             cls = source.classes[row]
             if source.captions is not None:
@@ -365,7 +395,11 @@ def draw_batch(
 
 def concept_positives(concepts: Sequence[str], image_concepts: Sequence[frozenset[str]]) -> torch.Tensor:
     """[B, B] bool: image i and caption j are a positive pair when caption j's concept is one of image i's."""
-    return torch.tensor([[c in own for c in concepts] for own in image_concepts])
+    column = {concept: i for i, concept in enumerate(dict.fromkeys(concepts))}  # the batch's distinct concepts
+    covers = torch.zeros(len(image_concepts), len(column), dtype=torch.bool)  # image i has distinct concept k
+    for row, own in enumerate(image_concepts):
+        covers[row, [column[c] for c in own if c in column]] = True
+    return covers[:, [column[c] for c in concepts]]
 
 
 def concept_loss(
@@ -384,47 +418,102 @@ def concept_loss(
     return (image_loss + text_loss) / 2
 
 
-def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
-    """Train (or resume) the tiny CLIP on the everyday mixture; returns the path of ``weights.safetensors``."""
-    run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, path_fields=("train_dir",), init_weights=cfg.init_weights)
-    model, tokenizer = run.model, run.tokenizer
-    shares = parse_mix(cfg.mix)
-    # A finished (or stopped and shortened) run only writes its outputs: no photo needs decoding for that.
-    end = cfg.stop_step or cfg.steps
-    sources, photos = load_sources(cfg, image_size(model), shares) if run.step < end else ([], None)
-    photos = photos or scan_photos(cfg.train_dir, cfg.classes_tsv)
-    train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
-    write_holdout(photos, holdout_idx, run.output_dir / HOLDOUT_FILE)
-    (run.output_dir / "eval_split.json").write_text(json.dumps(everyday_eval_split(cfg), indent=1) + "\n")
-    augment = Augment(model, cfg.crop_scale_min)
+PACK_SPLIT_FIELDS = ("seed", "holdout_per_class", "eval_fraction", "flickr_eval_images")
 
-    def draw(step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """Augmented images [B, 3, S, S], captions and their positives [B, B] of step ``step``."""
+
+def pack_everyday(cfg: EverydayClipConfig, destination: Path, part_bytes: int = 20 << 20) -> Path:
+    """Write the training photos of ``cfg``'s mix (and nothing held out) as a pack (``training.clip.pack``), with
+    what the trainer otherwise reads from the folders: ``holdout.csv``, the evaluation split and the counts."""
+    shares = parse_mix(cfg.mix)
+    sources = collect_sources(cfg, shares)
+    photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
+    train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
+    holdout = destination / HOLDOUT_FILE
+    destination.mkdir(parents=True, exist_ok=True)
+    write_holdout(photos, holdout_idx, holdout)
+    settings = asdict(cfg)
+    meta = {
+        "split": {name: settings[name] for name in PACK_SPLIT_FIELDS},
+        "holdout_csv": holdout.read_text(),
+        "eval_split": everyday_eval_split(cfg),
+        "counts": training_counts(cfg, shares, len(train_idx)) | {"tiny_holdout": len(holdout_idx)},
+    }
+    holdout.unlink()
+    return write_pack(sources, meta, destination, part_bytes)
+
+
+def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
+    """Train (or resume) the tiny CLIP on the everyday mixture; returns the path of ``weights.safetensors``.
+
+    With ``pack_dir`` the photos, ``holdout.csv``, the evaluation split and the counts come from the pack, which must
+    have been written with this config's split settings (``PACK_SPLIT_FIELDS``). A run finished on another machine
+    (``trainer.finished_elsewhere``) is taken as it is."""
+    end = cfg.stop_step or cfg.steps
+    done = finished_elsewhere(cfg, [name for name in _RESUME_MUST_MATCH if name != "train_dir"], end)
+    if done is not None:
+        return done
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{cfg.output_dir} trains on CUDA and this machine has none: train it on a GPU machine "
+            "(python -m training.clip.recipes everyday-stage ...) and copy its run folder here"
+        )
+    run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, path_fields=("train_dir",), init_weights=cfg.init_weights)
+    model, tokenizer = run.model, CachedTokenizer(run.tokenizer)
+    shares = parse_mix(cfg.mix)
+    if cfg.pack_dir:
+        meta = read_pack(Path(cfg.pack_dir)).meta
+        settings = asdict(cfg)
+        differ = [name for name in PACK_SPLIT_FIELDS if meta["split"][name] != settings[name]]
+        if differ:
+            raise ValueError(f"{cfg.pack_dir} was packed with other {', '.join(differ)}: its splits are not this run's")
+        (run.output_dir / HOLDOUT_FILE).write_text(meta["holdout_csv"])
+        eval_split, counts = meta["eval_split"], {k: v for k, v in meta["counts"].items() if k in shares}
+        counts["tiny_holdout"] = meta["counts"]["tiny_holdout"]
+    else:
+        photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
+        train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
+        write_holdout(photos, holdout_idx, run.output_dir / HOLDOUT_FILE)
+        eval_split = everyday_eval_split(cfg)
+        counts = training_counts(cfg, shares, len(train_idx)) | {"tiny_holdout": len(holdout_idx)}
+    (run.output_dir / "eval_split.json").write_text(json.dumps(eval_split, indent=1) + "\n")
+    # A finished (or stopped and shortened) run only writes its outputs: no photo needs decoding for that.
+    sources = load_sources(cfg, image_size(model), shares) if run.step < end else []
+    for source in sources:  # the photos live where the model does: batches are gathered and cropped there
+        source.pixels = source.pixels.to(run.device)
+    augment = BatchAugment(model, cfg.crop_scale_min) if cfg.batched_augment else Augment(model, cfg.crop_scale_min)
+    autocast = run.device.type == "cuda" and cfg.cuda_bf16
+
+    def draw(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Augmented images [B, 3, S, S], caption tokens and their positives [B, B] of step ``step``."""
         pixels, captions, concepts, image_concepts = draw_batch(sources, shares, cfg, step)
         generator = torch.Generator().manual_seed(cfg.draws * 1_000_003 + step)
-        return augment(pixels, generator), captions, concept_positives(concepts, image_concepts)
+        images = augment(pixels, generator).to(run.device, non_blocking=True)
+        tokens = tokenizer(captions).to(run.device, non_blocking=True)
+        return images, tokens, concept_positives(concepts, image_concepts).to(run.device, non_blocking=True)
 
-    def batch_loss(batch: tuple[torch.Tensor, list[str], torch.Tensor]) -> torch.Tensor:
-        images, captions, positives = batch
-        output = model(images.to(run.device), tokenizer(captions).to(run.device))
+    def batch_loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, tokens, positives = batch
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            output = model(images, tokens)
         return concept_loss(
-            output["image_features"], output["text_features"], output["logit_scale"], positives.to(run.device)
+            output["image_features"].float(), output["text_features"].float(), output["logit_scale"].float(), positives
         )
 
-    run.train(map(draw, range(run.step, end)), batch_loss, end, desc="everyday-clip")
-    return run.finish(
-        lambda: {
-            "data": training_counts(cfg, shares, len(train_idx)) | {"tiny_holdout": len(holdout_idx)},
-            "caption_templates": list(NAME_TEMPLATES),
-        }
-    )
+    batches = prefetched(map(draw, range(run.step, end)), cfg.prefetch)
+    run.train(batches, batch_loss, end, desc="everyday-clip", time_limit_s=cfg.time_limit_s)
+    return run.finish(lambda: {"data": counts, "caption_templates": list(NAME_TEMPLATES)})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: every scalar EverydayClipConfig field is a flag (``--steps 1500 --output-dir runs/x``)."""
-    print(
-        train_everyday_clip(EverydayClipConfig(**vars(config_parser(__doc__, EverydayClipConfig()).parse_args(argv))))
-    )
+    """Command line: every scalar EverydayClipConfig field is a flag (``--steps 1500 --output-dir runs/x``);
+    ``--write-pack DIR`` writes the config's training pack instead of training."""
+    parser = config_parser(__doc__, EverydayClipConfig())
+    parser.add_argument("--write-pack", type=Path, help="write the training photos as a pack here, then stop")
+    parser.add_argument("--part-mib", type=int, default=20, help="with --write-pack: the largest part file, in MiB")
+    args = vars(parser.parse_args(argv))
+    pack, part_mib = args.pop("write_pack"), args.pop("part_mib")
+    cfg = EverydayClipConfig(**args)
+    print(pack_everyday(cfg, pack, part_mib << 20) if pack is not None else train_everyday_clip(cfg))
 
 
 if __name__ == "__main__":

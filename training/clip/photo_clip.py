@@ -22,6 +22,7 @@ Run: ``python -m training.clip.photo_clip --train-dir data/imagenet-photos/train
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -181,7 +183,37 @@ class Augment:
             crops = torch.stack([self.crop(p) for p in pixels])  # [B, 3, S, S]
         flip = torch.rand(len(pixels), generator=generator) < 0.5
         crops[flip] = crops[flip].flip(-1)
-        return (crops.float() / 255.0 - self.mean) / self.std
+        return (crops.float() / 255.0 - self.mean.to(crops.device)) / self.std.to(crops.device)
+
+
+class BatchAugment:
+    """:class:`Augment`'s crop and flip for the whole batch in one op on the batch's device
+    (``torchvision.ops.roi_align``: bilinear, averaged over 2×2 samples per output pixel), then the model's
+    normalisation. Areas, aspect ratios, offsets and flips are drawn from the step's CPU generator, so the draws do
+    not depend on the device; a crop whose side would exceed the image is clipped to it (RandomResizedCrop retries)."""
+
+    def __init__(self, model: open_clip.CLIP, scale_min: float) -> None:
+        self.size = image_size(model)
+        self.scale_min = scale_min
+        mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count, _, height, width = pixels.shape
+        area = height * width * torch.empty(count).uniform_(self.scale_min, 1.0, generator=generator)
+        log_ratio = torch.empty(count).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+        crop_w = (area * log_ratio.exp()).sqrt().clamp(max=width)
+        crop_h = (area / log_ratio.exp()).sqrt().clamp(max=height)
+        left = torch.rand(count, generator=generator) * (width - crop_w)
+        top = torch.rand(count, generator=generator) * (height - crop_h)
+        flip = torch.rand(count, generator=generator) < 0.5
+        boxes = torch.stack([torch.arange(count).float(), left, top, left + crop_w, top + crop_h], dim=1)
+        device = pixels.device
+        crops = roi_align(pixels.float(), boxes.to(device), self.size, sampling_ratio=2, aligned=True)
+        crops = torch.where(flip.to(device).view(-1, 1, 1, 1), crops.flip(-1), crops)
+        return (crops / 255.0 - self.mean.to(device)) / self.std.to(device)
 
 
 @torch.no_grad()

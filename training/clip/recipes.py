@@ -2,8 +2,11 @@
 
 ``python -m training.clip.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
 ``python -m training.clip.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
-``python -m training.clip.recipes everyday`` (two CLIP stages from the photos CLIP, about 2.5 h on 2 cores, then the
-photos builds and the everyday evaluation)
+``python -m training.clip.recipes everyday`` (the CLIP stages of ``EVERYDAY_STAGES`` from the photos CLIP, then the
+photos builds and the everyday evaluation; the five stages take about 6 h on 2 cores). A stage can also train alone,
+on another machine from a pack of the training photos (``GPU_STAGE`` on a lent GPU, ``training/clip/device_stage.sh``):
+``python -m training.clip.recipes everyday-stage NAME --pack-dir DIR --init-weights FILE --runs-dir DIR``; its run
+folder copied back into ``runs/`` counts as finished)
 
 Each recipe trains the tiny CLIP (resumable: rerunning continues), copies its FP16 weights into the checkpoint
 directory (so the manifest names them by a relative path and the checkpoint moves as one folder), and runs the
@@ -307,14 +310,58 @@ class EverydayStage:
 
 
 # The everyday CLIP as shipped: stage 1 from the photos CLIP (schedule over 1,400 steps, ended at 1,250, 1.5 h on 2
-# cores), then stages 2, 3 and 4 each from the previous stage's weights with new batch draws and a fresh, shorter
-# cosine schedule (about 50, 60 and 70 min on 2 cores).
+# cores), then stages 2 to 5 each from the previous stage's weights with new batch draws and a fresh, shorter
+# cosine schedule (about 50, 60, 70 and 95 min on 2 cores).
 EVERYDAY_STAGES = (
     EverydayStage("everyday_clip", (("steps", 1400), ("stop_step", 1250))),
     EverydayStage("everyday_clip2", (("steps", 1000), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 1))),
     EverydayStage("everyday_clip3", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 2))),
     EverydayStage("everyday_clip4", (("steps", 1400), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 3))),
+    EverydayStage("everyday_clip5", (("steps", 2200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 4))),
 )
+
+
+# Prepared for a lent GPU (one H200, about 15 minutes of device time, none drawn yet): the next stage, from the last
+# CPU stage's weights, with batches of 1024 in bfloat16 cropped on the GPU, read from a pack of the training photos
+# (training.clip.pack). ``steps`` is a placeholder until the device's steps per second are measured (the smoke step of
+# training/clip/device_stage.sh); it joins EVERYDAY_STAGES once trained, its run folder copied into runs/.
+GPU_STAGE = EverydayStage(
+    "everyday_clip_gpu",
+    (
+        ("steps", 6000),
+        ("batch_size", 1024),
+        ("lr", 6e-4),
+        ("warmup_steps", 300),
+        ("draw_seed", 5),
+        ("device", "cuda"),
+        ("cuda_bf16", True),
+        ("batched_augment", True),
+        ("prefetch", 4),
+        ("log_every", 50),
+        ("checkpoint_every", 500),
+    ),
+)
+
+
+def everyday_stage(
+    name: str, init_weights: Path, threads: int, runs_dir: Path, pack_dir: Path | None, time_limit_s: float = 0.0
+) -> Path:
+    """Train one stage of ``EVERYDAY_STAGES`` alone (on a machine with no photo folders, from ``pack_dir``) into
+    ``runs_dir / stage``; ``everyday`` then finds it finished. Returns its weights."""
+    stages = (*EVERYDAY_STAGES, GPU_STAGE)
+    stage = next((s for s in stages if s.run == name), None)
+    if stage is None:
+        raise ValueError(f"no everyday stage {name!r}; the stages are {[s.run for s in stages]}")
+    clip = EverydayClipConfig(
+        output_dir=str(runs_dir / stage.run),
+        init_weights=str(init_weights),
+        threads=threads,
+        pack_dir="" if pack_dir is None else str(pack_dir),
+        time_limit_s=time_limit_s,
+        progress=False,
+        **dict(stage.overrides),
+    )
+    return train_everyday_clip(clip)
 
 
 # The everyday checkpoint's calibration (and so default request) templates: wordings its captions used.
@@ -472,7 +519,11 @@ def _finish(recipe: str, summary: dict[str, object], clip_log: Path | None) -> N
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m training.clip.recipes world|photos``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", choices=("world", "photos", "everyday"))
+    parser.add_argument("recipe", choices=("world", "photos", "everyday", "everyday-stage"))
+    parser.add_argument("stage", nargs="?", help="everyday-stage: the stage's run name (EVERYDAY_STAGES)")
+    parser.add_argument("--pack-dir", type=Path, help="everyday-stage: train from this pack (training.clip.pack)")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS, help="everyday-stage: where the stage's run folder goes")
+    parser.add_argument("--time-limit-s", type=float, default=0.0, help="everyday-stage: stop after so much training")
     parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 1200)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=2400, help="world images per build's data and eval set")
@@ -495,7 +546,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The builds' progress lines (logger "training") on stderr; open_clip's INFO chatter stays quiet.
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("training").setLevel(logging.INFO)
-    if args.recipe == "everyday":
+    if args.recipe == "everyday-stage":
+        if args.stage is None:
+            parser.error("everyday-stage needs the stage's run name")
+        weights = everyday_stage(
+            args.stage, args.init_weights, args.threads, args.runs_dir, args.pack_dir, args.time_limit_s
+        )
+        print(weights)
+    elif args.recipe == "everyday":
         if args.clip_steps is not None:
             parser.error("everyday: the CLIP's stages and their steps are EVERYDAY_STAGES, not flags")
         summary = everyday(args.threads, args.init_weights)

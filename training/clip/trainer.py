@@ -20,10 +20,12 @@ import dataclasses
 import json
 import math
 import os
+import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
+from queue import Empty, Full, Queue
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
@@ -46,6 +48,7 @@ _MAX_LOGIT_SCALE = math.log(100.0)
 Tokenizer = Callable[..., torch.Tensor]
 Preprocess = Callable[[Image.Image], torch.Tensor]
 Batch = TypeVar("Batch")
+Item = TypeVar("Item")
 
 
 class TrainerConfig(Protocol):
@@ -134,7 +137,74 @@ def adamw(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
         {"params": [p for name, p in named if exempt(name, p)], "weight_decay": 0.0},
         {"params": [p for name, p in named if not exempt(name, p)], "weight_decay": cfg.weight_decay},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate(0, cfg), betas=(0.9, cfg.beta2), eps=1e-6)
+    # On CUDA the fused kernel: one launch per step instead of several per parameter, the same update.
+    fused = True if next(model.parameters()).device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=learning_rate(0, cfg), betas=(0.9, cfg.beta2), eps=1e-6, fused=fused)
+
+
+class CachedTokenizer:
+    """A tokenizer that keeps the token rows of the texts it has seen: training captions repeat (templates × class
+    names), and tokenizing a batch of them in Python costs more than a GPU step. Returns what the tokenizer would."""
+
+    def __init__(self, tokenizer: Tokenizer, capacity: int = 1_000_000) -> None:
+        self.tokenizer = tokenizer
+        self.capacity = capacity  # texts remembered at most; later new texts are tokenized every time
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        missing = [text for text in dict.fromkeys(texts) if text not in self.rows]
+        fresh = dict(zip(missing, self.tokenizer(missing), strict=True)) if missing else {}
+        for text, row in fresh.items():
+            if len(self.rows) < self.capacity:
+                self.rows[text] = row
+        return torch.stack([self.rows[text] if text in self.rows else fresh[text] for text in texts])
+
+
+def prefetched(items: Iterable[Item], depth: int) -> Generator[Item, None, None]:
+    """``items`` produced ``depth`` ahead in a background thread (``depth`` 0: in the caller's thread), in order;
+    an error in the producer is raised in the consumer. Closing the iterator stops the producer."""
+    if depth <= 0:
+        yield from items
+        return
+    queue: Queue[tuple[str, Any]] = Queue(depth)
+    stop = threading.Event()
+
+    def put(message: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(message, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as error:  # handed to the consumer, which raises it
+            put(("error", error))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                kind, value = queue.get(timeout=1.0)
+            except Empty:
+                if not thread.is_alive():
+                    raise RuntimeError("the prefetch thread ended without a word") from None
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def optimize(
@@ -166,6 +236,26 @@ def save_weights(model: torch.nn.Module, path: str | Path, half: bool = False) -
     save_file(tensors, str(path), metadata={"format": "pt", "model_name": MODEL_NAME})
     readable_by_all(path)
     return path
+
+
+def finished_elsewhere(cfg: TrainerConfig, must_match: Sequence[str], end: int) -> Path | None:
+    """The weights of this config's run when it was trained to ``end`` on another machine (a lent GPU) and came back
+    as ``weights.safetensors`` and ``training_log.json``; its ``state.pt``, with the optimizer's moments, stayed
+    there. None when the output folder holds a ``state.pt`` or no such pair. A log that ``must_match`` (fields that fix
+    the data stream, compared as written) or the step count contradicts is an error, not a run to redo."""
+    folder = Path(cfg.output_dir)
+    weights, log_path = folder / WEIGHTS_FILE, folder / LOG_FILE
+    if (folder / STATE_FILE).exists() or not weights.is_file() or not log_path.is_file():
+        return None
+    log = json.loads(log_path.read_text())
+    current = dataclasses.asdict(cfg)
+    changed = [name for name in (*must_match, "steps", "lr") if log["config"].get(name) != current[name]]
+    if changed or log["steps"] != end:
+        raise ValueError(
+            f"{folder} holds weights trained elsewhere with other {', '.join(changed) or 'steps'} "
+            f"({log['steps']} of {end} steps): move them away to train this config"
+        )
+    return weights
 
 
 class TrainingRun:
@@ -209,11 +299,17 @@ class TrainingRun:
         return self.output_dir / STATE_FILE
 
     def train(
-        self, batches: Iterable[Batch], batch_loss: Callable[[Batch], torch.Tensor], end: int, desc: str = "clip"
+        self,
+        batches: Iterable[Batch],
+        batch_loss: Callable[[Batch], torch.Tensor],
+        end: int,
+        desc: str = "clip",
+        time_limit_s: float = 0.0,
     ) -> None:
         """Optimizer steps from ``self.step`` up to ``end``, one per batch of ``batches`` (the batches of those steps,
         in order); ``batch_loss`` turns a batch into its loss. Logs every ``log_every`` steps, saves ``state.pt``
-        every ``checkpoint_every`` steps and at ``end``."""
+        every ``checkpoint_every`` steps and at ``end``. With ``time_limit_s`` > 0 the session ends after the first
+        step past that much training time, logged and saved there, so a later run continues from it."""
         cfg = self.cfg
         self.model.train()
         losses: list[float] = []
@@ -229,7 +325,8 @@ class TrainingRun:
             losses.append(optimize(self.model, self.optimizer, batch_loss(batch), cfg.grad_clip_norm))
             self.step += 1
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == end:
+            out_of_time = 0 < time_limit_s <= time.perf_counter() - session_start
+            if self.step % cfg.log_every == 0 or self.step == end or out_of_time:
                 now = time.perf_counter()
                 entry = self._history_entry(losses, lr, self.train_seconds + now - session_start)
                 # share of the wall time spent producing batches: the figure that says whether to add workers
@@ -237,9 +334,14 @@ class TrainingRun:
                 self.history.append(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", scale=f"{entry['logit_scale']:.1f}")
                 losses, data_seconds, window_start = [], 0.0, now
-            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+            if self.step % cfg.checkpoint_every == 0 or self.step == end or out_of_time:
                 self._save_state(self.train_seconds + time.perf_counter() - session_start)
+            if out_of_time:
+                break
             requested = time.perf_counter()
+        close = getattr(batches, "close", None)
+        if close is not None:  # a prefetching producer stops here rather than drawing batches nobody takes
+            close()
         bar.close()
         self.train_seconds += time.perf_counter() - session_start
 

@@ -1,0 +1,69 @@
+#!/bin/bash
+# The GPU machine's side of the everyday CLIP's GPU stage (GPU_STAGE in training/clip/recipes.py), for a session lent
+# one (this workplace's `device` tool: a copy of the working tree plus carried ignored paths, at most 64 MiB a call,
+# a machine that stays warm for 30 s between calls, no network, its own python3 with torch but no open_clip).
+#
+# Prepared here, under .gpu/ (ignored):
+#   python -m training.clip.everyday --write-pack .gpu/pack --train-dir data/imagenet-photos/train   # 161 MB, 8 parts
+#   gzip -9 -k .gpu/pack/index.json
+#   python -m training.clip.pack .gpu/pack .gpu/smoke --per-source 400
+#   cp runs/<last CPU stage>/weights.safetensors .gpu/init.safetensors
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .gpu/wheels open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+# The tracked checkpoints and reports (about 45 MB) must stay behind for the parts to fit: `git rm -r --cached` them
+# and list them in .git/info/exclude for the calls, then `git reset` and restore the exclude file.
+#
+# Calls (each copies the pack parts it carried to /tmp/pack, which stays while the machine is warm):
+#   1. bash training/clip/device_stage.sh smoke 40   carry .gpu/wheels .gpu/smoke .gpu/init.safetensors parts 0-1
+#      (checks the environment; prints steps/s at the stage's batch: set GPU_STAGE's steps from it)
+#   2. bash training/clip/device_stage.sh            carry parts 2-4
+#   3. bash training/clip/device_stage.sh stage S    carry parts 5-7 and index.json.gz; S: a time limit in seconds
+#      ($OUT gets weights.safetensors, training_log.json, holdout.csv and eval_split.json: copy them into
+#      runs/everyday_clip_gpu/, add GPU_STAGE to EVERYDAY_STAGES, then `python -m training.clip.recipes everyday`)
+set -u
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/../.." || exit 1
+if [ ! -d /tmp/site/open_clip ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/wheels/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site
+mkdir -p /tmp/pack /tmp/keep
+for f in .gpu/pack/part-*.bin; do [ -f "$f" ] && cp "$f" /tmp/pack/; done
+[ -f .gpu/pack/index.json.gz ] && gunzip -c .gpu/pack/index.json.gz > /tmp/pack/index.json
+[ -f .gpu/init.safetensors ] && cp .gpu/init.safetensors /tmp/keep/
+ls -la /tmp/pack /tmp/keep
+case "${1:-}" in
+  smoke)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 -c "import torch, torchvision, open_clip, timm
+print(torch.__version__, torchvision.__version__, open_clip.__version__, timm.__version__, torch.cuda.is_available())" \
+      || exit 1
+    python3 -m training.clip.everyday --pack-dir .gpu/smoke --output-dir /tmp/smoke \
+      --init-weights /tmp/keep/init.safetensors --steps 100000 --batch-size 1024 --lr 6e-4 --warmup-steps 300 \
+      --device "${DEVICE:-cuda}" --cuda-bf16 --batched-augment --prefetch 4 --log-every 10 \
+      --checkpoint-every 100000 --threads "${THREADS:-16}" --time-limit-s "${2:-40}" --no-progress || exit 1
+    python3 -c "
+import json
+log = json.load(open('/tmp/smoke/training_log.json'))
+history = log['history']
+print('steps', log['steps'], 'training s', log['wall_time_s'])
+for a, b in zip(history, history[1:]):
+    print(b['step'], round(b['loss'], 3), round((b['step'] - a['step']) / (b['elapsed_s'] - a['elapsed_s']), 2),
+          'steps/s, data share', b['data_fraction'])
+"
+    cp /tmp/smoke/training_log.json "$OUT/smoke_log.json"
+    ;;
+  stage)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 -m training.clip.recipes everyday-stage everyday_clip_gpu --pack-dir /tmp/pack \
+      --init-weights /tmp/keep/init.safetensors --runs-dir /tmp/runs --threads "${THREADS:-16}" \
+      --time-limit-s "${2:-0}"
+    status=$?
+    for f in weights.safetensors training_log.json holdout.csv eval_split.json; do
+      [ -f "/tmp/runs/everyday_clip_gpu/$f" ] && cp "/tmp/runs/everyday_clip_gpu/$f" "$OUT/"
+    done
+    exit $status
+    ;;
+  *) echo "parts staged in /tmp/pack" ;;
+esac
