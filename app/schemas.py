@@ -158,7 +158,8 @@ class OperatingPointOut(BaseModel):
     held_out: dict[str, Any] | None = Field(
         default=None,
         description="Measured on held-out images never used to choose thresholds: label count K -> agreement with "
-        "full depth, top-1, FLOPs saved, exit shares",
+        'full depth, top-1, FLOPs saved, exit shares; "words-K" keys: label sets of K everyday words (the image\'s '
+        "word and K-1 others), where the checkpoint was built with word sets",
     )
 
 

@@ -108,6 +108,25 @@ def test_word_label_sets_are_calibrated_apart(built: Path) -> None:
     assert gates["label_sets"]["word_sets_k"] == [2, 3]
 
 
+def test_held_out_figures_have_word_rows_beside_the_class_name_rows(built: Path) -> None:
+    """The evaluation measures the shipped points on held-out word label sets too, into the report and manifest."""
+    report = json.loads((built / "report" / "report.json").read_text())
+    assert report["word_label_counts"] == [2, 3]
+    store = FeatureStore(built / "work" / "extract")
+    labels = store.load("eval", ["labels"])["labels"].tolist()
+    with_a_word = sum(store.labels[label] != "ring" for label in labels)
+    points = report["methods"][report["shipped_method"]]["operating_points"]
+    for point, values in points.items():
+        held = values["held_out"]
+        assert {"words-2", "words-3"} <= set(held) and {"2"} <= set(held), point
+        assert held["words-2"]["rows"] == held["words-3"]["rows"] == with_a_word > 0
+    full = report["baselines"]["int8_full_depth"]
+    assert full["words-2"]["agreement"] == 1.0 and "words-3" in report["baselines"]["fp32_full_depth"]
+    held_out = read_manifest(built / "checkpoint").metrics["held_out"]["operating_points"]
+    assert {"words-2", "words-3"} <= set(held_out["balanced"]) and {"words-2", "words-3"} <= set(held_out["full"])
+    assert "words, K=2" in (built / "report" / "report.md").read_text()
+
+
 def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -129,6 +148,9 @@ def test_readme_table_is_read_from_the_report(built: Path) -> None:
     report = json.loads((built / "report" / "report.json").read_text())
     fp32 = report["baselines"]["fp32_full_depth"]["2"]["top1"]
     rendered = table([built / "report"]).splitlines()
-    assert len(rendered) == 2 + len(report["label_counts"]) and rendered[2].startswith("| report | 16 | 2 | ")
+    rows = len(report["label_counts"]) + len(report["word_label_counts"])
+    assert len(rendered) == 2 + rows and rendered[2].startswith("| report | 16 | 2 | ")
     assert f"| {100 * fp32:.1f}% |" in rendered[2]
-    assert rendered[-1].startswith("| report | 16 | 8 (all) | ")
+    assert rendered[-3].startswith("| report | 16 | 8 (all) | ")
+    words = report["baselines"]["fp32_full_depth"]["words-3"]["top1"]  # word label sets follow, one row per K
+    assert rendered[-1].startswith(f"| report | 16 | words, 3 | {100 * words:.1f}% | ")

@@ -42,7 +42,7 @@ from .features import FeatureStore
 from .gate_fit import load_gates
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads
 from .jobs import Job, config_hash, path_roots, portable_paths, read_json, step, write_json, write_record
-from .label_sets import ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
+from .label_sets import WORD_KEY, ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
 from .profile import load_profile
 from .search import OPERATING_POINTS, candidate_thresholds
 from .simulate import (
@@ -264,6 +264,34 @@ def _method_sweep(
     return {"title": method.title, "layers": layers, "operating_points": points}, scores
 
 
+def _word_rows(
+    store: FeatureStore, job: Job, calibration: dict[str, Any], method_name: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The held-out figures of ``method_name`` on label sets of everyday words ("words-K": an image's word and K-1
+    words beside it, one set per image and K of ``calibrate.word_label_counts``), per operating point, and full
+    depth's INT8 and FP32 figures on the same rows. The class-name sets are drawn first from the sweep's seed, so the
+    word sets are the ones the sweep would draw after them."""
+    config = job.config
+    view = sweep_view(
+        store,
+        job,
+        "eval",
+        METHODS[method_name].variant,
+        config.evaluate.label_counts,
+        1,
+        config.evaluate.seed,
+        config.calibrate.word_label_counts,
+    )
+    sweep, _ = _method_sweep(view, method_name, calibration["methods"][method_name], job)
+    prefix = WORD_KEY.format("")
+
+    def words(figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {key: value for key, value in figures.items() if key.startswith(prefix)}
+
+    points = {point: words(values["held_out"]) for point, values in sweep["operating_points"].items()}
+    return points, words(_per_k(full_outcome(view), view)), words(_per_k(full_outcome(view, fp32=True), view))
+
+
 def _gate_auc(view: ExitView, scores: dict[int, np.ndarray]) -> dict[str, dict[str, float | None]]:
     """ROC AUC of each layer's scores for agreement with full depth, per K."""
     result: dict[str, dict[str, float | None]] = {}
@@ -308,6 +336,13 @@ def run_evaluate(job: Job) -> dict[str, Any]:
     }
     shipped_name = calibration.get("shipped_method", CHECKPOINT_METHOD)
     shipped_view = views[METHODS[shipped_name].variant]
+    word_counts = list(config.calibrate.word_label_counts) if store.word_sets() is not None else []
+    if word_counts:  # the shipped method's held-out figures gain "words-K" rows beside the class-name "K" ones
+        word_points, word_int8, word_fp32 = _word_rows(store, job, calibration, shipped_name)
+        for point, figures in word_points.items():
+            methods[shipped_name]["operating_points"][point]["held_out"].update(figures)
+        baselines["int8_full_depth"].update(word_int8)
+        baselines["fp32_full_depth"].update(word_fp32)
     main = methods[shipped_name]
     main_layers = main["layers"]
     threshold = main["operating_points"][default]["threshold"]
@@ -323,6 +358,7 @@ def run_evaluate(job: Job) -> dict[str, Any]:
     report: dict[str, Any] = {
         "eval_images": store.count("eval"),
         "label_counts": sorted(int(k) for k in shipped.flops),
+        "word_label_counts": word_counts,  # the shipped method's held-out figures also have "words-K" keys
         "num_labels": len(store.labels),
         "default_operating_point": default,
         "operating_points": list(OPERATING_POINTS),

@@ -2,7 +2,8 @@
 
 ``python -m training.pipeline.summary_tables reports/photos/tiny-val reports/photos/ilsvrc-val ...`` prints one row
 per report and label count K: FP32 and INT8 full-depth top-1 (INT8 is the `full` operating point), and for each
-operating point of the shipped method its held-out top-1, agreement with full depth and FLOPs saved.
+operating point of the shipped method its held-out top-1, agreement with full depth and FLOPs saved. A build with word
+sets adds rows "words, K" (label sets of everyday words: the image's word and K-1 words beside it).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def _rows(report: dict[str, Any], name: str) -> list[str]:
     points = report["methods"][report.get("shipped_method", METHOD)]["operating_points"]
     baselines = report["baselines"]
     rows = []
-    for k in (str(k) for k in report["label_counts"]):
-        label = f"{k} (all)" if int(k) == report["num_labels"] else k
+    words = [(f"words-{k}", f"words, {k}") for k in report.get("word_label_counts", [])]
+    names = [(str(k), f"{k} (all)" if k == report["num_labels"] else str(k)) for k in report["label_counts"]]
+    for k, label in names + words:
         cells = [name, str(report["eval_images"]), label]
         cells += [_pct(baselines["fp32_full_depth"][k]["top1"]), _pct(baselines["int8_full_depth"][k]["top1"])]
         for point in POINTS:
