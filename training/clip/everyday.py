@@ -151,7 +151,7 @@ class EverydayClipConfig:
     draw_seed: int = 0  # batch, caption and crop draws (0: seed); a continued run sets it so it draws new batches
     threads: int = 2  # torch.set_num_threads; also the threads that decode the photos
     device: str = "cpu"  # torch device ("cuda" where a GPU is lent)
-    pack_dir: str = ""  # read the training photos from a pack (``training.clip.everyday_pack``) instead of the folders
+    pack_dir: str = ""  # read the training photos from a pack (``training.clip.pack``) instead of the folders
     cuda_bf16: bool = False  # on CUDA, run the forward pass under bfloat16 autocast (CPU runs stay FP32)
     batched_augment: bool = False  # crop and flip the whole batch in one op on the device (BatchAugment)
     prefetch: int = 0  # batches drawn ahead in a background thread (0: drawn in the training loop)
