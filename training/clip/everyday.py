@@ -54,7 +54,7 @@ from training.clip.captions import (
     concept_key,
     draw_caption,
 )
-from training.clip.pack import EncodedSource, read_pack, write_pack
+from training.clip.pack import EncodedSource, Pack, read_pack, write_pack
 from training.clip.photo_clip import HOLDOUT_FILE, Augment, BatchAugment, scan_photos, split_holdout, write_holdout
 from training.clip.photos import CLASSES_TSV, REPO_ROOT
 from training.clip.photos import SOURCE_DIR as IMAGENET_DIR
@@ -337,9 +337,12 @@ def decode_sources(encoded: Sequence[EncodedSource], size: int, threads: int, pr
     return sources
 
 
-def load_sources(cfg: EverydayClipConfig, size: int, shares: dict[str, float]) -> list[Source]:
-    """Decode the training part of every source with a positive share, from the photo folders or the pack."""
-    encoded = read_pack(Path(cfg.pack_dir)).sources if cfg.pack_dir else collect_sources(cfg, shares)
+def load_sources(
+    cfg: EverydayClipConfig, size: int, shares: dict[str, float], pack: Pack | None = None
+) -> list[Source]:
+    """Decode the training part of every source with a positive share, from the photo folders or from the pack
+    (``pack`` when the caller has read ``cfg.pack_dir`` already)."""
+    encoded = (pack or read_pack(Path(cfg.pack_dir))).sources if cfg.pack_dir else collect_sources(cfg, shares)
     missing = set(shares) - {source.name for source in encoded}
     if missing:
         raise ValueError(f"{cfg.pack_dir}: the pack has no {sorted(missing)} photos; the mix asks for them")
@@ -460,8 +463,9 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, path_fields=("train_dir",), init_weights=cfg.init_weights)
     model, tokenizer = run.model, CachedTokenizer(run.tokenizer)
     shares = parse_mix(cfg.mix)
-    if cfg.pack_dir:
-        meta = read_pack(Path(cfg.pack_dir)).meta
+    pack = read_pack(Path(cfg.pack_dir)) if cfg.pack_dir else None  # read (and its parts hashed) once
+    if pack is not None:
+        meta = pack.meta
         settings = asdict(cfg)
         differ = [name for name in PACK_SPLIT_FIELDS if meta["split"][name] != settings[name]]
         if differ:
@@ -477,7 +481,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
         counts = training_counts(cfg, shares, len(train_idx)) | {"tiny_holdout": len(holdout_idx)}
     (run.output_dir / "eval_split.json").write_text(json.dumps(eval_split, indent=1) + "\n")
     # A finished (or stopped and shortened) run only writes its outputs: no photo needs decoding for that.
-    sources = load_sources(cfg, image_size(model), shares) if run.step < end else []
+    sources = load_sources(cfg, image_size(model), shares, pack) if run.step < end else []
     for source in sources:  # the photos live where the model does: batches are gathered and cropped there
         source.pixels = source.pixels.to(run.device)
     augment = BatchAugment(model, cfg.crop_scale_min) if cfg.batched_augment else Augment(model, cfg.crop_scale_min)
