@@ -93,6 +93,19 @@ def test_log_holds_config_history_and_the_trainers_extras(tmp_path: Path) -> Non
     assert torch.load(tmp_path / STATE_FILE, weights_only=True)["step"] == 2
 
 
+def test_rerunning_a_finished_run_rewrites_nothing_but_a_longer_run_does(tmp_path: Path) -> None:
+    cfg = TinyConfig(output_dir=str(tmp_path), steps=2)
+    _train(cfg)
+    files = {name: (tmp_path / name).read_bytes() for name in ("weights.safetensors", LOG_FILE)}
+    again = _train(replace(cfg, log_every=5))  # finished: its weights and its own session's log stand as written
+    assert again.step == 2
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    longer = _train(replace(cfg, steps=3))
+    log = json.loads((tmp_path / LOG_FILE).read_text())
+    assert longer.step == 3 and log["steps"] == 3 and log["config"]["steps"] == 3
+    assert (tmp_path / "weights.safetensors").read_bytes() != files["weights.safetensors"]
+
+
 def test_resume_refuses_other_data_but_accepts_another_spelling_of_its_path(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()

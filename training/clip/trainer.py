@@ -286,6 +286,7 @@ class TrainingRun:
         self.step = 0
         self.train_seconds = 0.0
         self.history: list[dict[str, Any]] = []
+        self._stepped = False  # whether this session took an optimizer step (else finish may keep earlier outputs)
         self._must_match = tuple(must_match)
         self._path_fields = frozenset(path_fields)
         if self.state_path.exists():
@@ -324,6 +325,7 @@ class TrainingRun:
                 group["lr"] = lr
             losses.append(optimize(self.model, self.optimizer, batch_loss(batch), cfg.grad_clip_norm))
             self.step += 1
+            self._stepped = True
             bar.update(1)
             out_of_time = 0 < time_limit_s <= time.perf_counter() - session_start
             if self.step % cfg.log_every == 0 or self.step == end or out_of_time:
@@ -348,10 +350,16 @@ class TrainingRun:
     def finish(self, extras: Callable[[], dict[str, Any]] | None = None) -> Path:
         """Write ``weights.safetensors`` and ``training_log.json`` (config, loss, wall time, history, and the
         trainer's ``extras()``, measured on the model in eval mode after the weights are saved); returns the
-        weights' path."""
+        weights' path. A run that took no step in this session and already wrote both at its current step keeps
+        them as written: rerunning a recipe over finished runs rewrites nothing (safetensors orders its metadata
+        at random, so a rewrite changes the file's bytes) and keeps each log the record of its own session."""
         cfg = self.cfg
         self.model.eval()
-        weights_path = save_weights(self.model, self.output_dir / WEIGHTS_FILE, half=cfg.half)
+        weights_path, log_path = self.output_dir / WEIGHTS_FILE, self.output_dir / LOG_FILE
+        finished = not self._stepped and weights_path.is_file() and log_path.is_file()
+        if finished and json.loads(log_path.read_text()).get("steps") == self.step:
+            return weights_path
+        weights_path = save_weights(self.model, weights_path, half=cfg.half)
         log = {
             "model_name": MODEL_NAME,
             "config": dataclasses.asdict(cfg),
@@ -364,7 +372,7 @@ class TrainingRun:
             **(extras() if extras is not None else {}),
             "history": self.history,
         }
-        (self.output_dir / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+        log_path.write_text(json.dumps(log, indent=2) + "\n")
         return weights_path
 
     def _history_entry(self, losses: Sequence[float], lr: float, elapsed_s: float) -> dict[str, Any]:
