@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lraee_core import load_classifier
@@ -16,7 +17,10 @@ from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
 from training.clip.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
 from training.pipeline.cli import main
+from training.pipeline.config import load_build_config
 from training.pipeline.features import FeatureStore
+from training.pipeline.jobs import Job
+from training.pipeline.simulate import sweep_view
 
 TEMPLATES = [t.format(what="a {}", be="is") for t in HELD_OUT_TEMPLATES]
 # Coarse words for the shapes, as the everyday build gives WordNet's: "ring" is also a class name (so shares its
@@ -125,6 +129,24 @@ def test_held_out_figures_have_word_rows_beside_the_class_name_rows(built: Path)
     held_out = read_manifest(built / "checkpoint").metrics["held_out"]["operating_points"]
     assert {"words-2", "words-3"} <= set(held_out["balanced"]) and {"words-2", "words-3"} <= set(held_out["full"])
     assert "words, K=2" in (built / "report" / "report.md").read_text()
+
+
+def test_a_words_only_view_is_the_word_rows_of_the_whole_view(built: Path) -> None:
+    """The evaluation's word rows come from a view that skips the class-name rows: the same draws, rows and answers
+    as the word part of the view that holds both."""
+    work = built / "work"
+    job = Job(config=load_build_config(work / "config.json"), work_dir=work)
+    store = FeatureStore(work / "extract")
+    args = (store, job, "eval", "ssa-embed", (2, 5), 1, 2, (2, 3))
+    whole, alone = sweep_view(*args), sweep_view(*args, words_only=True)
+    words = whole.word_rows()
+    assert alone.size == int(words.sum()) > 0 and alone.word_rows().all()
+    assert np.array_equal(alone.counts, whole.counts[words]) and np.array_equal(alone.truth, whole.truth[words])
+    assert np.array_equal(alone.full_top1, whole.full_top1[words])
+    for layer, top1 in alone.top1.items():
+        assert np.array_equal(top1, whole.top1[layer][words])
+        for name, values in alone.features[layer].items():
+            assert np.array_equal(values, whole.features[layer][name][words])
 
 
 def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_path: Path) -> None:

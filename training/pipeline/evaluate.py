@@ -42,7 +42,7 @@ from .features import FeatureStore
 from .gate_fit import load_gates
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads
 from .jobs import Job, config_hash, path_roots, portable_paths, read_json, step, write_json, write_record
-from .label_sets import WORD_KEY, ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
+from .label_sets import ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
 from .profile import load_profile
 from .search import OPERATING_POINTS, candidate_thresholds
 from .simulate import (
@@ -281,15 +281,13 @@ def _word_rows(
         1,
         config.evaluate.seed,
         config.calibrate.word_label_counts,
+        words_only=True,
     )
+    if view.size == 0:
+        return {}, {}, {}
     sweep, _ = _method_sweep(view, method_name, calibration["methods"][method_name], job)
-    prefix = WORD_KEY.format("")
-
-    def words(figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        return {key: value for key, value in figures.items() if key.startswith(prefix)}
-
-    points = {point: words(values["held_out"]) for point, values in sweep["operating_points"].items()}
-    return points, words(_per_k(full_outcome(view), view)), words(_per_k(full_outcome(view, fp32=True), view))
+    points = {point: values["held_out"] for point, values in sweep["operating_points"].items()}
+    return points, _per_k(full_outcome(view), view), _per_k(full_outcome(view, fp32=True), view)
 
 
 def _gate_auc(view: ExitView, scores: dict[int, np.ndarray]) -> dict[str, dict[str, float | None]]:

@@ -65,6 +65,12 @@ class LabelSets:
         """Rows."""
         return len(self.images)
 
+    @classmethod
+    def none(cls) -> LabelSets:
+        """No rows."""
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(images=empty, counts=empty, groups={}, truth=empty)
+
 
 def draw_label_sets(truth: np.ndarray, num_labels: int, counts: np.ndarray, rng: np.random.Generator) -> LabelSets:
     """One label set per row: the row's true class ``truth[row]`` plus ``counts[row] - 1`` random other classes,
@@ -286,20 +292,22 @@ def exit_view_with_words(
     split: str,
     heads: Mapping[int, ExitHead],
     pooling: str,
-    label_sets: LabelSets,
+    label_sets: LabelSets | None,
     head_hidden_dim: int,
     word_counts: Sequence[int],
     repeats: int,
     rng: np.random.Generator,
 ) -> ExitView:
     """:func:`exit_view` of ``label_sets``, followed, when the build has word sets, by ``repeats`` word label sets
-    per image at each K of ``word_counts`` (:func:`word_label_sets`)."""
-    view = exit_view(store, split, heads, pooling, label_sets, head_hidden_dim)
+    per image at each K of ``word_counts`` (:func:`word_label_sets`), drawn by ``rng`` after ``label_sets``. With
+    ``label_sets`` None (``rng`` having drawn them all the same) the view holds the word rows alone, none when the
+    build has no word sets."""
     words = store.word_sets()
-    if words is None or not word_counts:
-        return view
     truth = store.load(split, ["labels"])["labels"].numpy()
-    sets = word_label_sets(truth, words, word_counts, repeats, rng)
+    sets = LabelSets.none() if words is None else word_label_sets(truth, words, word_counts, repeats, rng)
+    if label_sets is None:
+        return exit_view(store, split, heads, pooling, sets, head_hidden_dim)
+    view = exit_view(store, split, heads, pooling, label_sets, head_hidden_dim)
     return view if sets.size == 0 else view.concat(exit_view(store, split, heads, pooling, sets, head_hidden_dim))
 
 

@@ -195,9 +195,12 @@ def sweep_view(
     repeats: int,
     seed: int,
     word_counts: Sequence[int] = (),
+    words_only: bool = False,
 ) -> ExitView:
     """A head set's view of a split: ``repeats`` label sets per image at each K of ``counts`` (0: every label),
-    then, when the build has word sets, ``repeats`` word label sets per image at each K of ``word_counts``."""
+    then, when the build has word sets, ``repeats`` word label sets per image at each K of ``word_counts``. With
+    ``words_only`` the class-name sets are drawn (the word sets follow their draws) but the view holds the word rows
+    alone."""
     _, heads = load_heads(job.step_dir("train-heads"), variant)
     truth = store.load(split, ["labels"])["labels"].numpy()
     ks = resolve_counts(counts, len(store.labels))
@@ -205,4 +208,5 @@ def sweep_view(
     sets = label_sets_for(truth, len(store.labels), ks, repeats, rng)
     hidden = job.config.heads.hidden_dim or store.shape.width
     pooling = VARIANTS[variant].pooling
-    return exit_view_with_words(store, split, heads, pooling, sets, hidden, word_counts, repeats, rng)
+    chosen = None if words_only else sets
+    return exit_view_with_words(store, split, heads, pooling, chosen, hidden, word_counts, repeats, rng)
