@@ -303,8 +303,10 @@ def exit_view_with_words(
     ``label_sets`` None (``rng`` having drawn them all the same) the view holds the word rows alone, none when the
     build has no word sets."""
     words = store.word_sets()
-    truth = store.load(split, ["labels"])["labels"].numpy()
-    sets = LabelSets.none() if words is None else word_label_sets(truth, words, word_counts, repeats, rng)
+    sets = LabelSets.none()
+    if words is not None and word_counts:  # the labels are read only when word sets are drawn from them
+        truth = store.load(split, ["labels"])["labels"].numpy()
+        sets = word_label_sets(truth, words, word_counts, repeats, rng)
     if label_sets is None:
         return exit_view(store, split, heads, pooling, sets, head_hidden_dim)
     view = exit_view(store, split, heads, pooling, label_sets, head_hidden_dim)
