@@ -159,7 +159,8 @@ class OperatingPointOut(BaseModel):
         default=None,
         description="Measured on held-out images never used to choose thresholds: label count K -> agreement with "
         'full depth, top-1, FLOPs saved, exit shares; "words-K" keys: label sets of K everyday words (the image\'s '
-        "word and K-1 others), where the checkpoint was built with word sets",
+        'word and K-1 others), where the checkpoint was built with word sets; "group-NAME" keys: label sets that are '
+        "one class group whole (a dataset's own classes), where it was built with groups",
     )
 
 

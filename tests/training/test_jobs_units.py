@@ -26,6 +26,7 @@ from training.pipeline.jobs import portable_paths
 from training.pipeline.label_sets import (
     ExitView,
     auc,
+    group_label_sets,
     label_sets_for,
     log_uniform_counts,
     resolve_counts,
@@ -173,6 +174,10 @@ def test_word_sets_give_new_words_labels_after_the_classes_and_class_named_words
         ({"classes": {"poodle": {"word": "dog", "others": []}}}, "outside the label set"),
         ({"classes": {"tabby": {"word": "cat", "others": ["cat"]}}}, "among its others"),
         ({"classes": {"tabby": {"word": "", "others": []}}}, "non-empty string"),
+        ({**WORDS, "groups": {"pets": ["tabby", "poodle"]}}, "outside the label set"),
+        ({**WORDS, "groups": {"pets": ["tabby"]}}, "two distinct"),
+        ({**WORDS, "groups": {"pets": ["tabby", "tabby"]}}, "two distinct"),
+        ({**WORDS, "groups": ["tabby", "cat"]}, "must be an object"),
     ],
 )
 def test_word_sets_that_do_not_fit_the_label_set_are_refused(document: dict, reason: str) -> None:
@@ -197,6 +202,43 @@ def test_word_label_sets_hold_the_word_and_k_minus_1_of_its_others() -> None:
             allowed = {int(words.label_of[o]) for o in words.others[label]}
             assert set(labels) - {sets.truth[row]} <= allowed
     assert {int(sets.truth[r]) for r in rows2} == {3, 5, 6}  # cat is class 3's label; car 5, dog 6
+
+
+def test_class_groups_label_each_of_their_images_with_the_whole_group() -> None:
+    document = {**WORDS, "groups": {"pets": ["tabby", "Chihuahua", "cat"], "cars": ["sports car", "banana"]}}
+    words = WordSets.from_json(document, LABELS)
+    assert [name for name, _ in words.groups] == ["cars", "pets"]  # by name
+    assert words.to_json(LABELS) == document  # read back the same
+    assert "groups" not in WordSets.from_json(WORDS, LABELS).to_json(LABELS)  # no groups: the former document
+    truth = np.array([0, 1, 2, 3, 4, 0])
+    cars, pets = group_label_sets(truth, words, 2, np.random.default_rng(0))
+    assert (cars.group, pets.group) == ("cars", "pets")
+    assert sorted(cars.images.tolist()) == [2, 2, 4, 4] and sorted(pets.images.tolist()) == [0, 0, 1, 1, 3, 3, 5, 5]
+    for sets, members in ((cars, {2, 4}), (pets, {0, 1, 3})):
+        ((k, (rows, labels)),) = sets.groups.items()
+        assert k == len(members) and (sets.counts == k).all() and len(rows) == sets.size
+        assert all(set(row) == members for row in labels.tolist())  # the whole group, in some order
+    no_group = WordSets.from_json({**document, "groups": {"cars": ["sports car", "banana"]}}, LABELS)
+    assert [s.group for s in group_label_sets(np.array([0, 1]), no_group, 1, np.random.default_rng(0))] == []
+
+
+def test_group_rows_are_reported_apart_from_class_and_word_rows() -> None:
+    (view, scores), layers = _view(size=200, ks=(2, 10)), (6, 9, 11)
+    words = np.zeros(view.size, dtype=bool)
+    words[::4] = True
+    group = np.full(view.size, "", dtype="<U4")
+    group[1::4] = "pets"
+    group[2::8] = "cars"
+    marked = replace(view, words=words, group=group)
+    outcome = simulate(marked, layers, scores, [0.6, 0.6, 0.6])
+    figures = by_label_count(outcome, marked, layers)
+    assert set(figures) == {"2", "10", "words-2", "words-10", "group-cars", "group-pets"}
+    assert sum(f["rows"] for f in figures.values()) == view.size  # every row in exactly one key
+    assert figures["group-pets"]["rows"] == 50 and figures["group-cars"]["rows"] == 25
+    assert figures["group-pets"]["agreement"] == float(outcome.agrees[group == "pets"].mean())
+    both = marked.subset(np.arange(10)).concat(marked.subset(np.arange(10, 20)))
+    assert (both.group_rows() == group[:20]).all() and (both.word_rows() == words[:20]).all()
+    assert (view.concat(marked.subset(np.arange(4))).group_rows()[-4:] == group[:4]).all()  # "" where none given
 
 
 def test_word_rows_are_reported_apart_from_class_rows_of_the_same_k() -> None:

@@ -187,7 +187,7 @@ def test_everyday_word_sets_give_each_class_its_word_and_the_words_beside_it(tmp
     if not (WORDNET_DIR / "data.noun").exists():
         pytest.skip("WordNet 3.0 not installed")
     source = tmp_path / "build.csv"
-    labels = ["n02085620", "n02085620", "n07753592", "cat", "automobile", "buildings"]
+    labels = ["n02085620", "n02085620", "n07753592", "cat", "automobile", "buildings", "sea"]
     for i in range(len(labels)):
         (tmp_path / f"{i}.jpg").write_bytes(b"")  # the manifest's files must exist; they are never read
     source.write_text("path,label\n" + "".join(f"{i}.jpg,{label}\n" for i, label in enumerate(labels)))
@@ -197,6 +197,8 @@ def test_everyday_word_sets_give_each_class_its_word_and_the_words_beside_it(tmp
     assert classes["cat"]["word"] == "cat" and classes["automobile"]["word"] == "car"
     assert "animal" not in classes["Chihuahua"]["others"] and "car" in classes["Chihuahua"]["others"]
     assert classes["buildings"]["word"] == "building"  # Intel's class, by its pinned synset
-    assert set(classes) == {"Chihuahua", "banana", "cat", "automobile", "buildings"}
+    assert set(classes) == {"Chihuahua", "banana", "cat", "automobile", "buildings", "sea"}
+    # each everyday set with two or more classes in the build is a class group (flowers has none here)
+    assert document["groups"] == {"cifar10": ["automobile", "cat"], "intel": ["buildings", "sea"]}
     words = WordSets.from_json(document, list(classes))  # the pipeline reads it back
     assert words.label_of[words.words.index("cat")] == list(classes).index("cat")  # the class "cat" is the word

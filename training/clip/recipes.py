@@ -416,7 +416,9 @@ def everyday_word_sets(source: Path, destination: Path) -> Path:
     """The everyday build's word sets (``data.word_sets``): every class of the build's label set that falls under
     one everyday word (``captions.everyday_word``) gets that word and the words that may stand beside it
     (``captions.unrelated_words``, the everyday-word evaluation's rule), so gates and promises see label sets like
-    "dog, car, banana" as well as class names."""
+    "dog, car, banana" as well as class names. Each labelled everyday set (CIFAR-10, Intel, flowers) is also a class
+    group (its classes in the build's label set, when at least two): its photos are calibrated with all of its own
+    classes as the label set, as the held-out evaluation and clients ask ("airplane, automobile, bird, ...")."""
     index = read_classes_tsv(photos.classes_tsv())
     raw = scan_source(str(source), destination.parent)
     labels = build_label_set(DataConfig(source=str(source), classes_tsv=str(photos.classes_tsv())), raw, index)
@@ -432,8 +434,10 @@ def everyday_word_sets(source: Path, destination: Path) -> Path:
     for name in set(labels.names) & set(EVERYDAY_CONCEPTS):  # a word that is a class name shares its label
         if classes.get(name, {}).get("word") != name:
             raise RuntimeError(f"class {name!r} is named like the everyday word but is not that concept")
+    present = {name: sorted(set(members) & set(labels.names)) for name, (_, members) in SET_CLASSES.items()}
+    groups = {name: members for name, members in present.items() if len(members) >= 2}  # a group of one is no set
     destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.write_text(json.dumps({"classes": classes}, indent=1) + "\n")
+    destination.write_text(json.dumps({"classes": classes, "groups": groups}, indent=1) + "\n")
     return destination
 
 

@@ -90,7 +90,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--eval-data", "data.eval_source", _source, "separate evaluation images (no eval split is carved)"),
     Option("--classes-tsv", "data.classes_tsv", _path, "ImageNet table wnid<TAB>index<TAB>name... for wnid folders"),
     Option("--classes-file", "data.classes_file", _path, "one class name per line: the label set"),
-    Option("--word-sets", "data.word_sets", _path, "JSON of coarse words per class: word label sets for gates/calib"),
+    Option(
+        "--word-sets",
+        "data.word_sets",
+        _path,
+        "JSON of coarse words per class (and class groups): word and group label sets for gates/calib",
+    ),
     Option(
         "--label-space",
         "data.label_space",

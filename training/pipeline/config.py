@@ -46,7 +46,8 @@ class DataConfig:
     seed: int = 0  # seed of the split
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # prompt templates of the label ensemble ("{}" = class name)
     word_sets: str | None = None  # JSON file of coarse words per class (label_sets.WordSets): adds word label sets
-    # to gate fitting and calibration, so the promises hold where clients type "dog" rather than class names
+    # to gate fitting and calibration, so the promises hold where clients type "dog" rather than class names; its
+    # optional "groups" (name -> class names) add label sets that are one group whole, each kept to the promises
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from .features import FeatureStore
 from .gate_fit import load_gates
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads
 from .jobs import Job, config_hash, path_roots, portable_paths, read_json, step, write_json, write_record
-from .label_sets import ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
+from .label_sets import GROUP_KEY, ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
 from .profile import load_profile
 from .search import OPERATING_POINTS, candidate_thresholds
 from .simulate import (
@@ -267,10 +267,11 @@ def _method_sweep(
 def _word_rows(
     store: FeatureStore, job: Job, calibration: dict[str, Any], method_name: str
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The held-out figures of ``method_name`` on label sets of everyday words ("words-K": an image's word and K-1
-    words beside it, one set per image and K of ``calibrate.word_label_counts``), per operating point, and full
-    depth's INT8 and FP32 figures on the same rows. The class-name sets are drawn first from the sweep's seed, so the
-    word sets are the ones the sweep would draw after them."""
+    """The held-out figures of ``method_name`` on the client rows: label sets of everyday words ("words-K": an
+    image's word and K-1 words beside it, one set per image and K of ``calibrate.word_label_counts``) and of class
+    groups ("group-NAME"), per operating point, and full depth's INT8 and FP32 figures on the same rows. The
+    class-name sets are drawn first from the sweep's seed, so the client sets are the ones the sweep would draw after
+    them."""
     config = job.config
     view = sweep_view(
         store,
@@ -335,11 +336,13 @@ def run_evaluate(job: Job) -> dict[str, Any]:
     shipped_name = calibration.get("shipped_method", CHECKPOINT_METHOD)
     shipped_view = views[METHODS[shipped_name].variant]
     word_counts = list(config.calibrate.word_label_counts) if store.word_sets() is not None else []
-    if word_counts:  # the shipped method's held-out figures gain "words-K" rows beside the class-name "K" ones
+    groups: list[str] = []  # the class groups with rows on the eval split
+    if word_counts:  # the shipped method's held-out figures gain "words-K" (and "group-NAME") rows beside "K" ones
         word_points, word_int8, word_fp32 = _word_rows(store, job, calibration, shipped_name)
         for point, figures in word_points.items():
             methods[shipped_name]["operating_points"][point]["held_out"].update(figures)
         baselines["int8_full_depth"].update(word_int8)
+        groups = [key.removeprefix(GROUP_KEY.format("")) for key in word_int8 if key.startswith(GROUP_KEY.format(""))]
         baselines["fp32_full_depth"].update(word_fp32)
     main = methods[shipped_name]
     main_layers = main["layers"]
@@ -357,6 +360,8 @@ def run_evaluate(job: Job) -> dict[str, Any]:
         "eval_images": store.count("eval"),
         "label_counts": sorted(int(k) for k in shipped.flops),
         "word_label_counts": word_counts,  # the shipped method's held-out figures also have "words-K" keys
+        "class_groups": groups,  # ... and "group-NAME" keys (a class group's images, labelled with the whole group;
+        # groups with no image on the eval split have none)
         "num_labels": len(store.labels),
         "default_operating_point": default,
         "operating_points": list(OPERATING_POINTS),

@@ -16,6 +16,12 @@ below it). A word label set is then that word plus K - 1 of those others. A word
 class's label; the other words get labels N, N+1, ... and their text follows the class prompts' in the view's text
 matrix. :func:`by_label_count <training.pipeline.simulate.by_label_count>` keeps such rows apart ("words-K"), so a
 promise must hold on them as on class names.
+
+**Group label sets.** The word-sets file may also name class groups that clients send whole (one dataset's own
+classes: CIFAR-10's ten, Intel's six scenes). Each image whose class is in a group gets a row labelled with the whole
+group, kept apart as "group-NAME": alike classes side by side are harder than random others, and the held-out
+promises had fallen short exactly there. Word and group rows are drawn together ("client rows"), after the
+class-name sets, so adding groups changes no earlier draw.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from .word_sets import WordSets
 
 BASE_FEATURES = tuple(name for name in FEATURES if name != "agree_prev")  # computed per layer, alone
 WORD_KEY = "words-{}"  # figures key of the word label sets of size K
+GROUP_KEY = "group-{}"  # figures key of a class group's label sets (every size the same: the group's)
 
 
 def log_uniform_counts(rng: np.random.Generator, count: int, num_labels: int, smallest: int = 2) -> np.ndarray:
@@ -59,6 +66,7 @@ class LabelSets:
     counts: np.ndarray  # [M] K of each row
     groups: dict[int, tuple[np.ndarray, np.ndarray]]  # K -> (row positions [n], label indices [n, K])
     truth: np.ndarray | None = None  # [M] each row's right label when it is not the image's class (word sets)
+    group: str = ""  # the class group whose whole label set every row holds (group label sets), else ""
 
     @property
     def size(self) -> int:
@@ -144,6 +152,21 @@ def word_label_sets(
     )
 
 
+def group_label_sets(truth: np.ndarray, words: WordSets, repeats: int, rng: np.random.Generator) -> list[LabelSets]:
+    """One :class:`LabelSets` per class group of ``words``: ``repeats`` rows per image of a split whose class is in
+    the group, each the group's classes in random order (groups with no such image are left out)."""
+    result = []
+    for name, members in words.groups:
+        images = np.tile(np.flatnonzero(np.isin(truth, members)), repeats)
+        if len(images) == 0:
+            continue
+        sets = rng.permuted(np.tile(members, (len(images), 1)), axis=1)
+        counts = np.full(len(images), len(members), dtype=np.int64)
+        groups = {len(members): (np.arange(len(images)), sets)}
+        result.append(LabelSets(images=images, counts=counts, groups=groups, group=name))
+    return result
+
+
 @dataclass(frozen=True)
 class ExitView:
     """What every exit of one head set would answer for every (image, label set) row of a split."""
@@ -157,6 +180,8 @@ class ExitView:
     flops: dict[int, FlopsModel]  # K -> FLOPs model
     words: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [M] True on word label sets
     # (an empty array: none of the rows)
+    group: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))  # [M] each row's class group, "" on
+    # rows of no group (an empty array: none of the rows)
 
     @property
     def size(self) -> int:
@@ -167,16 +192,24 @@ class ExitView:
         """[M] True on the rows whose label set is made of words."""
         return self.words if len(self.words) == self.size else np.zeros(self.size, dtype=bool)
 
+    def group_rows(self) -> np.ndarray:
+        """[M] each row's class group name, "" on rows of none."""
+        return self.group if len(self.group) == self.size else np.full(self.size, "")
+
     def groups(self) -> dict[str, np.ndarray]:
-        """Figures key -> [M] row mask: "K" for class-name label sets of size K, "words-K" for word ones."""
-        words = self.word_rows()
+        """Figures key -> [M] row mask: "K" for class-name label sets of size K, "words-K" for word ones,
+        "group-NAME" for a class group's."""
+        words, group = self.word_rows(), self.group_rows()
+        plain = group == ""
         result: dict[str, np.ndarray] = {}
         for k in sorted(self.flops):
-            sized = self.counts == k
+            sized = (self.counts == k) & plain
             if (sized & ~words).any():
                 result[str(k)] = sized & ~words
             if (sized & words).any():
                 result[WORD_KEY.format(k)] = sized & words
+        for name in sorted(set(group[~plain].tolist())):
+            result[GROUP_KEY.format(name)] = group == name
         return result
 
     def concat(self, other: ExitView) -> ExitView:
@@ -193,6 +226,7 @@ class ExitView:
             },
             flops={**self.flops, **other.flops},
             words=np.concatenate([self.word_rows(), other.word_rows()]),
+            group=np.concatenate([self.group_rows(), other.group_rows()]),
         )
 
     def agrees(self, layer: int) -> np.ndarray:
@@ -223,6 +257,7 @@ class ExitView:
             features={layer: {n: f[rows] for n, f in named.items()} for layer, named in self.features.items()},
             flops=self.flops,
             words=self.word_rows()[rows],
+            group=self.group_rows()[rows],
         )
 
 
@@ -284,7 +319,8 @@ def exit_view(
     hidden = head_hidden_dim
     flops = {int(k): flops_model(store.shape, hidden, int(k)) for k in np.unique(label_sets.counts).tolist()}
     words = np.full(size, label_sets.truth is not None)
-    return ExitView(label_sets.counts, truth, full_top1, fp32_top1, top1, features, flops, words)
+    group = np.full(size, label_sets.group)
+    return ExitView(label_sets.counts, truth, full_top1, fp32_top1, top1, features, flops, words, group)
 
 
 def exit_view_with_words(
@@ -298,19 +334,26 @@ def exit_view_with_words(
     repeats: int,
     rng: np.random.Generator,
 ) -> ExitView:
-    """:func:`exit_view` of ``label_sets``, followed, when the build has word sets, by ``repeats`` word label sets
-    per image at each K of ``word_counts`` (:func:`word_label_sets`), drawn by ``rng`` after ``label_sets``. With
-    ``label_sets`` None (``rng`` having drawn them all the same) the view holds the word rows alone, none when the
-    build has no word sets."""
+    """:func:`exit_view` of ``label_sets``, followed, when the build has word sets, by the client rows drawn by
+    ``rng`` after ``label_sets``: ``repeats`` word label sets per image at each K of ``word_counts``
+    (:func:`word_label_sets`), then ``repeats`` rows per image of each class group (:func:`group_label_sets`). With
+    ``label_sets`` None (``rng`` having drawn them all the same) the view holds the client rows alone, none when the
+    build has no word sets or ``word_counts`` is empty."""
     words = store.word_sets()
-    sets = LabelSets.none()
+    client: list[LabelSets] = []
     if words is not None and word_counts:  # the labels are read only when word sets are drawn from them
         truth = store.load(split, ["labels"])["labels"].numpy()
-        sets = word_label_sets(truth, words, word_counts, repeats, rng)
-    if label_sets is None:
-        return exit_view(store, split, heads, pooling, sets, head_hidden_dim)
-    view = exit_view(store, split, heads, pooling, label_sets, head_hidden_dim)
-    return view if sets.size == 0 else view.concat(exit_view(store, split, heads, pooling, sets, head_hidden_dim))
+        client = [word_label_sets(truth, words, word_counts, repeats, rng)]
+        client += group_label_sets(truth, words, repeats, rng)
+    client = [sets for sets in client if sets.size]
+    views = [] if label_sets is None else [exit_view(store, split, heads, pooling, label_sets, head_hidden_dim)]
+    views += [exit_view(store, split, heads, pooling, sets, head_hidden_dim) for sets in client]
+    if not views:
+        return exit_view(store, split, heads, pooling, LabelSets.none(), head_hidden_dim)
+    view = views[0]
+    for other in views[1:]:
+        view = view.concat(other)
+    return view
 
 
 def auc(scores: np.ndarray, targets: np.ndarray) -> float | None:

@@ -8,18 +8,21 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .label_sets import WORD_KEY
+from .label_sets import GROUP_KEY, WORD_KEY
 from .profile import PROFILE_PLOT, LayerProfile, plot_profile
 
 CURVE_PLOT = "agreement_vs_flops.png"
 EXITS_PLOT = "exits.png"
 REPORT_MARKDOWN = "report.md"
 WORD_PREFIX = WORD_KEY.format("")
+GROUP_PREFIX = GROUP_KEY.format("")
 
 
 def _k_name(k: str, num_labels: int) -> str:
     if k.startswith(WORD_PREFIX):
         return f"words, K={k.removeprefix(WORD_PREFIX)}"
+    if k.startswith(GROUP_PREFIX):
+        return f"group {k.removeprefix(GROUP_PREFIX)}"
     return f"K={k} (all)" if int(k) == num_labels else f"K={k}"
 
 
@@ -142,6 +145,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     rows: list[tuple[Any, ...]] = []
     word_keys = [WORD_KEY.format(k) for k in report.get("word_label_counts", [])]  # label sets of everyday words
+    word_keys += [GROUP_KEY.format(name) for name in report.get("class_groups", [])]  # whole class groups
     for point, values in main["operating_points"].items():
         for k in ks + word_keys:
             held, calib = values["held_out"][k], values["calibration"].get(k)

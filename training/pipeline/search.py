@@ -5,8 +5,9 @@ answer equals the full-depth answer (agreement: 99%, 97%, 93% by default), for t
 label count. Each point is one shared gate threshold t (an image leaves at the first candidate layer whose gate
 probability reaches t): the lowest t, among ``threshold_candidates`` quantiles of the calib split's gate scores, at
 which the calib split's agreement clears the promise by ``promise_margin`` standard errors at *every* K of
-``label_counts`` (label sets drawn per image: the true class plus K - 1 others). A one-dimensional search per point
-is too small to fit noise; the report then measures the same thresholds on the evaluation split.
+``label_counts`` (label sets drawn per image: the true class plus K - 1 others), and, when the build has word sets,
+on every "words-K" and "group-NAME" key too (:mod:`training.pipeline.label_sets`). A one-dimensional search per
+point is too small to fit noise; the report then measures the same thresholds on the evaluation split.
 
 **Pruning.** A cached layer ``l`` is pruned when ``INR_l < prune_fraction x mean(INR of layers l-1 and l+1)``
 (neighbouring *layers*: a noise spike is a property of the block against the blocks around it). If every candidate

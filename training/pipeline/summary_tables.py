@@ -3,7 +3,8 @@
 ``python -m training.pipeline.summary_tables reports/photos/tiny-val reports/photos/ilsvrc-val ...`` prints one row
 per report and label count K: FP32 and INT8 full-depth top-1 (INT8 is the `full` operating point), and for each
 operating point of the shipped method its held-out top-1, agreement with full depth and FLOPs saved. A build with word
-sets adds rows "words, K" (label sets of everyday words: the image's word and K-1 words beside it).
+sets adds rows "words, K" (label sets of everyday words: the image's word and K-1 words beside it), and one with
+class groups a row "group NAME" per group (its images, labelled with the whole group; "images" is then their count).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ def _rows(report: dict[str, Any], name: str) -> list[str]:
     baselines = report["baselines"]
     rows = []
     words = [(f"words-{k}", f"words, {k}") for k in report.get("word_label_counts", [])]
+    words += [(f"group-{name}", f"group {name}") for name in report.get("class_groups", [])]
     names = [(str(k), f"{k} (all)" if k == report["num_labels"] else str(k)) for k in report["label_counts"]]
     for k, label in names + words:
-        cells = [name, str(report["eval_images"]), label]
+        images = baselines["fp32_full_depth"][k]["rows"] if k.startswith("group-") else report["eval_images"]
+        cells = [name, str(images), label]
         cells += [_pct(baselines["fp32_full_depth"][k]["top1"]), _pct(baselines["int8_full_depth"][k]["top1"])]
         for point in POINTS:
             held = points[point]["held_out"][k] if point in points else None

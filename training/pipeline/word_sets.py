@@ -1,5 +1,10 @@
 """Coarse words for the classes of a build's label set (``data.word_sets``): what a client might type instead of a
-class name ("dog" for a Chihuahua). :mod:`training.pipeline.label_sets` draws word label sets from them."""
+class name ("dog" for a Chihuahua). :mod:`training.pipeline.label_sets` draws word label sets from them.
+
+The same file may also name **class groups**: label sets clients send whole, such as one dataset's own classes
+("airplane, automobile, bird, ..." for a CIFAR-10 photo). Their classes are alike, so such a set is harder than the
+true class beside K - 1 random others; a group's images then get rows labelled with the whole group, kept apart
+("group-NAME"), so the promises hold on them too."""
 
 from __future__ import annotations
 
@@ -27,11 +32,13 @@ class WordSets:
     extra: tuple[str, ...]  # the words that are no class name, in label order: their text follows the classes'
     word_of: np.ndarray  # [N] word index of each class label, -1 where the class has none
     others: tuple[np.ndarray, ...]  # per class label: word indices allowed beside its word (empty when none)
+    groups: tuple[tuple[str, np.ndarray], ...] = ()  # (name, [G] class labels) of each class group, by name
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any], labels: Sequence[str]) -> WordSets:
         """Check a word-sets document against the label set: every class it names must be a label, every word a
-        non-empty string, and a class's own word is never among its others."""
+        non-empty string, and a class's own word is never among its others. Optional ``"groups"``: ``{name: [class
+        names]}``, each group at least two distinct classes of the label set."""
         classes = document.get("classes")
         if not isinstance(classes, Mapping) or not classes:
             raise WordSetsError('word sets need a non-empty "classes" object')
@@ -53,7 +60,7 @@ class WordSets:
                 raise WordSetsError(f"{name!r}: its word {entry['word']!r} is among its others")
             word_of[index[name]] = position[entry["word"]]
             others[index[name]] = np.array(sorted(position[w] for w in set(entry["others"])), dtype=np.int64)
-        return cls(tuple(words), label_of, extra, word_of, tuple(others))
+        return cls(tuple(words), label_of, extra, word_of, tuple(others), _groups(document.get("groups", {}), index))
 
     @classmethod
     def read(cls, path: Path, labels: Sequence[str]) -> WordSets:
@@ -61,11 +68,32 @@ class WordSets:
         return cls.from_json(json.loads(path.read_text()), labels)
 
     def to_json(self, labels: Sequence[str]) -> dict[str, Any]:
-        """The document :meth:`from_json` reads back."""
-        return {
+        """The document :meth:`from_json` reads back ("groups" only when there are some, so a build without groups
+        keeps the identity it had before groups existed)."""
+        document: dict[str, Any] = {
             "classes": {
                 labels[i]: {"word": self.words[w], "others": [self.words[o] for o in self.others[i]]}
                 for i, w in enumerate(self.word_of.tolist())
                 if w >= 0
             }
         }
+        if self.groups:
+            document["groups"] = {name: [labels[i] for i in members.tolist()] for name, members in self.groups}
+        return document
+
+
+def _groups(document: Any, index: Mapping[str, int]) -> tuple[tuple[str, np.ndarray], ...]:
+    """``{"name": [class names]}`` -> ((name, [G] class labels), ...) by name (:meth:`WordSets.from_json`)."""
+    if not isinstance(document, Mapping):
+        raise WordSetsError('"groups" must be an object of group name -> class names')
+    groups = []
+    for name, members in sorted(document.items()):
+        if not isinstance(name, str) or not name.strip() or not isinstance(members, list):
+            raise WordSetsError(f"group {name!r}: a non-empty name and a list of class names expected")
+        unknown = sorted(str(m) for m in members if m not in index)
+        if unknown:
+            raise WordSetsError(f"group {name!r} names classes outside the label set: {unknown[:5]}")
+        if len(set(members)) != len(members) or len(members) < 2:
+            raise WordSetsError(f"group {name!r} needs at least two distinct classes")
+        groups.append((name, np.array([index[m] for m in members], dtype=np.int64)))
+    return tuple(groups)
