@@ -24,14 +24,15 @@ from training.pipeline.simulate import sweep_view
 
 TEMPLATES = [t.format(what="a {}", be="is") for t in HELD_OUT_TEMPLATES]
 # Coarse words for the shapes, as the everyday build gives WordNet's: "ring" is also a class name (so shares its
-# label), the others are new words.
+# label), the others are new words. The round shapes are also a class group, as the everyday build's CIFAR-10 is.
 ROUNDISH, POINTY = ("circle", "ring", "heart"), ("square", "triangle", "star", "cross", "diamond")
 WORD_SETS = {
     "classes": {
         **{name: {"word": "round shape", "others": ["pointy shape", "ring", "blob"]} for name in ROUNDISH[:1]},
         **{name: {"word": "round shape", "others": ["pointy shape", "blob"]} for name in ROUNDISH[2:]},
         **{name: {"word": "pointy shape", "others": ["round shape", "ring", "blob"]} for name in POINTY},
-    }
+    },
+    "groups": {"round": list(ROUNDISH)},
 }
 
 
@@ -112,6 +113,28 @@ def test_word_label_sets_are_calibrated_apart(built: Path) -> None:
     assert gates["label_sets"]["word_sets_k"] == [2, 3]
 
 
+def _round_images(built: Path, split: str) -> int:
+    store = FeatureStore(built / "work" / "extract")
+    return sum(store.labels[label] in ROUNDISH for label in store.load(split, ["labels"])["labels"].tolist())
+
+
+def test_class_groups_are_calibrated_and_reported_apart(built: Path) -> None:
+    """A class group's images also get a row labelled with the whole group, kept apart ("group-NAME") in the
+    calibration (where every promise must hold on it, checked above with the word rows) and the held-out report."""
+    calibration = json.loads((built / "work" / "calibrate" / "calibration.json").read_text())
+    for point in ("accurate", "balanced", "fast"):
+        figures = calibration["methods"]["lraee"]["operating_points"][point]["calibration"]
+        assert figures["group-round"]["rows"] == _round_images(built, "calib") > 0
+    report = json.loads((built / "report" / "report.json").read_text())
+    assert report["class_groups"] == ["round"]
+    for point, values in report["methods"][report["shipped_method"]]["operating_points"].items():
+        assert values["held_out"]["group-round"]["rows"] == _round_images(built, "eval") > 0, point
+    assert report["baselines"]["int8_full_depth"]["group-round"]["agreement"] == 1.0
+    held_out = read_manifest(built / "checkpoint").metrics["held_out"]["operating_points"]
+    assert "group-round" in held_out["balanced"] and "group-round" in held_out["full"]
+    assert "group round" in (built / "report" / "report.md").read_text()
+
+
 def test_held_out_figures_have_word_rows_beside_the_class_name_rows(built: Path) -> None:
     """The evaluation measures the shipped points on held-out word label sets too, into the report and manifest."""
     report = json.loads((built / "report" / "report.json").read_text())
@@ -139,8 +162,10 @@ def test_a_words_only_view_is_the_word_rows_of_the_whole_view(built: Path) -> No
     store = FeatureStore(work / "extract")
     args = (store, job, "eval", "ssa-embed", (2, 5), 1, 2, (2, 3))
     whole, alone = sweep_view(*args), sweep_view(*args, words_only=True)
-    words = whole.word_rows()
-    assert alone.size == int(words.sum()) > 0 and alone.word_rows().all()
+    words = whole.word_rows() | (whole.group_rows() != "")  # the client rows: word and class-group label sets
+    assert alone.size == int(words.sum()) > int(whole.word_rows().sum()) > 0
+    assert np.array_equal(alone.word_rows() | (alone.group_rows() != ""), np.ones(alone.size, dtype=bool))
+    assert np.array_equal(alone.group_rows(), whole.group_rows()[words])
     assert np.array_equal(alone.counts, whole.counts[words]) and np.array_equal(alone.truth, whole.truth[words])
     assert np.array_equal(alone.full_top1, whole.full_top1[words])
     for layer, top1 in alone.top1.items():
@@ -170,9 +195,11 @@ def test_readme_table_is_read_from_the_report(built: Path) -> None:
     report = json.loads((built / "report" / "report.json").read_text())
     fp32 = report["baselines"]["fp32_full_depth"]["2"]["top1"]
     rendered = table([built / "report"]).splitlines()
-    rows = len(report["label_counts"]) + len(report["word_label_counts"])
+    rows = len(report["label_counts"]) + len(report["word_label_counts"]) + len(report["class_groups"])
     assert len(rendered) == 2 + rows and rendered[2].startswith("| report | 16 | 2 | ")
     assert f"| {100 * fp32:.1f}% |" in rendered[2]
-    assert rendered[-3].startswith("| report | 16 | 8 (all) | ")
+    assert rendered[-4].startswith("| report | 16 | 8 (all) | ")
     words = report["baselines"]["fp32_full_depth"]["words-3"]["top1"]  # word label sets follow, one row per K
-    assert rendered[-1].startswith(f"| report | 16 | words, 3 | {100 * words:.1f}% | ")
+    assert rendered[-2].startswith(f"| report | 16 | words, 3 | {100 * words:.1f}% | ")
+    group = report["baselines"]["fp32_full_depth"]["group-round"]  # then one row per class group, its image count
+    assert rendered[-1].startswith(f"| report | {group['rows']} | group round | {100 * group['top1']:.1f}% | ")
