@@ -42,7 +42,7 @@ from .features import FeatureStore
 from .gate_fit import load_gates
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads
 from .jobs import Job, config_hash, path_roots, portable_paths, read_json, step, write_json, write_record
-from .label_sets import GROUP_KEY, ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
+from .label_sets import ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
 from .profile import load_profile
 from .search import OPERATING_POINTS, candidate_thresholds
 from .simulate import (
@@ -56,6 +56,7 @@ from .simulate import (
     simulate,
     sweep_view,
 )
+from .word_sets import group_of
 
 REPORT_FILE = "report.json"
 
@@ -342,7 +343,7 @@ def run_evaluate(job: Job) -> dict[str, Any]:
         for point, figures in word_points.items():
             methods[shipped_name]["operating_points"][point]["held_out"].update(figures)
         baselines["int8_full_depth"].update(word_int8)
-        groups = [key.removeprefix(GROUP_KEY.format("")) for key in word_int8 if key.startswith(GROUP_KEY.format(""))]
+        groups = [group for key in word_int8 if (group := group_of(key)) is not None]
         baselines["fp32_full_depth"].update(word_fp32)
     main = methods[shipped_name]
     main_layers = main["layers"]

@@ -35,7 +35,7 @@ from .config import ConfigError, GateFitConfig
 from .features import FeatureStore
 from .heads import SHIPPED_VARIANT, VARIANTS, load_heads, run_train_heads
 from .jobs import Job, config_hash, read_json, step, write_json, write_record
-from .label_sets import ExitView, auc, exit_view_with_words, label_sets_for, log_uniform_counts
+from .label_sets import ExitView, auc, exit_view_with_client_rows, label_sets_for, log_uniform_counts
 
 COSINE = ("cos_top1", "cos_gap", "entropy_norm", "log_k")
 FEATURE_SETS: dict[str, tuple[str, ...]] = {  # candidates measured against each other; "paper" is the baseline
@@ -190,7 +190,7 @@ def gate_label_sets_view(
     # Word label sets too (one per image at each K calibration checks), so the gates learn them.
     word_counts = job.config.calibrate.word_label_counts if fixed_k is None else ()
     pooling = VARIANTS[variant].pooling
-    return exit_view_with_words(store, split, heads, pooling, sets, hidden, word_counts, 1, rng)
+    return exit_view_with_client_rows(store, split, heads, pooling, sets, hidden, word_counts, 1, rng)
 
 
 @step("fit-gate")

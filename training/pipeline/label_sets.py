@@ -38,11 +38,9 @@ from lraee_core.gate import FEATURES, gate_features
 from lraee_core.heads import ExitHead, class_logits
 
 from .features import FeatureStore
-from .word_sets import WordSets
+from .word_sets import GROUP_KEY, WORD_KEY, WordSets
 
 BASE_FEATURES = tuple(name for name in FEATURES if name != "agree_prev")  # computed per layer, alone
-WORD_KEY = "words-{}"  # figures key of the word label sets of size K
-GROUP_KEY = "group-{}"  # figures key of a class group's label sets (every size the same: the group's)
 
 
 def log_uniform_counts(rng: np.random.Generator, count: int, num_labels: int, smallest: int = 2) -> np.ndarray:
@@ -323,7 +321,7 @@ def exit_view(
     return ExitView(label_sets.counts, truth, full_top1, fp32_top1, top1, features, flops, words, group)
 
 
-def exit_view_with_words(
+def exit_view_with_client_rows(
     store: FeatureStore,
     split: str,
     heads: Mapping[int, ExitHead],

@@ -8,21 +8,19 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .label_sets import GROUP_KEY, WORD_KEY
 from .profile import PROFILE_PLOT, LayerProfile, plot_profile
+from .word_sets import GROUP_KEY, WORD_KEY, group_of, word_count_of
 
 CURVE_PLOT = "agreement_vs_flops.png"
 EXITS_PLOT = "exits.png"
 REPORT_MARKDOWN = "report.md"
-WORD_PREFIX = WORD_KEY.format("")
-GROUP_PREFIX = GROUP_KEY.format("")
 
 
 def _k_name(k: str, num_labels: int) -> str:
-    if k.startswith(WORD_PREFIX):
-        return f"words, K={k.removeprefix(WORD_PREFIX)}"
-    if k.startswith(GROUP_PREFIX):
-        return f"group {k.removeprefix(GROUP_PREFIX)}"
+    if (count := word_count_of(k)) is not None:
+        return f"words, K={count}"
+    if (group := group_of(k)) is not None:
+        return f"group {group}"
     return f"K={k} (all)" if int(k) == num_labels else f"K={k}"
 
 

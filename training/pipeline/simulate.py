@@ -23,7 +23,7 @@ from .features import FeatureStore
 from .gate_fit import PAPER_GATE, GateBank
 from .heads import VARIANTS, load_heads
 from .jobs import Job
-from .label_sets import ExitView, exit_view_with_words, label_sets_for, resolve_counts
+from .label_sets import ExitView, exit_view_with_client_rows, label_sets_for, resolve_counts
 
 Scoring = Literal["gate", "confidence"]
 
@@ -209,4 +209,4 @@ def sweep_view(
     hidden = job.config.heads.hidden_dim or store.shape.width
     pooling = VARIANTS[variant].pooling
     chosen = None if words_only else sets
-    return exit_view_with_words(store, split, heads, pooling, chosen, hidden, word_counts, repeats, rng)
+    return exit_view_with_client_rows(store, split, heads, pooling, chosen, hidden, word_counts, repeats, rng)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .word_sets import GROUP_KEY, WORD_KEY, group_of
+
 METHOD = "lraee"
 POINTS = ("accurate", "balanced", "fast")
 
@@ -27,11 +29,11 @@ def _rows(report: dict[str, Any], name: str) -> list[str]:
     points = report["methods"][report.get("shipped_method", METHOD)]["operating_points"]
     baselines = report["baselines"]
     rows = []
-    words = [(f"words-{k}", f"words, {k}") for k in report.get("word_label_counts", [])]
-    words += [(f"group-{name}", f"group {name}") for name in report.get("class_groups", [])]
+    words = [(WORD_KEY.format(k), f"words, {k}") for k in report.get("word_label_counts", [])]
+    words += [(GROUP_KEY.format(name), f"group {name}") for name in report.get("class_groups", [])]
     names = [(str(k), f"{k} (all)" if k == report["num_labels"] else str(k)) for k in report["label_counts"]]
     for k, label in names + words:
-        images = baselines["fp32_full_depth"][k]["rows"] if k.startswith("group-") else report["eval_images"]
+        images = baselines["fp32_full_depth"][k]["rows"] if group_of(k) is not None else report["eval_images"]
         cells = [name, str(images), label]
         cells += [_pct(baselines["fp32_full_depth"][k]["top1"]), _pct(baselines["int8_full_depth"][k]["top1"])]
         for point in POINTS:

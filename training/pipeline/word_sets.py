@@ -16,6 +16,21 @@ from typing import Any
 
 import numpy as np
 
+WORD_KEY = "words-{}"  # figures key of the word label sets of size K
+GROUP_KEY = "group-{}"  # figures key of a class group's label sets (every size the same: the group's)
+
+
+def group_of(key: str) -> str | None:
+    """The class group a figures key names ("group-NAME" gives NAME), None for any other key."""
+    prefix = GROUP_KEY.format("")
+    return key.removeprefix(prefix) if key.startswith(prefix) else None
+
+
+def word_count_of(key: str) -> str | None:
+    """The K of a word label sets' figures key ("words-K" gives "K"), None for any other key."""
+    prefix = WORD_KEY.format("")
+    return key.removeprefix(prefix) if key.startswith(prefix) else None
+
 
 class WordSetsError(ValueError):
     """A word-sets file that does not fit the build's label set."""
