@@ -9,12 +9,13 @@ import pytest
 
 from lraee_core.assets import EMBEDDED_CHECKPOINTS
 from lraee_core.checkpoint import read_manifest
-from training.clip import photos
+from training.clip import photos, recipes
 from training.clip.captions import WORDNET_DIR
 from training.clip.recipes import (
     EVERYDAY_TEMPLATES,
     REPO,
     RUNS,
+    EverydayStage,
     PlannedBuild,
     backbone_settings,
     build_job,
@@ -202,3 +203,41 @@ def test_everyday_word_sets_give_each_class_its_word_and_the_words_beside_it(tmp
     assert document["groups"] == {"cifar10": ["automobile", "cat"], "intel": ["buildings", "sea"]}
     words = WordSets.from_json(document, list(classes))  # the pipeline reads it back
     assert words.label_of[words.words.index("cat")] == list(classes).index("cat")  # the class "cat" is the word
+
+
+def test_the_everyday_recipe_resumes_at_its_last_finished_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recipes, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(recipes, "REPORTS", tmp_path / "reports")
+    stages = tuple(
+        EverydayStage(f"s{n}", (("steps", 10 * n), ("stop_step", 5 * n if n == 1 else 0))) for n in (1, 2, 3)
+    )
+
+    def finish(stage: EverydayStage, steps: int, weights: bool = True) -> None:
+        folder = tmp_path / "runs" / stage.run
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "training_log.json").write_text(json.dumps({"steps": steps}))
+        if weights:
+            (folder / "weights.safetensors").write_bytes(b"w")
+
+    assert recipes._last_finished_stage(stages) == 0  # nothing run: start at the beginning
+    finish(stages[0], 5)  # stage 1 stops at its stop_step
+    assert recipes._last_finished_stage(stages) == 0
+    finish(stages[2], 17)  # stage 3 stopped short of its end: not finished
+    assert recipes._last_finished_stage(stages) == 0
+    finish(stages[1], 20, weights=False)  # a log without weights is not finished
+    assert recipes._last_finished_stage(stages) == 0
+    finish(stages[1], 20)
+    assert recipes._last_finished_stage(stages) == 1
+    finish(stages[2], 30)
+    assert recipes._last_finished_stage(stages) == 2
+    # a skipped stage's log: its run folder's, else the copy an earlier run left in the reports, else an error
+    assert recipes._stage_log(2, stages[1]) == tmp_path / "runs" / "s2" / "training_log.json"
+    missing = EverydayStage("gone", ())
+    with pytest.raises(FileNotFoundError, match="gone"):
+        recipes._stage_log(4, missing)
+    copy = tmp_path / "reports" / "everyday" / "clip_training_log.stage4.json"
+    copy.parent.mkdir(parents=True)
+    copy.write_text("{}")
+    assert recipes._stage_log(4, missing) == copy

@@ -60,7 +60,7 @@ from .photo_clip import (
     write_holdout,
     zero_shot_top1,
 )
-from .trainer import build_model
+from .trainer import LOG_FILE, WEIGHTS_FILE, build_model
 from .world import HELD_OUT_TEMPLATES
 from .world_clip import WorldClipConfig, train_world_clip
 
@@ -321,6 +321,7 @@ EVERYDAY_STAGES = (
     EverydayStage("everyday_clip6", (("steps", 2400), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 5))),
     EverydayStage("everyday_clip7", (("steps", 2400), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 6))),
     EverydayStage("everyday_clip8", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 7))),
+    EverydayStage("everyday_clip9", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 8))),
 )
 
 
@@ -335,7 +336,7 @@ GPU_STAGE = EverydayStage(
         ("batch_size", 1024),
         ("lr", 6e-4),
         ("warmup_steps", 300),
-        ("draw_seed", 8),
+        ("draw_seed", 9),
         ("device", "cuda"),
         ("cuda_bf16", True),
         ("batched_augment", True),
@@ -355,7 +356,9 @@ def everyday_stage(
     stage = next((s for s in stages if s.run == name), None)
     if stage is None:
         raise ValueError(f"no everyday stage {name!r}; the stages are {[s.run for s in stages]}")
+    train_dir = EverydayClipConfig.train_dir if pack_dir is not None else str(photos.extract("train"))  # unpacked
     clip = EverydayClipConfig(
+        train_dir=train_dir,
         output_dir=str(runs_dir / stage.run),
         init_weights=str(init_weights),
         threads=threads,
@@ -450,8 +453,11 @@ def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] =
     from .everyday_eval import REPORT_FILE, evaluate
 
     train = photos.extract("train")
-    weights, logs, holdouts = init_weights, [], []
-    for stage in stages:
+    first = _last_finished_stage(stages)  # the stages before it are done: their run folders need not be here
+    weights = init_weights if first == 0 else RUNS / stages[first - 1].run / WEIGHTS_FILE
+    logs = [_stage_log(number, stage) for number, stage in enumerate(stages[:first], start=1)]
+    holdouts = []
+    for stage in stages[first:]:
         clip_dir = RUNS / stage.run
         clip = EverydayClipConfig(
             train_dir=str(train),
@@ -462,11 +468,11 @@ def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] =
             **dict(stage.overrides),
         )
         weights = train_everyday_clip(clip)
-        logs.append(clip_dir / "training_log.json")
+        logs.append(clip_dir / LOG_FILE)
         holdouts.append((clip_dir / HOLDOUT_FILE).read_text())
     if len(set(holdouts)) != 1:  # every stage holds out the same photos (seed 0), or the build would see trained ones
         raise RuntimeError("the everyday stages' holdout.csv files differ")
-    holdout = RUNS / stages[0].run / HOLDOUT_FILE  # the same file in every stage (checked above)
+    holdout = RUNS / stages[first].run / HOLDOUT_FILE  # the same file in every stage run here (checked above)
     source = everyday_build_source(holdout, EverydayClipConfig(train_dir=str(train)), RUNS / "everyday_build.csv")
     words = everyday_word_sets(source, RUNS / "everyday_word_sets.json")
     summary = photo(
@@ -487,8 +493,38 @@ def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] =
     summary["clip_log"] = _relative(logs[-1])
     summary["clip_stages"] = [_relative(log) for log in logs]
     for number, log in enumerate(logs, start=1):  # every stage's log beside the summary (the last one also as
-        shutil.copyfile(log, REPORTS / "everyday" / f"clip_training_log.stage{number}.json")  # clip_training_log)
+        copy = REPORTS / "everyday" / f"clip_training_log.stage{number}.json"  # clip_training_log)
+        if log.resolve() != copy.resolve():
+            shutil.copyfile(log, copy)
     return summary
+
+
+def _stage_end(stage: EverydayStage) -> int:
+    """The step a stage's run ends at."""
+    cfg = EverydayClipConfig(**dict(stage.overrides))
+    return cfg.stop_step or cfg.steps
+
+
+def _last_finished_stage(stages: Sequence[EverydayStage]) -> int:
+    """The index of the last stage whose run folder holds its final weights and log (0 when none does): the recipe
+    resumes there, so a machine that kept only the last finished stage (or took it back from a lent GPU) does not
+    retrain the stages before it."""
+    for index in range(len(stages) - 1, -1, -1):
+        folder = RUNS / stages[index].run
+        log = folder / LOG_FILE
+        finished = (folder / WEIGHTS_FILE).is_file() and log.is_file()
+        if finished and json.loads(log.read_text()).get("steps") == _stage_end(stages[index]):
+            return index
+    return 0
+
+
+def _stage_log(number: int, stage: EverydayStage) -> Path:
+    """The training log of stage ``number`` (from 1), which the recipe does not run again: its run folder's when
+    there is one, else the copy an earlier run of the recipe left in ``reports/everyday``."""
+    for log in (RUNS / stage.run / LOG_FILE, REPORTS / "everyday" / f"clip_training_log.stage{number}.json"):
+        if log.is_file():
+            return log
+    raise FileNotFoundError(f"stage {number} ({stage.run}) is skipped and its training log is nowhere to be found")
 
 
 def world_model_on_photos(threads: int) -> dict[str, object]:
