@@ -3,11 +3,11 @@
 ``python -m training.clip.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
 ``python -m training.clip.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
 ``python -m training.clip.recipes everyday`` (the CLIP stages of ``EVERYDAY_STAGES`` from the photos CLIP, then the
-photos builds and the everyday evaluation; the six stages take about 7.5 h on 2 cores). A stage can also train alone,
-on another machine from a pack of the training photos (``GPU_STAGE`` on a lent GPU, ``training/clip/device_stage.sh``):
-``python -m training.clip.recipes everyday-stage NAME --pack-dir DIR --init-weights FILE --runs-dir DIR``; its run
-folder copied back into ``runs/`` counts as finished)
-
+photos builds and the everyday evaluation; the nine stages take about 11 h on 2 cores, and the recipe starts at the
+last stage whose run folder in ``runs/`` is finished, the earlier ones' logs kept in ``reports/everyday``). A stage
+can also train alone, on another machine from a pack of the training photos (``GPU_STAGE`` on a lent GPU,
+``training/clip/device_stage.sh``): ``python -m training.clip.recipes everyday-stage NAME --pack-dir DIR
+--init-weights FILE --runs-dir DIR``; its run folder copied back into ``runs/`` counts as finished)
 Each recipe trains the tiny CLIP (resumable: rerunning continues), copies its FP16 weights into the checkpoint
 directory (so the manifest names them by a relative path and the checkpoint moves as one folder), and runs the
 LRA-EE build into it: the recipe states each build's settings once (``BuildConfig`` fields and their values), from
