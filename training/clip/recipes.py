@@ -310,8 +310,8 @@ class EverydayStage:
 
 
 # The everyday CLIP as shipped: stage 1 from the photos CLIP (schedule over 1,400 steps, ended at 1,250, 1.5 h on 2
-# cores), then stages 2 to 8 each from the previous stage's weights with new batch draws and a fresh, shorter
-# cosine schedule (50, 60, 62, 90, 90, 173 and 41 min on 2 cores; stage 7 shared them with other jobs).
+# cores), then stages 2 to 9 each from the previous stage's weights with new batch draws and a fresh, shorter
+# cosine schedule (50, 60, 62, 90, 90, 173, 41 and 31 min on 2 cores; stage 7 shared them with other jobs).
 EVERYDAY_STAGES = (
     EverydayStage("everyday_clip", (("steps", 1400), ("stop_step", 1250))),
     EverydayStage("everyday_clip2", (("steps", 1000), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 1))),
