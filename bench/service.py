@@ -108,17 +108,36 @@ def sample_image(size: tuple[int, int] = (320, 240)) -> bytes:
     return buffer.getvalue()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def uvicorn_command(port: int) -> list[str]:
+    """The app served as ``make serve`` serves it, on loopback ``port``, logging warnings only."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
 
 
 class _Server:
     """A uvicorn process of the app; a context manager that always stops it."""
 
     def __init__(self, checkpoint: Path, threads: int, labels: int, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {
@@ -128,22 +147,10 @@ class _Server:
             "OMP_NUM_THREADS": str(threads),
             "LRAEE_MAX_LABELS": str(max(1000, labels)),
         }
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ]
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            uvicorn_command(self.port), cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines the server wrote."""

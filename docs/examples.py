@@ -1,4 +1,4 @@
-"""Re-record the README's examples against a real service: ``python docs/examples.py`` (with ``make setup`` done).
+"""Re-record the README's examples against a real service: ``python -m docs.examples`` from the repository root.
 
 It starts the service as ``make serve`` does (``uvicorn app.main:create_app --factory``, the default checkpoint and
 backend unless ``LRAEE_*`` variables say otherwise) on a free loopback port, then prints, in the README's order:
@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from bench.service import free_port, uvicorn_command
 
 REPO = Path(__file__).resolve().parents[1]
 ACUITY = REPO.parent / "shared" / "data" / "imagenet-photos" / "imagenet-val-acuity.tar"
@@ -50,13 +51,6 @@ CHECK = {
 }
 POINTS = ("accurate", "balanced", "fast", "full")
 HF_LABELS = ["school bus", "sports car", "lion", "banana", "teapot"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def extract(folder: Path) -> dict[str, Path]:
@@ -92,17 +86,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        uvicorn_command(port),
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
         stdout=subprocess.DEVNULL,
