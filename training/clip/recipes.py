@@ -322,6 +322,7 @@ EVERYDAY_STAGES = (
     EverydayStage("everyday_clip7", (("steps", 2400), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 6))),
     EverydayStage("everyday_clip8", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 7))),
     EverydayStage("everyday_clip9", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 8))),
+    EverydayStage("everyday_clip10", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 9))),
 )
 
 
@@ -336,7 +337,7 @@ GPU_STAGE = EverydayStage(
         ("batch_size", 1024),
         ("lr", 6e-4),
         ("warmup_steps", 300),
-        ("draw_seed", 9),
+        ("draw_seed", 10),
         ("device", "cuda"),
         ("cuda_bf16", True),
         ("batched_augment", True),
