@@ -3,7 +3,7 @@
 ``python -m training.clip.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
 ``python -m training.clip.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
 ``python -m training.clip.recipes everyday`` (the CLIP stages of ``EVERYDAY_STAGES`` from the photos CLIP, then the
-photos builds and the everyday evaluation; the nine stages take about 11 h on 2 cores, and the recipe starts at the
+photos builds and the everyday evaluation; the ten stages take about 12 h on 2 cores, and the recipe starts at the
 last stage whose run folder in ``runs/`` is finished, the earlier ones' logs kept in ``reports/everyday``). A stage
 can also train alone, on another machine from a pack of the training photos (``GPU_STAGE`` on a lent GPU,
 ``training/clip/device_stage.sh``): ``python -m training.clip.recipes everyday-stage NAME --pack-dir DIR
@@ -310,8 +310,8 @@ class EverydayStage:
 
 
 # The everyday CLIP as shipped: stage 1 from the photos CLIP (schedule over 1,400 steps, ended at 1,250, 1.5 h on 2
-# cores), then stages 2 to 9 each from the previous stage's weights with new batch draws and a fresh, shorter
-# cosine schedule (50, 60, 62, 90, 90, 173, 41 and 31 min on 2 cores; stage 7 shared them with other jobs).
+# cores), then stages 2 to 10 each from the previous stage's weights with new batch draws and a fresh, shorter
+# cosine schedule (50, 60, 62, 90, 90, 173, 41, 31 and 31 min on 2 cores; stage 7 shared them with other jobs).
 EVERYDAY_STAGES = (
     EverydayStage("everyday_clip", (("steps", 1400), ("stop_step", 1250))),
     EverydayStage("everyday_clip2", (("steps", 1000), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 1))),
