@@ -10,7 +10,8 @@ backend unless ``LRAEE_*`` variables say otherwise) on a free loopback port, the
 3. the Hugging Face client's answer for the school bus, the compat endpoint's headers, and the client's error on a bad
    image.
 
-The photos are read from ``../shared/data/imagenet-photos/`` into a temporary folder, never copied into the project.
+The photos are read from the shared photo folder (``training.clip.photos.source_dir``) into a temporary folder, never
+copied into the project.
 Nothing is written back: the README's blocks are edited by hand from this output.
 """
 
@@ -29,9 +30,9 @@ from pathlib import Path
 import httpx
 
 from bench.service import free_port, uvicorn_command
+from training.clip import photos as shared_photos
 
 REPO = Path(__file__).resolve().parents[1]
-ACUITY = REPO.parent / "shared" / "data" / "imagenet-photos" / "imagenet-val-acuity.tar"
 BANANA = "n07753592/ILSVRC2012_val_00023220.JPEG"
 BUS = "n04146614/ILSVRC2012_val_00031163.JPEG"
 SEVEN = ["cat", "dog", "car", "banana", "truck", "elephant", "bicycle"]
@@ -53,11 +54,11 @@ POINTS = ("accurate", "balanced", "fast", "full")
 HF_LABELS = ["school bus", "sports car", "lion", "banana", "teapot"]
 
 
-def extract(folder: Path) -> dict[str, Path]:
+def extract(acuity: Path, folder: Path) -> dict[str, Path]:
     """The photos this script sends, by tar member name."""
     wanted = {BANANA, BUS}
     photos: dict[str, Path] = {}
-    with tarfile.open(ACUITY) as archive:
+    with tarfile.open(acuity) as archive:
         for info in archive:
             if info.isfile() and (info.name in wanted or info.name.split("/")[0] in CHECK):
                 data = archive.extractfile(info)
@@ -81,8 +82,10 @@ def curl_classify(url: str, image: Path, labels: list[str], *extra: str) -> dict
 
 
 def main() -> None:
-    if not ACUITY.is_file():
-        sys.exit(f"{ACUITY} is missing: the examples need the shared photos")
+    try:
+        acuity = shared_photos.source_dir() / shared_photos.TARS["acuity"][0]
+    except shared_photos.PhotosUnavailable as error:
+        sys.exit(f"the examples need the shared photos: {error}")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -107,7 +110,7 @@ def main() -> None:
         backend = os.environ.get("LRAEE_BACKEND", "the default")
         print(f"# {time.strftime('%Y-%m-%d')}: {model['model']}, exits {model['candidate_layers']}, backend {backend}")
         with tempfile.TemporaryDirectory() as tmp:
-            photos = extract(Path(tmp))
+            photos = extract(acuity, Path(tmp))
             banana = photos[BANANA]
             curl_classify(url, banana, SEVEN, "top_k=3")  # the first request fills the label cache
             print("## 1. banana, seven labels, top_k=3 (second request)")

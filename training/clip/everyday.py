@@ -171,6 +171,11 @@ class EverydayClipConfig:
         parse_mix(self.mix)
 
     @property
+    def end_step(self) -> int:
+        """The step the run ends at: ``stop_step`` when set, else ``steps``."""
+        return self.stop_step or self.steps
+
+    @property
     def draws(self) -> int:
         """The seed of the batch, caption and crop draws."""
         return self.draw_seed or self.seed
@@ -451,7 +456,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     With ``pack_dir`` the photos, ``holdout.csv``, the evaluation split and the counts come from the pack, which must
     have been written with this config's split settings (``PACK_SPLIT_FIELDS``). A run finished on another machine
     (``trainer.finished_elsewhere``) is taken as it is."""
-    end = cfg.stop_step or cfg.steps
+    end = cfg.end_step
     done = finished_elsewhere(cfg, [name for name in _RESUME_MUST_MATCH if name != "train_dir"], end)
     if done is not None:
         return done

@@ -500,12 +500,6 @@ def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] =
     return summary
 
 
-def _stage_end(stage: EverydayStage) -> int:
-    """The step a stage's run ends at."""
-    cfg = EverydayClipConfig(**dict(stage.overrides))
-    return cfg.stop_step or cfg.steps
-
-
 def _last_finished_stage(stages: Sequence[EverydayStage]) -> int:
     """The index of the last stage whose run folder holds its final weights and log (0 when none does): the recipe
     resumes there, so a machine that kept only the last finished stage (or took it back from a lent GPU) does not
@@ -514,7 +508,8 @@ def _last_finished_stage(stages: Sequence[EverydayStage]) -> int:
         folder = RUNS / stages[index].run
         log = folder / LOG_FILE
         finished = (folder / WEIGHTS_FILE).is_file() and log.is_file()
-        if finished and json.loads(log.read_text()).get("steps") == _stage_end(stages[index]):
+        end = EverydayClipConfig(**dict(stages[index].overrides)).end_step
+        if finished and json.loads(log.read_text()).get("steps") == end:
             return index
     return 0
 
