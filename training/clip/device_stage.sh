@@ -17,7 +17,8 @@
 #   1. bash training/clip/device_stage.sh smoke 40   carry .gpu/wheels .gpu/smoke .gpu/init.safetensors parts 0-1
 #      (checks the environment; prints steps/s at the stage's batch: set GPU_STAGE's steps from it)
 #   2. bash training/clip/device_stage.sh            carry parts 2-4
-#   3. bash training/clip/device_stage.sh stage S    carry parts 5-7 and index.json.gz; S: a time limit in seconds
+#   3. bash training/clip/device_stage.sh stage S [N] carry parts 5-7 and index.json.gz; S: a time limit in seconds,
+#      N: the steps (default: what the smoke run's rate fits into 90% of S; record them in GPU_STAGE afterwards)
 #      ($OUT gets weights.safetensors, training_log.json, holdout.csv and eval_split.json: copy them into
 #      runs/everyday_clip_gpu/, add GPU_STAGE to EVERYDAY_STAGES, then `python -m training.clip.recipes everyday`)
 set -u
@@ -56,9 +57,20 @@ for a, b in zip(history, history[1:]):
     ;;
   stage)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    # The stage's length: $3 steps, else what the smoke run's steps per second (its log, left in /tmp/smoke while
+    # the machine stayed warm) fit into 90% of the time limit $2, in whole hundreds; else GPU_STAGE's own.
+    steps="${3:-}"
+    if [ -z "$steps" ] && [ -f /tmp/smoke/training_log.json ] && [ "${2:-0}" != 0 ]; then
+      steps=$(python3 -c "
+import json
+history = json.load(open('/tmp/smoke/training_log.json'))['history'][1:]  # the first entry holds CUDA's start
+rate = (history[-1]['step'] - history[0]['step']) / (history[-1]['elapsed_s'] - history[0]['elapsed_s'])
+print(int(rate * 0.9 * $2) // 100 * 100)")
+    fi
+    echo "stage steps: ${steps:-as GPU_STAGE}"
     python3 -m training.clip.recipes everyday-stage everyday_clip_gpu --pack-dir /tmp/pack \
       --init-weights /tmp/keep/init.safetensors --runs-dir /tmp/runs --threads "${THREADS:-16}" \
-      --time-limit-s "${2:-0}"
+      --time-limit-s "${2:-0}" ${steps:+--clip-steps "$steps"}
     status=$?
     for f in weights.safetensors training_log.json holdout.csv eval_split.json; do
       [ -f "/tmp/runs/everyday_clip_gpu/$f" ] && cp "/tmp/runs/everyday_clip_gpu/$f" "$OUT/"

@@ -326,10 +326,12 @@ EVERYDAY_STAGES = (
 )
 
 
-# Prepared for a lent GPU (one H200, about 15 minutes of device time, none drawn yet): the next stage, from the last
-# CPU stage's weights, with batches of 1024 in bfloat16 cropped on the GPU, read from a pack of the training photos
-# (training.clip.pack). ``steps`` is a placeholder until the device's steps per second are measured (the smoke step of
-# training/clip/device_stage.sh); it joins EVERYDAY_STAGES once trained, its run folder copied into runs/.
+# Prepared for a lent GPU (one H200, about 15 minutes of device time): the next stage, from the last CPU stage's
+# weights, with batches of 1024 in bfloat16 cropped on the GPU, read from a pack of the training photos
+# (training.clip.pack). ``steps`` is a placeholder: training/clip/device_stage.sh sets the run's steps from the steps
+# per second its smoke run measured on the machine, and they are recorded here once trained; it then joins
+# EVERYDAY_STAGES, its run folder copied into runs/. ``state.pt`` (70 MB, the optimizer's moments) cannot come back
+# from the machine, so it is written only every 2,000 steps, for a run stopped and continued there.
 GPU_STAGE = EverydayStage(
     "everyday_clip_gpu",
     (
@@ -343,16 +345,24 @@ GPU_STAGE = EverydayStage(
         ("batched_augment", True),
         ("prefetch", 4),
         ("log_every", 50),
-        ("checkpoint_every", 500),
+        ("checkpoint_every", 2000),
     ),
 )
 
 
 def everyday_stage(
-    name: str, init_weights: Path, threads: int, runs_dir: Path, pack_dir: Path | None, time_limit_s: float = 0.0
+    name: str,
+    init_weights: Path,
+    threads: int,
+    runs_dir: Path,
+    pack_dir: Path | None,
+    time_limit_s: float = 0.0,
+    steps: int | None = None,
 ) -> Path:
     """Train one stage of ``EVERYDAY_STAGES`` alone (on a machine with no photo folders, from ``pack_dir``) into
-    ``runs_dir / stage``; ``everyday`` then finds it finished. Returns its weights."""
+    ``runs_dir / stage``; ``everyday`` then finds it finished. Returns its weights. ``steps`` replaces the stage's
+    (a GPU stage's length is set from the steps per second measured on the lent machine; the stage's entry then
+    records the steps it ran, so that ``everyday`` finds its run folder finished)."""
     stages = (*EVERYDAY_STAGES, GPU_STAGE)
     stage = next((s for s in stages if s.run == name), None)
     if stage is None:
@@ -366,7 +376,7 @@ def everyday_stage(
         pack_dir="" if pack_dir is None else str(pack_dir),
         time_limit_s=time_limit_s,
         progress=False,
-        **dict(stage.overrides),
+        **(dict(stage.overrides) | ({} if steps is None else {"steps": steps})),
     )
     return train_everyday_clip(clip)
 
@@ -563,7 +573,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pack-dir", type=Path, help="everyday-stage: train from this pack (training.clip.pack)")
     parser.add_argument("--runs-dir", type=Path, default=RUNS, help="everyday-stage: where the stage's run folder goes")
     parser.add_argument("--time-limit-s", type=float, default=0.0, help="everyday-stage: stop after so much training")
-    parser.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (world 700, photos 1200)")
+    parser.add_argument(
+        "--clip-steps",
+        type=int,
+        default=None,
+        help="CLIP training steps (world 700, photos 1200; everyday-stage: the stage's)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=2400, help="world images per build's data and eval set")
     parser.add_argument(
@@ -589,7 +604,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.stage is None:
             parser.error("everyday-stage needs the stage's run name")
         weights = everyday_stage(
-            args.stage, args.init_weights, args.threads, args.runs_dir, args.pack_dir, args.time_limit_s
+            args.stage,
+            args.init_weights,
+            args.threads,
+            args.runs_dir,
+            args.pack_dir,
+            args.time_limit_s,
+            args.clip_steps,
         )
         print(weights)
     elif args.recipe == "everyday":
