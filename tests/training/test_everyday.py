@@ -33,6 +33,7 @@ from training.clip.everyday import (
     split_members,
     to_pixels,
     train_everyday_clip,
+    training_time_limit,
 )
 from training.clip.pack import EncodedSource, write_pack
 from training.clip.trainer import LOG_FILE, STATE_FILE
@@ -209,3 +210,14 @@ def test_a_run_from_a_pack_trains_on_its_photos_and_comes_back_finished(tmp_path
 def test_a_cuda_stage_on_a_machine_without_one_says_where_to_train_it(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="train it on a GPU machine"):
         train_everyday_clip(EverydayClipConfig(output_dir=str(tmp_path), device="cuda", progress=False))
+
+
+def test_a_deadline_caps_the_training_time_by_what_is_left_of_it() -> None:
+    assert training_time_limit(EverydayClipConfig(time_limit_s=0.0)) == 0.0  # no limit at all
+    assert training_time_limit(EverydayClipConfig(time_limit_s=30.0)) == 30.0
+    # a lent machine's call ends at a wall-clock time; the photos' decoding already took part of it
+    assert training_time_limit(EverydayClipConfig(deadline_unix=1000.0), now=900.0) == 100.0
+    assert training_time_limit(EverydayClipConfig(time_limit_s=30.0, deadline_unix=1000.0), now=900.0) == 30.0
+    assert training_time_limit(EverydayClipConfig(time_limit_s=300.0, deadline_unix=1000.0), now=900.0) == 100.0
+    # past the deadline: a tiny positive limit (one step, then saved), never 0, which would mean no limit
+    assert 0.0 < training_time_limit(EverydayClipConfig(deadline_unix=1000.0), now=1200.0) < 1e-6

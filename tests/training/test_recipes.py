@@ -12,6 +12,7 @@ from lraee_core.checkpoint import read_manifest
 from training.clip import photos, recipes
 from training.clip.captions import WORDNET_DIR
 from training.clip.recipes import (
+    EVERYDAY_CALIBRATION,
     EVERYDAY_TEMPLATES,
     REPO,
     RUNS,
@@ -103,7 +104,15 @@ def test_shipped_photo_builds_record_the_shipped_manifests_command(recipe: str) 
         source = RUNS / "everyday_build.csv"  # the Tiny holdout + the everyday build half (everyday_build_source)
         words = RUNS / "everyday_word_sets.json"  # its classes' everyday words (everyday_word_sets)
         builds = photo_builds(
-            weights, source, data / "val", data / "acuity", "everyday", "everyday-tiny", EVERYDAY_TEMPLATES, words
+            weights,
+            source,
+            data / "val",
+            data / "acuity",
+            "everyday",
+            "everyday-tiny",
+            EVERYDAY_TEMPLATES,
+            words,
+            EVERYDAY_CALIBRATION,
         )
         threads = 2
     assert [b.ships for b in builds] == [True, False]

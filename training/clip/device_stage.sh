@@ -10,17 +10,22 @@
 #   cp runs/<last CPU stage>/weights.safetensors .gpu/init.safetensors
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .gpu/wheels open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
-# The tracked checkpoints and reports (about 45 MB) must stay behind for the parts to fit: `git rm -r --cached` them
-# and list them in .git/info/exclude for the calls, then `git reset` and restore the exclude file.
+# The tracked checkpoints and reports (about 51 MB) must stay behind for the parts to fit: `git rm -r --cached
+# lraee_core/assets/{everyday,photos,world} reports` (lraee_core/assets/model_configs stays: the trainer reads the
+# architecture there) and list them in .git/info/exclude for the calls, then `git reset` and restore the exclude file.
+# The three calls must follow each other within the 30 s the machine stays warm, or the staged parts are gone.
+# As run on 2026-11-30 (stage everyday_clip_gpu): smoke 19.4 steps/s at batch 1024 (the Python side of the
+# batch draws bounds it; the GPU idles), all three calls and a salvage in 730 s of device time.
 #
 # Calls (each copies the pack parts it carried to /tmp/pack, which stays while the machine is warm):
 #   1. bash training/clip/device_stage.sh smoke 40   carry .gpu/wheels .gpu/smoke .gpu/init.safetensors parts 0-1
-#      (checks the environment; prints steps/s at the stage's batch: set GPU_STAGE's steps from it)
+#      (checks the environment; prints steps/s at the stage's batch, which call 3 reads from /tmp/smoke)
 #   2. bash training/clip/device_stage.sh            carry parts 2-4
-#   3. bash training/clip/device_stage.sh stage S [N] carry parts 5-7 and index.json.gz; S: a time limit in seconds,
-#      N: the steps (default: what the smoke run's rate fits into 90% of S; record them in GPU_STAGE afterwards)
+#   3. bash training/clip/device_stage.sh stage S [N] carry parts 5-7 and index.json.gz; S: the seconds the call may
+#      take (550 of the tool's 600), N: the steps (default: what the smoke run's rate fits into 90% of S less 150 s;
+#      record them in GPU_STAGE afterwards). STAGE names the stage (default everyday_clip_gpu2, GPU_STAGE).
 #      ($OUT gets weights.safetensors, training_log.json, holdout.csv and eval_split.json: copy them into
-#      runs/everyday_clip_gpu/, add GPU_STAGE to EVERYDAY_STAGES, then `python -m training.clip.recipes everyday`)
+#      runs/<stage>/, add the stage to EVERYDAY_STAGES, then `python -m training.clip.recipes everyday`)
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.." || exit 1
@@ -56,26 +61,51 @@ for a, b in zip(history, history[1:]):
     cp /tmp/smoke/training_log.json "$OUT/smoke_log.json"
     ;;
   stage)
-    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    # $2: the seconds this call may take (under the tool's 600 s limit). Training ends by then less a margin for
+    # writing the outputs (--deadline-unix: the decoding of the 102,657 photos, over a minute there, counts too).
     # The stage's length: $3 steps, else what the smoke run's steps per second (its log, left in /tmp/smoke while
-    # the machine stayed warm) fit into 90% of the time limit $2, in whole hundreds; else GPU_STAGE's own.
+    # the machine stayed warm) fit into 90% of $2 less STARTUP_S (150 s: the decoding and the model's start), in
+    # whole hundreds; else GPU_STAGE's own.
+    start=$(date +%s)
+    budget="${2:-0}"
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     steps="${3:-}"
-    if [ -z "$steps" ] && [ -f /tmp/smoke/training_log.json ] && [ "${2:-0}" != 0 ]; then
+    if [ -z "$steps" ] && [ -f /tmp/smoke/training_log.json ] && [ "$budget" != 0 ]; then
       steps=$(python3 -c "
 import json
 history = json.load(open('/tmp/smoke/training_log.json'))['history'][1:]  # the first entry holds CUDA's start
 rate = (history[-1]['step'] - history[0]['step']) / (history[-1]['elapsed_s'] - history[0]['elapsed_s'])
-print(int(rate * 0.9 * $2) // 100 * 100)")
+print(int(rate * 0.9 * ($budget - ${STARTUP_S:-150})) // 100 * 100)")
     fi
     echo "stage steps: ${steps:-as GPU_STAGE}"
-    python3 -m training.clip.recipes everyday-stage everyday_clip_gpu --pack-dir /tmp/pack \
+    deadline=0
+    [ "$budget" != 0 ] && deadline=$((start + budget - 40))
+    python3 -m training.clip.recipes everyday-stage "${STAGE:-everyday_clip_gpu2}" --pack-dir /tmp/pack \
       --init-weights /tmp/keep/init.safetensors --runs-dir /tmp/runs --threads "${THREADS:-16}" \
-      --time-limit-s "${2:-0}" ${steps:+--clip-steps "$steps"}
-    status=$?
+      --deadline-unix "$deadline" ${steps:+--clip-steps "$steps"} 2>&1 | tee "$OUT/stage.log"
+    status=${PIPESTATUS[0]}
     for f in weights.safetensors training_log.json holdout.csv eval_split.json; do
-      [ -f "/tmp/runs/everyday_clip_gpu/$f" ] && cp "/tmp/runs/everyday_clip_gpu/$f" "$OUT/"
+      [ -f "/tmp/runs/${STAGE:-everyday_clip_gpu2}/$f" ] && cp "/tmp/runs/${STAGE:-everyday_clip_gpu2}/$f" "$OUT/"
     done
-    exit $status
+    echo "stage took $(($(date +%s) - start)) s"
+    exit "$status"
+    ;;
+  salvage)
+    # A stage killed before it wrote its outputs (so it ended on 2026-11-30): its last state.pt's model as FP16
+    # weights.safetensors, and the state's step, config and history as state_meta.json, into $OUT. A training log
+    # is then written from state_meta.json with stop_step set to that step (see EVERYDAY_STAGES' comment).
+    run="/tmp/runs/${STAGE:-everyday_clip_gpu2}"
+    cp "$run/holdout.csv" "$run/eval_split.json" "$OUT/"
+    python3 -c "
+import json, torch
+from training.clip.trainer import build_model, save_weights
+state = torch.load('$run/state.pt', map_location='cpu', weights_only=False)
+model, _, _ = build_model()
+model.load_state_dict(state['model'])
+save_weights(model, '$OUT/weights.safetensors', half=True)
+json.dump({k: v for k, v in state.items() if k not in ('model', 'optimizer')}, open('$OUT/state_meta.json', 'w'), default=str)
+print('step', state['step'])
+"
     ;;
   *) echo "parts staged in /tmp/pack" ;;
 esac

@@ -34,6 +34,7 @@ import csv
 import json
 import random
 import tarfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -156,6 +157,7 @@ class EverydayClipConfig:
     batched_augment: bool = False  # crop and flip the whole batch in one op on the device (BatchAugment)
     prefetch: int = 0  # batches drawn ahead in a background thread (0: drawn in the training loop)
     time_limit_s: float = 0.0  # end this session after so much training time, state and weights saved (0: none)
+    deadline_unix: float = 0.0  # end it by this wall-clock time (Unix s), the photos' decoding counted (0: none)
     log_every: int = 20  # steps between log history entries
     checkpoint_every: int = 50  # steps between writes of state.pt (and at the last step)
     half: bool = True  # store weights.safetensors in FP16
@@ -450,6 +452,16 @@ def pack_everyday(cfg: EverydayClipConfig, destination: Path, part_bytes: int = 
     return write_pack(sources, meta, destination, part_bytes)
 
 
+def training_time_limit(cfg: EverydayClipConfig, now: float | None = None) -> float:
+    """The training time this session may take (0: no limit): ``time_limit_s``, or what is left until
+    ``deadline_unix`` when that is sooner (a lent machine's call has a wall-clock limit, and decoding the photos
+    comes out of it)."""
+    if cfg.deadline_unix <= 0:
+        return cfg.time_limit_s
+    left = max(1e-9, cfg.deadline_unix - (time.time() if now is None else now))
+    return left if cfg.time_limit_s <= 0 else min(cfg.time_limit_s, left)
+
+
 def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     """Train (or resume) the tiny CLIP on the everyday mixture; returns the path of ``weights.safetensors``.
 
@@ -509,7 +521,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
         )
 
     batches = prefetched(map(draw, range(run.step, end)), cfg.prefetch)
-    run.train(batches, batch_loss, end, desc="everyday-clip", time_limit_s=cfg.time_limit_s)
+    run.train(batches, batch_loss, end, desc="everyday-clip", time_limit_s=training_time_limit(cfg))
     return run.finish(lambda: {"data": counts, "caption_templates": list(NAME_TEMPLATES)})
 
 
