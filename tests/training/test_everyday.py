@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 from training.clip.captions import ClassCaptions
 from training.clip.everyday import (
@@ -34,9 +35,10 @@ from training.clip.everyday import (
     to_pixels,
     train_everyday_clip,
     training_time_limit,
+    write_salvaged_log,
 )
 from training.clip.pack import EncodedSource, write_pack
-from training.clip.trainer import LOG_FILE, STATE_FILE
+from training.clip.trainer import LOG_FILE, STATE_FILE, build_model, save_weights
 
 
 def test_concept_positives_shared_caption_is_positive_for_every_covered_image() -> None:
@@ -204,6 +206,59 @@ def test_a_run_from_a_pack_trains_on_its_photos_and_comes_back_finished(tmp_path
     # A pack written for other splits is refused: its photos could include this run's held-out ones.
     with pytest.raises(ValueError, match="packed with other seed"):
         train_everyday_clip(replace(cfg, seed=1, output_dir=str(tmp_path / "other")))
+
+
+def test_a_run_stopped_before_its_log_comes_back_from_its_state_as_the_trainer_would_have_written_it(
+    tmp_path: Path,
+) -> None:
+    caps = _sources()[0].captions
+    assert caps is not None
+    cfg = EverydayClipConfig(
+        pack_dir=str(tmp_path / "pack"),
+        output_dir=str(tmp_path / "run"),
+        mix="cifar10:1",
+        batch_size=4,
+        steps=4,
+        stop_step=2,
+        warmup_steps=1,
+        threads=1,
+        progress=False,
+    )
+    settings = asdict(cfg)
+    meta = {
+        "split": {name: settings[name] for name in PACK_SPLIT_FIELDS},
+        "holdout_csv": "path,label\n",
+        "eval_split": {},
+        "counts": {"cifar10": 6, "flickr8k": 3, "tiny_holdout": 0},
+    }
+    write_pack(
+        [EncodedSource("cifar10", [_jpeg(i, 32) for i in range(6)], [i % 2 for i in range(6)], caps, None)],
+        meta,
+        tmp_path / "pack",
+    )
+    weights = train_everyday_clip(cfg)  # ends at step 2: state.pt, weights and log all of step 2
+    run = tmp_path / "run"
+    written = json.loads((run / LOG_FILE).read_text())
+    # What device_stage.sh salvage brings back from the state: its model as FP16 weights, the rest as state_meta.json
+    state = torch.load(run / STATE_FILE, map_location="cpu", weights_only=True)
+    model, _, _ = build_model()
+    model.load_state_dict(state["model"])
+    salvaged = save_weights(model, tmp_path / "salvaged.safetensors", half=True)
+    assert load_file(salvaged).keys() == load_file(weights).keys()
+    assert all(torch.equal(load_file(salvaged)[k], v) for k, v in load_file(weights).items())
+    rest = {k: v for k, v in state.items() if k not in ("model", "optimizer", "torch_rng")}
+    (run / "state_meta.json").write_text(json.dumps(rest))
+    (run / LOG_FILE).unlink()
+    log = json.loads(write_salvaged_log(run, tmp_path / "pack", "stopped by its machine").read_text())
+    assert log.pop("ended") == "stopped by its machine"
+    # The state's training time is the time at its save, a little before the trainer's log closed the session.
+    assert 0 < log.pop("wall_time_s") <= written.pop("wall_time_s")
+    assert log.pop("steps_per_s") >= written.pop("steps_per_s")
+    assert log == written  # the trainer's own log: config, steps, loss, history, data counts, templates
+    assert log["data"] == {"cifar10": 6, "tiny_holdout": 0}  # the mix's sources and the holdout only
+    # The stage entry (steps 4, stop_step 2) takes the folder as finished once state.pt stayed behind.
+    (run / STATE_FILE).unlink()
+    assert train_everyday_clip(cfg) == weights
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

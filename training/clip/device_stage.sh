@@ -92,8 +92,10 @@ print(int(rate * 0.9 * ($budget - ${STARTUP_S:-150})) // 100 * 100)")
     ;;
   salvage)
     # A stage killed before it wrote its outputs (so it ended on 2026-11-30): its last state.pt's model as FP16
-    # weights.safetensors, and the state's step, config and history as state_meta.json, into $OUT. A training log
-    # is then written from state_meta.json with stop_step set to that step (see EVERYDAY_STAGES' comment).
+    # weights.safetensors (the tensors the trainer's own finish would save: tested), and the state's step, config
+    # and history as state_meta.json, into $OUT. Here, with them in runs/<stage>/, its training log follows:
+    #   python -m training.clip.everyday --salvaged-log runs/<stage> --pack-dir .gpu/pack --ended "<why and where>"
+    # (stop_step set to the state's step; the stage's entry in EVERYDAY_STAGES records it the same way).
     run="/tmp/runs/${STAGE:-everyday_clip_gpu2}"
     cp "$run/holdout.csv" "$run/eval_split.json" "$OUT/"
     python3 -c "

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,17 +56,19 @@ from training.clip.captions import (
     concept_key,
     draw_caption,
 )
-from training.clip.pack import EncodedSource, Pack, read_pack, write_pack
+from training.clip.pack import INDEX_FILE, EncodedSource, Pack, read_pack, write_pack
 from training.clip.photo_clip import HOLDOUT_FILE, Augment, BatchAugment, scan_photos, split_holdout, write_holdout
 from training.clip.photos import CLASSES_TSV, REPO_ROOT
 from training.clip.photos import SOURCE_DIR as IMAGENET_DIR
 from training.clip.trainer import (
+    LOG_FILE,
     CachedTokenizer,
     TrainingRun,
     config_parser,
     finished_elsewhere,
     image_size,
     prefetched,
+    salvaged_log,
 )
 
 EVERYDAY_DIR = REPO_ROOT.parent / "shared" / "data" / "everyday-photos"
@@ -452,6 +455,23 @@ def pack_everyday(cfg: EverydayClipConfig, destination: Path, part_bytes: int = 
     return write_pack(sources, meta, destination, part_bytes)
 
 
+def pack_counts(meta: dict[str, Any], shares: dict[str, float]) -> dict[str, int]:
+    """A pack's photo counts of the sources in ``shares`` and its Tiny holdout: a run's log's ``data``."""
+    return {k: v for k, v in meta["counts"].items() if k in shares} | {"tiny_holdout": meta["counts"]["tiny_holdout"]}
+
+
+def write_salvaged_log(run_dir: Path, pack_dir: Path, ended: str) -> Path:
+    """``run_dir / training_log.json`` from ``state_meta.json`` (``device_stage.sh salvage``) for a run trained from
+    the pack in ``pack_dir`` and stopped before it wrote its log (:func:`training.clip.trainer.salvaged_log`)."""
+    meta = json.loads((run_dir / "state_meta.json").read_text())
+    shares = parse_mix(json.loads(meta["config"])["mix"])
+    pack_meta = json.loads((pack_dir / INDEX_FILE).read_text())["meta"]  # the counts only: no part is read
+    extras = {"data": pack_counts(pack_meta, shares), "caption_templates": list(NAME_TEMPLATES)}
+    log = run_dir / LOG_FILE
+    log.write_text(json.dumps(salvaged_log(meta, extras, ended), indent=2) + "\n")
+    return log
+
+
 def training_time_limit(cfg: EverydayClipConfig, now: float | None = None) -> float:
     """The training time this session may take (0: no limit): ``time_limit_s``, or what is left until
     ``deadline_unix`` when that is sooner (a lent machine's call has a wall-clock limit, and decoding the photos
@@ -488,8 +508,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
         if differ:
             raise ValueError(f"{cfg.pack_dir} was packed with other {', '.join(differ)}: its splits are not this run's")
         (run.output_dir / HOLDOUT_FILE).write_text(meta["holdout_csv"])
-        eval_split, counts = meta["eval_split"], {k: v for k, v in meta["counts"].items() if k in shares}
-        counts["tiny_holdout"] = meta["counts"]["tiny_holdout"]
+        eval_split, counts = meta["eval_split"], pack_counts(meta, shares)
     else:
         photos = scan_photos(cfg.train_dir, cfg.classes_tsv)
         train_idx, holdout_idx = split_holdout(photos, cfg.holdout_per_class, cfg.seed)
@@ -531,8 +550,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = config_parser(__doc__, EverydayClipConfig())
     parser.add_argument("--write-pack", type=Path, help="write the training photos as a pack here, then stop")
     parser.add_argument("--part-mib", type=int, default=20, help="with --write-pack: the largest part file, in MiB")
+    parser.add_argument(
+        "--salvaged-log", type=Path, help="write RUN_DIR's training log from its state_meta.json (with --pack-dir)"
+    )
+    parser.add_argument("--ended", default="", help="with --salvaged-log: how and where the run was stopped")
     args = vars(parser.parse_args(argv))
     pack, part_mib = args.pop("write_pack"), args.pop("part_mib")
+    salvaged, ended = args.pop("salvaged_log"), args.pop("ended")
+    if salvaged is not None:
+        if not args["pack_dir"] or not ended:
+            parser.error("--salvaged-log needs --pack-dir (the run's pack) and --ended (why it stopped)")
+        print(write_salvaged_log(salvaged, Path(args["pack_dir"]), ended))
+        return
     cfg = EverydayClipConfig(**args)
     print(pack_everyday(cfg, pack, part_mib << 20) if pack is not None else train_everyday_clip(cfg))
 

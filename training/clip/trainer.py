@@ -428,6 +428,28 @@ class TrainingRun:
         os.replace(temporary, self.state_path)
 
 
+def salvaged_log(state_meta: dict[str, Any], extras: dict[str, Any], ended: str) -> dict[str, Any]:
+    """The training log ``TrainingRun.finish`` writes, for a run stopped before it wrote one: ``state_meta`` is its
+    last ``state.pt`` without model and optimizer (``training/clip/device_stage.sh salvage`` brings it back beside
+    that state's model as FP16 weights, which is what ``finish`` saves). The config's ``stop_step`` becomes the
+    state's step, so the stage entry that records the run (``stop_step``) finds it finished; ``ended`` says why."""
+    config, history = json.loads(state_meta["config"]), json.loads(state_meta["history"])
+    step, seconds = int(state_meta["step"]), float(state_meta["train_seconds"])
+    return {
+        "model_name": MODEL_NAME,
+        "config": config | {"stop_step": step},
+        "steps": step,
+        "final_loss": history[-1]["loss"] if history else None,
+        "wall_time_s": round(seconds, 3),
+        "steps_per_s": round(step / seconds, 4) if seconds > 0 else None,
+        "weights": WEIGHTS_FILE,
+        "weights_dtype": "float16",
+        **extras,
+        "ended": ended,
+        "history": history,
+    }
+
+
 def config_parser(description: str | None, defaults: Any) -> argparse.ArgumentParser:
     """A command line with one ``--flag`` per scalar field of the dataclass instance ``defaults`` (bools as
     --x / --no-x), so ``Config(**vars(parser.parse_args()))`` rebuilds the config."""
