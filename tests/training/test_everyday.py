@@ -153,6 +153,15 @@ def _jpeg(seed: int, size: int) -> bytes:
     return buffer.getvalue()
 
 
+def _pack_meta(
+    cfg: EverydayClipConfig, holdout_csv: str, eval_split: dict[str, list[str]], counts: dict[str, int]
+) -> dict[str, object]:
+    """A pack's ``meta`` as ``pack_everyday`` writes it for ``cfg``'s splits."""
+    settings = asdict(cfg)
+    split = {name: settings[name] for name in PACK_SPLIT_FIELDS}
+    return {"split": split, "holdout_csv": holdout_csv, "eval_split": eval_split, "counts": counts}
+
+
 def test_a_run_from_a_pack_trains_on_its_photos_and_comes_back_finished(tmp_path: Path) -> None:
     caps = _sources()[0].captions
     assert caps is not None
@@ -168,13 +177,12 @@ def test_a_run_from_a_pack_trains_on_its_photos_and_comes_back_finished(tmp_path
         prefetch=2,
         progress=False,
     )
-    settings = asdict(cfg)
-    meta = {
-        "split": {name: settings[name] for name in PACK_SPLIT_FIELDS},
-        "holdout_csv": "path,label\n/t/a.JPEG,n01443537\n",
-        "eval_split": {"cifar10": ["cat/1.jpg"], "flickr8k": ["f/9.jpg"]},
-        "counts": {"cifar10": 12, "flickr8k": 4, "intel": 9, "tiny_holdout": 1},
-    }
+    meta = _pack_meta(
+        cfg,
+        "path,label\n/t/a.JPEG,n01443537\n",
+        {"cifar10": ["cat/1.jpg"], "flickr8k": ["f/9.jpg"]},
+        {"cifar10": 12, "flickr8k": 4, "intel": 9, "tiny_holdout": 1},
+    )
     cifar = EncodedSource("cifar10", [_jpeg(i, 32) for i in range(12)], [i % 2 for i in range(12)], caps, None)
     texts = [["a"], ["b"], ["c"], ["d"]]
     flickr = EncodedSource("flickr8k", [_jpeg(20 + i, 72) for i in range(4)], [0, 1, 2, 3], None, texts)
@@ -224,13 +232,7 @@ def test_a_run_stopped_before_its_log_comes_back_from_its_state_as_the_trainer_w
         threads=1,
         progress=False,
     )
-    settings = asdict(cfg)
-    meta = {
-        "split": {name: settings[name] for name in PACK_SPLIT_FIELDS},
-        "holdout_csv": "path,label\n",
-        "eval_split": {},
-        "counts": {"cifar10": 6, "flickr8k": 3, "tiny_holdout": 0},
-    }
+    meta = _pack_meta(cfg, "path,label\n", {}, {"cifar10": 6, "flickr8k": 3, "tiny_holdout": 0})
     write_pack(
         [EncodedSource("cifar10", [_jpeg(i, 32) for i in range(6)], [i % 2 for i in range(6)], caps, None)],
         meta,
