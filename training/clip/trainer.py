@@ -360,18 +360,8 @@ class TrainingRun:
         if finished and json.loads(log_path.read_text()).get("steps") == self.step:
             return weights_path
         weights_path = save_weights(self.model, weights_path, half=cfg.half)
-        log = {
-            "model_name": MODEL_NAME,
-            "config": dataclasses.asdict(cfg),
-            "steps": self.step,
-            "final_loss": self.history[-1]["loss"] if self.history else None,
-            "wall_time_s": round(self.train_seconds, 3),
-            "steps_per_s": round(self.step / self.train_seconds, 4) if self.train_seconds > 0 else None,
-            "weights": WEIGHTS_FILE,
-            "weights_dtype": "float16" if cfg.half else "float32",
-            **(extras() if extras is not None else {}),
-            "history": self.history,
-        }
+        extra = extras() if extras is not None else {}
+        log = training_log(dataclasses.asdict(cfg), self.step, self.train_seconds, self.history, cfg.half, extra)
         log_path.write_text(json.dumps(log, indent=2) + "\n")
         return weights_path
 
@@ -435,17 +425,29 @@ def salvaged_log(state_meta: dict[str, Any], extras: dict[str, Any], ended: str)
     state's step, so the stage entry that records the run (``stop_step``) finds it finished; ``ended`` says why."""
     config, history = json.loads(state_meta["config"]), json.loads(state_meta["history"])
     step, seconds = int(state_meta["step"]), float(state_meta["train_seconds"])
+    return training_log(config | {"stop_step": step}, step, seconds, history, True, extras | {"ended": ended})
+
+
+def training_log(
+    config: dict[str, Any],
+    step: int,
+    seconds: float,
+    history: list[dict[str, Any]],
+    half: bool,
+    extras: dict[str, Any],
+) -> dict[str, Any]:
+    """A run's ``training_log.json``: config, steps, last loss, training time and rate, the weights file and dtype,
+    the trainer's ``extras``, then the history."""
     return {
         "model_name": MODEL_NAME,
-        "config": config | {"stop_step": step},
+        "config": config,
         "steps": step,
         "final_loss": history[-1]["loss"] if history else None,
         "wall_time_s": round(seconds, 3),
         "steps_per_s": round(step / seconds, 4) if seconds > 0 else None,
         "weights": WEIGHTS_FILE,
-        "weights_dtype": "float16",
+        "weights_dtype": "float16" if half else "float32",
         **extras,
-        "ended": ended,
         "history": history,
     }
 
