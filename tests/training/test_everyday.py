@@ -9,6 +9,7 @@ import math
 import random
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -153,6 +154,18 @@ def _jpeg(seed: int, size: int) -> bytes:
     return buffer.getvalue()
 
 
+def _pack_run(tmp_path: Path, **fields: Any) -> EverydayClipConfig:
+    """A small run trained from the pack in ``tmp_path / "pack"`` into ``tmp_path / "run"``, with ``fields``."""
+    return EverydayClipConfig(
+        pack_dir=str(tmp_path / "pack"),
+        output_dir=str(tmp_path / "run"),
+        warmup_steps=1,
+        threads=1,
+        progress=False,
+        **fields,
+    )
+
+
 def _pack_meta(
     cfg: EverydayClipConfig, holdout_csv: str, eval_split: dict[str, list[str]], counts: dict[str, int]
 ) -> dict[str, object]:
@@ -165,18 +178,7 @@ def _pack_meta(
 def test_a_run_from_a_pack_trains_on_its_photos_and_comes_back_finished(tmp_path: Path) -> None:
     caps = _sources()[0].captions
     assert caps is not None
-    cfg = EverydayClipConfig(
-        pack_dir=str(tmp_path / "pack"),
-        output_dir=str(tmp_path / "run"),
-        mix="cifar10:0.5,flickr8k:0.5",
-        batch_size=8,
-        steps=2,
-        warmup_steps=1,
-        threads=1,
-        batched_augment=True,
-        prefetch=2,
-        progress=False,
-    )
+    cfg = _pack_run(tmp_path, mix="cifar10:0.5,flickr8k:0.5", batch_size=8, steps=2, batched_augment=True, prefetch=2)
     meta = _pack_meta(
         cfg,
         "path,label\n/t/a.JPEG,n01443537\n",
@@ -221,17 +223,7 @@ def test_a_run_stopped_before_its_log_comes_back_from_its_state_as_the_trainer_w
 ) -> None:
     caps = _sources()[0].captions
     assert caps is not None
-    cfg = EverydayClipConfig(
-        pack_dir=str(tmp_path / "pack"),
-        output_dir=str(tmp_path / "run"),
-        mix="cifar10:1",
-        batch_size=4,
-        steps=4,
-        stop_step=2,
-        warmup_steps=1,
-        threads=1,
-        progress=False,
-    )
+    cfg = _pack_run(tmp_path, mix="cifar10:1", batch_size=4, steps=4, stop_step=2)
     meta = _pack_meta(cfg, "path,label\n", {}, {"cifar10": 6, "flickr8k": 3, "tiny_holdout": 0})
     write_pack(
         [EncodedSource("cifar10", [_jpeg(i, 32) for i in range(6)], [i % 2 for i in range(6)], caps, None)],
