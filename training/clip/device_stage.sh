@@ -14,8 +14,8 @@
 # lraee_core/assets/{everyday,photos,world} reports` (lraee_core/assets/model_configs stays: the trainer reads the
 # architecture there) and list them in .git/info/exclude for the calls, then `git reset` and restore the exclude file.
 # The three calls must follow each other within the 30 s the machine stays warm, or the staged parts are gone.
-# As run on 2026-11-30 (stage everyday_clip_gpu): smoke 19.4 steps/s at batch 1024 (the Python side of the
-# batch draws bounds it; the GPU idles), all three calls and a salvage in 730 s of device time.
+# As run on 2026-11-30 (stage everyday_clip_gpu): smoke 19.4 steps/s at batch 1024 (the GPU's load was not
+# measured), all three calls and a salvage in 730 s of device time; the stage predates the deadline and was cut.
 #
 # Calls (each copies the pack parts it carried to /tmp/pack, which stays while the machine is warm):
 #   1. bash training/clip/device_stage.sh smoke 40   carry .gpu/wheels .gpu/smoke .gpu/init.safetensors parts 0-1
