@@ -39,7 +39,7 @@ from training.clip.everyday import (
     write_salvaged_log,
 )
 from training.clip.pack import EncodedSource, write_pack
-from training.clip.trainer import LOG_FILE, STATE_FILE, build_model, save_weights
+from training.clip.trainer import LOG_FILE, STATE_FILE, salvage_state
 
 
 def test_concept_positives_shared_caption_is_positive_for_every_covered_image() -> None:
@@ -234,14 +234,13 @@ def test_a_run_stopped_before_its_log_comes_back_from_its_state_as_the_trainer_w
     run = tmp_path / "run"
     written = json.loads((run / LOG_FILE).read_text())
     # What device_stage.sh salvage brings back from the state: its model as FP16 weights, the rest as state_meta.json
-    state = torch.load(run / STATE_FILE, map_location="cpu", weights_only=True)
-    model, _, _ = build_model()
-    model.load_state_dict(state["model"])
-    salvaged = save_weights(model, tmp_path / "salvaged.safetensors", half=True)
+    back = tmp_path / "back"
+    back.mkdir()
+    assert salvage_state(run / STATE_FILE, back) == 2
+    salvaged = back / "weights.safetensors"
     assert load_file(salvaged).keys() == load_file(weights).keys()
     assert all(torch.equal(load_file(salvaged)[k], v) for k, v in load_file(weights).items())
-    rest = {k: v for k, v in state.items() if k not in ("model", "optimizer", "torch_rng")}
-    (run / "state_meta.json").write_text(json.dumps(rest))
+    (run / "state_meta.json").write_text((back / "state_meta.json").read_text())
     (run / LOG_FILE).unlink()
     log = json.loads(write_salvaged_log(run, tmp_path / "pack", "stopped by its machine").read_text())
     assert log.pop("ended") == "stopped by its machine"

@@ -99,14 +99,9 @@ print(int(rate * 0.9 * ($budget - ${STARTUP_S:-150})) // 100 * 100)")
     run="/tmp/runs/${STAGE:-everyday_clip_gpu2}"
     cp "$run/holdout.csv" "$run/eval_split.json" "$OUT/"
     python3 -c "
-import json, torch
-from training.clip.trainer import build_model, save_weights
-state = torch.load('$run/state.pt', map_location='cpu', weights_only=False)
-model, _, _ = build_model()
-model.load_state_dict(state['model'])
-save_weights(model, '$OUT/weights.safetensors', half=True)
-json.dump({k: v for k, v in state.items() if k not in ('model', 'optimizer')}, open('$OUT/state_meta.json', 'w'), default=str)
-print('step', state['step'])
+from pathlib import Path
+from training.clip.trainer import salvage_state
+print('step', salvage_state(Path('$run/state.pt'), Path('$OUT')))
 "
     ;;
   *) echo "parts staged in /tmp/pack" ;;

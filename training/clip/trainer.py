@@ -418,6 +418,20 @@ class TrainingRun:
         os.replace(temporary, self.state_path)
 
 
+def salvage_state(state_path: Path, out_dir: Path) -> int:
+    """A stopped run's last ``state.pt`` as what its machine can send back: its model as FP16
+    ``weights.safetensors`` (what ``TrainingRun.finish`` would save at that step) and its step, training time,
+    config and history as ``state_meta.json`` (the input of :func:`salvaged_log`), both in ``out_dir``. Returns
+    the state's step."""
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    model, _, _ = build_model()
+    model.load_state_dict(state["model"])
+    save_weights(model, out_dir / WEIGHTS_FILE, half=True)
+    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "torch_rng")}
+    (out_dir / "state_meta.json").write_text(json.dumps(meta) + "\n")
+    return int(state["step"])
+
+
 def salvaged_log(state_meta: dict[str, Any], extras: dict[str, Any], ended: str) -> dict[str, Any]:
     """The training log ``TrainingRun.finish`` writes, for a run stopped before it wrote one: ``state_meta`` is its
     last ``state.pt`` without model and optimizer (``training/clip/device_stage.sh salvage`` brings it back beside
