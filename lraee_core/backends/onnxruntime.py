@@ -45,6 +45,7 @@ from ..quant_base import QuantReport
 from .options import BackendOptions
 from .ort_graphs import (
     COLUMNS,
+    ENTROPY_DIVISOR,
     EXIT,
     FINAL,
     LINEARS,
@@ -53,7 +54,6 @@ from .ort_graphs import (
     PADDING,
     PREVIOUS,
     PROBABILITY,
-    SEVERAL,
     TEXT,
     TOP1,
     UnsupportedBlock,
@@ -443,7 +443,12 @@ class OrtClipBackbone(ClipBackbone):
             final_embedding = self.final_embedding(out) if top else None
         answer = None
         if gate is not None:
-            answer = GateAnswer(*(torch.from_numpy(outputs[name]) for name in (LOGITS, PROBABILITY, TOP1)))
+            # probability and top1 come as [B, 1] columns (see ort_graphs._write_gate)
+            answer = GateAnswer(
+                torch.from_numpy(outputs[LOGITS]),
+                torch.from_numpy(outputs[PROBABILITY].reshape(-1)),
+                torch.from_numpy(outputs[TOP1].reshape(-1)),
+            )
         return SpanOutput(out, exit_embedding, final_embedding, answer)
 
 
@@ -463,13 +468,14 @@ def _gate_feeds(gate: GateQuestion, rows: int) -> dict[str, np.ndarray]:
         columns = np.ascontiguousarray(gate.columns.numpy())
         counts = gate.counts.numpy()
         padding = np.arange(columns.shape[1]) >= counts[:, None]
+    log_k = np.log(counts.astype(np.float64)).astype(np.float32)[:, None]  # as lraee_core.gate's log K per row
     return {
         TEXT: text,
         COLUMNS: columns,
         PADDING: padding,
-        LOG_K: np.log(counts.astype(np.float64)).astype(np.float32),  # as lraee_core.gate's log K per row
-        SEVERAL: counts > 1,
-        PREVIOUS: np.ascontiguousarray(gate.previous_top1.numpy()),
+        LOG_K: log_k,
+        ENTROPY_DIVISOR: np.where(counts[:, None] > 1, -log_k, np.float32(-1.0)),
+        PREVIOUS: np.ascontiguousarray(gate.previous_top1.numpy()).reshape(-1, 1),
     }
 
 

@@ -41,13 +41,13 @@ FINAL = "final"  # a top span's optional output: the unit full-depth embedding [
 TEXT = "text"  # [S, E] float32 unit text embeddings of every label set of the batch
 COLUMNS = "columns"  # [B, W] int64: each row's label columns in TEXT
 PADDING = "padding"  # [B, W] bool: the columns past each row's K
-LOG_K = "log_k"  # [B] float32: log K of each row's label set
-SEVERAL = "several"  # [B] bool: the row has more than one label
-PREVIOUS = "previous_top1"  # [B] int64: each row's top-1 at the previous candidate layer (-1: none)
-GATE_INPUTS = (TEXT, COLUMNS, PADDING, LOG_K, SEVERAL, PREVIOUS)
+LOG_K = "log_k"  # [B, 1] float32: log K of each row's label set
+ENTROPY_DIVISOR = "entropy_divisor"  # [B, 1] float32: -log K, or -1 for a single label (its entropy is 0)
+PREVIOUS = "previous_top1"  # [B, 1] int64: each row's top-1 at the previous candidate layer (-1: none)
+GATE_INPUTS = (TEXT, COLUMNS, PADDING, LOG_K, ENTROPY_DIVISOR, PREVIOUS)
 LOGITS = "logits"  # [B, W] float32 each row's exit logits against its own labels (-inf past its K)
-PROBABILITY = "probability"  # [B] float32 gate probability
-TOP1 = "top1"  # [B] int64 each row's top-1 label index
+PROBABILITY = "probability"  # [B, 1] float32 gate probability
+TOP1 = "top1"  # [B, 1] int64 each row's top-1 label index
 OPSET = 21  # per-axis QuantizeLinear with a dynamic scale, LayerNormalization, Gelu
 # Activations take 7 bits, [0, 127], as fbgemm's dynamic Linear does (reduce_range): without AVX-512 VNNI, ORT's
 # u8s8 kernel adds pairs of u8*s8 products in int16 (VPMADDUBSW), which saturates for 8-bit activations. Measured
@@ -104,11 +104,18 @@ class GraphWriter:
     def per_image_quantize(self, x: str, rank: int) -> tuple[str, str, str]:
         """Asymmetric 7-bit UINT8 of ``x`` [B, ...] with one (scale, zero point) per image: ONNX's
         ``DynamicQuantizeLinear`` formula over that image alone, on [0, 127]. Returns (quantized [B, ...] uint8,
-        scale [B, 1, ..] float, zero point [B, 1, ..] uint8)."""
+        scale [B, 1, ..] float, zero point [B, 1, ..] as float).
+
+        Written in as few nodes as the formula allows (each node costs ORT a few microseconds, which is most of a
+        block's time on a small model at batch 1): the ranges are reduced with ``keepdims``, so scale and zero
+        point are [B, 1, ..] for the matmul's epilogue without a reshape, and only their copies for the per-axis
+        ``QuantizeLinear`` are flattened. The formula's clip of the zero point to [0, 127] is left out because it
+        cannot bite: low <= 0 <= high, so ``|low| / scale = 127 |low| / (high - low) <= 127`` up to one rounding
+        (and ``Abs`` rather than ``Neg`` keeps a zero ``low`` at +0). Same bits as the formula with the clip."""
         axes = self.const("axes", list(range(1, rank)), np.int64)
         zero = self.const("zero", 0.0)
-        high = self.op("Max", [self.op("ReduceMax", [x, axes], keepdims=0), zero])  # [B] range includes 0
-        low = self.op("Min", [self.op("ReduceMin", [x, axes], keepdims=0), zero])
+        high = self.op("Max", [self.op("ReduceMax", [x, axes], keepdims=1), zero])  # [B, 1, ..] range includes 0
+        low = self.op("Min", [self.op("ReduceMin", [x, axes], keepdims=1), zero])
         # An all-zero image would give scale 0; any positive scale quantizes it exactly (to the zero point).
         scale = self.op(
             "Max",
@@ -118,27 +125,16 @@ class GraphWriter:
             ],
             "scale",
         )
-        zero_point = self.op(
-            "Cast",
-            [
-                self.op(
-                    "Clip",
-                    [
-                        self.op("Round", [self.op("Neg", [self.op("Div", [low, scale])])]),
-                        zero,
-                        self.const("top", _LEVELS),
-                    ],
-                )
-            ],
-            to=TensorProto.UINT8,
+        zero_point = self.op("Round", [self.op("Div", [self.op("Abs", [low]), scale])], "zero_point")  # 0..127
+        flat = self.const("flat", [-1], np.int64)
+        per_axis_zero_point = self.op("Cast", [self.op("Reshape", [zero_point, flat])], to=TensorProto.UINT8)
+        quantized = self.op(
+            "QuantizeLinear",
+            [x, self.op("Reshape", [scale, flat]), per_axis_zero_point],
+            "quantized",
+            axis=0,  # per image
         )
-        quantized = self.op("QuantizeLinear", [x, scale, zero_point], "quantized", axis=0)  # per image (axis 0)
-        per_image = self.const("per_image", [-1] + [1] * (rank - 1), np.int64)
-        return (
-            quantized,
-            self.op("Reshape", [scale, per_image], "scale_b"),
-            self.op("Reshape", [zero_point, per_image], "zero_point_b"),
-        )
+        return quantized, scale, zero_point
 
     def linear(
         self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, *, int8: bool, per_image: bool, rank: int = 3
@@ -179,7 +175,7 @@ class GraphWriter:
             zero_point_term = self.op(
                 "Mul",
                 [
-                    self.op("Mul", [x_scale, self.op("Cast", [x_zero_point], to=TensorProto.FLOAT)]),
+                    self.op("Mul", [x_scale, x_zero_point]),
                     self.const("colsum_scaled", colsum.astype(np.float32) * w_scale),
                 ],
             )  # [B, 1, N]
@@ -322,47 +318,50 @@ def _write_final(w: GraphWriter, hidden: str, visual: Any) -> str:  # Any: an op
     return _unit(w, pooled)
 
 
-def _column(w: GraphWriter, x: str, index: int) -> str:
-    """Column ``index`` of a [B, n] tensor: [B]."""
-    scalar = w.name("column")
-    w.initializers.append(numpy_helper.from_array(np.array(index, dtype=np.int64), scalar))
-    return w.op("Gather", [x, scalar], axis=1)
-
-
-def _top2(w: GraphWriter, x: str, filler: float) -> tuple[str, str]:
-    """The two largest entries of each row of ``x`` [B, W] as two [B] tensors, with ``filler`` standing in for the
-    second when W is 1 (a column of it is appended: the first column times 0 plus ``filler``, so no shape op)."""
-    first = w.op("Slice", [x, w.const("s0", [0], np.int64), w.const("s1", [1], np.int64), w.const("ax", [1], np.int64)])
-    extra = w.op("Add", [w.op("Mul", [first, w.const("nought", 0.0)]), w.const("filler", filler)])
-    values, indices = w.name("top2"), w.name("top2_index")
-    two = w.const("two", [2], np.int64)
-    w.nodes.append(helper.make_node("TopK", [w.op("Concat", [x, extra], axis=1), two], [values, indices], axis=1))
-    return _column(w, values, 0), _column(w, values, 1)
+def _top2(w: GraphWriter, x: str, filler: str) -> tuple[str, str]:
+    """The two largest entries of each row of ``x`` [B, W] as two [B, 1] columns. One column of ``filler`` is
+    appended first (a single ``Pad``), so a row with one entry gets ``filler`` as its runner-up, even when W is 1."""
+    padded = w.op("Pad", [x, w.const("pads", [0, 0, 0, 1], np.int64), filler])
+    values = w.name("top2")
+    w.nodes.append(
+        helper.make_node("TopK", [padded, w.const("two", [2], np.int64)], [values, w.name("top2_index")], axis=1)
+    )
+    first, second = w.name("first"), w.name("second")
+    w.nodes.append(helper.make_node("Split", [values], [first, second], axis=1, num_outputs=2, name=w.name("Split")))
+    return first, second
 
 
 def _write_gate(w: GraphWriter, hidden: str, embedding: str, gate: Any, logit_scale: float) -> tuple[str, str, str]:
     """The exit gate on a head's unit embedding ``embedding`` [B, E] (``gate``: a lraee_core.gate.GateParams), as
-    :func:`lraee_core.gate.answer_gate` computes it in PyTorch: returns (logits [B, W], probability [B], top1 [B])."""
+    :func:`lraee_core.gate.gate_features` and :meth:`GateParams.probability` compute it in PyTorch (equal within
+    float rounding): returns (logits [B, W], probability [B, 1], top1 [B, 1]).
+
+    Written in few nodes, each feature a [B, 1] column: every node costs ORT a few microseconds, and a gated span
+    runs at every candidate layer. Rows with a single label need no branch: their runner-up cosine is a padded
+    -1 (logit ``-logit_scale``), which gives ``cos_gap`` = top-1 + 1 exactly as PyTorch's rule does, and their
+    entropy, 0, is divided by the fed :data:`ENTROPY_DIVISOR` (-log K, or -1 when K is 1) instead of being
+    replaced."""
     scale = w.const("logit_scale", logit_scale)
     every = w.op("Gemm", [w.op("Mul", [embedding, scale]), TEXT], transB=1)  # [B, S], scale x cosine
     gathered = w.op("GatherElements", [every, COLUMNS], axis=1)  # [B, W] each row's own labels
     logits = w.op("Where", [PADDING, w.const("minus_inf", -np.inf), gathered])
-    top1 = w.op("ArgMax", [logits], axis=-1, keepdims=0)
+    top1 = w.op("ArgMax", [logits], axis=-1, keepdims=1)  # [B, 1]
     probs = w.op("Softmax", [logits], axis=-1)  # padding gets 0
     columns: dict[str, str] = {}
     for name in gate.features:
         if name in ("cos_top1", "cos_gap"):
-            first, second = _top2(w, logits, -np.inf)
-            top = w.op("Div", [first, scale])
-            gap = w.op("Sub", [top, w.op("Div", [second, scale])])
-            single = w.op("Add", [top, w.const("one", 1.0)])  # one label: the gap to the lowest cosine, -1
-            columns[name] = top if name == "cos_top1" else w.op("Where", [SEVERAL, gap, single])
+            if "cos_top1" not in columns:
+                lowest = w.const("lowest", -logit_scale)  # the logit of cosine -1
+                # Padding columns and the appended one hold the lowest logit: never above a real second label.
+                first, second = _top2(w, w.op("Where", [PADDING, lowest, gathered]), lowest)
+                columns["cos_top1"] = w.op("Div", [first, scale])
+                columns["cos_gap"] = w.op("Sub", [columns["cos_top1"], w.op("Div", [second, scale])])
         elif name == "entropy_norm":
             logs = w.op("Log", [w.op("Max", [probs, w.const("floor", 1e-30)])])
-            entropy = w.op(
-                "Neg", [w.op("ReduceSum", [w.op("Mul", [probs, logs]), w.const("last", [-1], np.int64)], keepdims=0)]
-            )
-            columns[name] = w.op("Where", [SEVERAL, w.op("Div", [entropy, LOG_K]), w.const("zero", 0.0)])
+            minus_entropy = w.op(
+                "ReduceSum", [w.op("Mul", [probs, logs]), w.const("last", [-1], np.int64)], keepdims=1
+            )  # [B, 1]
+            columns[name] = w.op("Div", [minus_entropy, ENTROPY_DIVISOR])
         elif name == "log_k":
             columns[name] = LOG_K
         elif name == "sav":
@@ -374,19 +373,20 @@ def _write_gate(w: GraphWriter, hidden: str, embedding: str, gate: Any, logit_sc
             tokens = w.const("tokens", [1], np.int64)
             mean = w.op("ReduceMean", [norms, tokens], keepdims=1)  # [B, 1]
             centred = w.op("Sub", [norms, mean])
-            variance = w.op("ReduceMean", [w.op("Mul", [centred, centred]), tokens], keepdims=0)
-            floor = w.op("Max", [w.op("Squeeze", [mean, tokens]), w.const("eps", 1e-12)])
+            variance = w.op("ReduceMean", [w.op("Mul", [centred, centred]), tokens], keepdims=1)
+            floor = w.op("Max", [mean, w.const("eps", 1e-12)])
             columns[name] = w.op("Div", [variance, w.op("Mul", [floor, floor])])
         elif name == "agree_prev":
             columns[name] = w.op("Cast", [w.op("Equal", [top1, PREVIOUS])], to=TensorProto.FLOAT)
         elif name in ("confidence", "margin"):
-            first, second = _top2(w, probs, 0.0)  # one label: the runner-up probability is 0
-            columns[name] = first if name == "confidence" else w.op("Sub", [first, second])
+            if "confidence" not in columns:
+                first, second = _top2(w, probs, w.const("nought", 0.0))  # one label: the runner-up has 0
+                columns["confidence"] = first
+                columns["margin"] = w.op("Sub", [first, second])
         else:
             raise UnsupportedBlock(f"gate feature {name!r}")
-    last = w.const("feature_axis", [1], np.int64)
-    features = w.op("Concat", [w.op("Unsqueeze", [columns[name], last]) for name in gate.features], axis=1)
-    weights = w.const("gate_w", np.asarray(gate.weight, dtype=np.float32))
+    features = w.op("Concat", [columns[name] for name in gate.features], axis=1)  # [B, F]
+    weights = w.const("gate_w", np.asarray(gate.weight, dtype=np.float32)[:, None])  # [F, 1]
     probability = w.op("Sigmoid", [w.op("Add", [w.op("MatMul", [features, weights]), w.const("gate_b", gate.bias)])])
     return logits, probability, top1
 
@@ -433,7 +433,9 @@ def blocks_graph(
     for index, block in enumerate(blocks):
         w.prefix = f"b{index}/"
         hidden = _write_block(w, hidden, block, quantize, per_image)
-    w.nodes.append(helper.make_node("Identity", [hidden], [OUTPUT], name="output"))
+    # Graph outputs take the names of the tensors that hold them (renamed at the end, consumers included), so no
+    # Identity node copies them.
+    renames = {hidden: OUTPUT}
     width = _check_block(blocks[0])[0].embed_dim
     outputs = [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "tokens", width])]
     inputs = [
@@ -447,27 +449,30 @@ def blocks_graph(
         if module is not None:
             w.prefix = f"{name}/"
             written = write(w, hidden, module)
-            w.nodes.append(helper.make_node("Identity", [written], [name], name=name))
+            renames[written] = name
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "embed"]))
             if name == EXIT and gate is not None:
                 w.prefix = "gate/"
                 for output, value in zip(
                     (LOGITS, PROBABILITY, TOP1), _write_gate(w, hidden, written, gate, logit_scale), strict=True
                 ):
-                    w.nodes.append(helper.make_node("Identity", [value], [output], name=output))
+                    renames[value] = output
                 outputs += [
                     helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "labels"]),
-                    helper.make_tensor_value_info(PROBABILITY, TensorProto.FLOAT, ["batch"]),
-                    helper.make_tensor_value_info(TOP1, TensorProto.INT64, ["batch"]),
+                    helper.make_tensor_value_info(PROBABILITY, TensorProto.FLOAT, ["batch", 1]),
+                    helper.make_tensor_value_info(TOP1, TensorProto.INT64, ["batch", 1]),
                 ]
                 inputs += [
                     helper.make_tensor_value_info(TEXT, TensorProto.FLOAT, ["set_labels", "embed"]),
                     helper.make_tensor_value_info(COLUMNS, TensorProto.INT64, ["batch", "labels"]),
                     helper.make_tensor_value_info(PADDING, TensorProto.BOOL, ["batch", "labels"]),
-                    helper.make_tensor_value_info(LOG_K, TensorProto.FLOAT, ["batch"]),
-                    helper.make_tensor_value_info(SEVERAL, TensorProto.BOOL, ["batch"]),
-                    helper.make_tensor_value_info(PREVIOUS, TensorProto.INT64, ["batch"]),
+                    helper.make_tensor_value_info(LOG_K, TensorProto.FLOAT, ["batch", 1]),
+                    helper.make_tensor_value_info(ENTROPY_DIVISOR, TensorProto.FLOAT, ["batch", 1]),
+                    helper.make_tensor_value_info(PREVIOUS, TensorProto.INT64, ["batch", 1]),
                 ]
+    for node in w.nodes:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
     graph = helper.make_graph(w.nodes, f"blocks{len(blocks)}", inputs, outputs, w.initializers)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]

@@ -63,10 +63,12 @@ def test_fp32_graph_equals_pytorch(blocks: list[nn.Module], hidden: np.ndarray) 
 
 def test_int8_linear_equals_numpy_reference() -> None:
     """One INT8 Linear against the scheme written out in NumPy: per image, activations asymmetric in [0, 127]
-    with a zero point, weights symmetric INT8 per output channel, exact integer products."""
+    with a zero point, weights symmetric INT8 per output channel, exact integer products. The reference clips the
+    zero point to [0, 127] as ONNX's formula does; the graph leaves that clip out (it cannot bite)."""
     rng = np.random.default_rng(2)
-    x = (rng.standard_normal((3, TOKENS, WIDTH)) * np.array([0.2, 1.0, 4.0])[:, None, None]).astype(np.float32)
+    x = (rng.standard_normal((4, TOKENS, WIDTH)) * np.array([0.2, 1.0, 4.0, 1.0])[:, None, None]).astype(np.float32)
     x[1] += 0.5  # an image whose range does not straddle zero symmetrically
+    x[3] = np.abs(x[3])  # an image with no negative value: zero point 0, as after a ReLU
     weight = torch.from_numpy(rng.standard_normal((16, WIDTH)).astype(np.float32))
     bias = torch.from_numpy(rng.standard_normal(16).astype(np.float32))
     writer = GraphWriter()
