@@ -203,8 +203,9 @@ class EarlyExitClassifier:
         exit_layer = torch.full((batch,), self.num_layers, dtype=torch.long)
         left_at_head = torch.zeros(batch, dtype=torch.bool)
         gate_prob = torch.zeros(batch)
-        evaluated = torch.zeros(batch, dtype=torch.long)
-        previous_top1 = torch.full((batch,), -1, dtype=torch.long)  # -1 (matches no label) before the first candidate
+        # Each running row's top-1 at the previous candidate layer, aligned with ``alive`` (-1, which matches no
+        # label, before the first candidate). Rows whose rule runs no heads carry one too and never read it.
+        previous_top1 = torch.full((batch,), -1, dtype=torch.long)
         answered: list[tuple[torch.Tensor, torch.Tensor]] = []  # (batch rows [n], their padded logits [n, W])
         heads = self.heads if plan.exits.any_evaluate else {}
 
@@ -222,7 +223,7 @@ class EarlyExitClassifier:
                 evaluating = plan.exits.evaluates[alive].nonzero().flatten()
                 if evaluating.numel() == 0:
                     head = None
-            question = None if head is None else plan.question(self.gates[layer], alive, previous_top1[alive])
+            question = None if head is None else plan.question(self.gates[layer], alive, previous_top1)
             first = done + 1 if done else 0  # 0: from the images
             span = self.backbone.span(first, layer, hidden, head, final=layer == self.num_layers, gate=question)
             hidden, final, done = span.hidden, span.final, layer
@@ -230,14 +231,13 @@ class EarlyExitClassifier:
                 continue
             verdict = span.gate  # for every running row; the rows that run no heads are dropped here
             rows = alive if evaluating is None else alive[evaluating]
-            logits, probability, top1 = (
-                (verdict.logits, verdict.probability, verdict.top1)
+            logits, probability = (
+                (verdict.logits, verdict.probability)
                 if evaluating is None
-                else (verdict.logits[evaluating], verdict.probability[evaluating], verdict.top1[evaluating])
+                else (verdict.logits[evaluating], verdict.probability[evaluating])
             )
             leave = plan.exits.leave(layer, rows, probability)
-            evaluated[rows] += 1
-            previous_top1[rows] = top1
+            previous_top1 = verdict.top1
             if not bool(leave.any()):
                 continue
             leaving = leave.nonzero().flatten()
@@ -249,13 +249,20 @@ class EarlyExitClassifier:
             staying = torch.ones(batch, dtype=torch.bool)
             staying[gone] = False
             keep = staying[alive].nonzero().flatten()  # compaction by index: positions in the running batch
-            hidden, alive = hidden[keep], alive[keep]
+            hidden, alive, previous_top1 = hidden[keep], alive[keep], previous_top1[keep]
             final = None if final is None else final[keep]
             if alive.numel() == 0:
                 break
         if alive.numel() > 0:
             assert final is not None  # the top span ran (span(final=True) returns it) and nobody broke out
             answered.append((alive, plan.logits(final, alive)))
+        # Heads and gates each row ran: every candidate up to its exit layer (all of them on the full path) when its
+        # rule evaluates heads, none otherwise; counted once here rather than per layer.
+        evaluated = torch.zeros(batch, dtype=torch.long)
+        if heads:
+            evaluated = torch.searchsorted(torch.tensor(sorted(heads)), exit_layer, right=True)
+            if not plan.exits.all_evaluate:
+                evaluated = evaluated * plan.exits.evaluates
         return self._results(plan, answered, exit_layer, left_at_head, gate_prob, evaluated)
 
     def _results(

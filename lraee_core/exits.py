@@ -72,6 +72,9 @@ class RowExits:
     evaluates: torch.Tensor  # [B] bool: the row's rule runs exit heads and gates (False for `full`)
     any_evaluate: bool  # some row runs heads
     all_evaluate: bool  # every row runs heads
+    # layer -> the one threshold of every row, as a float32 value, when all rows follow one unforced rule (the common
+    # case: one request, or requests at one operating point): one comparison decides a layer. None otherwise.
+    uniform: Mapping[int, float] | None = None
 
     @classmethod
     def of(cls, rules: Sequence[ExitRule], positions: Sequence[int], candidate_layers: Sequence[int]) -> RowExits:
@@ -104,10 +107,18 @@ class RowExits:
             forced = torch.tensor(plan, dtype=torch.long)
             is_forced = torch.tensor([rule.forced is not None for rule in rules], dtype=torch.bool)
         flags = [rule.evaluate_heads for rule in unique]
-        return cls(thresholds, forced, is_forced, evaluates, any(flags), all(flags))
+        uniform = None
+        if len(unique) == 1 and forced is None:
+            uniform = {layer: float(column[0]) for layer, column in thresholds.items()} if batch else {}
+        return cls(thresholds, forced, is_forced, evaluates, any(flags), all(flags), uniform)
 
     def leave(self, layer: int, rows: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
         """Mask [b] of the rows (batch indices ``rows`` [b], gate probabilities [b]) that leave at ``layer``."""
+        if self.uniform is not None:
+            constant = self.uniform[layer]  # a float32 value: the comparison is the per-row one's
+            if constant >= 1.0:
+                return torch.zeros(probability.shape, dtype=torch.bool)
+            return probability >= constant
         threshold = self.thresholds[layer][rows]
         by_gate = (threshold < 1.0) & (probability >= threshold)
         if self.forced is None or self.is_forced is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import threading
@@ -460,23 +461,34 @@ def _gate_feeds(gate: GateQuestion, rows: int) -> dict[str, np.ndarray]:
     row reads all of ``text`` in order."""
     text = np.ascontiguousarray(gate.text.float().numpy())
     if gate.columns is None or gate.counts is None:
-        labels = text.shape[0]
-        columns = np.arange(labels, dtype=np.int64)[None, :].repeat(rows, axis=0)
-        padding = np.zeros((rows, labels), dtype=bool)
-        counts = np.full(rows, labels, dtype=np.int64)
+        feeds = dict(_one_label_set_feeds(text.shape[0], rows))
     else:
-        columns = np.ascontiguousarray(gate.columns.numpy())
         counts = gate.counts.numpy()
-        padding = np.arange(columns.shape[1]) >= counts[:, None]
-    log_k = np.log(counts.astype(np.float64)).astype(np.float32)[:, None]  # as lraee_core.gate's log K per row
-    return {
-        TEXT: text,
-        COLUMNS: columns,
-        PADDING: padding,
-        LOG_K: log_k,
-        ENTROPY_DIVISOR: np.where(counts[:, None] > 1, -log_k, np.float32(-1.0)),
-        PREVIOUS: np.ascontiguousarray(gate.previous_top1.numpy()).reshape(-1, 1),
-    }
+        feeds = _label_count_feeds(counts)
+        feeds[COLUMNS] = np.ascontiguousarray(gate.columns.numpy())
+        feeds[PADDING] = np.arange(feeds[COLUMNS].shape[1]) >= counts[:, None]
+    feeds[TEXT] = text
+    feeds[PREVIOUS] = np.ascontiguousarray(gate.previous_top1.numpy()).reshape(-1, 1)
+    return feeds
+
+
+def _label_count_feeds(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs that depend on each row's K alone: log K (as lraee_core.gate's log K per row) and the entropy's
+    divisor."""
+    log_k = np.log(counts.astype(np.float64)).astype(np.float32)[:, None]
+    return {LOG_K: log_k, ENTROPY_DIVISOR: np.where(counts[:, None] > 1, -log_k, np.float32(-1.0))}
+
+
+@functools.lru_cache(maxsize=256)
+def _one_label_set_feeds(labels: int, rows: int) -> dict[str, np.ndarray]:
+    """The label-set inputs of ``rows`` rows sharing one set of ``labels`` labels, made once per shape: every call
+    with one label set (most of them) needs the same arrays. Read-only, so no caller can change a shared one."""
+    feeds = _label_count_feeds(np.full(rows, labels, dtype=np.int64))
+    feeds[COLUMNS] = np.arange(labels, dtype=np.int64)[None, :].repeat(rows, axis=0)
+    feeds[PADDING] = np.zeros((rows, labels), dtype=bool)
+    for array in feeds.values():
+        array.flags.writeable = False
+    return feeds
 
 
 def checked_embed_graph(backbone: ClipBackbone) -> onnx.ModelProto:

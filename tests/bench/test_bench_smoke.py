@@ -14,7 +14,7 @@ import torch
 from bench.run import main
 
 BASELINES = {"openclip_fp32", "torch_int8", "ort_int8"}
-ENGINES = ("service", "torch_paper", "static")  # the default model's engines (ViT-B-32 adds ort_full*)
+ENGINES = ("service", "torch_paper", "static", "ort_full")  # the default model's engines (ViT-B-32 adds ort_full_batch)
 
 
 @pytest.fixture(scope="module")
