@@ -33,8 +33,8 @@ from training.pipeline.label_sets import (
     word_label_sets,
 )
 from training.pipeline.profile import ProfileAccumulator
-from training.pipeline.search import candidate_thresholds, promises, prune_layers, search_point
-from training.pipeline.simulate import by_label_count, full_outcome, simulate
+from training.pipeline.search import candidate_thresholds, promises, prune_layers, search_point, select_candidates
+from training.pipeline.simulate import METHODS, by_label_count, full_outcome, simulate
 from training.pipeline.word_sets import WordSets, WordSetsError
 
 TINY_SHAPE = VisionShape(
@@ -322,6 +322,27 @@ def test_operating_points_keep_their_promise_at_every_k_on_the_split_searched() 
     assert found["fast"].mean_saving > found["accurate"].mean_saving
     strict = search_point(view, layers, scores, 0.97, CalibrateConfig(promise_margin=3.0))
     assert strict.threshold >= found["balanced"].threshold  # a margin of standard errors is more careful
+
+
+def test_a_head_charge_keeps_only_the_exits_that_pay_for_their_time() -> None:
+    """Uncharged, the search's objective is the FLOPs saving. Charged ``head_cost_blocks`` blocks per head and gate
+    an image runs, the objective is the FLOPs saving less exactly that, and the search keeps fewer candidates."""
+    (view, scores), pool = _view(size=2000), (6, 9, 11)
+    method = METHODS["confidence"]  # scores from the view's features: no gate bank needed
+    free = select_candidates(view, method, None, pool, CalibrateConfig(promise_margin=0.0))  # type: ignore[arg-type]
+    assert free.points["balanced"].objective == pytest.approx(free.points["balanced"].mean_saving)
+    config = CalibrateConfig(promise_margin=0.0, head_cost_blocks=2.0)
+    charged = select_candidates(view, method, None, pool, config)  # type: ignore[arg-type]
+    assert len(charged.layers) < len(free.layers)
+    point = charged.points["balanced"]
+    outcome = simulate(view, charged.layers, scores, [point.threshold] * len(charged.layers))
+    block = view.flops[2].block / view.flops[2].full_depth
+    assert point.calibration["2"]["heads_in_blocks"] == pytest.approx(
+        outcome.evaluated[view.counts == 2].mean() * block
+    )
+    figures = point.calibration.values()
+    assert point.objective == pytest.approx(np.mean([f["flops_saved"] - 2.0 * f["heads_in_blocks"] for f in figures]))
+    assert point.objective < point.mean_saving
 
 
 def test_candidate_thresholds_are_quantiles_plus_never() -> None:

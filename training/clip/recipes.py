@@ -404,7 +404,13 @@ EVERYDAY_TEMPLATES = (
 # The everyday build's thresholds must clear each promise on the calibration photos by two standard errors at every K
 # (the default is one): with stage 11's CLIP, one left `balanced` at 95.9% agreement on the held-out everyday 5-way
 # photos (ILSVRC photos of classes no training step saw, against a 97% promise) and `fast` at 90.6% (93%).
-EVERYDAY_CALIBRATION: tuple[Setting, ...] = (("calibrate.promise_margin", 2.0),)
+# Each head and gate is charged 0.7 blocks of time in the candidate search: what one candidate cost the shipped
+# stage-11 checkpoint (exits after blocks 6, 9 and 11) on the service's backend at batch 1, measured with
+# `python -m training.pipeline.head_cost --batch 1 --rounds 200`: 0.71 and 0.77 in two runs (0.21 and 0.15 at batch
+# 32; the second runs are reports/everyday/head_cost-b1.json and head_cost-b32.json). On that build's calibration
+# photos any charge from 0.3 to 1.25 keeps one exit, after block 6; none kept three (6, 9, 11), which ran the default
+# slower than its own full depth at batch 1 on the bench's photos.
+EVERYDAY_CALIBRATION: tuple[Setting, ...] = (("calibrate.promise_margin", 2.0), ("calibrate.head_cost_blocks", 0.7))
 
 
 EVERYDAY_BUILD_PHOTOS = REPO / "data" / "everyday-build"  # the build half of the everyday held-out photos, as files

@@ -27,12 +27,11 @@ CALIBRATION_FILE = "calibration.json"
 
 def shipped_method(selections: dict[str, Selection], config: CalibrateConfig) -> str:
     """The method the checkpoint ships: ``config.ship``, or with "auto" the shippable method whose default point
-    saves the most FLOPs on the calib split (mean over K; ties: SSA, the paper's head)."""
+    has the best objective on the calib split (FLOPs saved less the head charge, mean over K; ties: SSA, the
+    paper's head; see training.pipeline.search)."""
     if config.ship != "auto":
         return config.ship
-    return max(
-        SHIPPABLE, key=lambda name: round(selections[name].points[config.default_operating_point].mean_saving, 6)
-    )
+    return max(SHIPPABLE, key=lambda name: round(selections[name].points[config.default_operating_point].objective, 6))
 
 
 def calibrate_hash(job: Job, gate_hash: str, profile_hash: str) -> str:
@@ -121,6 +120,10 @@ def run_calibrate(job: Job) -> str:
         "rule": config.ship,
         "calib_mean_saving_at_default_point": {
             name: selections[name].points[config.default_operating_point].mean_saving for name in SHIPPABLE
+        },
+        "head_cost_blocks": config.head_cost_blocks,
+        "calib_objective_at_default_point": {
+            name: selections[name].points[config.default_operating_point].objective for name in SHIPPABLE
         },
     }
     write_json(directory / CALIBRATION_FILE, calibration)

@@ -150,6 +150,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--prune-fraction", "calibrate.prune_fraction", float, "prune INR < this x neighbours' mean (0: off)"),
     Option("--max-candidates", "calibrate.max_candidates", int, "most exit layers in the checkpoint"),
     Option(
+        "--head-cost-blocks",
+        "calibrate.head_cost_blocks",
+        float,
+        "blocks of time charged per head and gate run (python -m training.pipeline.head_cost)",
+    ),
+    Option(
         "--default-operating-point",
         "calibrate.default_operating_point",
         str,

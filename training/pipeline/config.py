@@ -122,6 +122,9 @@ class CalibrateConfig:
     threshold_candidates: int = 200  # shared thresholds tried per point: quantiles of the calib gate scores
     prune_fraction: float = 0.5  # prune a layer whose INR < this x mean INR of its neighbouring layers (0: none)
     max_candidates: int = 3  # most exit layers kept (each one costs a head and a gate on every image reaching it)
+    head_cost_blocks: float = 0.0  # the search charges every head-and-gate evaluation this many blocks of time
+    # (0: their FLOPs only, a fraction of a block; on a small model served by ONNX Runtime each candidate is one
+    # more graph call and dozens of small ops, which at batch 1 cost more than a block: see the everyday recipe)
     default_operating_point: str = "balanced"  # used when a request names none
     ship: str = "auto"  # exits the checkpoint ships: "lraee" (SSA heads), "cls-ee" ([CLS] heads), or "auto": the
     # one of the two saving more calib FLOPs at the default point (both keep the same promises)

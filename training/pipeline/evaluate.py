@@ -100,6 +100,8 @@ def pabee(view: ExitView, layers: Sequence[int], patience: int) -> Outcome:
         predictions == view.truth,
         spent,
         per_row(view, "full_depth"),
+        evaluated,
+        per_row(view, "block"),
     )
 
 
@@ -116,6 +118,8 @@ def single_exit(view: ExitView, layer: int) -> Outcome:
         predictions == view.truth,
         spent,
         per_row(view, "full_depth"),
+        np.ones(view.size, dtype=np.int64),
+        per_row(view, "block"),
     )
 
 

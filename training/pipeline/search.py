@@ -14,8 +14,15 @@ point is too small to fit noise; the report then measures the same thresholds on
 were pruned, the one with the highest INR is kept.
 
 **Candidate selection.** Every subset of the unpruned cached layers with 1..``max_candidates`` layers gets the
-default point's threshold as above; the subset with the largest mean calib FLOPs saving over the K values wins
-(ties: fewer layers, each of which costs a head and a gate). Baseline methods get the same treatment.
+default point's threshold as above; the subset with the largest mean calib saving over the K values wins (ties:
+fewer layers, each of which costs a head and a gate). Baseline methods get the same treatment.
+
+**What a saving is.** FLOPs saved, less ``head_cost_blocks`` blocks' worth of FLOPs for every head and gate an image
+runs (mean over the K values: the search's *objective*). With ``head_cost_blocks`` 0 it is the FLOPs saving, where a
+head and a gate cost a fraction of a block. Where they are served as one more graph call of dozens of small ops, as
+on the tiny default at batch 1, their time is more than a block's, and an exit that cannot pay for itself in time
+(after block 11 of 12, say) is worth keeping only by FLOPs; the charge lets the search see that. The threshold of
+every point maximises the same objective among the thresholds that keep its promise; reports show FLOPs saved.
 
 Every figure comes from the simulation of :mod:`training.pipeline.simulate`.
 """
@@ -48,6 +55,7 @@ class PointSetting:
     promise: float  # agreement promised
     promise_met: bool  # False only when even t = 1.0 (no exits) falls short, which cannot happen on agreement
     mean_saving: float  # calib FLOPs saving averaged over K
+    objective: float  # what the search maximised: mean_saving less the charge for heads (module docstring)
     calibration: dict[str, dict[str, Any]]  # K -> calib figures
 
 
@@ -61,6 +69,11 @@ def candidate_thresholds(scores: dict[int, np.ndarray], count: int) -> np.ndarra
     pooled = np.concatenate(list(scores.values())).astype(np.float64)
     quantiles = np.quantile(pooled, np.linspace(0.0, 1.0, max(2, count))) if len(pooled) else np.array([])
     return np.unique(np.concatenate([quantiles.astype(np.float32).astype(np.float64), [1.0]]))
+
+
+def objective(figures: dict[str, dict[str, Any]], config: CalibrateConfig) -> float:
+    """Mean over the K values of the FLOPs saving less ``head_cost_blocks`` blocks per head and gate run."""
+    return float(np.mean([f["flops_saved"] - config.head_cost_blocks * f["heads_in_blocks"] for f in figures.values()]))
 
 
 def _feasible(figures: dict[str, dict[str, Any]], promise: float, margin: float) -> bool:
@@ -85,13 +98,14 @@ def search_point(
         if not _feasible(figures, promise, config.promise_margin):
             break
         saving = float(np.mean([f["flops_saved"] for f in figures.values()]))
-        if best is None or saving > best.mean_saving:
-            best = PointSetting(float(threshold), promise, True, saving, figures)
+        value = objective(figures, config)
+        if best is None or value > best.objective:
+            best = PointSetting(float(threshold), promise, True, saving, value, figures)
     if best is None:  # unreachable in practice: t = 1.0 answers every row as full depth does
         outcome = simulate(view, layers, scores, [1.0] * len(layers))
         figures = by_label_count(outcome, view, layers)
         saving = float(np.mean([f["flops_saved"] for f in figures.values()]))
-        best = PointSetting(1.0, promise, False, saving, figures)
+        best = PointSetting(1.0, promise, False, saving, objective(figures, config), figures)
     return best
 
 
@@ -118,14 +132,14 @@ def select_candidates(
     for subset in tqdm(subsets, desc=f"candidates {desc}".strip(), leave=False):
         scores = method_scores(view, method, bank, subset)
         setting = search_point(view, subset, scores, default_promise, config)
-        tried.append((round(setting.mean_saving, 9), -len(subset), subset, setting.threshold))
+        tried.append((round(setting.objective, 9), -len(subset), subset, setting.threshold, setting.mean_saving))
     tried.sort(key=lambda entry: entry[:2], reverse=True)
     layers = tuple(tried[0][2])
     scores = method_scores(view, method, bank, layers)
     points = {name: search_point(view, layers, scores, promise, config) for name, promise in promises(config).items()}
     ranking = [
-        {"layers": list(subset), "mean_saving": saving, "threshold": threshold}
-        for saving, _, subset, threshold in tried[:10]
+        {"layers": list(subset), "objective": value, "mean_saving": saving, "threshold": threshold}
+        for value, _, subset, threshold, saving in tried[:10]
     ]
     return Selection(layers=layers, points=points, ranking=ranking)
 

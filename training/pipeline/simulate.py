@@ -63,6 +63,8 @@ class Outcome:
     correct: np.ndarray  # prediction == true label
     flops: np.ndarray  # FLOPs spent per row
     full_depth: np.ndarray  # FLOPs of the plain full-depth path per row (its K)
+    evaluated: np.ndarray  # exit heads and gates run per row
+    block: np.ndarray  # FLOPs of one block per row (what a head's time is charged in, see search.py)
 
     @property
     def agreement(self) -> float:
@@ -125,6 +127,8 @@ def simulate(
         correct=predictions == view.truth,
         flops=spent,
         full_depth=per_row(view, "full_depth"),
+        evaluated=evaluated,
+        block=per_row(view, "block"),
     )
 
 
@@ -141,6 +145,8 @@ def full_outcome(view: ExitView, fp32: bool = False) -> Outcome:
         correct=predictions == view.truth,
         flops=full_depth,
         full_depth=full_depth,
+        evaluated=np.zeros(view.size, dtype=np.int64),
+        block=per_row(view, "block"),
     )
 
 
@@ -168,6 +174,10 @@ def by_label_count(outcome: Outcome, view: ExitView, layers: Sequence[int]) -> d
             "agreement_se": math.sqrt(max(agreement * (1 - agreement), 0.0) / max(1, count)),
             "top1": float(outcome.correct[rows].mean()),
             "flops_saved": float(1.0 - outcome.flops[rows].mean() / outcome.full_depth[rows][0]),
+            # heads and gates run per image, in blocks' FLOPs over the full depth's (what search.py charges)
+            "heads_in_blocks": float(
+                (outcome.evaluated[rows] * outcome.block[rows]).mean() / outcome.full_depth[rows][0]
+            ),
             "exit_shares": exit_shares(outcome, layers, rows),
         }
     return figures
