@@ -12,7 +12,7 @@ from lraee_core.checkpoint import read_manifest
 from training.clip import photos, recipes
 from training.clip.captions import WORDNET_DIR
 from training.clip.recipes import (
-    EVERYDAY_CALIBRATION,
+    EVERYDAY_SETTINGS,
     EVERYDAY_TEMPLATES,
     REPO,
     RUNS,
@@ -112,7 +112,7 @@ def test_shipped_photo_builds_record_the_shipped_manifests_command(recipe: str) 
             "everyday-tiny",
             EVERYDAY_TEMPLATES,
             words,
-            EVERYDAY_CALIBRATION,
+            EVERYDAY_SETTINGS,
         )
         threads = 2
     assert [b.ships for b in builds] == [True, False]
