@@ -117,6 +117,13 @@ def test_shipped_photo_builds_record_the_shipped_manifests_command(recipe: str) 
         threads = 2
     assert [b.ships for b in builds] == [True, False]
     assert _flags(_shipped_command(builds[0], threads)) == _flags(_manifest_command(recipe))
+    # Each build sets each field once and writes its own checkpoint and report (a later build once inherited the
+    # first one's settings, and so overwrote the shipped checkpoint and the tiny-val report).
+    for build in builds:
+        keys = [key for key, _ in build.settings]
+        assert len(keys) == len(set(keys)), build.name
+    first, second = (dict(build.settings) for build in builds)
+    assert first["checkpoint_dir"] != second["checkpoint_dir"] and first["report_dir"] != second["report_dir"]
 
 
 @pytest.mark.slow

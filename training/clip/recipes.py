@@ -233,7 +233,7 @@ def photo_builds(
     for name, eval_dir, limit in evaluations:
         ships = not builds
         out = EMBEDDED_CHECKPOINTS[recipe] if ships else folder / name / "checkpoint"
-        settings = [
+        build_settings = [
             *backbone_settings(weights, out, REPORTS / recipe / name),
             ("data.source", str(holdout.resolve())),
             ("data.classes_tsv", str(photos.classes_tsv().resolve())),
@@ -247,9 +247,9 @@ def photo_builds(
             *limit,
         ]
         if not ships:  # the same head/gate/calib photos: copy the first build's features, don't redo them
-            settings.append(("extract.reuse_from", str(builds[0].work / "extract")))
+            build_settings.append(("extract.reuse_from", str(builds[0].work / "extract")))
         facts: dict[str, object] = {"eval_dir": str(eval_dir.resolve().relative_to(REPO))}
-        builds.append(PlannedBuild(name, folder / name / "work", tuple(settings), ships, facts))
+        builds.append(PlannedBuild(name, folder / name / "work", tuple(build_settings), ships, facts))
     return builds
 
 
