@@ -154,8 +154,9 @@ async function loadModel() {
   const model = state.model;
   line.textContent = `Model ${model.model}: ${model.num_layers} blocks, ${model.image_size} px, ` +
     (model.quant_mode === "none" ? "FP32" : `INT8 (${model.quant_mode} mode, ${model.quantized_modules} modules)`) +
-    `, exit heads after blocks ` +
-    `${model.candidate_layers.join(", ")}.`;
+    (model.candidate_layers.length === 0 ? ", no exit heads."
+      : model.candidate_layers.length === 1 ? `, one exit head, after block ${model.candidate_layers[0]}.`
+        : `, exit heads after blocks ${model.candidate_layers.join(", ")}.`);
   const select = byId("operating-point");
   const chosen = select.value;
   select.replaceChildren();

@@ -230,6 +230,11 @@ def test_page_classifies_a_real_photo(driver: Any, server: str, photo: Path) -> 
     wait(driver, lambda d: d.find_element(By.ID, "model-line").text.startswith("Model "), "/model with the key")
 
     model = api(server, "GET", "/model").json()
+    layers = model["candidate_layers"]  # the model line names them in words, one head or several
+    one = f"one exit head, after block {layers[0]}." if len(layers) == 1 else None
+    assert (one or f"exit heads after blocks {', '.join(map(str, layers))}.") in driver.find_element(
+        By.ID, "model-line"
+    ).text
     point = Select(driver.find_element(By.ID, "operating-point")).first_selected_option.get_attribute("value")
     assert point == model["default_operating_point"]
     submit(driver)
