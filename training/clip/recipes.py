@@ -412,10 +412,11 @@ EVERYDAY_TEMPLATES = (
 #   build's calibration photos any charge from 0.3 to 1.25 kept one exit, after block 6; none kept three (6, 9, 11),
 #   which ran the default slower than its own full depth at batch 1 on the bench's photos.
 # * The `full` quant mode: every Linear of the blocks INT8, attention projections included (the paper mode leaves
-#   those FP32, as open_clip's quantize_dynamic does). On stage 11 it cost no held-out top-1 at full depth (within
-#   half a point of paper mode on every everyday task), and `make bench` timed the default's exits under it at 1.57x /
-#   1.70x open_clip FP32 at batch 1 / 32, against 1.44x / 1.47x under paper mode (the same run, 15 rounds:
-#   bench/results/bench-20261130T182613Z-default.md): the FP32 attention projections were most of a block's time.
+#   those FP32, as open_clip's quantize_dynamic does). On stage 11 it moved held-out top-1 at full depth by at most
+#   0.6 points either way on every everyday task (the two builds' everyday_eval.json), and `make bench` timed the
+#   default's exits under it at 1.57x / 1.70x open_clip FP32 at batch 1 / 32, against 1.44x / 1.47x under paper mode
+#   (the same run, 15 rounds: bench/results/bench-20261130T182613Z-default.md): the FP32 attention projections were
+#   most of a block's time.
 EVERYDAY_SETTINGS: tuple[Setting, ...] = (
     ("calibrate.promise_margin", 2.0),
     ("calibrate.head_cost_blocks", 0.7),
