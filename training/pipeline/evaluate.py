@@ -101,7 +101,6 @@ def pabee(view: ExitView, layers: Sequence[int], patience: int) -> Outcome:
         spent,
         per_row(view, "full_depth"),
         evaluated,
-        per_row(view, "block"),
     )
 
 
@@ -119,7 +118,6 @@ def single_exit(view: ExitView, layer: int) -> Outcome:
         spent,
         per_row(view, "full_depth"),
         np.ones(view.size, dtype=np.int64),
-        per_row(view, "block"),
     )
 
 

@@ -64,7 +64,6 @@ class Outcome:
     flops: np.ndarray  # FLOPs spent per row
     full_depth: np.ndarray  # FLOPs of the plain full-depth path per row (its K)
     evaluated: np.ndarray  # exit heads and gates run per row
-    block: np.ndarray  # FLOPs of one block per row (what a head's time is charged in, see search.py)
 
     @property
     def agreement(self) -> float:
@@ -128,7 +127,6 @@ def simulate(
         flops=spent,
         full_depth=per_row(view, "full_depth"),
         evaluated=evaluated,
-        block=per_row(view, "block"),
     )
 
 
@@ -146,7 +144,6 @@ def full_outcome(view: ExitView, fp32: bool = False) -> Outcome:
         flops=full_depth,
         full_depth=full_depth,
         evaluated=np.zeros(view.size, dtype=np.int64),
-        block=per_row(view, "block"),
     )
 
 
@@ -165,6 +162,7 @@ def by_label_count(outcome: Outcome, view: ExitView, layers: Sequence[int]) -> d
     """Agreement, top-1, FLOPs saved and exit shares of an outcome at each K of the view ("K" -> figures; word label
     sets apart, "words-K")."""
     figures = {}
+    block = per_row(view, "block")  # what a head's time is charged in (search.py)
     for key, rows in view.groups().items():
         count = int(rows.sum())
         agreement = float(outcome.agrees[rows].mean())
@@ -175,9 +173,7 @@ def by_label_count(outcome: Outcome, view: ExitView, layers: Sequence[int]) -> d
             "top1": float(outcome.correct[rows].mean()),
             "flops_saved": float(1.0 - outcome.flops[rows].mean() / outcome.full_depth[rows][0]),
             # heads and gates run per image, in blocks' FLOPs over the full depth's (what search.py charges)
-            "heads_in_blocks": float(
-                (outcome.evaluated[rows] * outcome.block[rows]).mean() / outcome.full_depth[rows][0]
-            ),
+            "heads_in_blocks": float((outcome.evaluated[rows] * block[rows]).mean() / outcome.full_depth[rows][0]),
             "exit_shares": exit_shares(outcome, layers, rows),
         }
     return figures
