@@ -37,7 +37,8 @@ def measure(
 ) -> dict[str, Any]:
     """Median seconds per call of both rules over ``rounds`` interleaved rounds, and the cost in blocks."""
     directory = resolve_checkpoint(str(checkpoint))
-    backend = auto_backend(read_manifest(directory).quant_mode)
+    quant_mode = read_manifest(directory).quant_mode
+    backend = auto_backend(quant_mode)
     engine = load_classifier(directory, backend=backend)
     candidates = sorted(engine.heads)
     if not candidates:
@@ -68,7 +69,7 @@ def measure(
     return {
         "checkpoint": engine.checkpoint_id,
         "backend": backend,
-        "quant_mode": read_manifest(directory).quant_mode,
+        "quant_mode": quant_mode,
         "batch": batch,
         "labels": len(labels),
         "rounds": rounds,
