@@ -112,20 +112,17 @@ class GraphWriter:
         rounding (and ``Abs`` rather than ``Neg`` keeps a zero ``low`` at +0): the same bits as with the clip. The
         epilogue reads the zero point as the float ``Round`` gives, not cast back from UINT8. The ranges are
         reduced to [B] (``keepdims=0``): with ``keepdims=1`` ORT's reductions ran a 12-block ``full`` tower 8%
-        slower at batch 32 here."""
+        slower at batch 32 here.
+
+        The range's top is floored at ``127 * tiny`` (float32's smallest normal) rather than at 0: that one ``Max``
+        both puts 0 in the range and keeps the scale positive on an all-zero image (scale ``tiny``; any positive
+        scale quantizes it exactly, to the zero point). On every other image the floor is lost in rounding: the
+        top is larger, or ``high - low`` is ``-low`` (exact unless ``|low|`` < ~1e-29)."""
         axes = self.const("axes", list(range(1, rank)), np.int64)
-        zero = self.const("zero", 0.0)
-        high = self.op("Max", [self.op("ReduceMax", [x, axes], keepdims=0), zero])  # [B] range includes 0
-        low = self.op("Min", [self.op("ReduceMin", [x, axes], keepdims=0), zero])
-        # An all-zero image would give scale 0; any positive scale quantizes it exactly (to the zero point).
-        scale = self.op(
-            "Max",
-            [
-                self.op("Div", [self.op("Sub", [high, low]), self.const("levels", _LEVELS)]),
-                self.const("tiny", np.finfo(np.float32).tiny),
-            ],
-            "scale",
-        )
+        floor = self.const("floor", _LEVELS * np.finfo(np.float32).tiny)
+        high = self.op("Max", [self.op("ReduceMax", [x, axes], keepdims=0), floor])  # [B] range includes 0
+        low = self.op("Min", [self.op("ReduceMin", [x, axes], keepdims=0), self.const("zero", 0.0)])
+        scale = self.op("Div", [self.op("Sub", [high, low]), self.const("levels", _LEVELS)], "scale")
         zero_point = self.op("Round", [self.op("Div", [self.op("Abs", [low]), scale])], "zero_point")  # 0..127
         quantized = self.op(
             "QuantizeLinear",

@@ -66,9 +66,13 @@ def test_int8_linear_equals_numpy_reference() -> None:
     with a zero point, weights symmetric INT8 per output channel, exact integer products. The reference clips the
     zero point to [0, 127] as ONNX's formula does; the graph leaves that clip out (it cannot bite)."""
     rng = np.random.default_rng(2)
-    x = (rng.standard_normal((4, TOKENS, WIDTH)) * np.array([0.2, 1.0, 4.0, 1.0])[:, None, None]).astype(np.float32)
+    x = (rng.standard_normal((6, TOKENS, WIDTH)) * np.array([0.2, 1.0, 4.0, 1.0, 1.0, 1.0])[:, None, None]).astype(
+        np.float32
+    )
     x[1] += 0.5  # an image whose range does not straddle zero symmetrically
     x[3] = np.abs(x[3])  # an image with no negative value: zero point 0, as after a ReLU
+    x[4] = -np.abs(x[4])  # no positive value: the range's top is its floor, lost in rounding against the bottom
+    x[5] = 0.0  # all zero: the floored range gives the smallest normal scale, and the output is the bias
     weight = torch.from_numpy(rng.standard_normal((16, WIDTH)).astype(np.float32))
     bias = torch.from_numpy(rng.standard_normal(16).astype(np.float32))
     writer = GraphWriter()
@@ -89,12 +93,15 @@ def test_int8_linear_equals_numpy_reference() -> None:
     for image in range(x.shape[0]):
         xi = x[image]
         high, low = max(float(xi.max()), 0.0), min(float(xi.min()), 0.0)
-        scale = np.float32((high - low) / 127.0)
+        scale = np.float32(max((high - low) / 127.0, np.finfo(np.float32).tiny))
         zero_point = np.clip(np.rint(-low / scale), 0, 127)
         q = np.clip(np.rint(xi / scale) + zero_point, 0, 127)
         product = (q - zero_point).astype(np.int64) @ w_int8.astype(np.int64)  # exact integers
         expected = product.astype(np.float32) * (scale * w_scale) + bias.numpy()
         np.testing.assert_allclose(got[image], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        if image == 5:
+            np.testing.assert_array_equal(got[image], np.broadcast_to(bias.numpy(), got[image].shape))
+            continue
         # And the scheme is a fair INT8 approximation of the FP32 Linear.
         exact = xi @ weight.numpy().T + bias.numpy()
         assert np.abs(expected - exact).max() < 0.05 * np.abs(exact).max()
