@@ -93,7 +93,7 @@ def test_int8_linear_equals_numpy_reference() -> None:
     for image in range(x.shape[0]):
         xi = x[image]
         high, low = max(float(xi.max()), 0.0), min(float(xi.min()), 0.0)
-        scale = np.float32(max((high - low) / 127.0, np.finfo(np.float32).tiny))
+        scale = np.float32(max((high - low) / 127.0, float(np.finfo(np.float32).tiny)))
         zero_point = np.clip(np.rint(-low / scale), 0, 127)
         q = np.clip(np.rint(xi / scale) + zero_point, 0, 127)
         product = (q - zero_point).astype(np.int64) @ w_int8.astype(np.int64)  # exact integers
