@@ -1,7 +1,9 @@
 """Where the time of one transformer block goes, per backend: the diagnosis behind the torch INT8 figures.
 
 One block (the first of the tower) is timed at batch 1 and batch 32 in each backend, with and without the engine's
-per-image activation-scale wrapper, and the engine's paper-mode block is profiled op by op at batch 32.
+per-image activation-scale wrapper, and the engine's paper-mode block is profiled op by op at batch 32. The
+onnxruntime engines' block is also timed at the row counts a batch of 32 keeps running past each exit of the assumed
+mix (32, 18, 10, 5): whether the smaller calls after an exit cost more per image.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from lraee_core.backbone import ClipBackbone
 
 from .baselines import plain_quantize_dynamic
+from .exit_mix import rows_running
 from .timing import median, time_passes, timed_calls
 from .under_test import SERVICE_ENGINE, BackboneUnderTest
 from .workloads import LARGE_BATCH
@@ -57,6 +60,15 @@ class BlockTiming:
     backend: str
     batch1_ms_per_image: float
     batch32_ms_per_image: float
+
+
+@dataclass
+class RowsTiming:
+    """Milliseconds per image of one block in one backend, by the number of rows in the call (medians)."""
+
+    backend: str
+    rows: list[int]  # rows in the call, per column
+    ms_per_image: list[float]  # ms per image at each of ``rows``
 
 
 def _per_image_ms(run: Callable[[torch.Tensor], object], hidden: torch.Tensor, warmup: int, repeats: int) -> float:
@@ -98,6 +110,37 @@ def block_timings(under_test: BackboneUnderTest, *, warmup: int, repeats: int) -
                     backend,
                     _per_image_ms(run, hidden[:1], warmup, repeats * 5),
                     _per_image_ms(run, hidden, warmup, repeats),
+                )
+            )
+    return timings
+
+
+def block_by_rows(under_test: BackboneUnderTest, *, warmup: int, repeats: int) -> list[RowsTiming]:
+    """Block 1 of the onnxruntime engines (the service's, and the ``full``-mode one when it is benchmarked) at each
+    row count of :func:`.exit_mix.rows_running`, the counts timed in interleaved rounds."""
+    fp32 = under_test.fp32
+    shape = fp32.shape
+    rows = rows_running(LARGE_BATCH)
+    images = torch.randn(rows[0], 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        hidden = fp32.embed(images)
+    engines = under_test.engines
+    runs = []
+    if under_test.service_backend == "onnxruntime":
+        runs.append((f"onnxruntime {under_test.own_mode} (the service's engine)", engines[SERVICE_ENGINE].backbone))
+    if "ort-full" in engines:
+        runs.append(("onnxruntime full, per-image scales", engines["ort-full"].backbone))
+    timings = []
+    with torch.inference_mode():
+        for backend, backbone in runs:
+            calls = [partial(_first_block, backbone, hidden[:count].contiguous()) for count in rows]
+            times = time_passes(partial(timed_calls, calls), warmup=warmup, repeats=repeats)
+            timings.append(
+                RowsTiming(
+                    backend,
+                    list(rows),
+                    # times.calls holds every pass's calls in order: count i's are every len(rows)-th from i
+                    [median(times.calls[i :: len(rows)]) / count * 1e3 for i, count in enumerate(rows)],
                 )
             )
     return timings

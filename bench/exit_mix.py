@@ -50,6 +50,16 @@ def forced_exits(count: int, shares: Mapping[ExitTarget, float] = PAPER_EXIT_MIX
     return order
 
 
+def rows_running(count: int, shares: Mapping[ExitTarget, float] = PAPER_EXIT_MIX) -> tuple[int, ...]:
+    """Rows of a batch of ``count`` still running before the first candidate and past each one under ``shares``:
+    (32, 18, 10, 5) for 32 images under the assumed mix."""
+    leaving = allocate(shares, count)
+    running = [count]
+    for layer in sorted(target for target in leaving if target is not None):
+        running.append(running[-1] - leaving[layer])
+    return tuple(running)
+
+
 def realized_shares(targets: Sequence[ExitTarget]) -> dict[str, float]:
     """Share of each target in ``targets``, keyed by layer number or ``"full"`` (JSON-ready)."""
     shares: dict[str, float] = {}

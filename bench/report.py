@@ -288,6 +288,20 @@ def render(result: dict[str, Any], *, markdown: bool = False) -> str:
             ),
             markdown,
         )
+        by_rows = backbone["block_anatomy"].get("by_rows", [])
+        if by_rows:
+            counts = by_rows[0]["rows"]
+            lines += [
+                "",
+                "One block (block 1), ms per image, by the rows in the call (a batch of 32 keeps "
+                f"{', '.join(map(str, counts))} rows running before and past each exit of the assumed mix):",
+                "",
+            ]
+            lines += _table(
+                ["backend", *(f"{count} rows" for count in counts)],
+                ([t["backend"], *(_fmt(ms, 2) for ms in t["ms_per_image"])] for t in by_rows),
+                markdown,
+            )
         lines += ["", "Set-up (not in any figure above): seconds and resident memory added per component:", ""]
         setup = backbone["setup"]
         lines += _table(

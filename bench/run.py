@@ -27,7 +27,7 @@ import onnxruntime
 import open_clip
 import torch
 
-from .anatomy import block_timings, profile_block
+from .anatomy import block_by_rows, block_timings, profile_block
 from .exit_mix import PAPER_EXIT_MIX, PAPER_MIX_NOTE
 from .photos import BenchImages, everyday_dir, everyday_photos, noise_images
 from .report import advice, efficiencies, ratios, render, standing
@@ -195,6 +195,7 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     anatomy = {
         "timings": [dataclasses.asdict(t) for t in block_timings(under_test, warmup=args.warmup, repeats=args.repeats)],
         "profile_paper_batch32": profile_block(under_test, repeats=args.repeats),
+        "by_rows": [dataclasses.asdict(t) for t in block_by_rows(under_test, warmup=args.warmup, repeats=args.repeats)],
     }
 
     cost = own.flops(len(row_labels))

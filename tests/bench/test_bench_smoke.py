@@ -70,6 +70,9 @@ def test_every_row_is_measured_with_positive_numbers(result: tuple[dict[str, Any
     assert all(
         t["batch1_ms_per_image"] > 0 and t["batch32_ms_per_image"] > 0 for t in backbone["block_anatomy"]["timings"]
     )
+    by_rows = backbone["block_anatomy"]["by_rows"]  # the service's engine is onnxruntime: it is timed by rows
+    assert by_rows and all(t["rows"] == [32, 18, 10, 5] and min(t["ms_per_image"]) > 0 for t in by_rows)
+    assert "by the rows in the call" in (out / "latest.md").read_text()
     assert data["peak_rss_mib"] > 0
     assert (out / "latest.md").is_file() and len(list(out.glob("bench-*.json"))) == 1
 

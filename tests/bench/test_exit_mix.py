@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from bench.exit_mix import MIX_CYCLE, PAPER_EXIT_MIX, allocate, forced_exits, mix_applies, realized_shares
+from bench.exit_mix import (
+    MIX_CYCLE,
+    PAPER_EXIT_MIX,
+    allocate,
+    forced_exits,
+    mix_applies,
+    realized_shares,
+    rows_running,
+)
 from bench.timing import median, percentile
 
 
@@ -26,6 +34,12 @@ def test_forced_exits_are_deterministic_and_interleaved() -> None:
     order = forced_exits(32)
     assert order == forced_exits(32)
     assert order[:4] != [9, 9, 9, 9]  # not blocked by layer
+
+
+def test_rows_running_past_each_exit_of_the_mix() -> None:
+    assert rows_running(32) == (32, 18, 10, 5)  # 14 leave at 9, 8 at 11, 5 at 12; 5 go full depth
+    assert rows_running(MIX_CYCLE) == (20, 11, 6, 3)
+    assert rows_running(4, {None: 1.0}) == (4,)  # nobody leaves early
 
 
 def test_mix_needs_heads_at_the_paper_layers_of_a_12_block_tower() -> None:
