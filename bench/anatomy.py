@@ -76,6 +76,13 @@ def _per_image_ms(run: Callable[[torch.Tensor], object], hidden: torch.Tensor, w
     return median(times.passes) / hidden.shape[0] * 1e3
 
 
+def _embedded_noise(fp32: ClipBackbone, count: int) -> torch.Tensor:
+    """Seeded noise images through the FP32 embedding stage: the hidden states [count, T, D] a first block reads."""
+    size = fp32.shape.image_size
+    with torch.inference_mode():
+        return fp32.embed(torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1)))
+
+
 def _first_block(backbone: ClipBackbone, hidden: torch.Tensor) -> torch.Tensor:
     return backbone.block(1, hidden)
 
@@ -83,10 +90,7 @@ def _first_block(backbone: ClipBackbone, hidden: torch.Tensor) -> torch.Tensor:
 def block_timings(under_test: BackboneUnderTest, *, warmup: int, repeats: int) -> list[BlockTiming]:
     """Block 1 of every backend at batch 1 and 32."""
     fp32 = under_test.fp32
-    shape = fp32.shape
-    images = torch.randn(LARGE_BATCH, 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        hidden = fp32.embed(images)  # [32, T, D]
+    hidden = _embedded_noise(fp32, LARGE_BATCH)
     engines = under_test.engines
     paper = engines["torch-paper"].backbone.visual.transformer.resblocks[0]
     service = engines[SERVICE_ENGINE].backbone
@@ -118,12 +122,8 @@ def block_timings(under_test: BackboneUnderTest, *, warmup: int, repeats: int) -
 def block_by_rows(under_test: BackboneUnderTest, *, warmup: int, repeats: int) -> list[RowsTiming]:
     """Block 1 of the onnxruntime engines (the service's, and the ``full``-mode one when it is benchmarked) at each
     row count of :func:`.exit_mix.rows_running`, the counts timed in interleaved rounds."""
-    fp32 = under_test.fp32
-    shape = fp32.shape
     rows = rows_running(LARGE_BATCH)
-    images = torch.randn(rows[0], 3, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        hidden = fp32.embed(images)
+    hidden = _embedded_noise(under_test.fp32, rows[0])
     engines = under_test.engines
     runs = []
     if under_test.service_backend == "onnxruntime":
