@@ -155,6 +155,12 @@ class OperatingPointOut(BaseModel):
         default=None,
         description="Agreement with the full-depth top-1 this point promises on held-out images (null: none)",
     )
+    label_cap: int | None = Field(
+        default=None,
+        description="The most labels a request may send for this point's exits to run; a request with more gets "
+        "the full-depth answer at the full-depth cost (no exit head runs; calibration found exits too rare there "
+        "to pay for the heads). null: no cap",
+    )
     held_out: dict[str, Any] | None = Field(
         default=None,
         description="Measured on held-out images never used to choose thresholds: label count K -> agreement with "

@@ -238,6 +238,7 @@ class ModelService:
             point.name: OperatingPointOut(
                 thresholds={str(layer): value for layer, value in sorted(point.thresholds.items())},
                 promise=point.promise,
+                label_cap=point.label_cap,
                 held_out=measured.get(point.name),
             )
             for point in policy.operating_points

@@ -46,6 +46,10 @@ class OperatingPoint:
     name: str  # e.g. "accurate", "balanced", "fast"
     thresholds: dict[int, float] = field(default_factory=dict)  # layer -> gate threshold; >= 1.0 never exits
     promise: float | None = None  # agreement with the full-depth top-1 promised on held-out images; None: none
+    # The most labels a request may have for this point's exit heads to run; a request with more is answered as
+    # `full` answers it (no head or gate runs: calibration found they cost more there than early exits saved).
+    # None: no cap.
+    label_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,17 @@ class ExitPolicy:
         for point in self.operating_points:
             if point.name == wanted:
                 return point.thresholds
+        raise KeyError(wanted)
+
+    def label_cap(self, name: str | None) -> int | None:
+        """The label cap of an operating point (the default when ``name`` is None; ``full``: None); KeyError when
+        unknown."""
+        wanted = name or self.default_operating_point
+        if wanted == FULL_OPERATING_POINT:
+            return None
+        for point in self.operating_points:
+            if point.name == wanted:
+                return point.label_cap
         raise KeyError(wanted)
 
     @property

@@ -135,7 +135,7 @@ class EarlyExitClassifier:
                 rule = ExitRule.full()
             else:
                 try:
-                    rule = ExitRule.from_thresholds(self.policy.thresholds(name), name)
+                    rule = ExitRule.from_thresholds(self.policy.thresholds(name), name, self.policy.label_cap(name))
                 except KeyError:
                     known = list(self.policy.names)
                     raise InputError(f"unknown operating point {name!r}; this model has {known}") from None
@@ -157,10 +157,12 @@ class EarlyExitClassifier:
         """Validate one request's question and resolve its text side: a :class:`LabelQuery` for its rows.
 
         ``text`` [K, E] passes embeddings resolved beforehand (the service encodes new labels off the inference
-        worker); None takes them from the text cache, encoding the labels it lacks here.
+        worker); None takes them from the text cache, encoding the labels it lacks here. The query's rule is the
+        point's rule for its label count (an operating point's label cap, :meth:`ExitRule.for_labels`).
         """
         rule = exit_rule if exit_rule is not None else self.exit_rule(operating_point)
         labels = validate_labels(labels, self.max_labels)
+        rule = rule.for_labels(len(labels))
         if text is None:
             text = self.text_embeddings(labels, templates)
         elif text.dim() != 2 or text.shape[0] != len(labels):

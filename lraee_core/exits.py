@@ -1,7 +1,9 @@
 """Exit rules: how the engine decides, per image and candidate layer, whether an image leaves.
 
 * an operating point's thresholds: leave at the first candidate layer whose gate probability reaches the layer's
-  threshold (>= 1.0 never leaves there); every candidate head and gate on the way is evaluated;
+  threshold (>= 1.0 never leaves there); every candidate head and gate on the way is evaluated. A point may carry a
+  label cap: a request with more labels runs no head or gate at all and gets the `full` answer (the rule of
+  :meth:`ExitRule.for_labels`), because calibration found its exits too rare there to pay for the heads;
 * ``full``: no exits and no heads evaluated: the plain full-depth CLIP answer, the reference the operating points'
   agreement promises are measured against;
 * a forced per-image exit mix (benchmarks only): image i leaves at the candidate layer ``forced[i]`` (None: full
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +30,7 @@ class ExitRule:
     thresholds: Mapping[int, float] = field(default_factory=dict)  # layer -> gate threshold (missing: never leaves)
     forced: tuple[int | None, ...] | None = None  # per image: the layer to leave at, or None for full depth
     evaluate_heads: bool = True  # False: no exit head or gate runs (the `full` rule)
+    label_cap: int | None = None  # the most labels a request may have for the heads to run (None: no cap)
 
     @classmethod
     def full(cls) -> ExitRule:
@@ -34,9 +38,26 @@ class ExitRule:
         return cls(FULL_OPERATING_POINT, {}, None, evaluate_heads=False)
 
     @classmethod
-    def from_thresholds(cls, thresholds: Mapping[int, float], name: str = "custom") -> ExitRule:
-        """Leave at the first candidate layer whose gate probability reaches its threshold."""
-        return cls(name, dict(thresholds))
+    def from_thresholds(
+        cls, thresholds: Mapping[int, float], name: str = "custom", label_cap: int | None = None
+    ) -> ExitRule:
+        """Leave at the first candidate layer whose gate probability reaches its threshold; with ``label_cap``,
+        only for requests of at most that many labels (:meth:`for_labels`)."""
+        if label_cap is not None and label_cap < 1:
+            raise ValueError(f"a label cap is a label count >= 1, not {label_cap}")
+        return cls(name, dict(thresholds), label_cap=label_cap)
+
+    def for_labels(self, count: int) -> ExitRule:
+        """The rule a request of ``count`` labels follows: this one, or above its label cap the same point without
+        heads (no exits, the `full` answer and cost; its name stays the point's). One object per rule and cap, so
+        rows of different requests share it (a constant column in :class:`RowExits`)."""
+        if self.label_cap is None or count <= self.label_cap:
+            return self
+        return self._without_heads
+
+    @functools.cached_property
+    def _without_heads(self) -> ExitRule:
+        return ExitRule(self.name, {}, None, evaluate_heads=False)
 
     @classmethod
     def forced_mix(cls, exits_per_image: Sequence[int | None]) -> ExitRule:

@@ -18,8 +18,8 @@ from .errors import CheckpointError, InputError
 from .gate import PAPER_FEATURES, validate_feature_names
 from .text import validate_templates
 
-FORMAT_VERSION = 2  # 2: gate features by name, agreement promises, a built-in `full` point
-READABLE_VERSIONS = (1, 2)  # version 1 manifests hold the paper's 3-feature gates and no promises
+FORMAT_VERSION = 3  # 2: gate features by name, agreement promises, a built-in `full` point; 3: label caps
+READABLE_VERSIONS = (1, 2, 3)  # version 1 manifests hold the paper's 3-feature gates and no promises
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class Manifest:
     gate_features: tuple[str, ...] = PAPER_FEATURES  # the gate's input features by name, in weight order
     promises: dict[str, float] = field(default_factory=dict)  # operating point -> promised held-out agreement
     # with the full-depth top-1 (the fraction of images whose answer equals full depth's)
+    label_caps: dict[str, int] = field(default_factory=dict)  # operating point -> the most labels a request may have
+    # for its exit heads to run (lraee_core.config.OperatingPoint.label_cap); a point not named has no cap
     templates: tuple[str, ...] = ()  # prompt templates the heads and gates were calibrated with: the default
     # prompts of requests that name none; () means the engine's DEFAULT_TEMPLATES
     calibration: dict[str, Any] = field(default_factory=dict)  # data, splits, seeds, search (portable paths)
@@ -79,7 +81,7 @@ class Manifest:
         return ExitPolicy(
             candidate_layers=self.candidate_layers,
             operating_points=tuple(
-                OperatingPoint(name, dict(thresholds), self.promises.get(name))
+                OperatingPoint(name, dict(thresholds), self.promises.get(name), self.label_caps.get(name))
                 for name, thresholds in self.operating_points.items()
             ),
             default_operating_point=self.default_operating_point,
@@ -122,6 +124,7 @@ class Manifest:
                 pruned_layers=tuple(PrunedLayer(**p) for p in data.get("pruned_layers", [])),
                 gate_features=tuple(str(name) for name in data.get("gate_features", PAPER_FEATURES)),
                 promises={str(name): float(value) for name, value in data.get("promises", {}).items()},
+                label_caps={str(name): value for name, value in data.get("label_caps", {}).items()},  # validate()
                 templates=tuple(str(t) for t in data.get("templates", ())),
                 calibration=dict(data.get("calibration", {})),
                 metrics=dict(data.get("metrics", {})),
@@ -164,6 +167,9 @@ class Manifest:
         for name, promise in self.promises.items():
             if name not in self.operating_points or not 0.0 <= promise <= 1.0:
                 raise CheckpointError(f"promise {name!r}: {promise} must be a stored point's agreement in [0, 1]")
+        for name, cap in self.label_caps.items():
+            if name not in self.operating_points or isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise CheckpointError(f"label cap {name!r}: {cap!r} must be a stored point's label count >= 1")
         if self.head.width != self.width or self.head.embed_dim != self.embed_dim:
             raise CheckpointError("head shape does not match the backbone width / embedding width in the manifest")
         if self.templates:

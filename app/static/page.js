@@ -138,6 +138,9 @@ function describeOperatingPoint() {
     help.textContent = `Promises ${(point.promise * 100).toFixed(0)}% agreement with the full-depth answer ` +
       "(calibrated on held-out images); earlier exits save more.";
   } else help.textContent = "How sure an exit must be before the image leaves early.";
+  if (point && typeof point.label_cap === "number") {
+    help.textContent += ` With more than ${point.label_cap} labels every block runs (exits rarely pay off there).`;
+  }
 }
 
 async function loadModel() {

@@ -44,6 +44,22 @@ def test_round_trip_describes_itself(checkpoint: Path) -> None:
     assert set(classifier.policy.names) == {"half", "never", "always", "full"}  # `full` is built in
 
 
+def test_a_stored_label_cap_applies_to_its_operating_point(checkpoint: Path) -> None:
+    _edit_manifest(checkpoint, label_caps={"always": 2})
+    classifier = load_classifier(checkpoint)
+    assert classifier.policy.label_cap("always") == 2 and classifier.policy.label_cap("half") is None
+    assert classifier.policy.label_cap("full") is None
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    two = classifier.classify(images, ["cat", "dog"], operating_point="always")
+    three = classifier.classify(images, ["cat", "dog", "car"], operating_point="always")
+    full = classifier.classify(images, ["cat", "dog", "car"], operating_point="full")
+    assert all(r.exit_path == "head" and r.exit_layer == 9 for r in two)  # "always" leaves at the first exit
+    assert [(r.exit_path, r.flops, r.predictions) for r in three] == [
+        (r.exit_path, r.flops, r.predictions) for r in full
+    ]
+    assert read_manifest(checkpoint).to_json()["label_caps"] == {"always": 2}
+
+
 def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None:
     untrained = load_classifier(checkpoint)
     labels = ["red circle", "blue square"]
@@ -83,6 +99,10 @@ def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None
         (lambda d: _edit_manifest(d, operating_points={"full": {"9": 0.5}}), "built in"),
         (lambda d: _edit_manifest(d, promises={"half": 1.5}), "promise 'half'"),
         (lambda d: _edit_manifest(d, promises={"turbo": 0.9}), "promise 'turbo'"),
+        (lambda d: _edit_manifest(d, label_caps={"turbo": 5}), "label cap 'turbo'"),
+        (lambda d: _edit_manifest(d, label_caps={"half": 0}), "label cap 'half'"),
+        (lambda d: _edit_manifest(d, label_caps={"half": 2.5}), "label cap 'half'"),
+        (lambda d: _edit_manifest(d, label_caps={"half": "5"}), "label cap 'half'"),
     ],
 )
 def test_damaged_checkpoints_fail_with_the_reason(

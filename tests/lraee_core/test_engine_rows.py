@@ -102,6 +102,29 @@ def test_forced_mixes_apply_per_request(classifier: EarlyExitClassifier, images:
         classifier.classify_rows(images[:2], [forced, forced])
 
 
+def test_a_label_cap_sends_larger_label_sets_the_full_way(
+    classifier: EarlyExitClassifier, images: torch.Tensor
+) -> None:
+    thresholds = median_thresholds(classifier, images, LABEL_SETS[2])
+    capped = ExitRule.from_thresholds(thresholds, "capped", label_cap=3)
+    free = ExitRule.from_thresholds(thresholds, "capped")
+    small = classifier.query(LABEL_SETS[1], exit_rule=capped)
+    large = classifier.query(LABEL_SETS[2], exit_rule=capped)
+    assert small.rule is capped and not large.rule.evaluate_heads and large.rule.name == "capped"
+    assert classifier.query(LABEL_SETS[3], exit_rule=capped).rule is large.rule  # one no-heads rule per cap
+    joint = classifier.classify_rows(images, [small, large] * 6)
+    for row in range(0, 12, 2):  # within the cap: the rule's own answer
+        assert_same(joint[row], classifier.classify(images[row : row + 1], LABEL_SETS[1], exit_rule=free)[0])
+    full = classifier.classify(images[1::2], LABEL_SETS[2], exit_rule=ExitRule.full())
+    for result, reference in zip(joint[1::2], full, strict=True):  # above it: the `full` answer and cost
+        assert_same(result, reference)
+        assert result.exit_path == "full" and result.flops_saved == 0.0
+    uncapped = classifier.classify(images[1::2], LABEL_SETS[2], exit_rule=free)
+    assert any(r.exit_path == "head" for r in uncapped), "without the cap some of these rows leave early"
+    with pytest.raises(ValueError, match="label count >= 1"):
+        ExitRule.from_thresholds(thresholds, label_cap=0)
+
+
 def test_text_resolved_beforehand_and_bad_calls(classifier: EarlyExitClassifier, images: torch.Tensor) -> None:
     labels = LABEL_SETS[2]
     text = classifier.text_embeddings(labels)
