@@ -33,7 +33,14 @@ from training.pipeline.label_sets import (
     word_label_sets,
 )
 from training.pipeline.profile import ProfileAccumulator
-from training.pipeline.search import candidate_thresholds, promises, prune_layers, search_point, select_candidates
+from training.pipeline.search import (
+    candidate_thresholds,
+    label_cap,
+    promises,
+    prune_layers,
+    search_point,
+    select_candidates,
+)
 from training.pipeline.simulate import METHODS, by_label_count, full_outcome, simulate
 from training.pipeline.word_sets import WordSets, WordSetsError
 
@@ -329,9 +336,10 @@ def test_a_head_charge_keeps_only_the_exits_that_pay_for_their_time() -> None:
     an image runs, the objective is the FLOPs saving less exactly that, and the search keeps fewer candidates."""
     (view, scores), pool = _view(size=2000), (6, 9, 11)
     method = METHODS["confidence"]  # scores from the view's features: no gate bank needed
-    free = select_candidates(view, method, None, pool, CalibrateConfig(promise_margin=0.0))  # type: ignore[arg-type]
+    uncharged = CalibrateConfig(promise_margin=0.0, label_caps=False)  # the charge alone (caps: tests below)
+    free = select_candidates(view, method, None, pool, uncharged)  # type: ignore[arg-type]
     assert free.points["balanced"].objective == pytest.approx(free.points["balanced"].mean_saving)
-    config = CalibrateConfig(promise_margin=0.0, head_cost_blocks=2.0)
+    config = replace(uncharged, head_cost_blocks=2.0)
     charged = select_candidates(view, method, None, pool, config)  # type: ignore[arg-type]
     assert len(charged.layers) < len(free.layers)
     point = charged.points["balanced"]
@@ -577,3 +585,43 @@ def test_fractional_split_sizes_never_ask_for_more_images_than_there_are(total: 
     sizes = _counts([0.5, 0.2, 0.15, 0.15], total, ["head", "gate", "calib", "eval"])
     assert sum(sizes) == total  # 24 images once asked for 12 + 5 + 4 + 4 = 25
     assert _counts([10, 0.5, 0.5], 30, ["a", "b", "c"]) == [10, 15, 15]
+
+
+def test_a_label_cap_is_the_largest_k_up_to_which_every_k_pays() -> None:
+    config = CalibrateConfig(head_cost_blocks=1.0)
+
+    def k(saved: float) -> dict[str, float]:  # a K's figures; its saving is saved - 1.0 x 0.05
+        return {"flops_saved": saved, "heads_in_blocks": 0.05}
+
+    assert label_cap({"50": k(0.02), "2": k(0.3), "10": k(0.1)}, config) == 10  # K in numeric order
+    assert label_cap({"2": k(0.3), "10": k(0.1)}, config) is None  # every K pays: no cap
+    assert label_cap({"2": k(0.05), "10": k(0.3)}, config) == 1  # not even the smallest pays
+    assert label_cap({"2": k(0.3), "5": k(0.01), "10": k(0.3)}, config) == 2  # the first K that fails ends it
+    assert label_cap({"2": k(0.3), "words-2": k(-0.5), "group-pets": k(-0.5)}, config) is None  # random sets only
+
+
+def test_rows_above_a_label_cap_run_no_head_and_answer_as_full_depth() -> None:
+    (view, scores), layers = _view(), (6, 9, 11)
+    capped = simulate(view, layers, scores, [0.5] * 3, label_cap=5)
+    free = simulate(view, layers, scores, [0.5] * 3)
+    full = full_outcome(view)
+    above, below = view.counts == 10, view.counts == 2
+    assert free.exited[above].any()  # the cap, not the scores, keeps them in
+    assert not capped.exited[above].any() and (capped.evaluated[above] == 0).all()
+    assert (capped.flops[above] == full.flops[above]).all() and capped.agrees[above].all()
+    for name in ("exit_layer", "exited", "predictions", "flops", "evaluated"):
+        assert (getattr(capped, name)[below] == getattr(free, name)[below]).all(), name
+
+
+def test_a_point_caps_its_labels_where_exits_stop_paying() -> None:
+    (view, scores), layers = _view(size=2000), (6,)
+    scores = {6: np.where(view.counts == 10, np.float32(0.0), scores[6])}  # nobody leaves at K = 10
+    config = CalibrateConfig(promise_margin=0.0, head_cost_blocks=0.5)
+    tried = np.array([0.05, 0.3, 0.6, 1.0])  # every one above the K = 10 rows' scores
+    point = search_point(view, layers, scores, 0.5, config, tried)
+    assert point.label_cap == 2
+    assert point.calibration["10"]["heads_in_blocks"] == 0.0 and point.calibration["10"]["flops_saved"] == 0.0
+    assert point.calibration["10"]["agreement"] == 1.0
+    uncapped = search_point(view, layers, scores, 0.5, replace(config, label_caps=False), tried)
+    assert uncapped.label_cap is None and uncapped.calibration["10"]["flops_saved"] < 0.0
+    assert point.objective > uncapped.objective

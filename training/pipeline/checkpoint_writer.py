@@ -61,6 +61,7 @@ def write_checkpoint(
         pruned_layers=tuple(pruned),
         gate_features=bank.features,
         promises={name: point.promise for name, point in selection.points.items()},
+        label_caps={name: point.label_cap for name, point in selection.points.items() if point.label_cap is not None},
         templates=tuple(config.data.templates),
         calibration=portable_paths(
             {

@@ -65,6 +65,13 @@ def _counts(value: str) -> tuple[int, ...]:
     return tuple(int(part) for part in value.split(",") if part.strip())
 
 
+def _on_off(value: str) -> bool:
+    """ "on" / "off" -> a switch."""
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
+    return value == "on"
+
+
 def _names(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -150,6 +157,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--prune-fraction", "calibrate.prune_fraction", float, "prune INR < this x neighbours' mean (0: off)"),
     Option("--max-candidates", "calibrate.max_candidates", int, "most exit layers in the checkpoint"),
     Option(
+        "--label-caps",
+        "calibrate.label_caps",
+        _on_off,
+        "on or off: each point runs its exits only up to the label count where they still pay for the heads",
+    ),
+    Option(
         "--head-cost-blocks",
         "calibrate.head_cost_blocks",
         float,
@@ -205,6 +218,8 @@ def parser() -> argparse.ArgumentParser:
     defaults = BuildConfig()
     for option in OPTIONS:
         default = _get(defaults, option.field)
+        if isinstance(default, bool):  # a switch (_on_off) shows its default as it is typed
+            default = "on" if default else "off"
         common.add_argument(
             option.flag,
             dest=_field_name(option),

@@ -125,6 +125,8 @@ class CalibrateConfig:
     head_cost_blocks: float = 0.0  # the search charges every head-and-gate evaluation this many blocks of time
     # (0: their FLOPs only, a fraction of a block; on a small model served by ONNX Runtime each candidate is one
     # more graph call and dozens of small ops, which at batch 1 cost more than a block: see the everyday recipe)
+    label_caps: bool = True  # give each point a label cap: above the label count where its exits stop paying for
+    # the heads on the calib split, requests run no heads (training.pipeline.search, "Label caps")
     default_operating_point: str = "balanced"  # used when a request names none
     ship: str = "auto"  # exits the checkpoint ships: "lraee" (SSA heads), "cls-ee" ([CLS] heads), or "auto": the
     # one of the two saving more calib FLOPs at the default point (both keep the same promises)

@@ -191,13 +191,15 @@ def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) ->
         settings: dict[str, list[float] | None] = {
             name: [setting["threshold"]] * len(layers) for name, setting in record["operating_points"].items()
         }
+        caps = {name: setting.get("label_cap") for name, setting in record["operating_points"].items()}
         settings["probe-median"] = probe
         settings["full"] = None
         for name, thresholds in settings.items():
+            cap = caps.get(name)
             rule = (
                 ExitRule.full()
                 if thresholds is None
-                else ExitRule.from_thresholds(dict(zip(layers, thresholds, strict=True)))
+                else ExitRule.from_thresholds(dict(zip(layers, thresholds, strict=True)), name, cap)
             )
             results = []
             for position in range(len(rows)):
@@ -209,7 +211,7 @@ def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) ->
                     top_k=1,
                     exit_rule=rule,
                 )
-            simulated = full_outcome(view) if thresholds is None else simulate(view, layers, scores, thresholds)
+            simulated = full_outcome(view) if thresholds is None else simulate(view, layers, scores, thresholds, cap)
             index = {name: i for i, name in enumerate(store.labels)}
             engine_exit = np.array([r.exit_layer for r in results])
             engine_head = np.array([r.exit_path == "head" for r in results])
@@ -230,6 +232,7 @@ def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) ->
             checks[f"K={k} {name}"] = {
                 "k": k,
                 "thresholds": thresholds,
+                "label_cap": cap,
                 "images": len(rows),
                 "agree": int(same.sum()),
                 "near_threshold": int(near.sum()),
@@ -257,9 +260,11 @@ def _method_sweep(
     scores = method_scores(view, method, bank, layers)
     points = {}
     for point, setting in record["operating_points"].items():
-        outcome = simulate(view, layers, scores, [setting["threshold"]] * len(layers))
+        cap = setting.get("label_cap")
+        outcome = simulate(view, layers, scores, [setting["threshold"]] * len(layers), cap)
         points[point] = {
             "threshold": setting["threshold"],
+            "label_cap": cap,
             "promise": setting["promise"],
             "held_out": by_label_count(outcome, view, layers),
             "calibration": setting["calibration"],
@@ -350,7 +355,13 @@ def run_evaluate(job: Job) -> dict[str, Any]:
     main = methods[shipped_name]
     main_layers = main["layers"]
     threshold = main["operating_points"][default]["threshold"]
-    main_outcome = simulate(shipped_view, main_layers, scores_of[shipped_name], [threshold] * len(main_layers))
+    main_outcome = simulate(
+        shipped_view,
+        main_layers,
+        scores_of[shipped_name],
+        [threshold] * len(main_layers),
+        main["operating_points"][default]["label_cap"],
+    )
     full_correct = shipped_view.full_top1 == shipped_view.truth
     rows_of = {k: shipped_view.counts == k for k in sorted(shipped_view.flops)}
     quadrants = {str(k): four_quadrants(main_outcome.correct[rows], full_correct[rows]) for k, rows in rows_of.items()}

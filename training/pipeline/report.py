@@ -151,6 +151,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"Chosen by `{choice['rule']}` on the calib split ({reason}).",
         "",
     ]
+    caps = {point: values.get("label_cap") for point, values in main["operating_points"].items()}
+    if any(cap is not None for cap in caps.values()):
+        listed = ", ".join(f"`{point}` {cap if cap is not None else 'none'}" for point, cap in caps.items())
+        lines += [
+            f"Label caps (the most labels for which a point runs its exits; a request with more gets the full-depth "
+            f"answer at no head cost; chosen on the calib split): {listed}. The figures below include them.",
+            "",
+        ]
     rows: list[tuple[Any, ...]] = []
     word_keys = [WORD_KEY.format(k) for k in report.get("word_label_counts", [])]  # label sets of everyday words
     word_keys += [GROUP_KEY.format(name) for name in report.get("class_groups", [])]  # whole class groups
@@ -219,8 +227,9 @@ def markdown(report: dict[str, Any]) -> str:
             cells = [
                 f"{_pct(values['held_out'][k]['agreement'])} / {_pct(values['held_out'][k]['flops_saved'])}" for k in ks
             ]
-            rows.append((method["title"], point, f"{values['threshold']:.4f}", *cells))
-    lines += _table(["Method", "Point", "Threshold", *[_k_name(k, num_labels) for k in ks]], rows)
+            cap = values.get("label_cap")
+            rows.append((method["title"], point, f"{values['threshold']:.4f}", cap if cap is not None else "–", *cells))
+    lines += _table(["Method", "Point", "Threshold", "Label cap", *[_k_name(k, num_labels) for k in ks]], rows)
     lines += [f"## Four-quadrant decomposition: {main['title']} ({default}) vs INT8 full depth, per K", ""]
     titles = {
         "both_correct": "Both correct",

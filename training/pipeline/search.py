@@ -17,6 +17,15 @@ were pruned, the one with the highest INR is kept.
 default point's threshold as above; the subset with the largest mean calib saving over the K values wins (ties:
 fewer layers, each of which costs a head and a gate). Baseline methods get the same treatment.
 
+**Label caps.** Exits grow rarer as the label set grows (the gate is less sure among more labels), while every image
+still pays for the heads and gates it runs. Each point therefore gets a *label cap*: the largest K of
+``label_counts`` up to which every K's saving (below) is positive at the point's threshold. A request with more
+labels runs no head or gate and gets the full-depth answer (lraee_core.exits, ``ExitRule.for_labels``); between two
+calibrated K values the cap keeps the smaller, measured one. No cap when every K pays; a cap of 1 when even the
+smallest does not. The cap is part of what each threshold is judged by: the figures, the promise check and the
+objective of a threshold are those of its capped engine (rows above the cap answer as full depth, at no head cost).
+Only the random label-set keys set the cap; word and class-group rows follow it by their own K.
+
 **What a saving is.** FLOPs saved, less ``head_cost_blocks`` blocks' worth of FLOPs for every head and gate an image
 runs (mean over the K values: the search's *objective*). With ``head_cost_blocks`` 0 it is the FLOPs saving, where a
 head and a gate cost a fraction of a block. Where they are served as one more graph call of dozens of small ops, as
@@ -56,7 +65,8 @@ class PointSetting:
     promise_met: bool  # False only when even t = 1.0 (no exits) falls short, which cannot happen on agreement
     mean_saving: float  # calib FLOPs saving averaged over K
     objective: float  # what the search maximised: mean_saving less the charge for heads (module docstring)
-    calibration: dict[str, dict[str, Any]]  # K -> calib figures
+    calibration: dict[str, dict[str, Any]]  # K -> calib figures (of the capped engine)
+    label_cap: int | None = None  # the point's label cap (module docstring); None: none
 
 
 def promises(config: CalibrateConfig) -> dict[str, float]:
@@ -71,9 +81,38 @@ def candidate_thresholds(scores: dict[int, np.ndarray], count: int) -> np.ndarra
     return np.unique(np.concatenate([quantiles.astype(np.float32).astype(np.float64), [1.0]]))
 
 
+def saving(figures: dict[str, Any], config: CalibrateConfig) -> float:
+    """One K's FLOPs saving less ``head_cost_blocks`` blocks per head and gate run."""
+    return float(figures["flops_saved"] - config.head_cost_blocks * figures["heads_in_blocks"])
+
+
 def objective(figures: dict[str, dict[str, Any]], config: CalibrateConfig) -> float:
-    """Mean over the K values of the FLOPs saving less ``head_cost_blocks`` blocks per head and gate run."""
-    return float(np.mean([f["flops_saved"] - config.head_cost_blocks * f["heads_in_blocks"] for f in figures.values()]))
+    """Mean over the K values of :func:`saving`."""
+    return float(np.mean([saving(f, config) for f in figures.values()]))
+
+
+def label_cap(figures: dict[str, dict[str, Any]], config: CalibrateConfig) -> int | None:
+    """The largest random-label-set K up to which every K's :func:`saving` is positive (module docstring); None when
+    every K pays, 1 when the smallest does not."""
+    counts = sorted(int(key) for key in figures if key.isdigit())
+    cap = None
+    for count in counts:
+        if saving(figures[str(count)], config) <= 0.0:
+            return cap if cap is not None else 1
+        cap = count
+    return None
+
+
+def capped_figures(
+    view: ExitView, layers: Sequence[int], scores: dict[int, np.ndarray], threshold: float, config: CalibrateConfig
+) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """The calib figures per K of one shared threshold under its label cap, and the cap (None without caps)."""
+    thresholds = [threshold] * len(layers)
+    figures = by_label_count(simulate(view, layers, scores, thresholds), view, layers)
+    cap = label_cap(figures, config) if config.label_caps else None
+    if cap is None:
+        return figures, None
+    return by_label_count(simulate(view, layers, scores, thresholds, label_cap=cap), view, layers), cap
 
 
 def _feasible(figures: dict[str, dict[str, Any]], promise: float, margin: float) -> bool:
@@ -93,19 +132,17 @@ def search_point(
         thresholds = candidate_thresholds(scores, config.threshold_candidates)
     best: PointSetting | None = None
     for threshold in thresholds[::-1]:  # from no exits down; agreement only falls as more images leave
-        outcome = simulate(view, layers, scores, [float(threshold)] * len(layers))
-        figures = by_label_count(outcome, view, layers)
+        figures, cap = capped_figures(view, layers, scores, float(threshold), config)
         if not _feasible(figures, promise, config.promise_margin):
             break
-        saving = float(np.mean([f["flops_saved"] for f in figures.values()]))
+        mean_saving = float(np.mean([f["flops_saved"] for f in figures.values()]))
         value = objective(figures, config)
         if best is None or value > best.objective:
-            best = PointSetting(float(threshold), promise, True, saving, value, figures)
+            best = PointSetting(float(threshold), promise, True, mean_saving, value, figures, cap)
     if best is None:  # unreachable in practice: t = 1.0 answers every row as full depth does
-        outcome = simulate(view, layers, scores, [1.0] * len(layers))
-        figures = by_label_count(outcome, view, layers)
-        saving = float(np.mean([f["flops_saved"] for f in figures.values()]))
-        best = PointSetting(1.0, promise, False, saving, objective(figures, config), figures)
+        figures, cap = capped_figures(view, layers, scores, 1.0, config)
+        mean_saving = float(np.mean([f["flops_saved"] for f in figures.values()]))
+        best = PointSetting(1.0, promise, False, mean_saving, objective(figures, config), figures, cap)
     return best
 
 

@@ -97,17 +97,24 @@ def _exits(scores: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def simulate(
-    view: ExitView, layers: Sequence[int], scores: dict[int, np.ndarray], thresholds: Sequence[float]
+    view: ExitView,
+    layers: Sequence[int],
+    scores: dict[int, np.ndarray],
+    thresholds: Sequence[float],
+    label_cap: int | None = None,
 ) -> Outcome:
-    """Mirror of EarlyExitClassifier.classify over ``layers`` (ascending) with these per-layer thresholds."""
+    """Mirror of EarlyExitClassifier.classify over ``layers`` (ascending) with these per-layer thresholds; rows
+    whose K is above ``label_cap`` run no head (lraee_core.exits, ``ExitRule.for_labels``)."""
     any_model = next(iter(view.flops.values()))
+    heads_run = np.ones(view.size, dtype=bool) if label_cap is None else view.counts <= label_cap
     alive = np.ones(view.size, dtype=bool)
     exit_layer = np.full(view.size, any_model.num_layers)
     predictions = view.full_top1.copy()
     evaluated = np.zeros(view.size, dtype=np.int64)
     for layer, threshold in zip(layers, thresholds, strict=True):
-        evaluated[alive] += 1
-        leave = alive & _exits(scores[layer], threshold)
+        reached = alive & heads_run
+        evaluated[reached] += 1
+        leave = reached & _exits(scores[layer], threshold)
         exit_layer[leave] = layer
         predictions[leave] = view.top1[layer][leave]
         alive &= ~leave
