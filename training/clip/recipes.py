@@ -487,15 +487,27 @@ def everyday_word_sets(source: Path, destination: Path) -> Path:
     return destination
 
 
-def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] = EVERYDAY_STAGES) -> dict[str, object]:
+def everyday(
+    threads: int,
+    init_weights: Path,
+    stages: Sequence[EverydayStage] = EVERYDAY_STAGES,
+    clip_weights: Path | None = None,
+) -> dict[str, object]:
     """The everyday CLIP (``stages`` in turn, the first warm-started from ``init_weights``, the photos CLIP), the
     shipped ``everyday`` checkpoint built like ``photos`` (same holdout photos, same LRA-EE build and K-sweeps), and
-    the everyday evaluation on held-out photos with users' label sets (``training.clip.everyday_eval``)."""
+    the everyday evaluation on held-out photos with users' label sets (``training.clip.everyday_eval``).
+
+    With ``clip_weights`` (the shipped CLIP, say, to rebuild its exits) no stage trains: the builds use those weights
+    and the Tiny photos every stage holds out (the stages' seeded split, recomputed), and the stages' logs are the
+    copies in ``reports/everyday``."""
     from .everyday_eval import REPORT_FILE, evaluate
 
     train = photos.extract("train")
-    first = _last_finished_stage(stages)  # the stages before it are done: their run folders need not be here
+    first = len(stages) if clip_weights is not None else _last_finished_stage(stages)  # the stages before it are
+    # done: their run folders need not be here
     weights = init_weights if first == 0 else RUNS / stages[first - 1].run / WEIGHTS_FILE
+    if clip_weights is not None:
+        weights = clip_weights
     logs = [_stage_log(number, stage) for number, stage in enumerate(stages[:first], start=1)]
     holdouts = []
     for stage in stages[first:]:
@@ -511,9 +523,13 @@ def everyday(threads: int, init_weights: Path, stages: Sequence[EverydayStage] =
         weights = train_everyday_clip(clip)
         logs.append(clip_dir / LOG_FILE)
         holdouts.append((clip_dir / HOLDOUT_FILE).read_text())
-    if len(set(holdouts)) != 1:  # every stage holds out the same photos (seed 0), or the build would see trained ones
+    if clip_weights is not None:  # the split every stage made (EverydayClipConfig's defaults; no stage sets them)
+        split = EverydayClipConfig(train_dir=str(train))
+        holdout = holdout_csv(train, RUNS / "everyday_holdout", split.holdout_per_class, split.seed)
+    elif len(set(holdouts)) != 1:  # every stage holds out the same photos (seed 0), or the build would see trained ones
         raise RuntimeError("the everyday stages' holdout.csv files differ")
-    holdout = RUNS / stages[first].run / HOLDOUT_FILE  # the same file in every stage run here (checked above)
+    else:
+        holdout = RUNS / stages[first].run / HOLDOUT_FILE  # the same file in every stage run here (checked above)
     source = everyday_build_source(holdout, EverydayClipConfig(train_dir=str(train)), RUNS / "everyday_build.csv")
     words = everyday_word_sets(source, RUNS / "everyday_word_sets.json")
     summary = photo(
@@ -618,7 +634,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--other-samples", type=int, help="world: images of the shapes / colours builds (default: --samples)"
     )
-    parser.add_argument("--clip-weights", type=Path, help="build on these CLIP weights, train none")
+    parser.add_argument(
+        "--clip-weights",
+        type=Path,
+        help="build on these CLIP weights, train none (everyday: e.g. lraee_core/assets/everyday/weights.safetensors)",
+    )
     parser.add_argument(
         "--reuse-world-comparison", action="store_true", help="photos: keep summary.json's world-model zero-shot"
     )
@@ -651,8 +671,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.recipe == "everyday":
         if args.clip_steps is not None:
             parser.error("everyday: the CLIP's stages and their steps are EVERYDAY_STAGES, not flags")
-        summary = everyday(args.threads, args.init_weights)
-        _finish("everyday", summary, RUNS / EVERYDAY_STAGES[-1].run / "training_log.json")
+        summary = everyday(args.threads, args.init_weights, clip_weights=args.clip_weights)
+        last_log = RUNS / EVERYDAY_STAGES[-1].run / "training_log.json"
+        if args.clip_weights is not None:  # no stage ran: the last stage's log is its copy in the reports
+            last_log = _stage_log(len(EVERYDAY_STAGES), EVERYDAY_STAGES[-1])
+        _finish("everyday", summary, last_log)
     elif args.recipe == "world":
         summary = world(args.clip_steps or 700, args.threads, args.samples, args.clip_weights, args.other_samples)
         _finish("world", summary, None if args.clip_weights else RUNS / "world_clip" / "training_log.json")
