@@ -33,6 +33,7 @@ class BenchImages:
     images: torch.Tensor  # [N, 3, H, W]
     labels: tuple[str, ...] | None  # None: the caller's default label set
     note: str  # printed with the results
+    classes: tuple[int, ...] | None = None  # each image's class, an index into labels (None: unknown)
 
 
 def everyday_dir() -> Path:
@@ -68,16 +69,21 @@ def everyday_photos(preprocess: Callable[[Any], torch.Tensor], count: int) -> Be
         for label, photos in _photos_by_class(path, per_class=count, held_out=set(held[name])).items():
             by_class.setdefault(label, []).extend(photos)
     labels = sorted(by_class)
-    in_turn = [photos[index] for index in range(count) for label in labels if index < len(photos := by_class[label])]
+    in_turn = [
+        (photos[index], number)
+        for index in range(count)
+        for number, label in enumerate(labels)
+        if index < len(photos := by_class[label])
+    ]
     chosen = in_turn[:count]
     if len(chosen) < count:
         return None
-    images = torch.stack([preprocess(load_image(data)) for data in chosen])
+    images = torch.stack([preprocess(load_image(data)) for data, _ in chosen])
     note = (
         f"images: {count} held-out everyday photos ({', '.join(SETS)} under {folder}, classes in turn) against their "
         f"{len(labels)} class names"
     )
-    return BenchImages(images, tuple(labels), note)
+    return BenchImages(images, tuple(labels), note, tuple(number for _, number in chosen))
 
 
 def noise_images(image_size: int, count: int, reason: str) -> BenchImages:

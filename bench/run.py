@@ -43,7 +43,7 @@ from .under_test import (
     BackboneUnderTest,
     build_backbone_under_test,
 )
-from .workloads import LARGE_BATCH, imagenet_labels, measure_interleaved, row_key, workloads
+from .workloads import FEW_LABELS, LARGE_BATCH, imagenet_labels, measure_interleaved, row_key, workloads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -184,7 +184,7 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     inputs = bench_images(under_test, args.photos)
     row_labels = list(inputs.labels) if inputs.labels is not None else labels
     rows = measure_interleaved(
-        workloads(under_test, row_labels),
+        workloads(under_test, row_labels, inputs.classes),
         inputs.images,
         warmup=args.warmup,
         repeats=args.repeats,
@@ -247,6 +247,18 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     else:
         notes.append(f"paper exit mix rows skipped: the checkpoint has no exit heads at all of {list(PAPER_EXIT_MIX)}")
     notes.append(f"ORT full-depth graph: {under_test.ort_tower.method}")
+    caps = {p.name: p.label_cap for p in own.policy.operating_points if p.label_cap is not None}
+    if caps:
+        listed = ", ".join(f"{name} {cap}" for name, cap in caps.items())
+        notes.append(
+            f"label caps (the most labels for which a point runs its exits; more run the `full` path): {listed}; "
+            f"these rows ask {len(row_labels)} labels"
+        )
+    if not under_test.mix_applies and inputs.classes is not None:
+        notes.append(
+            f"few-labels rows: each image against {FEW_LABELS} labels of its own (its class and {FEW_LABELS - 1} "
+            "others, seeded), one query per image through classify_rows"
+        )
     notes.append(
         "LRA-EE rows use the engine's classify() (per-image results, top-5); the full-depth baselines compute "
         "logits, softmax and top-5 as a user would"
@@ -259,6 +271,7 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
         "shape": dataclasses.asdict(shape),
         "candidate_layers": list(candidates),
         "operating_points": {p: own.policy.thresholds(p) for p in own.policy.names},
+        "label_caps": caps,
         "default_operating_point": own.policy.default_operating_point,
         "labels": len(row_labels),
         "flops": flops,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 
@@ -25,7 +26,9 @@ from .timing import PassTimes, RssProbe, percentile
 from .under_test import SERVICE_ENGINE, BackboneUnderTest
 
 LARGE_BATCH = 32
-Classify = Callable[[torch.Tensor, list[ExitTarget] | None], list[ExitResult] | None]
+FEW_LABELS = 5  # labels per image of the "few labels" rows: the image's class and 4 others, drawn per image
+# (images, forced exits or None, the images' indices in the bench's batch) -> results (LRA-EE rows) or None
+Classify = Callable[[torch.Tensor, list[ExitTarget] | None, list[int]], list[ExitResult] | None]
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Workload:
 
     key: str  # stable identifier, used in JSON and ratios
     title: str  # what the table prints
-    classify: Classify  # (images, forced exits or None) -> per-image results (LRA-EE) or None (baselines)
+    classify: Classify  # (images, forced exits or None, image indices) -> per-image results (LRA-EE) or None
     forced_mix: bool = False  # feed the paper's exit mix as forced exits
     full_depth_reference: str | None = None  # key of the same engine at full depth (early-exit efficiency)
     notes: tuple[str, ...] = ()  # kept with the row in the JSON
@@ -75,7 +78,7 @@ def imagenet_labels(count: int) -> list[str]:
 
 
 def _engine_call(engine: EarlyExitClassifier, labels: Sequence[str], **options: Any) -> Classify:
-    def classify(images: torch.Tensor, forced: list[ExitTarget] | None) -> list[ExitResult]:
+    def classify(images: torch.Tensor, forced: list[ExitTarget] | None, indices: list[int]) -> list[ExitResult]:
         rule = ExitRule.forced_mix(forced) if forced is not None else options.get("exit_rule")
         rest = {name: value for name, value in options.items() if name != "exit_rule"}
         return engine.classify(images, labels, exit_rule=rule, **rest)
@@ -83,10 +86,35 @@ def _engine_call(engine: EarlyExitClassifier, labels: Sequence[str], **options: 
     return classify
 
 
+def _engine_rows_call(
+    engine: EarlyExitClassifier, label_sets: Sequence[Sequence[str]], exit_rule: ExitRule | None = None
+) -> Classify:
+    """Image i against its own ``label_sets[i]`` (one request per image, as clients send them), at the default
+    operating point or under ``exit_rule``: each call builds its rows' queries, as ``classify`` does."""
+
+    def classify(images: torch.Tensor, forced: list[ExitTarget] | None, indices: list[int]) -> list[ExitResult]:
+        queries = [engine.query(label_sets[index], exit_rule=exit_rule) for index in indices]
+        return engine.classify_rows(images, queries)
+
+    return classify
+
+
+def few_label_sets(labels: Sequence[str], classes: Sequence[int], count: int = FEW_LABELS) -> list[list[str]]:
+    """Per image: its class and ``count`` - 1 other labels, drawn with a fixed seed, in a shuffled order."""
+    rng = np.random.default_rng(0)
+    sets = []
+    for truth in classes:
+        others = rng.choice([i for i in range(len(labels)) if i != truth], size=count - 1, replace=False)
+        chosen = [int(truth), *(int(i) for i in others)]
+        rng.shuffle(chosen)
+        sets.append([labels[i] for i in chosen])
+    return sets
+
+
 def _tower_call(encode: Callable[[torch.Tensor], torch.Tensor], text: torch.Tensor, scale: float) -> Classify:
     classify_tower = tower_classifier(encode, text, scale)
 
-    def classify(images: torch.Tensor, forced: list[ExitTarget] | None) -> None:
+    def classify(images: torch.Tensor, forced: list[ExitTarget] | None, indices: list[int]) -> None:
         classify_tower(images)
 
     return classify
@@ -112,9 +140,14 @@ def row_key(engine: str, what: str) -> str:
     return f"lraee_{engine.replace('-', '_')}_{what}"
 
 
-def workloads(under_test: BackboneUnderTest, labels: Sequence[str]) -> list[Workload]:
+def workloads(
+    under_test: BackboneUnderTest, labels: Sequence[str], classes: Sequence[int] | None = None
+) -> list[Workload]:
     """Every row of one backbone, baselines first: the service's engine at each operating point (trained
-    checkpoints), the torch engine at the default one, and every engine at full depth and under the paper mix."""
+    checkpoints), the torch engine at the default one, and every engine at full depth and under the paper mix.
+    With the images' ``classes`` (indices into ``labels``), a trained checkpoint's service engine also runs each
+    image against :data:`FEW_LABELS` labels of its own (:func:`few_label_sets`), at the default point and at full
+    depth: where its exits are taken (a label cap may send larger label sets the full way)."""
     engines = under_test.engines
     fp32 = under_test.fp32
     text = engines["none"].text_embeddings(labels)  # fills the shared cache if it is cold
@@ -192,6 +225,23 @@ def workloads(under_test: BackboneUnderTest, labels: Sequence[str]) -> list[Work
             )
         if under_test.mix_applies:
             rows.append(_paper_mix_row(name, titles[name], engines[name], labels, row_key(name, "full_depth")))
+    if classes is not None and not under_test.mix_applies:
+        sets = few_label_sets(labels, classes)
+        default = service.policy.default_operating_point
+        few = f"{FEW_LABELS} labels per image (its class and {FEW_LABELS - 1} others of the {len(labels)})"
+        rows += [
+            Workload(
+                row_key(SERVICE_ENGINE, f"few_labels_op_{default}"),
+                f"{titles[SERVICE_ENGINE]} @ operating point {default!r} (default), {few}",
+                _engine_rows_call(service, sets),
+                full_depth_reference=row_key(SERVICE_ENGINE, "few_labels_full_depth"),
+            ),
+            Workload(
+                row_key(SERVICE_ENGINE, "few_labels_full_depth"),
+                f"{titles[SERVICE_ENGINE]}, full depth (`full` rule: no heads), {few}",
+                _engine_rows_call(service, sets, ExitRule.full()),
+            ),
+        ]
     return rows
 
 
@@ -220,8 +270,10 @@ class _Row:
         self.workload = workload
         self.cycle_targets = forced_exits(MIX_CYCLE) if workload.forced_mix else [None] * MIX_CYCLE
         self.batch_targets = forced_exits(LARGE_BATCH) if workload.forced_mix else None
-        self.singles = [images[i % images.shape[0]].unsqueeze(0) for i in range(MIX_CYCLE)]
+        self.indices = [i % images.shape[0] for i in range(MIX_CYCLE)]  # the image of each batch-1 call
+        self.singles = [images[i].unsqueeze(0) for i in self.indices]
         self.batch = images[:LARGE_BATCH]
+        self.batch_indices = list(range(self.batch.shape[0]))
         self.batch1 = PassTimes()
         self.batch32 = PassTimes()
         self.last_cycle: list[ExitResult] = []
@@ -235,7 +287,7 @@ class _Row:
         for index, single in enumerate(self.singles):
             forced = [self.cycle_targets[index]] if self.workload.forced_mix else None
             start = time.perf_counter()
-            results = self.workload.classify(single, forced)
+            results = self.workload.classify(single, forced, [self.indices[index]])
             seconds.append(time.perf_counter() - start)
             self.last_cycle.extend(results or [])
         return seconds
@@ -243,7 +295,7 @@ class _Row:
     def batch_call(self) -> list[float]:
         """One batch-32 pass: one call."""
         start = time.perf_counter()
-        self.workload.classify(self.batch, self.batch_targets)
+        self.workload.classify(self.batch, self.batch_targets, self.batch_indices)
         return [time.perf_counter() - start]
 
     def warm_up(self, passes: int) -> None:
@@ -251,9 +303,9 @@ class _Row:
         memory a batch needs). A call, not a whole cycle: every lazy set-up happens on the first call."""
         for index in range(passes):
             forced = [self.cycle_targets[index % MIX_CYCLE]] if self.workload.forced_mix else None
-            self.workload.classify(self.singles[index % MIX_CYCLE], forced)
+            self.workload.classify(self.singles[index % MIX_CYCLE], forced, [self.indices[index % MIX_CYCLE]])
         with RssProbe() as probe:
-            self.batch_results = self.workload.classify(self.batch, self.batch_targets)
+            self.batch_results = self.workload.classify(self.batch, self.batch_targets, self.batch_indices)
         self.rss_growth_mib = probe.growth_mib
         for _ in range(max(0, passes - 1)):
             self.batch_call()

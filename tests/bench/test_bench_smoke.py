@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.run import main
+from bench.workloads import FEW_LABELS, few_label_sets
 
 BASELINES = {"openclip_fp32", "torch_int8", "ort_int8"}
 # The default model's engines: the service's, torch paper and static, and the onnxruntime full mode unless that is
@@ -44,6 +45,13 @@ def test_every_row_is_measured_with_positive_numbers(result: tuple[dict[str, Any
     expected |= {f"lraee_service_op_{point}" for point in backbone["operating_points"] if point != "full"}
     expected |= {f"lraee_{engine}_op_{default}" for engine in engines}
     expected.add("lraee_service_heads_no_exit")  # what the heads cost, beside the plain full-depth path
+    if any(note.startswith("few-labels rows") for note in backbone["notes"]):  # the photos' classes are known
+        expected |= {f"lraee_service_few_labels_op_{default}", "lraee_service_few_labels_full_depth"}
+        few = by_key_of(backbone)[f"lraee_service_few_labels_op_{default}"]
+        assert few["full_depth_reference"] == "lraee_service_few_labels_full_depth"
+    caps = backbone["label_caps"]
+    assert all(isinstance(cap, int) and cap >= 1 for cap in caps.values())
+    assert any(note.startswith("label caps") for note in backbone["notes"]) == bool(caps)
     assert backbone["service_backend"] == "onnxruntime"  # what LRAEE_BACKEND=auto picks for a paper or full checkpoint
     assert set(keys) == expected
     assert len(keys) == len(set(keys))
@@ -75,6 +83,20 @@ def test_every_row_is_measured_with_positive_numbers(result: tuple[dict[str, Any
     assert "by the rows in the call" in (out / "latest.md").read_text()
     assert data["peak_rss_mib"] > 0
     assert (out / "latest.md").is_file() and len(list(out.glob("bench-*.json"))) == 1
+
+
+def by_key_of(backbone: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["key"]: row for row in backbone["rows"]}
+
+
+def test_few_label_sets_hold_each_image_s_class_and_others() -> None:
+    labels = [f"class {i}" for i in range(21)]
+    classes = [i % 21 for i in range(32)]
+    sets = few_label_sets(labels, classes)
+    assert sets == few_label_sets(labels, classes)  # seeded
+    for truth, chosen in zip(classes, sets, strict=True):
+        assert len(chosen) == FEW_LABELS == len(set(chosen)) and labels[truth] in chosen
+    assert len({tuple(s) for s in sets}) > 1 and any(s[0] != labels[t] for t, s in zip(classes, sets, strict=True))
 
 
 @pytest.mark.slow
