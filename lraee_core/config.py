@@ -60,28 +60,25 @@ class ExitPolicy:
     operating_points: tuple[OperatingPoint, ...]  # named threshold sets stored in the checkpoint
     default_operating_point: str  # the one used when a request names none
 
-    def thresholds(self, name: str | None) -> dict[int, float]:
-        """Thresholds of an operating point (the default when ``name`` is None); KeyError when unknown.
+    def point(self, name: str | None) -> OperatingPoint:
+        """An operating point by name (the default when ``name`` is None); KeyError when unknown.
 
-        ``full`` has none: it never runs a head (see :mod:`lraee_core.exits`)."""
+        ``full`` is built in: no thresholds (it never runs a head, see :mod:`lraee_core.exits`) and no label cap."""
         wanted = name or self.default_operating_point
         if wanted == FULL_OPERATING_POINT:
-            return {}
+            return OperatingPoint(FULL_OPERATING_POINT)
         for point in self.operating_points:
             if point.name == wanted:
-                return point.thresholds
+                return point
         raise KeyError(wanted)
+
+    def thresholds(self, name: str | None) -> dict[int, float]:
+        """Thresholds of an operating point (:meth:`point`)."""
+        return self.point(name).thresholds
 
     def label_cap(self, name: str | None) -> int | None:
-        """The label cap of an operating point (the default when ``name`` is None; ``full``: None); KeyError when
-        unknown."""
-        wanted = name or self.default_operating_point
-        if wanted == FULL_OPERATING_POINT:
-            return None
-        for point in self.operating_points:
-            if point.name == wanted:
-                return point.label_cap
-        raise KeyError(wanted)
+        """The label cap of an operating point (:meth:`point`)."""
+        return self.point(name).label_cap
 
     @property
     def names(self) -> tuple[str, ...]:

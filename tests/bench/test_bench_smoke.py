@@ -64,7 +64,7 @@ def test_every_row_is_measured_with_positive_numbers(result: tuple[dict[str, Any
         (r["numerator"], r["metric"]): r["target"] for r in backbone["ratios"] if r["denominator"] == "openclip_fp32"
     }
     assert targets[(f"lraee_service_op_{default}", "batch32_images_per_s")] == 1.5
-    by_key = {row["key"]: row for row in backbone["rows"]}
+    by_key = by_key_of(backbone)
     for item in backbone["early_exit_efficiency"]:  # time saved is paired round by round with its reference
         assert item["time_saving_min"] <= item["time_saving"] <= item["time_saving_max"]
         assert by_key[item["reference"]]["key"].endswith("_full_depth")
@@ -102,7 +102,7 @@ def test_few_label_sets_hold_each_image_s_class_and_others() -> None:
 @pytest.mark.slow
 def test_ratios_are_quotients_of_the_stored_medians(result: tuple[dict[str, Any], Path]) -> None:
     backbone = result[0]["backbones"]["default"]
-    rows = {row["key"]: row for row in backbone["rows"]}
+    rows = by_key_of(backbone)
     assert backbone["ratios"]
     for ratio in backbone["ratios"]:
         metric = ratio["metric"]
