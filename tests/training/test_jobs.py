@@ -150,9 +150,9 @@ def test_manifest_describes_the_calibration(stepwise: Run) -> None:
     # Figures: calibration (in-sample) and held-out, per K of the sweep, for every point and `full`.
     held_out = manifest.metrics["held_out"]["operating_points"]
     assert set(held_out) == {"accurate", "balanced", "fast", "full"}
-    assert set(held_out["accurate"]) == {"2", "4"}  # K=2 and K=all (4 labels); K=5, 10, 50 exceed the data
+    assert set(held_out["accurate"]) == {"2", "3", "4"}  # K=2, 3 and all (4 labels); K=5, 10, 20, 50 exceed the data
     assert all(held_out["full"][k]["agreement"] == 1.0 for k in held_out["full"])
-    assert set(manifest.metrics["calibration"]["operating_points"]["fast"]) == {"2", "4"}
+    assert set(manifest.metrics["calibration"]["operating_points"]["fast"]) == {"2", "3", "4"}
     # Portable: no absolute path anywhere in what a checkpoint or report records.
     assert _absolute_paths(manifest.to_json()) == []
     assert _absolute_paths(json.loads((stepwise.checkpoint / "report" / "report.json").read_text())) == []
@@ -222,7 +222,7 @@ def test_report_holds_every_analysis(stepwise: Run) -> None:
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (stepwise.work_dir / "profile" / "profile.png").is_file()
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["label_counts"] == [2, 4]
+    assert report["label_counts"] == [2, 3, 4]
     assert set(report["methods"]) == {"lraee", "lraee-distilled", "lraee-hard", "paper", "cls-ee", "confidence"}
     assert set(report["baselines"]) == {
         "int8_full_depth",
@@ -241,7 +241,7 @@ def test_report_holds_every_analysis(stepwise: Run) -> None:
     for k, quadrants in report["four_quadrants"].items():
         assert sum(quadrants["counts"].values()) == 7, k
     for name, curve in report["curves"].items():
-        assert set(curve) == {"2", "4"}, name
+        assert set(curve) == {"2", "3", "4"}, name
     assert set(report["gate_features"]["selection_calib_auc"]) >= {"paper", "cosine"}
     assert [p["layer"] for p in report["profile"]] == list(range(1, 13))
     markdown = (report_dir / "report.md").read_text()

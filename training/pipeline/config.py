@@ -115,7 +115,8 @@ class CalibrateConfig:
     balanced_promise: float = 0.97  # "balanced": the same promise, looser
     fast_promise: float = 0.93  # "fast": the loosest promise
     promise_margin: float = 1.0  # calibration agreement must clear the promise by this many standard errors
-    label_counts: tuple[int, ...] = (2, 5, 10, 50, 0)  # K at which every promise must hold (0: every label)
+    label_counts: tuple[int, ...] = (2, 3, 5, 10, 20, 50, 0)  # K at which every promise must hold (0: every label);
+    # also the label counts a point's label cap can take
     label_sets_per_image: int = 1  # label sets drawn per calib image and K
     word_label_counts: tuple[int, ...] = (2, 5, 10)  # K of the word label sets (with data.word_sets) at which
     # every promise must hold too
@@ -138,7 +139,7 @@ class CalibrateConfig:
 class EvaluateConfig:
     """The evaluation report."""
 
-    label_counts: tuple[int, ...] = (2, 5, 10, 50, 0)  # the K-sweep (0: every label of the data)
+    label_counts: tuple[int, ...] = (2, 3, 5, 10, 20, 50, 0)  # the K-sweep (0: every label of the data)
     patience: int = 2  # PABEE: leave once this many consecutive exit heads agree on the top-1 class
     engine_check_images: int = 32  # evaluation images also run through the real engine (0: skip the check)
     engine_check_tolerance: float = 1e-4  # gate probabilities this close to a threshold may flip either way

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--classes-tsv", type=Path, help="wnid -> ImageNet index table for wnid folders")
     parser.add_argument("--per-class", type=int, help="at most this many photos per class (first in name order)")
     parser.add_argument("--only-classes-of", type=Path, help="keep only folders that also exist in this folder")
-    parser.add_argument("--k", default="2,5,10,50", help="label counts")
+    parser.add_argument("--k", default="2,3,5,10,20,50", help="label counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
