@@ -135,10 +135,11 @@ class EarlyExitClassifier:
                 rule = ExitRule.full()
             else:
                 try:
-                    rule = ExitRule.from_thresholds(self.policy.thresholds(name), name, self.policy.label_cap(name))
+                    point = self.policy.point(name)
                 except KeyError:
                     known = list(self.policy.names)
                     raise InputError(f"unknown operating point {name!r}; this model has {known}") from None
+                rule = ExitRule.from_thresholds(point.thresholds, name, point.label_cap)
             # One (frozen) rule object per point: rows of different requests at one point share it, which keeps
             # their thresholds a constant column in the engine.
             self._rules[name] = rule
