@@ -56,6 +56,7 @@ from training.clip.captions import (
     concept_key,
     draw_caption,
 )
+from training.clip.exit_training import ExitTraining, encode_image_with_exits, exit_heads, exit_loss
 from training.clip.pack import INDEX_FILE, EncodedSource, Pack, read_pack, write_pack
 from training.clip.photo_clip import HOLDOUT_FILE, Augment, BatchAugment, scan_photos, split_holdout, write_holdout
 from training.clip.photos import CLASSES_TSV, REPO_ROOT
@@ -64,6 +65,7 @@ from training.clip.trainer import (
     LOG_FILE,
     CachedTokenizer,
     TrainingRun,
+    build_model,
     config_parser,
     finished_elsewhere,
     image_size,
@@ -124,6 +126,11 @@ _RESUME_MUST_MATCH = (
     "holdout_per_class",
     "eval_fraction",
     "flickr_eval_images",
+    "exit_layers",
+    "exit_pooling",
+    "exit_distill",
+    "exit_contrastive",
+    "exit_into_backbone",
 )
 
 
@@ -159,6 +166,13 @@ class EverydayClipConfig:
     cuda_bf16: bool = False  # on CUDA, run the forward pass under bfloat16 autocast (CPU runs stay FP32)
     batched_augment: bool = False  # crop and flip the whole batch in one op on the device (BatchAugment)
     prefetch: int = 0  # batches drawn ahead in a background thread (0: drawn in the training loop)
+    # Training to exit (training.clip.exit_training): exit heads at these layers ("3,4,6"; "": none, plain CLIP
+    # training), what they pool, and the weights of their distillation and contrastive losses.
+    exit_layers: str = ""  # 1-based layers with a training exit head, comma-separated
+    exit_pooling: str = "cls"  # "cls" or "ssa" (mean of the patch tokens)
+    exit_distill: float = 1.0  # per head: KL from the full-depth answer to the exit's (mean over heads)
+    exit_contrastive: float = 0.0  # per head: the concept InfoNCE on the exit's embedding (mean over heads)
+    exit_into_backbone: bool = True  # False: heads learn on detached states, the CLIP trains as without them
     time_limit_s: float = 0.0  # end this session after so much training time, state and weights saved (0: none)
     deadline_unix: float = 0.0  # end it by this wall-clock time (Unix s), the photos' decoding counted (0: none)
     log_every: int = 20  # steps between log history entries
@@ -174,6 +188,13 @@ class EverydayClipConfig:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must lie in [0, 1)")
         parse_mix(self.mix)
+        self.exit_training()
+
+    def exit_training(self) -> ExitTraining | None:
+        """The exit heads this run trains with the CLIP (None: none)."""
+        return ExitTraining.parse(
+            self.exit_layers, self.exit_pooling, self.exit_distill, self.exit_contrastive, self.exit_into_backbone
+        )
 
     @property
     def end_step(self) -> int:
@@ -497,7 +518,17 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
             f"{cfg.output_dir} trains on CUDA and this machine has none: train it on a GPU machine "
             "(python -m training.clip.recipes everyday-stage ...) and copy its run folder here"
         )
-    run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, path_fields=("train_dir",), init_weights=cfg.init_weights)
+    plan = cfg.exit_training()
+    heads = None
+    if plan is not None:  # shaped from a throw-away build: TrainingRun builds the model it trains
+        heads = exit_heads(build_model(seed=cfg.seed)[0], plan, seed=cfg.seed)
+    run = TrainingRun(
+        cfg,
+        must_match=_RESUME_MUST_MATCH,
+        path_fields=("train_dir",),
+        init_weights=cfg.init_weights,
+        auxiliary=heads,
+    )
     model, tokenizer = run.model, CachedTokenizer(run.tokenizer)
     shares = parse_mix(cfg.mix)
     pack = read_pack(Path(cfg.pack_dir)) if cfg.pack_dir else None  # read (and its parts hashed) once
@@ -531,17 +562,42 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
         tokens = tokenizer(captions).to(run.device, non_blocking=True)
         return images, tokens, concept_positives(concepts, image_concepts).to(run.device, non_blocking=True)
 
+    exit_parts: dict[str, list[float]] = {}  # the exit losses of the last steps, for the log
+
     def batch_loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, tokens, positives = batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            output = model(images, tokens)
-        return concept_loss(
-            output["image_features"].float(), output["text_features"].float(), output["logit_scale"].float(), positives
-        )
+            if plan is None or heads is None:
+                output = model(images, tokens)
+                image, exits = output["image_features"], dict[int, torch.Tensor]()
+            else:
+                image, exits = encode_image_with_exits(model, heads, images, plan.into_backbone)
+                output = {
+                    "text_features": model.encode_text(tokens, normalize=True),
+                    "logit_scale": model.logit_scale.exp(),
+                }
+        text, scale = output["text_features"].float(), output["logit_scale"].float()
+        loss = concept_loss(image.float(), text, scale, positives)
+        if plan is not None:
+            extra, parts = exit_loss(
+                plan, {k: v.float() for k, v in exits.items()}, image.float(), text, scale, positives, concept_loss
+            )
+            loss = loss + extra
+            for name, value in parts.items():
+                exit_parts.setdefault(name, []).append(value)
+                del exit_parts[name][:-50]
+        return loss
 
     batches = prefetched(map(draw, range(run.step, end)), cfg.prefetch)
     run.train(batches, batch_loss, end, desc="everyday-clip", time_limit_s=training_time_limit(cfg))
-    return run.finish(lambda: {"data": counts, "caption_templates": list(NAME_TEMPLATES)})
+
+    def extras() -> dict[str, Any]:
+        out: dict[str, Any] = {"data": counts, "caption_templates": list(NAME_TEMPLATES)}
+        if exit_parts:  # the exit losses' means over this session's last 50 steps
+            out["exit_losses_last_50"] = {name: float(np.mean(v)) for name, v in sorted(exit_parts.items())}
+        return out
+
+    return run.finish(extras)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

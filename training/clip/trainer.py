@@ -42,6 +42,7 @@ MODEL_CONFIG_PATH = Path(str(files("lraee_core") / "assets" / "model_configs" / 
 STATE_FILE = "state.pt"
 WEIGHTS_FILE = "weights.safetensors"
 LOG_FILE = "training_log.json"
+AUXILIARY_FILE = "auxiliary.safetensors"  # modules trained beside the CLIP, not part of it (exit heads)
 # CLIP's cap on the learned temperature: logit_scale = ln(100).
 _MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -127,7 +128,8 @@ def learning_rate(step: int, cfg: TrainerConfig) -> float:
 
 def adamw(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     """AdamW with open_clip's rule: decay only matrices; 1-d gains/biases, embeddings and the temperature are left
-    alone. CLIP's beta2 of 0.98 is steadier than 0.999 with a learned temperature."""
+    alone. CLIP's beta2 of 0.98 is steadier than 0.999 with a learned temperature. ``model`` may hold more than the
+    CLIP (its auxiliary exit heads, :class:`TrainingRun`): every trainable parameter in it is optimised."""
 
     def exempt(name: str, parameter: torch.nn.Parameter) -> bool:
         return parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
@@ -208,13 +210,18 @@ def prefetched(items: Iterable[Item], depth: int) -> Generator[Item, None, None]
 
 
 def optimize(
-    model: open_clip.CLIP, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip_norm: float | None
+    model: open_clip.CLIP,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    grad_clip_norm: float | None,
+    trained: torch.nn.Module | None = None,
 ) -> float:
-    """Backward, optional global-norm clip, step, and CLIP's cap on the temperature; returns the loss value."""
+    """Backward, optional global-norm clip (over ``trained``, default ``model``), step, and CLIP's cap on the
+    temperature; returns the loss value."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_((trained or model).parameters(), grad_clip_norm)
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
@@ -265,6 +272,10 @@ class TrainingRun:
     optimizer, then continues ``state.pt`` when the output directory holds one. ``must_match`` names the config
     fields that fix the data stream: a resumed run must not change them (``path_fields`` among them compare as
     resolved paths, so a relative and an absolute spelling of one folder are the same data).
+
+    ``auxiliary`` is trained with the CLIP but is not part of it (the exit heads of
+    :mod:`training.clip.exit_training`): the optimizer, the gradient clip and ``state.pt`` cover it, and ``finish``
+    writes it beside the weights as ``auxiliary.safetensors``; ``weights.safetensors`` stays a plain open_clip CLIP.
     """
 
     def __init__(
@@ -273,6 +284,7 @@ class TrainingRun:
         must_match: Sequence[str],
         path_fields: Collection[str] = (),
         init_weights: str = "",
+        auxiliary: torch.nn.Module | None = None,
     ) -> None:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -282,7 +294,15 @@ class TrainingRun:
         self.model, self.preprocess, self.tokenizer = build_model(seed=cfg.seed, device=self.device)
         if init_weights:
             self.model.load_state_dict({k: v.float() for k, v in load_file(init_weights).items()})
-        self.optimizer = adamw(self.model, cfg)
+        self.auxiliary = None if auxiliary is None else auxiliary.to(self.device)
+        # What the optimizer updates: the CLIP alone (parameter order as before auxiliaries existed, so older
+        # state.pt files resume), or the CLIP and its auxiliary modules.
+        self.trained: torch.nn.Module = (
+            self.model
+            if self.auxiliary is None
+            else torch.nn.ModuleDict({"clip": self.model, "auxiliary": self.auxiliary})
+        )
+        self.optimizer = adamw(self.trained, cfg)
         self.step = 0
         self.train_seconds = 0.0
         self.history: list[dict[str, Any]] = []
@@ -312,7 +332,7 @@ class TrainingRun:
         every ``checkpoint_every`` steps and at ``end``. With ``time_limit_s`` > 0 the session ends after the first
         step past that much training time, logged and saved there, so a later run continues from it."""
         cfg = self.cfg
-        self.model.train()
+        self.trained.train()
         losses: list[float] = []
         data_seconds = 0.0  # time spent waiting for batches since the last history entry
         session_start = window_start = time.perf_counter()
@@ -323,7 +343,7 @@ class TrainingRun:
             lr = learning_rate(self.step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            losses.append(optimize(self.model, self.optimizer, batch_loss(batch), cfg.grad_clip_norm))
+            losses.append(optimize(self.model, self.optimizer, batch_loss(batch), cfg.grad_clip_norm, self.trained))
             self.step += 1
             self._stepped = True
             bar.update(1)
@@ -360,6 +380,9 @@ class TrainingRun:
         if finished and json.loads(log_path.read_text()).get("steps") == self.step:
             return weights_path
         weights_path = save_weights(self.model, weights_path, half=cfg.half)
+        if self.auxiliary is not None:
+            self.auxiliary.eval()
+            save_weights(self.auxiliary, self.output_dir / AUXILIARY_FILE, half=False)
         extra = extras() if extras is not None else {}
         log = training_log(dataclasses.asdict(cfg), self.step, self.train_seconds, self.history, cfg.half, extra)
         log_path.write_text(json.dumps(log, indent=2) + "\n")
@@ -396,6 +419,10 @@ class TrainingRun:
                 "resuming would mix two data streams. Use a new output_dir or restore the old values."
             )
         self.model.load_state_dict(state["model"])
+        if self.auxiliary is not None:
+            if "auxiliary" not in state:
+                raise ValueError(f"{self.state_path} holds no auxiliary modules (exit heads); this config trains some")
+            self.auxiliary.load_state_dict(state["auxiliary"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.train_seconds = state["step"], state["train_seconds"]
@@ -412,6 +439,8 @@ class TrainingRun:
             "config": json.dumps(dataclasses.asdict(self.cfg)),
             "history": json.dumps(self.history),
         }
+        if self.auxiliary is not None:
+            state["auxiliary"] = self.auxiliary.state_dict()
         # Write then rename, so an interrupted save never leaves a truncated state behind.
         temporary = self.state_path.with_suffix(".tmp")
         torch.save(state, temporary)
