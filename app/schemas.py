@@ -150,7 +150,11 @@ class BatchResponse(BaseModel):
 class OperatingPointOut(BaseModel):
     """A stored threshold set."""
 
-    thresholds: dict[str, float] = Field(description="Candidate layer -> gate threshold (>= 1 never exits)")
+    thresholds: dict[str, dict[str, float]] = Field(
+        description="Calibrated label count K -> candidate layer -> gate threshold (>= 1 never exits). A request's "
+        "K between two calibrated counts follows each layer's threshold interpolated linearly in log K, below the "
+        "smallest the smallest's; a single entry at K = 1 holds at every K"
+    )
     promise: float | None = Field(
         default=None,
         description="Agreement with the full-depth top-1 this point promises on held-out images (null: none)",

@@ -236,7 +236,10 @@ class ModelService:
         measured = held_out.get("operating_points", {})
         points = {
             point.name: OperatingPointOut(
-                thresholds={str(layer): value for layer, value in sorted(point.thresholds.items())},
+                thresholds={
+                    str(count): {str(layer): value for layer, value in sorted(thresholds.items())}
+                    for count, thresholds in point.by_label_count
+                },
                 promise=point.promise,
                 label_cap=point.label_cap,
                 held_out=measured.get(point.name),

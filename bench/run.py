@@ -270,7 +270,10 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
         "quant_mode": under_test.own_mode,
         "shape": dataclasses.asdict(shape),
         "candidate_layers": list(candidates),
-        "operating_points": {p: own.policy.thresholds(p) for p in own.policy.names},
+        "operating_points": {
+            p.name: {str(count): thresholds for count, thresholds in p.by_label_count}
+            for p in own.policy.operating_points
+        },
         "label_caps": caps,
         "default_operating_point": own.policy.default_operating_point,
         "labels": len(row_labels),

@@ -7,7 +7,9 @@ counted from 1, so ``l == num_layers`` is the output of the last block. The pape
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 QuantMode = Literal["none", "paper", "full", "static", "static-a6", "static-a4"]
@@ -39,17 +41,70 @@ class HeadConfig:
     embed_dim: int = 512  # output width: CLIP's joint embedding width
 
 
+Thresholds = Mapping[int, float]  # candidate layer -> gate threshold (>= 1.0, or a missing layer: never leaves there)
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
-    """One named set of per-layer thresholds."""
+    """One named promise and the thresholds that keep it, per label count.
+
+    A request's label count K is known before its image runs, and how sure a gate must be for an exit to keep the
+    promise depends on K. So a point holds thresholds calibrated at some label counts (``by_label_count``, K
+    ascending) and :meth:`thresholds_at` gives those of any K: the calibrated ones at a calibrated K, between two
+    calibrated counts each layer's threshold interpolated linearly in log K (monotone between its neighbours), below
+    the smallest the smallest's. Above ``label_cap`` no head runs: the request gets the `full` answer at the `full`
+    cost. Without a cap, the largest calibrated K's thresholds hold above it.
+    """
 
     name: str  # e.g. "accurate", "balanced", "fast"
-    thresholds: dict[int, float] = field(default_factory=dict)  # layer -> gate threshold; >= 1.0 never exits
+    by_label_count: tuple[tuple[int, Thresholds], ...] = ()  # (K, thresholds) at each calibrated K, K ascending;
+    # one entry at K = 1 means the same thresholds at every K (manifests before format 4)
     promise: float | None = None  # agreement with the full-depth top-1 promised on held-out images; None: none
     # The most labels a request may have for this point's exit heads to run; a request with more is answered as
-    # `full` answers it (no head or gate runs: calibration found they cost more there than early exits saved).
-    # None: no cap.
+    # `full` answers it (no head or gate runs: calibration found they cost more there than early exits saved, or
+    # it calibrated no larger K). None: no cap.
     label_cap: int | None = None
+
+    def __post_init__(self) -> None:
+        counts = [k for k, _ in self.by_label_count]
+        if counts != sorted(set(counts)) or (counts and counts[0] < 1):
+            raise ValueError(f"operating point {self.name!r}: label counts {counts} must be ascending, unique, >= 1")
+
+    @classmethod
+    def uniform(
+        cls, name: str, thresholds: Thresholds, promise: float | None = None, label_cap: int | None = None
+    ) -> OperatingPoint:
+        """One set of thresholds for every label count."""
+        return cls(name, ((1, dict(thresholds)),), promise, label_cap)
+
+    @property
+    def thresholds(self) -> dict[int, float]:
+        """The thresholds at the smallest calibrated label count (every K's when there is one set)."""
+        return dict(self.by_label_count[0][1]) if self.by_label_count else {}
+
+    def thresholds_at(self, count: int) -> dict[int, float] | None:
+        """The thresholds a request of ``count`` labels follows; None above the label cap (no heads run)."""
+        if self.label_cap is not None and count > self.label_cap:
+            return None
+        return interpolate_thresholds(self.by_label_count, count)
+
+
+def interpolate_thresholds(curve: Sequence[tuple[int, Thresholds]], count: int) -> dict[int, float]:
+    """Thresholds at label count ``count`` from calibrated ``(K, thresholds)`` pairs, K ascending (see
+    :class:`OperatingPoint`); a layer missing at either neighbour never leaves in between. The training pipeline's
+    simulation calls this too, so the engine and the calibration compare the same float32 values."""
+    if not curve:
+        return {}
+    if count <= curve[0][0]:
+        return dict(curve[0][1])
+    if count >= curve[-1][0]:
+        return dict(curve[-1][1])
+    upper = next(index for index, (k, _) in enumerate(curve) if k >= count)
+    (low_k, low), (high_k, high) = curve[upper - 1], curve[upper]
+    if high_k == count:
+        return dict(high)
+    weight = (math.log(count) - math.log(low_k)) / (math.log(high_k) - math.log(low_k))
+    return {layer: low[layer] + weight * (high[layer] - low[layer]) if layer in high else 1.0 for layer in low}
 
 
 @dataclass(frozen=True)
@@ -71,10 +126,6 @@ class ExitPolicy:
             if point.name == wanted:
                 return point
         raise KeyError(wanted)
-
-    def thresholds(self, name: str | None) -> dict[int, float]:
-        """Thresholds of an operating point (:meth:`point`)."""
-        return self.point(name).thresholds
 
     def label_cap(self, name: str | None) -> int | None:
         """The label cap of an operating point (:meth:`point`)."""

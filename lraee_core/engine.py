@@ -139,7 +139,7 @@ class EarlyExitClassifier:
                 except KeyError:
                     known = list(self.policy.names)
                     raise InputError(f"unknown operating point {name!r}; this model has {known}") from None
-                rule = ExitRule.from_thresholds(point.thresholds, name, point.label_cap)
+                rule = ExitRule.of_point(point)
             # One (frozen) rule object per point: rows of different requests at one point share it, which keeps
             # their thresholds a constant column in the engine.
             self._rules[name] = rule
@@ -159,7 +159,8 @@ class EarlyExitClassifier:
 
         ``text`` [K, E] passes embeddings resolved beforehand (the service encodes new labels off the inference
         worker); None takes them from the text cache, encoding the labels it lacks here. The query's rule is the
-        point's rule for its label count (an operating point's label cap, :meth:`ExitRule.for_labels`).
+        point's rule for its label count (its thresholds at that K, or above its label cap no heads:
+        :meth:`ExitRule.for_labels`).
         """
         rule = exit_rule if exit_rule is not None else self.exit_rule(operating_point)
         labels = validate_labels(labels, self.max_labels)

@@ -1,9 +1,10 @@
 """Exit rules: how the engine decides, per image and candidate layer, whether an image leaves.
 
 * an operating point's thresholds: leave at the first candidate layer whose gate probability reaches the layer's
-  threshold (>= 1.0 never leaves there); every candidate head and gate on the way is evaluated. A point may carry a
-  label cap: a request with more labels runs no head or gate at all and gets the `full` answer (the rule of
-  :meth:`ExitRule.for_labels`), because calibration found its exits too rare there to pay for the heads;
+  threshold (>= 1.0 never leaves there); every candidate head and gate on the way is evaluated. The thresholds
+  depend on the request's label count K (:meth:`lraee_core.config.OperatingPoint.thresholds_at`): a point's rule
+  becomes the rule of one K in :meth:`ExitRule.for_labels`. Above the point's label cap a request runs no head or
+  gate at all and gets the `full` answer, because calibration found its exits too rare there to pay for the heads;
 * ``full``: no exits and no heads evaluated: the plain full-depth CLIP answer, the reference the operating points'
   agreement promises are measured against;
 * a forced per-image exit mix (benchmarks only): image i leaves at the candidate layer ``forced[i]`` (None: full
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import FULL_OPERATING_POINT
+from .config import FULL_OPERATING_POINT, OperatingPoint
 from .gate import exits
 
 
@@ -31,6 +32,7 @@ class ExitRule:
     forced: tuple[int | None, ...] | None = None  # per image: the layer to leave at, or None for full depth
     evaluate_heads: bool = True  # False: no exit head or gate runs (the `full` rule)
     label_cap: int | None = None  # the most labels a request may have for the heads to run (None: no cap)
+    point: OperatingPoint | None = None  # the point whose thresholds depend on K (:meth:`for_labels` applies it)
 
     @classmethod
     def full(cls) -> ExitRule:
@@ -47,13 +49,30 @@ class ExitRule:
             raise ValueError(f"a label cap is a label count >= 1, not {label_cap}")
         return cls(name, dict(thresholds), label_cap=label_cap)
 
+    @classmethod
+    def of_point(cls, point: OperatingPoint) -> ExitRule:
+        """An operating point's rule, whose thresholds depend on the request's label count (:meth:`for_labels`)."""
+        return cls(point.name, point.thresholds, label_cap=point.label_cap, point=point)
+
     def for_labels(self, count: int) -> ExitRule:
-        """The rule a request of ``count`` labels follows: this one, or above its label cap the same point without
-        heads (no exits, the `full` answer and cost; its name stays the point's). One object per rule and cap, so
-        rows of different requests share it (a constant column in :class:`RowExits`)."""
-        if self.label_cap is None or count <= self.label_cap:
+        """The rule a request of ``count`` labels follows: for a point, its thresholds at that K (above its label
+        cap: the same point without heads, the `full` answer and cost, its name staying the point's); otherwise
+        this rule, or above its label cap the same without heads. One object per rule and K, so the rows of
+        requests with the same K share it (a constant column in :class:`RowExits`)."""
+        if self.label_cap is not None and count > self.label_cap:
+            return self._without_heads
+        if self.point is None or self.forced is not None or not self.evaluate_heads:
             return self
-        return self._without_heads
+        rule = self._by_count.get(count)
+        if rule is None:
+            thresholds = self.point.thresholds_at(count)
+            assert thresholds is not None  # counts above the cap were answered above
+            rule = self._by_count.setdefault(count, ExitRule(self.name, thresholds, label_cap=self.label_cap))
+        return rule
+
+    @functools.cached_property
+    def _by_count(self) -> dict[int, ExitRule]:
+        return {}
 
     @functools.cached_property
     def _without_heads(self) -> ExitRule:

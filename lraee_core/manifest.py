@@ -18,8 +18,10 @@ from .errors import CheckpointError, InputError
 from .gate import PAPER_FEATURES, validate_feature_names
 from .text import validate_templates
 
-FORMAT_VERSION = 3  # 2: gate features by name, agreement promises, a built-in `full` point; 3: label caps
-READABLE_VERSIONS = (1, 2, 3)  # version 1 manifests hold the paper's 3-feature gates and no promises
+# 2: gate features by name, agreement promises, a built-in `full` point; 3: label caps; 4: one record per operating
+# point (promise, thresholds per label count, label cap) instead of three parallel maps
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # version 1 manifests hold the paper's 3-feature gates and no promises
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,12 @@ class Manifest:
     embed_dim: int  # joint embedding width
     head: HeadConfig  # exit head shape
     candidate_layers: tuple[int, ...]  # layers with an exit head and gate
-    operating_points: dict[str, dict[int, float]]  # name -> layer -> threshold (`full` is built in, never stored)
+    # name -> the point's record: the agreement with the full-depth top-1 it promises, its thresholds per label
+    # count and its label cap (lraee_core.config.OperatingPoint; `full` is built in, never stored)
+    operating_points: dict[str, OperatingPoint]
     default_operating_point: str  # used when a request names none (a stored point or "full")
     pruned_layers: tuple[PrunedLayer, ...] = ()  # candidates removed by INR pruning
     gate_features: tuple[str, ...] = PAPER_FEATURES  # the gate's input features by name, in weight order
-    promises: dict[str, float] = field(default_factory=dict)  # operating point -> promised held-out agreement
-    # with the full-depth top-1 (the fraction of images whose answer equals full depth's)
-    label_caps: dict[str, int] = field(default_factory=dict)  # operating point -> the most labels a request may have
-    # for its exit heads to run (lraee_core.config.OperatingPoint.label_cap); a point not named has no cap
     templates: tuple[str, ...] = ()  # prompt templates the heads and gates were calibrated with: the default
     # prompts of requests that name none; () means the engine's DEFAULT_TEMPLATES
     calibration: dict[str, Any] = field(default_factory=dict)  # data, splits, seeds, search (portable paths)
@@ -80,20 +80,20 @@ class Manifest:
         """The exit policy these thresholds define."""
         return ExitPolicy(
             candidate_layers=self.candidate_layers,
-            operating_points=tuple(
-                OperatingPoint(name, dict(thresholds), self.promises.get(name), self.label_caps.get(name))
-                for name, thresholds in self.operating_points.items()
-            ),
+            operating_points=tuple(self.operating_points.values()),
             default_operating_point=self.default_operating_point,
         )
 
+    @property
+    def promises(self) -> dict[str, float]:
+        """Operating point -> the agreement it promises (points without a promise left out)."""
+        return {name: p.promise for name, p in self.operating_points.items() if p.promise is not None}
+
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (integer layer keys become strings)."""
+        """JSON-ready dict (integer layer and label-count keys become strings)."""
         data = asdict(self)
-        data["operating_points"] = {
-            name: {str(layer): value for layer, value in points.items()}
-            for name, points in self.operating_points.items()
-        }
+        data["operating_points"] = {name: point_to_json(point) for name, point in self.operating_points.items()}
+        data["format_version"] = FORMAT_VERSION  # whatever it was read from, it is written in this layout
         return data
 
     @classmethod
@@ -116,15 +116,10 @@ class Manifest:
                 embed_dim=int(data["embed_dim"]),
                 head=HeadConfig(**data["head"]),
                 candidate_layers=tuple(int(layer) for layer in data["candidate_layers"]),
-                operating_points={
-                    str(name): {int(layer): float(t) for layer, t in points.items()}
-                    for name, points in data["operating_points"].items()
-                },
+                operating_points=points_from_json(data, version),
                 default_operating_point=str(data["default_operating_point"]),
                 pruned_layers=tuple(PrunedLayer(**p) for p in data.get("pruned_layers", [])),
                 gate_features=tuple(str(name) for name in data.get("gate_features", PAPER_FEATURES)),
-                promises={str(name): float(value) for name, value in data.get("promises", {}).items()},
-                label_caps={str(name): value for name, value in data.get("label_caps", {}).items()},  # validate()
                 templates=tuple(str(t) for t in data.get("templates", ())),
                 calibration=dict(data.get("calibration", {})),
                 metrics=dict(data.get("metrics", {})),
@@ -159,17 +154,19 @@ class Manifest:
             raise CheckpointError(f"{FULL_OPERATING_POINT!r} is built in and cannot be stored as thresholds")
         if self.default_operating_point not in (*self.operating_points, FULL_OPERATING_POINT):
             raise CheckpointError(f"default operating point {self.default_operating_point!r} is not stored")
-        for name, thresholds in self.operating_points.items():
-            if not set(thresholds) <= set(layers):
-                raise CheckpointError(f"operating point {name!r} names layers outside the candidates")
-            if any(not 0.0 <= t <= 1.0 for t in thresholds.values()):
-                raise CheckpointError(f"operating point {name!r} has a threshold outside [0, 1]")
-        for name, promise in self.promises.items():
-            if name not in self.operating_points or not 0.0 <= promise <= 1.0:
-                raise CheckpointError(f"promise {name!r}: {promise} must be a stored point's agreement in [0, 1]")
-        for name, cap in self.label_caps.items():
-            if name not in self.operating_points or isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-                raise CheckpointError(f"label cap {name!r}: {cap!r} must be a stored point's label count >= 1")
+        for name, point in self.operating_points.items():
+            if point.name != name or not point.by_label_count:
+                raise CheckpointError(f"operating point {name!r} must carry its name and thresholds")
+            for _, thresholds in point.by_label_count:
+                if not set(thresholds) <= set(layers):
+                    raise CheckpointError(f"operating point {name!r} names layers outside the candidates")
+                if any(not 0.0 <= t <= 1.0 for t in thresholds.values()):
+                    raise CheckpointError(f"operating point {name!r} has a threshold outside [0, 1]")
+            if point.promise is not None and not 0.0 <= point.promise <= 1.0:
+                raise CheckpointError(f"promise of {name!r}: {point.promise} must be an agreement in [0, 1]")
+            cap = point.label_cap
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+                raise CheckpointError(f"label cap of {name!r}: {cap!r} must be a label count >= 1")
         if self.head.width != self.width or self.head.embed_dim != self.embed_dim:
             raise CheckpointError("head shape does not match the backbone width / embedding width in the manifest")
         if self.templates:
@@ -177,3 +174,44 @@ class Manifest:
                 validate_templates(self.templates)
             except InputError as exc:
                 raise CheckpointError(f"manifest templates: {exc}") from exc
+
+
+def point_to_json(point: OperatingPoint) -> dict[str, Any]:
+    """A point's manifest record (format 4): promise, label cap, thresholds per label count."""
+    return {
+        "promise": point.promise,
+        "label_cap": point.label_cap,
+        "thresholds": {
+            str(count): {str(layer): value for layer, value in sorted(thresholds.items())}
+            for count, thresholds in point.by_label_count
+        },
+    }
+
+
+def points_from_json(data: dict[str, Any], version: int) -> dict[str, OperatingPoint]:
+    """The operating points of a manifest dict: format 4 records, or (formats 1-3) the three parallel maps of
+    thresholds, promises and label caps, whose thresholds hold at every label count."""
+    stored = data["operating_points"]
+    if version >= 4:
+        return {
+            str(name): OperatingPoint(
+                str(name),
+                tuple(
+                    (int(count), {int(layer): float(t) for layer, t in thresholds.items()})
+                    for count, thresholds in sorted(record["thresholds"].items(), key=lambda item: int(item[0]))
+                ),
+                None if record.get("promise") is None else float(record["promise"]),
+                record.get("label_cap"),  # validate() checks it
+            )
+            for name, record in stored.items()
+        }
+    promises, caps = data.get("promises", {}), data.get("label_caps", {})
+    return {
+        str(name): OperatingPoint.uniform(
+            str(name),
+            {int(layer): float(t) for layer, t in thresholds.items()},
+            None if promises.get(name) is None else float(promises[name]),
+            caps.get(name),
+        )
+        for name, thresholds in stored.items()
+    }

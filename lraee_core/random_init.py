@@ -12,7 +12,7 @@ import torch
 
 from .backbone import ClipBackbone, build_backbone
 from .checkpoint import Manifest, backbone_ref, save_checkpoint
-from .config import BackboneConfig, HeadConfig, QuantMode
+from .config import BackboneConfig, HeadConfig, OperatingPoint, QuantMode
 from .gate import GateParams
 from .heads import ExitHead
 from .quantize import quantize_vision
@@ -67,9 +67,8 @@ def untrained_checkpoint(
         head=head_config,
         candidate_layers=tuple(candidate_layers),
         operating_points={
-            "half": dict.fromkeys(candidate_layers, 0.5),
-            "never": dict.fromkeys(candidate_layers, 1.0),
-            "always": dict.fromkeys(candidate_layers, 0.0),
+            name: OperatingPoint.uniform(name, dict.fromkeys(candidate_layers, threshold))
+            for name, threshold in (("half", 0.5), ("never", 1.0), ("always", 0.0))
         },
         default_operating_point="half",
         calibration={"kind": "untrained", "seed": seed, "note": "random heads and gates; for tests and benchmarks"},

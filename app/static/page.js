@@ -122,9 +122,10 @@ function fullDepthPoint() {
   if (!state.model) return null;
   const points = state.model.operating_points;
   if (FULL in points) return FULL;
-  // A stored point whose every threshold is >= 1 never exits early either.
+  // A stored point whose every threshold (at every calibrated label count) is >= 1 never exits early either.
   const never = Object.keys(points).find((name) =>
-    Object.values(points[name].thresholds).every((threshold) => threshold >= 1));
+    Object.values(points[name].thresholds).every((byLayer) =>
+      Object.values(byLayer).every((threshold) => threshold >= 1)));
   return never || null;
 }
 

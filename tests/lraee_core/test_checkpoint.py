@@ -14,6 +14,7 @@ from lraee_core.backbone import build_backbone
 from lraee_core.checkpoint import MANIFEST, TENSORS, load_classifier, read_manifest
 from lraee_core.config import BackboneConfig
 from lraee_core.errors import CheckpointError
+from lraee_core.exits import ExitRule
 from lraee_core.random_init import untrained_checkpoint
 
 
@@ -31,6 +32,14 @@ def _edit_manifest(directory: Path, **changes: object) -> None:
     (directory / MANIFEST).write_text(json.dumps(data))
 
 
+def _edit_point(directory: Path, name: str, **fields: object) -> None:
+    """Change fields of one operating point's record (format 4: promise, label_cap, thresholds)."""
+    data = json.loads((directory / MANIFEST).read_text())
+    data["operating_points"].setdefault(name, {"promise": None, "label_cap": None, "thresholds": {"1": {}}})
+    data["operating_points"][name].update(fields)
+    (directory / MANIFEST).write_text(json.dumps(data))
+
+
 def test_round_trip_describes_itself(checkpoint: Path) -> None:
     manifest = read_manifest(checkpoint)
     assert manifest.backbone.model_name == "lraee-tiny-vit12"
@@ -45,7 +54,7 @@ def test_round_trip_describes_itself(checkpoint: Path) -> None:
 
 
 def test_a_stored_label_cap_applies_to_its_operating_point(checkpoint: Path) -> None:
-    _edit_manifest(checkpoint, label_caps={"always": 2})
+    _edit_point(checkpoint, "always", label_cap=2)
     classifier = load_classifier(checkpoint)
     assert classifier.policy.label_cap("always") == 2 and classifier.policy.label_cap("half") is None
     assert classifier.policy.label_cap("full") is None
@@ -57,7 +66,48 @@ def test_a_stored_label_cap_applies_to_its_operating_point(checkpoint: Path) -> 
     assert [(r.exit_path, r.flops, r.predictions) for r in three] == [
         (r.exit_path, r.flops, r.predictions) for r in full
     ]
-    assert read_manifest(checkpoint).to_json()["label_caps"] == {"always": 2}
+    assert read_manifest(checkpoint).to_json()["operating_points"]["always"]["label_cap"] == 2
+
+
+def test_thresholds_follow_the_label_count_between_calibrated_counts(checkpoint: Path) -> None:
+    # "always" leaves at the first exit at K = 2 (threshold 0) and never at K = 8 (threshold 1); K = 4 sits halfway
+    # in log K, threshold 0.5 at every layer. The gate probabilities are whatever the random gates say: the rows
+    # leave exactly where a rule with those thresholds lets them.
+    _edit_point(checkpoint, "always", thresholds={"2": {"9": 0.0, "11": 0.0}, "8": {"9": 1.0, "11": 1.0}})
+    classifier = load_classifier(checkpoint)
+    point = classifier.policy.point("always")
+    assert point.thresholds_at(2) == {9: 0.0, 11: 0.0} and point.thresholds_at(8) == {9: 1.0, 11: 1.0}
+    assert point.thresholds_at(4) == pytest.approx({9: 0.5, 11: 0.5})
+    assert point.thresholds_at(1) == point.thresholds_at(2) and point.thresholds_at(50) == point.thresholds_at(8)
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    labels = ["cat", "dog", "car", "bus", "tree", "ship", "cup", "hat"]
+    two = classifier.classify(images, labels[:2], operating_point="always")
+    assert all(r.exit_layer == 9 for r in two)
+    eight = classifier.classify(images, labels, operating_point="always")
+    assert all(r.exit_path == "full" for r in eight)
+    four = classifier.classify(images, labels[:4], operating_point="always")
+    halfway = classifier.classify(images, labels[:4], exit_rule=ExitRule.from_thresholds({9: 0.5, 11: 0.5}, "always"))
+    assert [(r.exit_layer, r.predictions) for r in four] == [(r.exit_layer, r.predictions) for r in halfway]
+    # Rows of requests with different K in one engine batch each follow their own K's thresholds.
+    queries = [
+        classifier.query(labels[:2], operating_point="always"),
+        classifier.query(labels, operating_point="always"),
+    ]
+    mixed = classifier.classify_rows(images[:2], queries)
+    assert (mixed[0].exit_layer, mixed[1].exit_path) == (9, "full")
+
+
+def test_a_format_3_manifest_reads_as_one_threshold_set_for_every_label_count(checkpoint: Path) -> None:
+    data = json.loads((checkpoint / MANIFEST).read_text())
+    points = data["operating_points"]
+    data["operating_points"] = {name: record["thresholds"]["1"] for name, record in points.items()}
+    data |= {"format_version": 3, "promises": {"half": 0.9}, "label_caps": {"always": 3}}
+    (checkpoint / MANIFEST).write_text(json.dumps(data))
+    manifest = read_manifest(checkpoint)
+    half = manifest.operating_points["half"]
+    assert half.promise == 0.9 and half.label_cap is None and half.by_label_count == ((1, {9: 0.5, 11: 0.5, 12: 0.5}),)
+    assert manifest.operating_points["always"].label_cap == 3
+    assert manifest.to_json()["format_version"] == 4
 
 
 def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None:
@@ -84,7 +134,9 @@ def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None
         (lambda d: _edit_manifest(d, candidate_layers=[11, 9]), "ascending"),
         (lambda d: _edit_manifest(d, candidate_layers=[9, 11, 13]), "within 1..12"),
         (lambda d: _edit_manifest(d, default_operating_point="turbo"), "default operating point 'turbo'"),
-        (lambda d: _edit_manifest(d, operating_points={"half": {"9": 1.5}}), "outside \\[0, 1\\]"),
+        (lambda d: _edit_point(d, "half", thresholds={"1": {"9": 1.5}}), "outside \\[0, 1\\]"),
+        (lambda d: _edit_point(d, "half", thresholds={"5": {"9": 0.5}, "2": {"9": 0.5}, "0": {}}), "label counts"),
+        (lambda d: _edit_point(d, "half", thresholds={"1": {"10": 0.5}}), "outside the candidates"),
         (lambda d: _edit_manifest(d, quant_mode="int4"), "unknown quant mode"),
         (lambda d: _edit_manifest(d, quantized_modules=48), "converted 24 modules here but 48"),
         (lambda d: _edit_manifest(d, num_layers=24, candidate_layers=[9, 11, 12]), "the checkpoint expects"),
@@ -96,13 +148,12 @@ def test_calibration_templates_are_the_default_prompts(checkpoint: Path) -> None
         (lambda d: _edit_manifest(d, templates=["no placeholder"]), "manifest templates"),
         (lambda d: _edit_manifest(d, gate_features=["confidence", "mood", "sav"]), "gate features"),
         (lambda d: _edit_manifest(d, gate_features=["cos_top1", "log_k", "sav"]), "read features"),
-        (lambda d: _edit_manifest(d, operating_points={"full": {"9": 0.5}}), "built in"),
-        (lambda d: _edit_manifest(d, promises={"half": 1.5}), "promise 'half'"),
-        (lambda d: _edit_manifest(d, promises={"turbo": 0.9}), "promise 'turbo'"),
-        (lambda d: _edit_manifest(d, label_caps={"turbo": 5}), "label cap 'turbo'"),
-        (lambda d: _edit_manifest(d, label_caps={"half": 0}), "label cap 'half'"),
-        (lambda d: _edit_manifest(d, label_caps={"half": 2.5}), "label cap 'half'"),
-        (lambda d: _edit_manifest(d, label_caps={"half": "5"}), "label cap 'half'"),
+        (lambda d: _edit_point(d, "full", thresholds={"1": {"9": 0.5}}), "built in"),
+        (lambda d: _edit_point(d, "half", promise=1.5), "promise of 'half'"),
+        (lambda d: _edit_point(d, "half", label_cap=0), "label cap of 'half'"),
+        (lambda d: _edit_point(d, "half", label_cap=2.5), "label cap of 'half'"),
+        (lambda d: _edit_point(d, "half", label_cap="5"), "label cap of 'half'"),
+        (lambda d: _edit_point(d, "half", thresholds={}), "must carry its name and thresholds"),
     ],
 )
 def test_damaged_checkpoints_fail_with_the_reason(

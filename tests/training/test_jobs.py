@@ -193,7 +193,8 @@ def test_engine_from_checkpoint_matches_the_simulation_at_every_label_count(step
         scores = method_scores(view, method, bank, layers)
         # medians split the images between exits and the full path
         settings = {"median": [float(np.median(scores[layer])) for layer in layers], "zero": [0.0] * len(layers)}
-        settings["fast"] = [classifier.policy.thresholds("fast")[layer] for layer in layers]
+        at_k = classifier.policy.point("fast").thresholds_at(k) or {}  # the engine's own thresholds of this K
+        settings["fast"] = [at_k.get(layer, 1.0) for layer in layers]
         for name, thresholds in settings.items():
             rule = ExitRule.from_thresholds(dict(zip(layers, thresholds, strict=True)))
             results = []

@@ -4,6 +4,7 @@ four quadrants, data sources and splits, config round trip."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from lraee_core.backbone import VisionShape
-from lraee_core.config import BackboneConfig
+from lraee_core.config import BackboneConfig, OperatingPoint
 from lraee_core.flops import flops_model
 from lraee_core.gate import exits
 from training.pipeline.config import SPLIT_NAMES, BuildConfig, CalibrateConfig, DataConfig, ExtractConfig, GateFitConfig
@@ -35,13 +36,12 @@ from training.pipeline.label_sets import (
 from training.pipeline.profile import ProfileAccumulator
 from training.pipeline.search import (
     candidate_thresholds,
-    label_cap,
     promises,
     prune_layers,
     search_point,
     select_candidates,
 )
-from training.pipeline.simulate import METHODS, by_label_count, full_outcome, simulate
+from training.pipeline.simulate import METHODS, by_label_count, full_outcome, row_thresholds, simulate
 from training.pipeline.word_sets import WordSets, WordSetsError
 
 TINY_SHAPE = VisionShape(
@@ -320,15 +320,51 @@ def test_operating_points_keep_their_promise_at_every_k_on_the_split_searched() 
     config = CalibrateConfig(promise_margin=0.0)
     found = {name: search_point(view, layers, scores, promise, config) for name, promise in promises(config).items()}
     for name, point in found.items():
-        outcome = simulate(view, layers, scores, [point.threshold] * 3)
+        outcome = simulate(view, layers, scores, point.operating_point(name, layers))
         for k in (2, 10):
             assert outcome.agrees[view.counts == k].mean() >= point.promise, (name, k)
         assert point.calibration["2"]["agreement"] == pytest.approx(outcome.agrees[view.counts == 2].mean())
-    # looser promises let more images leave
-    assert found["accurate"].threshold >= found["balanced"].threshold >= found["fast"].threshold
+    # looser promises let more images leave, at every calibrated K
+    curves = {name: dict(point.thresholds) for name, point in found.items()}
+    for k in curves["accurate"]:
+        assert curves["accurate"][k] >= curves["balanced"].get(k, 1.0) >= curves["fast"].get(k, 1.0), k
     assert found["fast"].mean_saving > found["accurate"].mean_saving
     strict = search_point(view, layers, scores, 0.97, CalibrateConfig(promise_margin=3.0))
-    assert strict.threshold >= found["balanced"].threshold  # a margin of standard errors is more careful
+    for k, threshold in strict.thresholds:  # a margin of standard errors is more careful
+        assert threshold >= curves["balanced"].get(k, 1.0)
+
+
+def test_each_label_count_gets_its_own_threshold() -> None:
+    """Where exits agree with full depth only when very sure at K = 10 but often at K = 2, one shared threshold
+    would be the K = 10 one; per K, the K = 2 rows leave far more often, and both keep the promise."""
+    (view, scores), layers = _view(size=4000), (6,)
+    rng = np.random.default_rng(5)
+    at_ten = view.counts == 10
+    # at K = 10 an exit agrees only above a score of 0.9; at K = 2 above 0.3
+    agree = np.where(at_ten, scores[6] > 0.9, scores[6] > 0.3) | (rng.random(view.size) < 0.02)
+    top1 = {6: np.where(agree, view.full_top1, (view.full_top1 + 1) % 4)}
+    view = dataclasses.replace(view, top1=top1)
+    config = CalibrateConfig(promise_margin=0.0, label_caps=False)
+    point = search_point(view, layers, scores, 0.97, config)
+    thresholds = dict(point.thresholds)
+    assert thresholds[2] < 0.5 < 0.85 < thresholds[10]
+    outcome = simulate(view, layers, scores, point.operating_point("balanced", layers))
+    for k in (2, 10):
+        assert outcome.agrees[view.counts == k].mean() >= 0.97
+    shared = max(thresholds.values())
+    assert outcome.exited[~at_ten].mean() > simulate(view, layers, scores, [shared]).exited[~at_ten].mean() + 0.3
+
+
+def test_rows_between_two_calibrated_counts_follow_the_interpolated_thresholds() -> None:
+    (view, scores), layers = _view(size=600, ks=(2, 4, 8)), (6, 9)
+    point = OperatingPoint("p", ((2, {6: 0.2, 9: 0.2}), (8, {6: 0.8, 9: 0.8})))
+    per_row, heads_run = row_thresholds(view, layers, point)
+    assert heads_run.all()
+    assert set(per_row[6][view.counts == 4].tolist()) == {np.float32(0.5)}  # halfway in log K
+    outcome = simulate(view, layers, scores, point)
+    reference = simulate(view, layers, scores, [0.5, 0.5])
+    at_four = view.counts == 4
+    assert (outcome.exit_layer[at_four] == reference.exit_layer[at_four]).all()
 
 
 def test_a_head_charge_keeps_only_the_exits_that_pay_for_their_time() -> None:
@@ -341,9 +377,13 @@ def test_a_head_charge_keeps_only_the_exits_that_pay_for_their_time() -> None:
     assert free.points["balanced"].objective == pytest.approx(free.points["balanced"].mean_saving)
     config = replace(uncharged, head_cost_blocks=2.0)
     charged = select_candidates(view, method, None, pool, config)  # type: ignore[arg-type]
-    assert len(charged.layers) < len(free.layers)
+    assert len(charged.layers) <= len(free.layers)
+    runs = [s.points["balanced"].calibration["2"]["heads_in_blocks"] for s in (free, charged)]
+    assert runs[1] <= runs[0]  # charged, images run no more heads
+    ruinous = select_candidates(view, method, None, pool, replace(config, head_cost_blocks=50.0, label_caps=True))  # type: ignore[arg-type]
+    assert ruinous.points["balanced"].label_cap == 1  # no exit pays for heads that dear: none runs
     point = charged.points["balanced"]
-    outcome = simulate(view, charged.layers, scores, [point.threshold] * len(charged.layers))
+    outcome = simulate(view, charged.layers, scores, point.operating_point("balanced", charged.layers))
     block = view.flops[2].block / view.flops[2].full_depth
     assert point.calibration["2"]["heads_in_blocks"] == pytest.approx(
         outcome.evaluated[view.counts == 2].mean() * block
@@ -587,17 +627,18 @@ def test_fractional_split_sizes_never_ask_for_more_images_than_there_are(total: 
     assert _counts([10, 0.5, 0.5], 30, ["a", "b", "c"]) == [10, 15, 15]
 
 
-def test_a_label_cap_is_the_largest_k_up_to_which_every_k_pays() -> None:
-    config = CalibrateConfig(head_cost_blocks=1.0)
-
-    def k(saved: float) -> dict[str, float]:  # a K's figures; its saving is saved - 1.0 x 0.05
-        return {"flops_saved": saved, "heads_in_blocks": 0.05}
-
-    assert label_cap({"50": k(0.02), "2": k(0.3), "10": k(0.1)}, config) == 10  # K in numeric order
-    assert label_cap({"2": k(0.3), "10": k(0.1)}, config) is None  # every K pays: no cap
-    assert label_cap({"2": k(0.05), "10": k(0.3)}, config) == 1  # not even the smallest pays
-    assert label_cap({"2": k(0.3), "5": k(0.01), "10": k(0.3)}, config) == 2  # the first K that fails ends it
-    assert label_cap({"2": k(0.3), "words-2": k(-0.5), "group-pets": k(-0.5)}, config) is None  # random sets only
+def test_the_label_cap_is_the_calibrated_k_below_the_first_that_does_not_pay() -> None:
+    (view, scores), layers = _view(size=3000, ks=(2, 5, 10)), (6,)
+    # nobody can leave at K = 5 (its best saving is minus the charge); K = 10 could, but the cap comes first
+    scores = {6: np.where(view.counts == 5, np.float32(0.0), scores[6])}
+    config = CalibrateConfig(promise_margin=0.0, head_cost_blocks=0.5)
+    tried = np.array([0.05, 0.3, 0.6, 1.0])
+    point = search_point(view, layers, scores, 0.5, config, thresholds=tried)
+    assert point.label_cap == 2 and [k for k, _ in point.thresholds] == [2]
+    every = search_point(view, layers, _view(size=3000, ks=(2, 5, 10))[1], 0.5, config, thresholds=tried)
+    assert every.label_cap == 10  # every K pays: the largest calibrated K (nothing was measured above it)
+    first = {6: np.zeros(view.size, dtype=np.float32)}  # not even the smallest K pays
+    assert search_point(view, layers, first, 0.5, config, thresholds=tried).label_cap == 1
 
 
 def test_rows_above_a_label_cap_run_no_head_and_answer_as_full_depth() -> None:
@@ -618,10 +659,10 @@ def test_a_point_caps_its_labels_where_exits_stop_paying() -> None:
     scores = {6: np.where(view.counts == 10, np.float32(0.0), scores[6])}  # nobody leaves at K = 10
     config = CalibrateConfig(promise_margin=0.0, head_cost_blocks=0.5)
     tried = np.array([0.05, 0.3, 0.6, 1.0])  # every one above the K = 10 rows' scores
-    point = search_point(view, layers, scores, 0.5, config, tried)
+    point = search_point(view, layers, scores, 0.5, config, thresholds=tried)
     assert point.label_cap == 2
     assert point.calibration["10"]["heads_in_blocks"] == 0.0 and point.calibration["10"]["flops_saved"] == 0.0
     assert point.calibration["10"]["agreement"] == 1.0
-    uncapped = search_point(view, layers, scores, 0.5, replace(config, label_caps=False), tried)
+    uncapped = search_point(view, layers, scores, 0.5, replace(config, label_caps=False), thresholds=tried)
     assert uncapped.label_cap is None and uncapped.calibration["10"]["flops_saved"] < 0.0
     assert point.objective > uncapped.objective

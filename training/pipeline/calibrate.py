@@ -7,6 +7,8 @@ profile, the full-depth baselines) and ships one method through :mod:`training.p
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -16,13 +18,15 @@ from .checkpoint_writer import write_checkpoint
 from .config import CalibrateConfig, ConfigError
 from .features import FeatureStore
 from .gate_fit import load_gates, run_fit_gate
+from .heads import VARIANTS
 from .jobs import Job, config_hash, read_json, step, write_json, write_record
 from .label_sets import ExitView
 from .profile import load_profile, run_profile
-from .search import OPERATING_POINTS, Selection, promises, prune_layers, select_candidates
+from .search import OPERATING_POINTS, PointSetting, Selection, promises, prune_layers, select_candidates
 from .simulate import METHODS, SHIPPABLE, Method, by_label_count, full_outcome, sweep_view
 
 CALIBRATION_FILE = "calibration.json"
+log = logging.getLogger(__name__)
 
 
 def shipped_method(selections: dict[str, Selection], config: CalibrateConfig) -> str:
@@ -52,6 +56,8 @@ def _validate(config: CalibrateConfig) -> None:
         raise ConfigError("word label sets need K >= 2 (the word and at least one other)")
     if config.ship not in (*SHIPPABLE, "auto"):
         raise ConfigError(f"ship must be one of {(*SHIPPABLE, 'auto')}")
+    if config.charge not in ("constant", "measured"):
+        raise ConfigError("charge must be 'constant' or 'measured'")
 
 
 def method_record(selection: Selection, method: Method) -> dict[str, Any]:
@@ -82,6 +88,7 @@ def run_calibrate(job: Job) -> str:
     views: dict[str, ExitView] = {}
     methods: dict[str, Any] = {}
     selections: dict[str, Selection] = {}
+    timing = measure_charges(job, store, pool) if config.charge == "measured" else {}
     for name, method in METHODS.items():
         if method.variant not in views:
             views[method.variant] = sweep_view(
@@ -95,7 +102,11 @@ def run_calibrate(job: Job) -> str:
                 config.word_label_counts,
             )
         bank = load_gates(job.step_dir("fit-gate"), method.gates)
-        selection = select_candidates(views[method.variant], method, bank, pool, config, desc=name)
+        charges = None
+        if timing:  # heads of the same pooling cost the same: methods share their pooling's measurement
+            measured = timing[VARIANTS[method.variant].pooling]["charges"]
+            charges = {int(layer): float(value) for layer, value in measured.items()}
+        selection = select_candidates(views[method.variant], method, bank, pool, config, desc=name, charges=charges)
         selections[name] = selection
         methods[name] = method_record(selection, method)
     any_view = next(iter(views.values()))
@@ -113,6 +124,8 @@ def run_calibrate(job: Job) -> str:
             "fp32": by_label_count(full_outcome(any_view, fp32=True), any_view, []),
         },
         "methods": methods,
+        "charges": timing
+        or {"constant_blocks": config.head_cost_blocks, "note": "every candidate charged head_cost_blocks"},
     }
     shipped = shipped_method(selections, config)
     calibration["shipped_method"] = shipped
@@ -130,6 +143,27 @@ def run_calibrate(job: Job) -> str:
     write_checkpoint(job, store, selections[shipped], pruned, profile, calibration, shipped)
     write_record(directory, "calibrate", wanted, {"layers": list(selections[shipped].layers), "shipped": shipped})
     return wanted
+
+
+def measure_charges(job: Job, store: FeatureStore, pool: Sequence[int]) -> dict[str, Any]:
+    """Each pool layer's time charge per head pooling (training.pipeline.head_cost.candidate_charges), measured on
+    a checkpoint with exit heads at every pool layer written into the calibrate step's folder."""
+    from .head_cost import candidate_charges
+
+    config = job.config.calibrate
+    timing: dict[str, Any] = {}
+    for name in SHIPPABLE:
+        pooling = VARIANTS[METHODS[name].variant].pooling
+        if pooling in timing:
+            continue
+        never = PointSetting(((1, 1.0),), 1.0, True, 0.0, 0.0, {}, None)
+        selection = Selection(tuple(pool), {config.default_operating_point: never}, [])
+        draft = {"calib_images": 0, "candidate_pool": list(pool), "profile": {}, "ship_choice": {}}
+        directory = job.step_dir("calibrate") / f"timing-{pooling}"
+        write_checkpoint(job, store, selection, (), [], draft, name, directory=directory)
+        timing[pooling] = candidate_charges(directory, rounds=config.charge_rounds)
+        log.info("calibrate: measured charges (%s heads, blocks): %s", pooling, timing[pooling]["charges"])
+    return timing
 
 
 def load_calibration(job: Job) -> dict[str, Any]:

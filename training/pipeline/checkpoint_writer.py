@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lraee_core.backbone import build_backbone
@@ -27,9 +28,11 @@ def write_checkpoint(
     profile: Sequence[LayerProfile],
     calibration: dict[str, Any],
     shipped: str = CHECKPOINT_METHOD,
+    directory: Path | None = None,
 ) -> Manifest:
     """Save the shipped method's heads and gates of the chosen layers with a manifest saying how they were made
-    (portable: paths relative to named roots, the command as a user would retype it)."""
+    (portable: paths relative to named roots, the command as a user would retype it), into the job's checkpoint
+    directory or ``directory``."""
     from .data import load_splits
 
     config = job.config
@@ -40,7 +43,7 @@ def write_checkpoint(
     gates = bank.for_layers(layers)
     word_sets = store.word_sets()
     words_k = calibration.get("word_label_counts", [])
-    directory = job.checkpoint_dir
+    directory = job.checkpoint_dir if directory is None else directory
     backbone = build_backbone(config.backbone)
     splits = load_splits(job)
     shape = store.shape
@@ -56,12 +59,10 @@ def write_checkpoint(
         embed_dim=shape.embed_dim,
         head=head_config,
         candidate_layers=tuple(layers),
-        operating_points={name: dict.fromkeys(layers, point.threshold) for name, point in selection.points.items()},
+        operating_points={name: point.operating_point(name, layers) for name, point in selection.points.items()},
         default_operating_point=config.calibrate.default_operating_point,
         pruned_layers=tuple(pruned),
         gate_features=bank.features,
-        promises={name: point.promise for name, point in selection.points.items()},
-        label_caps={name: point.label_cap for name, point in selection.points.items() if point.label_cap is not None},
         templates=tuple(config.data.templates),
         calibration=portable_paths(
             {
@@ -88,8 +89,11 @@ def write_checkpoint(
                     ),
                     "features": list(bank.features),
                 },
-                "search": "one shared threshold per point: the lowest calib quantile keeping the promise at every K"
-                + (" and on the word label sets at every K" if words_k else ""),
+                "search": "per point and calibrated K, one threshold shared by the layers: the calib quantile "
+                "saving the most time (FLOPs less each candidate's charge) among those keeping the promise at that K"
+                + (" and on the word label sets and class groups of that K" if words_k else "")
+                + "; interpolated in log K between calibrated counts; no heads above the label cap",
+                "charges": calibration.get("charges"),
                 "word_sets": None
                 if word_sets is None
                 else {

@@ -166,8 +166,15 @@ OPTIONS: tuple[Option, ...] = (
         "--head-cost-blocks",
         "calibrate.head_cost_blocks",
         float,
-        "blocks of time charged per head and gate run (python -m training.pipeline.head_cost)",
+        "blocks of time charged per head and gate run, with --charge constant (python -m training.pipeline.head_cost)",
     ),
+    Option(
+        "--charge",
+        "calibrate.charge",
+        str,
+        "constant (--head-cost-blocks for every candidate) or measured (each candidate's own time on this machine)",
+    ),
+    Option("--charge-rounds", "calibrate.charge_rounds", int, "timing rounds per batch size with --charge measured"),
     Option(
         "--default-operating-point",
         "calibrate.default_operating_point",

@@ -62,7 +62,8 @@ class ProfileConfig:
 class ExtractConfig:
     """The one pass of the frozen INT8 backbone whose outputs every later step reads."""
 
-    candidate_layers: tuple[int, ...] | None = None  # layers cached for heads; None: every layer >= num_layers / 2
+    candidate_layers: tuple[int, ...] | None = None  # layers cached for heads; None: every layer from 3 up (the
+    # candidate search weighs each by the time it saves, so shallow layers are considered and kept only where they pay)
     batch_size: int = 64  # images per forward pass
     shard_size: int = 2048  # images per feature shard on disk
     num_workers: int = 0  # DataLoader workers decoding images
@@ -126,6 +127,11 @@ class CalibrateConfig:
     head_cost_blocks: float = 0.0  # the search charges every head-and-gate evaluation this many blocks of time
     # (0: their FLOPs only, a fraction of a block; on a small model served by ONNX Runtime each candidate is one
     # more graph call and dozens of small ops, which at batch 1 cost more than a block: see the everyday recipe)
+    # What a candidate's head and gate cost in the search: "constant" (head_cost_blocks for every layer) or
+    # "measured" (each candidate layer's own time on the service's backend, at batch 1 and 32, measured by this
+    # build on this machine: training.pipeline.head_cost.candidate_charges)
+    charge: str = "constant"
+    charge_rounds: int = 30  # interleaved timing rounds per batch size when charge is "measured"
     label_caps: bool = True  # give each point a label cap: above the label count where its exits stop paying for
     # the heads on the calib split, requests run no heads (training.pipeline.search, "Label caps")
     default_operating_point: str = "balanced"  # used when a request names none

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lraee_core.checkpoint import load_classifier, read_manifest, write_manifest
+from lraee_core.config import OperatingPoint
 from lraee_core.exits import ExitRule
 from lraee_core.images import load_image
 
@@ -44,7 +45,7 @@ from .heads import SHIPPED_VARIANT, VARIANTS, load_heads
 from .jobs import Job, config_hash, path_roots, portable_paths, read_json, step, write_json, write_record
 from .label_sets import ExitView, LabelSets, auc, exit_view, label_sets_for, resolve_counts
 from .profile import load_profile
-from .search import OPERATING_POINTS, candidate_thresholds
+from .search import OPERATING_POINTS, candidate_thresholds, recorded_point
 from .simulate import (
     CHECKPOINT_METHOD,
     METHODS,
@@ -188,19 +189,15 @@ def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) ->
         # A probe setting at the subsample's median gate probabilities exercises every exit path, even when the
         # operating points let (almost) nobody leave.
         probe = [float(min(np.median(scores[layer]), 0.999)) for layer in layers]
-        settings: dict[str, list[float] | None] = {
-            name: [setting["threshold"]] * len(layers) for name, setting in record["operating_points"].items()
+        settings: dict[str, OperatingPoint | None] = {
+            name: recorded_point(name, layers, setting) for name, setting in record["operating_points"].items()
         }
-        caps = {name: setting.get("label_cap") for name, setting in record["operating_points"].items()}
-        settings["probe-median"] = probe
+        settings["probe-median"] = OperatingPoint.uniform("probe-median", dict(zip(layers, probe, strict=True)))
         settings["full"] = None
-        for name, thresholds in settings.items():
-            cap = caps.get(name)
-            rule = (
-                ExitRule.full()
-                if thresholds is None
-                else ExitRule.from_thresholds(dict(zip(layers, thresholds, strict=True)), name, cap)
-            )
+        for name, point in settings.items():
+            rule = ExitRule.full() if point is None else ExitRule.of_point(point)
+            thresholds = None if point is None else point.thresholds_at(k)
+            cap = None if point is None else point.label_cap
             results = []
             for position in range(len(rows)):
                 labels = [store.labels[int(i)] for i in label_rows[position]]
@@ -211,7 +208,7 @@ def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) ->
                     top_k=1,
                     exit_rule=rule,
                 )
-            simulated = full_outcome(view) if thresholds is None else simulate(view, layers, scores, thresholds, cap)
+            simulated = full_outcome(view) if point is None else simulate(view, layers, scores, point)
             index = {name: i for i, name in enumerate(store.labels)}
             engine_exit = np.array([r.exit_layer for r in results])
             engine_head = np.array([r.exit_path == "head" for r in results])
@@ -223,7 +220,7 @@ def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) ->
                 & (engine_prediction == simulated.predictions)
             )
             near = np.zeros(len(rows), dtype=bool)
-            for layer, threshold in zip(layers, thresholds or [], strict=False):
+            for layer, threshold in (thresholds or {}).items():
                 if threshold < 1.0:
                     near |= np.abs(scores[layer] - threshold) <= config.engine_check_tolerance
             unexplained = int((~same & ~near).sum())
@@ -231,7 +228,7 @@ def _engine_check(job: Job, store: FeatureStore, calibration: dict[str, Any]) ->
             all_ok &= unexplained == 0 and flops_agree == int(same.sum())
             checks[f"K={k} {name}"] = {
                 "k": k,
-                "thresholds": thresholds,
+                "thresholds": None if thresholds is None else {str(la): t for la, t in thresholds.items()},
                 "label_cap": cap,
                 "images": len(rows),
                 "agree": int(same.sum()),
@@ -260,11 +257,10 @@ def _method_sweep(
     scores = method_scores(view, method, bank, layers)
     points = {}
     for point, setting in record["operating_points"].items():
-        cap = setting.get("label_cap")
-        outcome = simulate(view, layers, scores, [setting["threshold"]] * len(layers), cap)
+        outcome = simulate(view, layers, scores, recorded_point(point, layers, setting))
         points[point] = {
-            "threshold": setting["threshold"],
-            "label_cap": cap,
+            "thresholds": setting["thresholds"],
+            "label_cap": setting.get("label_cap"),
             "promise": setting["promise"],
             "held_out": by_label_count(outcome, view, layers),
             "calibration": setting["calibration"],
@@ -354,13 +350,11 @@ def run_evaluate(job: Job) -> dict[str, Any]:
         baselines["fp32_full_depth"].update(word_fp32)
     main = methods[shipped_name]
     main_layers = main["layers"]
-    threshold = main["operating_points"][default]["threshold"]
     main_outcome = simulate(
         shipped_view,
         main_layers,
         scores_of[shipped_name],
-        [threshold] * len(main_layers),
-        main["operating_points"][default]["label_cap"],
+        recorded_point(default, main_layers, main["operating_points"][default]),
     )
     full_correct = shipped_view.full_top1 == shipped_view.truth
     rows_of = {k: shipped_view.counts == k for k in sorted(shipped_view.flops)}

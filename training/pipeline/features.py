@@ -1,9 +1,10 @@
 """Step ``extract``: one pass of the frozen backbones over every split image, cached on disk for all later steps.
 
-Per image and per cached layer ``l`` (default: every layer >= num_layers / 2, so calibration can still choose and
-prune among them): the SSA input (mean of the patch tokens), the [CLS] token and the SAV gate feature, all from
-the INT8 tower exactly as the engine computes them; plus the INT8 full-depth embedding (the baseline and the
-engine's fall-back path) and the FP32 full-depth embedding (distillation target, FP32 baseline), both unit-norm.
+Per image and per cached layer ``l`` (default: every layer from 3 up, so calibration can weigh every depth by the
+time it saves, and prune among them): the SSA input (mean of the patch tokens), the [CLS] token and the SAV gate
+feature, all from the INT8 tower exactly as the engine computes them; plus the INT8 full-depth embedding (the
+baseline and the engine's fall-back path) and the FP32 full-depth embedding (distillation target, FP32
+baseline), both unit-norm.
 The label prompts' text embeddings are cached too, FP16 as the engine keeps them, and with ``data.word_sets`` the
 words' (:class:`~training.pipeline.word_sets.WordSets`, kept in ``meta.json``). Head training, gate fitting,
 calibration and evaluation never run the backbone again.
@@ -58,8 +59,9 @@ def build_backbones(
 
 
 def default_candidate_layers(num_layers: int) -> tuple[int, ...]:
-    """Every layer from half the depth (rounded up) to the last: 6..12 on a 12-block tower."""
-    return tuple(range(max(1, math.ceil(num_layers / 2)), num_layers + 1))
+    """Every layer from 3 (or the last, on a shallower tower) to the last: 3..12 on a 12-block tower. Below block 3
+    an exit would read a state that has barely mixed its patches."""
+    return tuple(range(min(3, num_layers), num_layers + 1))
 
 
 def cached_layers(config: BuildConfig, num_layers: int) -> tuple[int, ...]:

@@ -9,6 +9,12 @@ block, is what a candidate costs in blocks. The ``full`` rule's time includes th
 pooling and the engine's own work, so a block is slightly overestimated and the cost slightly underestimated.
 
 ``python -m training.pipeline.head_cost [--checkpoint everyday] [--batch 1] [--rounds 60] [--out FILE]``
+
+:func:`candidate_charges` is the build's own measurement (``calibrate.charge = "measured"``): every candidate layer
+alone, so each is charged its own time, at each batch size the service serves. The engine with exit heads at every
+candidate layer is loaded once; for each layer an engine on the same tower with that layer's head and gate alone
+runs, with nobody leaving, against the ``full`` rule, in interleaved rounds. The charge is the extra time over a
+block's (the ``full`` rule's time over the number of blocks), averaged over the batch sizes.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from typing import Any
 
 import torch
 
-from lraee_core import load_classifier, read_manifest
+from lraee_core import EarlyExitClassifier, load_classifier, read_manifest
 from lraee_core.assets import resolve_checkpoint
 from lraee_core.backends import auto_backend
+from lraee_core.config import ExitPolicy, OperatingPoint
+from lraee_core.cpu import cpu_info
 from lraee_core.exits import ExitRule
 
 LABELS = ("cat", "dog", "car", "tree", "boat", "house", "bird", "chair", "flower", "street")
@@ -80,6 +88,78 @@ def measure(
         "block_s": block,
         "per_candidate_s": per_candidate,
         "head_cost_blocks": per_candidate / block,
+    }
+
+
+def _interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each of ``calls`` over ``rounds`` rounds in alternating order, after warm-up."""
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():  # warm-up: sessions built, caches filled
+        call()
+        call()
+    for round_number in range(rounds):
+        order = list(calls) if round_number % 2 == 0 else list(calls)[::-1]
+        for name in order:
+            started = time.perf_counter()
+            calls[name]()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def alone(engine: EarlyExitClassifier, layer: int) -> EarlyExitClassifier:
+    """The same tower (and backend sessions) with the exit head and gate of ``layer`` alone, which never let an
+    image leave."""
+    policy = ExitPolicy((layer,), (OperatingPoint.uniform("never", {layer: 1.0}),), "never")
+    return EarlyExitClassifier(
+        engine.backbone,
+        engine.quant_report,
+        {layer: engine.heads[layer]},
+        {layer: engine.gates[layer]},
+        policy,
+        engine.head_config,
+        checkpoint_id=engine.checkpoint_id,
+    )
+
+
+def candidate_charges(
+    directory: str | Path,
+    batches: Sequence[int] = (1, 32),
+    rounds: int = 30,
+    labels: Sequence[str] = LABELS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What each candidate layer of the checkpoint in ``directory`` costs alone, in blocks, on the service's backend
+    at each batch size of ``batches`` (module docstring); ``charges`` is the mean over the batch sizes."""
+    quant_mode = read_manifest(directory).quant_mode
+    backend = auto_backend(quant_mode)
+    engine = load_classifier(directory, backend=backend)
+    size = engine.backbone.shape.image_size
+    per_batch: dict[str, dict[str, float]] = {}
+    for batch in batches:
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        calls: dict[str, Callable[[], object]] = {
+            "full": partial(engine.classify, images, list(labels), exit_rule=ExitRule.full())
+        }
+        for layer in sorted(engine.heads):
+            calls[str(layer)] = partial(alone(engine, layer).classify, images, list(labels), operating_point="never")
+        medians = _interleaved(calls, rounds)
+        block = medians["full"] / engine.num_layers
+        per_batch[str(batch)] = {
+            "full_rule_s": medians["full"],
+            "block_s": block,
+            **{layer: (medians[layer] - medians["full"]) / block for layer in calls if layer != "full"},
+        }
+    layers = [str(layer) for layer in sorted(engine.heads)]
+    return {
+        "backend": backend,
+        "quant_mode": quant_mode,
+        "batches": list(batches),
+        "labels": len(labels),
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_info().to_json(),
+        "per_batch": per_batch,
+        "charges": {layer: statistics.mean(per_batch[str(b)][layer] for b in batches) for layer in layers},
     }
 
 

@@ -228,8 +228,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_pct(values['held_out'][k]['agreement'])} / {_pct(values['held_out'][k]['flops_saved'])}" for k in ks
             ]
             cap = values.get("label_cap")
-            rows.append((method["title"], point, f"{values['threshold']:.4f}", cap if cap is not None else "–", *cells))
-    lines += _table(["Method", "Point", "Threshold", "Label cap", *[_k_name(k, num_labels) for k in ks]], rows)
+            curve = ", ".join(f"{int(count)}: {threshold:.4f}" for count, threshold in values["thresholds"])
+            rows.append((method["title"], point, curve, cap if cap is not None else "–", *cells))
+    lines += _table(["Method", "Point", "Thresholds (K: t)", "Label cap", *[_k_name(k, num_labels) for k in ks]], rows)
     lines += [f"## Four-quadrant decomposition: {main['title']} ({default}) vs INT8 full depth, per K", ""]
     titles = {
         "both_correct": "Both correct",

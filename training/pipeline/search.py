@@ -1,37 +1,42 @@
-"""The searches of the ``calibrate`` step: layer pruning, candidate layers, and each operating point's threshold.
+"""The searches of the ``calibrate`` step: layer pruning, candidate layers, and each operating point's thresholds.
 
-**Operating points are promises.** ``accurate``, ``balanced`` and ``fast`` each promise a share of images whose
-answer equals the full-depth answer (agreement: 99%, 97%, 93% by default), for the client's own labels at any
-label count. Each point is one shared gate threshold t (an image leaves at the first candidate layer whose gate
-probability reaches t): the lowest t, among ``threshold_candidates`` quantiles of the calib split's gate scores, at
-which the calib split's agreement clears the promise by ``promise_margin`` standard errors at *every* K of
-``label_counts`` (label sets drawn per image: the true class plus K - 1 others), and, when the build has word sets,
-on every "words-K" and "group-NAME" key too (:mod:`training.pipeline.label_sets`). A one-dimensional search per
-point is too small to fit noise; the report then measures the same thresholds on the evaluation split.
+**Operating points are promises, kept at every label count.** ``accurate``, ``balanced`` and ``fast`` each promise a
+share of images whose answer equals the full-depth answer (agreement: 99%, 97%, 93% by default), for the client's
+own labels at any label count K. A request's K is known before its image runs, so each point holds one threshold
+per calibrated K (``label_counts``; shared by the candidate layers: an image leaves at the first candidate layer
+whose gate probability reaches it), and the engine interpolates between calibrated counts
+(:meth:`lraee_core.config.OperatingPoint.thresholds_at`: linear in log K). The search goes up the calibrated K:
+at each, among ``threshold_candidates`` quantiles of the calib gate scores, the threshold that maximises the
+objective (below) on the keys whose K lies above the previous calibrated K and up to this one, among those at which
+the calib split's agreement clears the promise by ``promise_margin`` standard errors on every such key: the random
+label sets of that K (true class + K - 1 others), and, when the build has word sets, the "words-K" and
+"group-NAME" keys whose K falls there (:mod:`training.pipeline.label_sets`). Rows between two calibrated counts
+follow the interpolated thresholds, which is why the smaller K is fixed first. So no single worst K sets every
+threshold, and each K's threshold is a one-dimensional search, too small to fit noise; the report then measures
+the same thresholds on the evaluation split.
 
 **Pruning.** A cached layer ``l`` is pruned when ``INR_l < prune_fraction x mean(INR of layers l-1 and l+1)``
 (neighbouring *layers*: a noise spike is a property of the block against the blocks around it). If every candidate
 were pruned, the one with the highest INR is kept.
 
 **Candidate selection.** Every subset of the unpruned cached layers with 1..``max_candidates`` layers gets the
-default point's threshold as above; the subset with the largest mean calib saving over the K values wins (ties:
-fewer layers, each of which costs a head and a gate). Baseline methods get the same treatment.
+default point's thresholds as above; the subset with the largest objective wins (ties: fewer layers, each of which
+costs a head and a gate). Baseline methods get the same treatment.
 
-**Label caps.** Exits grow rarer as the label set grows (the gate is less sure among more labels), while every image
-still pays for the heads and gates it runs. Each point therefore gets a *label cap*: the largest K of
-``label_counts`` up to which every K's saving (below) is positive at the point's threshold. A request with more
-labels runs no head or gate and gets the full-depth answer (lraee_core.exits, ``ExitRule.for_labels``); between two
-calibrated K values the cap keeps the smaller, measured one. No cap when every K pays; a cap of 1 when even the
-smallest does not. The cap is part of what each threshold is judged by: the figures, the promise check and the
-objective of a threshold are those of its capped engine (rows above the cap answer as full depth, at no head cost).
-Only the random label-set keys set the cap; word and class-group rows follow it by their own K.
+**Label caps.** Exits grow rarer as the label set grows, while every image still pays for the heads and gates it
+runs. The search stops at the first calibrated K whose best threshold saves less than the heads cost (its objective
+is not positive): the point's label cap is the calibrated K below it, and a request with more labels runs no head
+or gate and gets the full-depth answer (lraee_core.exits, ``ExitRule.for_labels``). When every K pays, the cap is
+the largest calibrated K: above it nothing was measured. ``label_caps=False`` keeps every K's thresholds instead.
 
-**What a saving is.** FLOPs saved, less ``head_cost_blocks`` blocks' worth of FLOPs for every head and gate an image
-runs (mean over the K values: the search's *objective*). With ``head_cost_blocks`` 0 it is the FLOPs saving, where a
-head and a gate cost a fraction of a block. Where they are served as one more graph call of dozens of small ops, as
-on the tiny default at batch 1, their time is more than a block's, and an exit that cannot pay for itself in time
-(after block 11 of 12, say) is worth keeping only by FLOPs; the charge lets the search see that. The threshold of
-every point maximises the same objective among the thresholds that keep its promise; reports show FLOPs saved.
+**What a saving is.** FLOPs saved, less each candidate layer's *charge* for every row that ran its head and gate, in
+blocks' worth of FLOPs. The charge is what running that candidate costs in time on the service's backend (its head,
+its gate and the span split it causes), in blocks: measured per layer by the build (``calibrate.charge =
+"measured"``, :mod:`training.pipeline.head_cost`) or one constant ``head_cost_blocks`` for every layer. With a charge
+of 0 the saving is the FLOPs saving, where a head and a gate cost a fraction of a block. Where they are served as one
+more graph call of small ops, as on the tiny default at batch 1, they cost far more time than FLOPs, and an exit that
+cannot pay for itself in time is worth keeping only by FLOPs; the charge lets the search see that. The *objective*
+is the mean saving over the figures' keys; reports show FLOPs saved.
 
 Every figure comes from the simulation of :mod:`training.pipeline.simulate`.
 """
@@ -39,7 +44,7 @@ Every figure comes from the simulation of :mod:`training.pipeline.simulate`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +52,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lraee_core.checkpoint import PrunedLayer
+from lraee_core.config import OperatingPoint
 
 from .config import CalibrateConfig
 from .gate_fit import GateBank
@@ -56,17 +62,42 @@ from .simulate import Method, by_label_count, method_scores, simulate
 OPERATING_POINTS: tuple[str, ...] = ("accurate", "balanced", "fast")
 
 
+Curve = tuple[tuple[int, float], ...]  # (K, shared threshold of every candidate layer) at each calibrated K
+
+
 @dataclass(frozen=True)
 class PointSetting:
-    """One operating point's chosen threshold and its calibration figures."""
+    """One operating point's chosen thresholds (per calibrated K) and its calibration figures."""
 
-    threshold: float  # shared gate threshold of every candidate layer
+    thresholds: Curve  # (K, shared gate threshold of every candidate layer) at each calibrated K, K ascending
     promise: float  # agreement promised
     promise_met: bool  # False only when even t = 1.0 (no exits) falls short, which cannot happen on agreement
-    mean_saving: float  # calib FLOPs saving averaged over K
+    mean_saving: float  # calib FLOPs saving averaged over the figures' keys
     objective: float  # what the search maximised: mean_saving less the charge for heads (module docstring)
-    calibration: dict[str, dict[str, Any]]  # K -> calib figures (of the capped engine)
+    calibration: dict[str, dict[str, Any]]  # key (K, words-K, group-NAME) -> calib figures
     label_cap: int | None = None  # the point's label cap (module docstring); None: none
+
+    def operating_point(self, name: str, layers: Sequence[int]) -> OperatingPoint:
+        """The engine's record of this setting on candidate ``layers``."""
+        return curve_point(name, layers, self.thresholds, self.promise, self.label_cap)
+
+
+def curve_point(
+    name: str,
+    layers: Sequence[int],
+    curve: Sequence[Sequence[float]],
+    promise: float | None = None,
+    label_cap: int | None = None,
+) -> OperatingPoint:
+    """An operating point whose layers share one threshold per calibrated K (``curve``: (K, threshold) pairs, as
+    :class:`PointSetting` holds them and ``calibration.json`` records them)."""
+    by_count = tuple((int(count), dict.fromkeys(layers, float(threshold))) for count, threshold in curve)
+    return OperatingPoint(name, by_count, promise, label_cap)
+
+
+def recorded_point(name: str, layers: Sequence[int], record: Mapping[str, Any]) -> OperatingPoint:
+    """A point from its ``calibration.json`` record (``dataclasses.asdict`` of a :class:`PointSetting`)."""
+    return curve_point(name, layers, record["thresholds"], record.get("promise"), record.get("label_cap"))
 
 
 def promises(config: CalibrateConfig) -> dict[str, float]:
@@ -81,42 +112,33 @@ def candidate_thresholds(scores: dict[int, np.ndarray], count: int) -> np.ndarra
     return np.unique(np.concatenate([quantiles.astype(np.float32).astype(np.float64), [1.0]]))
 
 
-def saving(figures: dict[str, Any], config: CalibrateConfig) -> float:
-    """One K's FLOPs saving less ``head_cost_blocks`` blocks per head and gate run."""
-    return float(figures["flops_saved"] - config.head_cost_blocks * figures["heads_in_blocks"])
+Charges = Mapping[int, float]  # candidate layer -> what running its head and gate costs, in blocks of time
 
 
-def objective(figures: dict[str, dict[str, Any]], config: CalibrateConfig) -> float:
-    """Mean over the K values of :func:`saving`."""
-    return float(np.mean([saving(f, config) for f in figures.values()]))
+def uniform_charges(config: CalibrateConfig, layers: Sequence[int]) -> dict[int, float]:
+    """Every layer charged ``head_cost_blocks``."""
+    return dict.fromkeys(layers, config.head_cost_blocks)
 
 
-def label_cap(figures: dict[str, dict[str, Any]], config: CalibrateConfig) -> int | None:
-    """The largest random-label-set K up to which every K's :func:`saving` is positive (module docstring); None when
-    every K pays, 1 when the smallest does not."""
-    counts = sorted(int(key) for key in figures if key.isdigit())
-    cap = None
-    for count in counts:
-        if saving(figures[str(count)], config) <= 0.0:
-            return cap if cap is not None else 1
-        cap = count
-    return None
+def saving(figures: dict[str, Any], charges: Charges) -> float:
+    """One key's FLOPs saving less each candidate's charge (in blocks) for every row that ran its head and gate."""
+    reached = figures.get("reached", {})
+    charged = sum(charges.get(int(layer), 0.0) * share for layer, share in reached.items())
+    return float(figures["flops_saved"] - charged * figures["block_share"])
 
 
-def capped_figures(
-    view: ExitView, layers: Sequence[int], scores: dict[int, np.ndarray], threshold: float, config: CalibrateConfig
-) -> tuple[dict[str, dict[str, Any]], int | None]:
-    """The calib figures per K of one shared threshold under its label cap, and the cap (None without caps)."""
-    thresholds = [threshold] * len(layers)
-    figures = by_label_count(simulate(view, layers, scores, thresholds), view, layers)
-    cap = label_cap(figures, config) if config.label_caps else None
-    if cap is None:
-        return figures, None
-    return by_label_count(simulate(view, layers, scores, thresholds, label_cap=cap), view, layers), cap
+def objective(figures: dict[str, dict[str, Any]], charges: Charges) -> float:
+    """Mean over the keys of :func:`saving`."""
+    return float(np.mean([saving(f, charges) for f in figures.values()])) if figures else 0.0
 
 
 def _feasible(figures: dict[str, dict[str, Any]], promise: float, margin: float) -> bool:
     return all(f["agreement"] - margin * f["agreement_se"] >= promise for f in figures.values())
+
+
+def _key_counts(view: ExitView) -> dict[str, int]:
+    """Each figures key's label count (every key's rows share one K)."""
+    return {key: int(view.counts[rows][0]) for key, rows in view.groups().items()}
 
 
 def search_point(
@@ -125,25 +147,68 @@ def search_point(
     scores: dict[int, np.ndarray],
     promise: float,
     config: CalibrateConfig,
+    charges: Charges | None = None,
     thresholds: np.ndarray | None = None,
 ) -> PointSetting:
-    """The lowest shared threshold whose calib agreement keeps the promise at every K (module docstring)."""
+    """Thresholds per calibrated K that keep the promise (module docstring), searched K by K upward: at each
+    calibrated K the threshold (shared by the layers) that maximises the objective on the keys whose K lies
+    between the previous calibrated K (excluded) and this one, among those whose agreement keeps the promise there
+    (rows between two calibrated K follow the interpolated thresholds, so the previous K's threshold is fixed
+    first). The first K whose best saving does not pay for its heads ends the search: the label cap is the
+    calibrated K below it. Without such a K the cap is the largest calibrated K (nothing was measured above it)."""
+    charges = uniform_charges(config, layers) if charges is None else charges
     if thresholds is None:
         thresholds = candidate_thresholds(scores, config.threshold_candidates)
-    best: PointSetting | None = None
-    for threshold in thresholds[::-1]:  # from no exits down; agreement only falls as more images leave
-        figures, cap = capped_figures(view, layers, scores, float(threshold), config)
-        if not _feasible(figures, promise, config.promise_margin):
+    key_counts = _key_counts(view)
+    calibrated = sorted(int(key) for key in key_counts if key.isdigit())
+    curve: list[tuple[int, float]] = []
+    cap: int | None = None
+    previous = 0
+    for count in calibrated:
+        keys = {key for key, k in key_counts.items() if previous < k <= count}
+        rows = np.zeros(view.size, dtype=bool)
+        for key, mask in view.groups().items():
+            if key in keys:
+                rows |= mask
+        part, part_scores = view.subset(rows), {layer: scores[layer][rows] for layer in layers}
+        best: tuple[float, float] | None = None  # (objective, threshold)
+        for threshold in thresholds[::-1]:  # from no exits down; agreement only falls as more images leave
+            point = curve_point("search", layers, [*curve, (count, threshold)])
+            figures = by_label_count(simulate(part, layers, part_scores, point), part, layers)
+            if not _feasible(figures, promise, config.promise_margin):
+                break
+            value = objective(figures, charges)
+            if best is None or value > best[0]:
+                best = (value, float(threshold))
+        assert best is not None  # threshold 1.0 (nobody leaves) always keeps the promise: agreement is 1.0
+        if config.label_caps and best[0] <= 0.0:
+            cap = previous or 1  # nothing at this K pays for its heads: none run from here up
             break
-        mean_saving = float(np.mean([f["flops_saved"] for f in figures.values()]))
-        value = objective(figures, config)
-        if best is None or value > best.objective:
-            best = PointSetting(float(threshold), promise, True, mean_saving, value, figures, cap)
-    if best is None:  # unreachable in practice: t = 1.0 answers every row as full depth does
-        figures, cap = capped_figures(view, layers, scores, 1.0, config)
-        mean_saving = float(np.mean([f["flops_saved"] for f in figures.values()]))
-        best = PointSetting(1.0, promise, False, mean_saving, objective(figures, config), figures, cap)
-    return best
+        curve.append((count, best[1]))
+        previous = count
+    if not curve:  # not even the smallest K pays: a cap of 1, and thresholds that would let nobody leave
+        curve = [(calibrated[0] if calibrated else 1, 1.0)]
+    if cap is None and calibrated and config.label_caps:
+        cap = calibrated[-1]  # nothing was measured above the largest calibrated K
+    return _setting(view, layers, scores, tuple(curve), cap, promise, charges, config.promise_margin)
+
+
+def _setting(
+    view: ExitView,
+    layers: Sequence[int],
+    scores: dict[int, np.ndarray],
+    curve: Curve,
+    cap: int | None,
+    promise: float,
+    charges: Charges,
+    margin: float,
+) -> PointSetting:
+    """The figures of a chosen curve and cap over every key of the view."""
+    point = curve_point("search", layers, curve, promise, cap)
+    figures = by_label_count(simulate(view, layers, scores, point), view, layers)
+    mean_saving = float(np.mean([f["flops_saved"] for f in figures.values()])) if figures else 0.0
+    met = _feasible(figures, promise, margin)
+    return PointSetting(curve, promise, met, mean_saving, objective(figures, charges), figures, cap)
 
 
 @dataclass(frozen=True)
@@ -156,9 +221,17 @@ class Selection:
 
 
 def select_candidates(
-    view: ExitView, method: Method, bank: GateBank, pool: Sequence[int], config: CalibrateConfig, desc: str = ""
+    view: ExitView,
+    method: Method,
+    bank: GateBank,
+    pool: Sequence[int],
+    config: CalibrateConfig,
+    desc: str = "",
+    charges: Charges | None = None,
 ) -> Selection:
-    """Search every subset of ``pool`` with up to ``max_candidates`` layers; keep the best (module docstring)."""
+    """Search every subset of ``pool`` with up to ``max_candidates`` layers; keep the best (module docstring).
+    ``charges``: each pool layer's time charge in blocks (default: ``head_cost_blocks`` for every layer)."""
+    charges = uniform_charges(config, pool) if charges is None else charges
     subsets = [
         subset
         for size in range(1, min(config.max_candidates, len(pool)) + 1)
@@ -168,15 +241,17 @@ def select_candidates(
     tried = []
     for subset in tqdm(subsets, desc=f"candidates {desc}".strip(), leave=False):
         scores = method_scores(view, method, bank, subset)
-        setting = search_point(view, subset, scores, default_promise, config)
-        tried.append((round(setting.objective, 9), -len(subset), subset, setting.threshold, setting.mean_saving))
+        setting = search_point(view, subset, scores, default_promise, config, charges)
+        tried.append((round(setting.objective, 9), -len(subset), subset, setting.thresholds, setting.mean_saving))
     tried.sort(key=lambda entry: entry[:2], reverse=True)
     layers = tuple(tried[0][2])
     scores = method_scores(view, method, bank, layers)
-    points = {name: search_point(view, layers, scores, promise, config) for name, promise in promises(config).items()}
+    points = {
+        name: search_point(view, layers, scores, promise, config, charges) for name, promise in promises(config).items()
+    }
     ranking = [
-        {"layers": list(subset), "objective": value, "mean_saving": saving, "threshold": threshold}
-        for value, _, subset, threshold, saving in tried[:10]
+        {"layers": list(subset), "objective": value, "mean_saving": saving, "thresholds": [list(t) for t in curve]}
+        for value, _, subset, curve, saving in tried[:10]
     ]
     return Selection(layers=layers, points=points, ranking=ranking)
 

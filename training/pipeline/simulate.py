@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from lraee_core.config import OperatingPoint
 from lraee_core.gate import GateParams
 
 from .features import FeatureStore
@@ -64,6 +65,7 @@ class Outcome:
     flops: np.ndarray  # FLOPs spent per row
     full_depth: np.ndarray  # FLOPs of the plain full-depth path per row (its K)
     evaluated: np.ndarray  # exit heads and gates run per row
+    reached: dict[int, np.ndarray] = field(default_factory=dict)  # candidate layer -> rows that ran its head
 
     @property
     def agreement(self) -> float:
@@ -89,31 +91,61 @@ def per_row(view: ExitView, attribute: str) -> np.ndarray:
     return values
 
 
-def _exits(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """lraee_core.gate.exits on float32 scores: a Python threshold is compared in float32, as torch does."""
+def _exits(scores: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """lraee_core.gate.exits on float32 scores: a Python threshold is compared in float32, as torch does; an array
+    holds one float32 threshold per row (>= 1.0: the row stays)."""
+    if isinstance(threshold, np.ndarray):
+        return (threshold < 1.0) & (scores >= threshold)
     if threshold >= 1.0:
         return np.zeros(len(scores), dtype=bool)
     return scores >= np.float32(threshold)
+
+
+def row_thresholds(
+    view: ExitView, layers: Sequence[int], point: OperatingPoint
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Each row's float32 threshold at every layer of ``layers`` under ``point`` at the row's own K
+    (:meth:`lraee_core.config.OperatingPoint.thresholds_at`, the engine's own function), and which rows run heads
+    at all (not above the point's label cap)."""
+    thresholds = {layer: np.ones(view.size, dtype=np.float32) for layer in layers}
+    heads_run = np.zeros(view.size, dtype=bool)
+    for count in np.unique(view.counts).tolist():
+        rows = view.counts == count
+        at_count = point.thresholds_at(int(count))
+        if at_count is None:
+            continue
+        heads_run[rows] = True
+        for layer in layers:
+            thresholds[layer][rows] = np.float32(at_count.get(layer, 1.0))
+    return thresholds, heads_run
 
 
 def simulate(
     view: ExitView,
     layers: Sequence[int],
     scores: dict[int, np.ndarray],
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | OperatingPoint,
     label_cap: int | None = None,
 ) -> Outcome:
-    """Mirror of EarlyExitClassifier.classify over ``layers`` (ascending) with these per-layer thresholds; rows
-    whose K is above ``label_cap`` run no head (lraee_core.exits, ``ExitRule.for_labels``)."""
+    """Mirror of EarlyExitClassifier.classify over ``layers`` (ascending): with per-layer ``thresholds`` for every
+    row, rows whose K is above ``label_cap`` running no head (lraee_core.exits, ``ExitRule.for_labels``); or with
+    an operating point, each row at its own K's thresholds and the point's own cap."""
     any_model = next(iter(view.flops.values()))
-    heads_run = np.ones(view.size, dtype=bool) if label_cap is None else view.counts <= label_cap
+    if isinstance(thresholds, OperatingPoint):
+        per_layer, heads_run = row_thresholds(view, layers, thresholds)
+        layer_thresholds: list[float | np.ndarray] = [per_layer[layer] for layer in layers]
+    else:
+        heads_run = np.ones(view.size, dtype=bool) if label_cap is None else view.counts <= label_cap
+        layer_thresholds = list(thresholds)
     alive = np.ones(view.size, dtype=bool)
     exit_layer = np.full(view.size, any_model.num_layers)
     predictions = view.full_top1.copy()
     evaluated = np.zeros(view.size, dtype=np.int64)
-    for layer, threshold in zip(layers, thresholds, strict=True):
+    reached_at = {}  # layer -> rows that ran its head and gate
+    for layer, threshold in zip(layers, layer_thresholds, strict=True):
         reached = alive & heads_run
         evaluated[reached] += 1
+        reached_at[layer] = reached
         leave = reached & _exits(scores[layer], threshold)
         exit_layer[leave] = layer
         predictions[leave] = view.top1[layer][leave]
@@ -134,6 +166,7 @@ def simulate(
         flops=spent,
         full_depth=per_row(view, "full_depth"),
         evaluated=evaluated,
+        reached=reached_at,
     )
 
 
@@ -181,6 +214,9 @@ def by_label_count(outcome: Outcome, view: ExitView, layers: Sequence[int]) -> d
             "flops_saved": float(1.0 - outcome.flops[rows].mean() / outcome.full_depth[rows][0]),
             # heads and gates run per image, in blocks' FLOPs over the full depth's (what search.py charges)
             "heads_in_blocks": float((outcome.evaluated[rows] * block[rows]).mean() / outcome.full_depth[rows][0]),
+            "block_share": float(block[rows][0] / outcome.full_depth[rows][0]),  # one block over the full depth
+            # per candidate layer: the share of rows that ran its head and gate (per-layer charges, search.py)
+            "reached": {str(layer): float(reached[rows].mean()) for layer, reached in outcome.reached.items()},
             "exit_shares": exit_shares(outcome, layers, rows),
         }
     return figures
