@@ -666,3 +666,24 @@ def test_a_point_caps_its_labels_where_exits_stop_paying() -> None:
     uncapped = search_point(view, layers, scores, 0.5, replace(config, label_caps=False), thresholds=tried)
     assert uncapped.label_cap is None and uncapped.calibration["10"]["flops_saved"] < 0.0
     assert point.objective > uncapped.objective
+
+
+def test_the_vectorised_sweep_gives_the_simulations_figures_for_every_threshold() -> None:
+    """search_point tries every candidate threshold of a K band at once (search._sweep); each must be judged on
+    exactly what simulate() + by_label_count() say of it, interpolated rows included."""
+    from training.pipeline.search import _band_thresholds, _sweep, curve_point, objective
+
+    (view, scores), layers = _view(size=900, ks=(2, 4, 8)), (6, 9, 11)
+    charges = {6: 0.7, 9: 0.3, 11: 1.1}
+    band = view.counts > 2  # the band of K = 8 above a fixed K = 2: K = 4 rows interpolate
+    part, part_scores = view.subset(band), {layer: scores[layer][band] for layer in layers}
+    curve = [(2, 0.35)]
+    candidates = np.array([1.0, 0.9, 0.62, 0.5, 0.2, 0.0])
+    per_row = _band_thresholds(part, curve, 8, candidates)
+    feasible, values = _sweep(part, layers, part_scores, per_row, 0.6, 1.0, charges)
+    for index, candidate in enumerate(candidates):
+        point = curve_point("p", layers, [*curve, (8, candidate)])
+        figures = by_label_count(simulate(part, layers, part_scores, point), part, layers)
+        assert values[index] == pytest.approx(objective(figures, charges), abs=1e-12), candidate
+        expected = all(f["agreement"] - f["agreement_se"] >= 0.6 for f in figures.values())
+        assert bool(feasible[index]) == expected, candidate

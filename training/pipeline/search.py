@@ -44,6 +44,7 @@ Every figure comes from the simulation of :mod:`training.pipeline.simulate`.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ from .config import CalibrateConfig
 from .gate_fit import GateBank
 from .label_sets import ExitView
 from .simulate import Method, by_label_count, method_scores, simulate
+from .simulate import per_row as per_row_figure
 
 OPERATING_POINTS: tuple[str, ...] = ("accurate", "balanced", "fast")
 
@@ -164,22 +166,20 @@ def search_point(
     curve: list[tuple[int, float]] = []
     cap: int | None = None
     previous = 0
+    groups = view.groups()
     for count in calibrated:
-        keys = {key for key, k in key_counts.items() if previous < k <= count}
+        keys = [key for key, k in key_counts.items() if previous < k <= count]
         rows = np.zeros(view.size, dtype=bool)
-        for key, mask in view.groups().items():
-            if key in keys:
-                rows |= mask
+        for key in keys:
+            rows |= groups[key]
         part, part_scores = view.subset(rows), {layer: scores[layer][rows] for layer in layers}
-        best: tuple[float, float] | None = None  # (objective, threshold)
-        for threshold in thresholds[::-1]:  # from no exits down; agreement only falls as more images leave
-            point = curve_point("search", layers, [*curve, (count, threshold)])
-            figures = by_label_count(simulate(part, layers, part_scores, point), part, layers)
-            if not _feasible(figures, promise, config.promise_margin):
-                break
-            value = objective(figures, charges)
-            if best is None or value > best[0]:
-                best = (value, float(threshold))
+        descending = thresholds[::-1]  # from no exits down; agreement only falls as more images leave
+        per_row = _band_thresholds(part, curve, count, descending)
+        feasible, values = _sweep(part, layers, part_scores, per_row, promise, config.promise_margin, charges)
+        # the thresholds tried in turn until the first that breaks the promise, the best of them kept (ties: the
+        # higher threshold, met first)
+        stop = int(np.argmin(feasible)) if not feasible.all() else len(feasible)
+        best = None if stop == 0 else (float(values[:stop].max()), float(descending[int(values[:stop].argmax())]))
         assert best is not None  # threshold 1.0 (nobody leaves) always keeps the promise: agreement is 1.0
         if config.label_caps and best[0] <= 0.0:
             cap = previous or 1  # nothing at this K pays for its heads: none run from here up
@@ -191,6 +191,69 @@ def search_point(
     if cap is None and calibrated and config.label_caps:
         cap = calibrated[-1]  # nothing was measured above the largest calibrated K
     return _setting(view, layers, scores, tuple(curve), cap, promise, charges, config.promise_margin)
+
+
+def _band_thresholds(
+    part: ExitView, curve: Sequence[tuple[int, float]], count: int, candidates: np.ndarray
+) -> np.ndarray:
+    """[rows, T] float32: the threshold each row of a K band sees when ``count``'s threshold is each of
+    ``candidates`` and the smaller calibrated K keep ``curve``: the candidate itself at ``count``, between the
+    previous calibrated K and ``count`` the log-K interpolation (the engine's arithmetic: a Python float weight
+    per K, lraee_core.config.interpolate_thresholds), below the first calibrated K the first's."""
+    table = np.empty((part.size, len(candidates)), dtype=np.float32)
+    for k in np.unique(part.counts).tolist():
+        rows = part.counts == k
+        if not curve or k >= count:
+            table[rows] = candidates.astype(np.float32)
+            continue
+        low_k, low = curve[-1]
+        weight = (math.log(k) - math.log(low_k)) / (math.log(count) - math.log(low_k))
+        table[rows] = (low + weight * (candidates - low)).astype(np.float32)
+    return table
+
+
+def _sweep(
+    part: ExitView,
+    layers: Sequence[int],
+    scores: dict[int, np.ndarray],
+    per_row: np.ndarray,  # [rows, T] float32 thresholds
+    promise: float,
+    margin: float,
+    charges: Charges,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each of T threshold settings at once: whether every key keeps the promise ([T] bool) and the
+    objective ([T]); the figures :func:`simulate` and :func:`by_label_count` would give, vectorised over T."""
+    stacked = np.stack([scores[layer] for layer in layers], axis=1)  # [R, L]
+    leave = (stacked[:, :, None] >= per_row[:, None, :]) & (per_row[:, None, :] < 1.0)  # [R, L, T]
+    exited = leave.any(axis=1)  # [R, T]
+    first = leave.argmax(axis=1)  # [R, T] index of the first layer left at (0 where none)
+    agree_at = np.stack([part.agrees(layer) for layer in layers], axis=1)  # [R, L]
+    agrees = np.where(exited, np.take_along_axis(agree_at, first, axis=1), True)
+    evaluated = np.where(exited, first + 1, len(layers))  # heads and gates run per row
+    any_model = next(iter(part.flops.values()))
+    depth = np.where(exited, np.asarray(layers)[first], any_model.num_layers)
+    per_head = (per_row_figure(part, "head") + per_row_figure(part, "gate"))[:, None]
+    spent = (
+        any_model.embed
+        + depth.astype(np.int64) * any_model.block
+        + evaluated * per_head
+        + np.where(exited, 0, per_row_figure(part, "final")[:, None])
+    )
+    full_depth = per_row_figure(part, "full_depth")
+    block = per_row_figure(part, "block")
+    feasible = np.ones(per_row.shape[1], dtype=bool)
+    savings = []
+    for rows in part.groups().values():
+        n = int(rows.sum())
+        agreement = agrees[rows].mean(axis=0)
+        se = np.sqrt(np.maximum(agreement * (1 - agreement), 0.0) / max(1, n))
+        feasible &= agreement - margin * se >= promise
+        saved = 1.0 - spent[rows].mean(axis=0) / full_depth[rows][0]
+        charged = sum(
+            charges.get(layer, 0.0) * (evaluated[rows] > index).mean(axis=0) for index, layer in enumerate(layers)
+        )
+        savings.append(saved - charged * (block[rows][0] / full_depth[rows][0]))
+    return feasible, np.mean(savings, axis=0)
 
 
 def _setting(
