@@ -687,3 +687,17 @@ def test_the_vectorised_sweep_gives_the_simulations_figures_for_every_threshold(
         assert values[index] == pytest.approx(objective(figures, charges), abs=1e-12), candidate
         expected = all(f["agreement"] - f["agreement_se"] >= 0.6 for f in figures.values())
         assert bool(feasible[index]) == expected, candidate
+
+
+def test_the_cut_depth_baseline_spends_at_least_the_points_flops() -> None:
+    from training.pipeline.evaluate import cut_depth_baseline
+
+    def alone(saved: float, top1: float) -> dict[str, dict[str, float]]:
+        return {"2": {"flops_saved": saved, "top1": top1, "agreement": top1}}
+
+    heads = {"3": alone(0.7, 0.2), "6": alone(0.45, 0.4), "9": alone(0.2, 0.5)}
+    points = {"balanced": {"held_out": {"2": {"flops_saved": 0.5}, "words-2": {"flops_saved": 0.1}}}}
+    out = cut_depth_baseline(points, heads)
+    assert out["balanced"]["2"]["layer"] == 6  # 3 saves more than the point (spends less): not a fair match
+    assert "words-2" not in out["balanced"]  # the heads-alone figures have no such key
+    assert cut_depth_baseline({"p": {"held_out": {"2": {"flops_saved": 0.1}}}}, heads) == {}

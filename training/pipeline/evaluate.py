@@ -122,6 +122,32 @@ def single_exit(view: ExitView, layer: int) -> Outcome:
     )
 
 
+def cut_depth_baseline(
+    points: dict[str, Any], alone: dict[str, dict[str, dict[str, Any]]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The honest baseline beside each operating point: a plain shallower model at the same FLOPs, i.e. the first N
+    blocks and the shipped head at N answering every image (no gate). Per point and K: the shallowest N whose
+    FLOPs saving does not exceed the point's held-out saving (so it spends at least as much), and its figures."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    layers = sorted(alone, key=int)
+    for point, values in points.items():
+        for k, held in values["held_out"].items():
+            if k not in alone[layers[0]]:
+                continue
+            spent_enough = [layer for layer in layers if alone[layer][k]["flops_saved"] <= held["flops_saved"] + 1e-12]
+            if not spent_enough:
+                continue
+            layer = spent_enough[0]
+            figures = alone[layer][k]
+            out.setdefault(point, {})[k] = {
+                "layer": int(layer),
+                "flops_saved": figures["flops_saved"],
+                "top1": figures["top1"],
+                "agreement": figures["agreement"],
+            }
+    return out
+
+
 def four_quadrants(early_correct: np.ndarray, full_correct: np.ndarray) -> dict[str, Any]:
     """Counts and percentages of both correct / rescue / loss / both wrong, early exit vs full depth."""
     early, full = early_correct.astype(bool), full_correct.astype(bool)
@@ -363,6 +389,8 @@ def run_evaluate(job: Job) -> dict[str, Any]:
         variant: {str(layer): _per_k(single_exit(view, layer), view) for layer in store.layers}
         for variant, view in views.items()
     }
+    shipped_variant = METHODS[shipped_name].variant
+    depth_baseline = cut_depth_baseline(main["operating_points"], heads_alone[shipped_variant])
     fit = read_json(job.step_dir("fit-gate") / "gates.json")
     report: dict[str, Any] = {
         "eval_images": store.count("eval"),
@@ -383,6 +411,7 @@ def run_evaluate(job: Job) -> dict[str, Any]:
         "baselines": baselines,
         "four_quadrants": quadrants,
         "heads_alone": heads_alone,
+        "cut_depth_baseline": depth_baseline,
         "gate_features": {
             "chosen": fit["features"],
             "selection_calib_auc": fit["selection"],

@@ -276,6 +276,34 @@ def markdown(report: dict[str, Any]) -> str:
             per_layer = ", ".join(f"{layer}: {'–' if v is None else f'{v:.3f}'}" for layer, v in per_k[k].items())
             rows.append((report["methods"][name]["title"], _k_name(k, num_labels), per_layer))
     lines += _table(["Gate", "K", "AUC per layer"], rows)
+    baseline = report.get("cut_depth_baseline", {})
+    if baseline:
+        lines += [
+            "## What the exits buy over cutting depth",
+            "",
+            "Beside each operating point, a plain shallower model that spends at least as many FLOPs: the first N "
+            "blocks and the shipped head at N answering every image, no gate (held-out, %).",
+            "",
+        ]
+        rows = []
+        for point, values in main["operating_points"].items():
+            for k in ks:
+                cut = baseline.get(point, {}).get(k)
+                held = values["held_out"][k]
+                if cut is None:
+                    continue
+                rows.append(
+                    (
+                        point,
+                        _k_name(k, num_labels),
+                        f"{_pct(held['top1'])} / {_pct(held['agreement'])} / {_pct(held['flops_saved'])}",
+                        f"{cut['layer']}",
+                        f"{_pct(cut['top1'])} / {_pct(cut['agreement'])} / {_pct(cut['flops_saved'])}",
+                    )
+                )
+        lines += _table(
+            ["Point", "K", "LRA-EE top-1 / agreement / saved", "Cut at N", "Cut: top-1 / agreement / saved"], rows
+        )
     lines += ["## Each head set's exits alone (agreement with full depth / top-1, %)", ""]
     rows = []
     for variant, layers in report["heads_alone"].items():
