@@ -64,7 +64,7 @@ def probe_run(run_dir: Path, tasks: dict[str, list[Item]]) -> dict[str, Any]:
     model, preprocess, tokenizer = build_model(run_dir / WEIGHTS_FILE)
     heads = exit_heads(model, plan)
     heads.load_state_dict(load_file(run_dir / AUXILIARY_FILE))
-    report: dict[str, Any] = {"run": str(run_dir), "steps": log["steps"], "config": config, "tasks": {}}
+    report: dict[str, Any] = {"run": run_dir.name, "steps": log["steps"], "config": config, "tasks": {}}
     for name, items in tasks.items():
         labels = sorted({label for item in items for label in item.labels})
         column = {label: i for i, label in enumerate(labels)}

@@ -346,6 +346,23 @@ EVERYDAY_STAGES = (
     EverydayStage("everyday_clip9", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 8))),
     EverydayStage("everyday_clip10", (("steps", 1200), ("lr", 3e-4), ("warmup_steps", 30), ("draw_seed", 9))),
     EverydayStage("everyday_clip_gpu", (*_GPU_SETTINGS, ("steps", 9200), ("stop_step", 8000), ("draw_seed", 10))),
+    # Stage 12 trains the CLIP to exit (training.clip.exit_training): an exit head after each of blocks 3 to 11 learns
+    # with it, each adding 2 x the KL from the full-depth answer to its own and 1 x the concept InfoNCE of its
+    # embedding (mean over the heads), their gradients reaching the blocks below; on 2 CPU cores. The ablation that
+    # chose these losses (300 steps of each arm, same schedule) is reports/everyday/exit-ablation/.
+    EverydayStage(
+        "everyday_clip_exit",
+        (
+            ("steps", 1500),
+            ("lr", 1.5e-4),
+            ("warmup_steps", 30),
+            ("draw_seed", 13),
+            ("exit_layers", "3,4,5,6,7,8,9,10,11"),
+            ("exit_pooling", "cls"),
+            ("exit_distill", 2.0),
+            ("exit_contrastive", 1.0),
+        ),
+    ),
 )
 
 
@@ -417,9 +434,13 @@ EVERYDAY_TEMPLATES = (
 #   default's exits under it at 1.57x / 1.70x open_clip FP32 at batch 1 / 32, against 1.44x / 1.47x under paper mode
 #   (the same run, 15 rounds: bench/results/bench-20261130T182613Z-default.md): the FP32 attention projections were
 #   most of a block's time.
+# * Stage 12 onwards (the CLIP trained to exit): every layer from 3 to 12 is cached and may become a candidate, each
+#   charged its own time measured by the build on the machine it runs on (calibrate.charge "measured",
+#   training.pipeline.head_cost.candidate_charges: the head, the gate and the span split, at batch 1 and 32), and
+#   thresholds are calibrated per label count.
 EVERYDAY_SETTINGS: tuple[Setting, ...] = (
     ("calibrate.promise_margin", 2.0),
-    ("calibrate.head_cost_blocks", 0.7),
+    ("calibrate.charge", "measured"),
     ("quant_mode", "full"),
 )
 
