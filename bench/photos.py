@@ -23,7 +23,7 @@ import torch
 from lraee_core.images import load_image
 
 _REPO = Path(__file__).resolve().parents[1]
-SETS = ("intel", "flowers", "cifar10")  # everyday sources (training.clip.everyday.SET_CLASSES) the bench reads
+SETS = ("intel", "flowers", "cifar10")  # everyday sources (training.embedded.everyday.SET_CLASSES) the bench reads
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _photos_by_class(path: Path, per_class: int, held_out: set[str]) -> dict[str
 
 def everyday_photos(preprocess: Callable[[Any], torch.Tensor], count: int) -> BenchImages | None:
     """``count`` preprocessed everyday photos, classes in turn, with the class names; None when absent."""
-    from training.clip.everyday import SET_CLASSES, EverydayClipConfig, everyday_eval_split
+    from training.embedded.everyday import SET_CLASSES, EverydayClipConfig, everyday_eval_split
 
     folder = everyday_dir()
     paths = [folder / SET_CLASSES[name][0] for name in SETS]

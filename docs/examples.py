@@ -10,8 +10,8 @@ backend unless ``LRAEE_*`` variables say otherwise) on a free loopback port, the
 3. the Hugging Face client's answer for the school bus, the compat endpoint's headers, and the client's error on a bad
    image.
 
-The photos are read from the shared photo folder (``training.clip.photos.source_dir``) into a temporary folder, never
-copied into the project.
+The photos are read from the shared photo folder (``training.embedded.photos.source_dir``) into a temporary folder,
+never copied into the project.
 Nothing is written back: the README's blocks are edited by hand from this output.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from bench.service import free_port, uvicorn_command
-from training.clip import photos as shared_photos
+from training.embedded import photos as shared_photos
 
 REPO = Path(__file__).resolve().parents[1]
 BANANA = "n07753592/ILSVRC2012_val_00023220.JPEG"

@@ -533,9 +533,9 @@ def test_stratified_order_spreads_every_class_over_every_prefix() -> None:
 
 
 def test_generated_world_source(tmp_path: Path) -> None:
-    world = pytest.importorskip("training.clip.world")
+    world = pytest.importorskip("training.embedded.world")
     if not hasattr(world, "export_imagefolder"):
-        pytest.skip("training.clip.world has no export_imagefolder yet")
+        pytest.skip("training.embedded.world has no export_imagefolder yet")
     splits = make_splits(
         DataConfig(source="world:test:shapes:40", head_split=0.5, gate_split=0.2, calib_split=0.15), tmp_path
     )

@@ -22,7 +22,7 @@ from lraee_core.assets import DEFAULT_CHECKPOINT, EMBEDDED_CHECKPOINTS
 from lraee_core.checkpoint import load_classifier, read_manifest
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
-from training.clip import photos
+from training.embedded import photos
 from training.pipeline.engine_sweep import label_set, photo_folder
 
 PER_CLASS = 2

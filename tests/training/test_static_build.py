@@ -80,7 +80,7 @@ def test_static_checkpoint_serves_and_matches_its_evaluation(static_build: Path)
 
 
 def test_quant_modes_summary_is_read_from_the_report(static_build: Path) -> None:
-    from training.pipeline.quant_modes import mode_summary, readme_table, render
+    from training.embedded.reports.quant_modes import mode_summary, readme_table, render
 
     report = json.loads((static_build / "checkpoint" / "report" / "report.json").read_text())
     summary = mode_summary(report)
@@ -94,7 +94,7 @@ def test_quant_modes_summary_is_read_from_the_report(static_build: Path) -> None
 
 
 def test_quant_mode_builds_rerun_the_shipped_command() -> None:
-    from training.pipeline.quant_modes import shipped_command
+    from training.embedded.reports.quant_modes import shipped_command
 
     options = shipped_command()
     assert "--quant" not in options and "--work-dir" not in options and "--eval-data" not in options
@@ -102,7 +102,7 @@ def test_quant_mode_builds_rerun_the_shipped_command() -> None:
 
 
 def test_sign_test_of_rescued_against_lost() -> None:
-    from training.pipeline.quant_modes import sign_test
+    from training.embedded.reports.quant_modes import sign_test
 
     assert sign_test(0, 5) == pytest.approx(2 / 32)  # all five disagreements one way: 2 x (1/2)^5
     assert sign_test(5, 0) == sign_test(0, 5)

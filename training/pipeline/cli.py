@@ -279,10 +279,10 @@ def _log_to_stderr() -> None:
 
 # Backbone trainers with their own options (``lraee-train world-clip --help``), dispatched before the step parser.
 TRAINERS = {
-    "world-clip": "training.clip.world_clip",  # the tiny CLIP on the generated shape world
-    "photo-clip": "training.clip.photo_clip",  # the tiny CLIP on the real ImageNet-class photos
-    "everyday-clip": "training.clip.everyday",  # the tiny CLIP on everyday photos with WordNet and human captions
-    "photos": "training.clip.photos",  # extract the shared photo tars into an ImageFolder tree
+    "world-clip": "training.embedded.world_clip",  # the tiny CLIP on the generated shape world
+    "photo-clip": "training.embedded.photo_clip",  # the tiny CLIP on the real ImageNet-class photos
+    "everyday-clip": "training.embedded.everyday",  # the tiny CLIP on everyday photos with WordNet and human captions
+    "photos": "training.embedded.photos",  # extract the shared photo tars into an ImageFolder tree
 }
 
 

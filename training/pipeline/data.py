@@ -9,8 +9,8 @@ Sources:
   folder, underscores read as spaces;
 * a manifest of ``path,label`` rows: ``.csv`` with that header, or ``.jsonl`` objects with those keys; relative
   paths are relative to the manifest's folder; labels are named like folders;
-* ``world:SPLIT:LABEL_SET:N``: the generated world (``training.clip.world.export_imagefolder``) exported once into the
-  work dir and read through its ``labels.csv`` and ``classes.txt``.
+* ``world:SPLIT:LABEL_SET:N``: the generated world (``training.embedded.world.export_imagefolder``) exported once into
+  the work dir and read through its ``labels.csv`` and ``classes.txt``.
 
 The split is stratified: each class's images are shuffled (seeded) and spread evenly over [0, 1) by rank plus
 jitter; all images are then sorted by that key and cut into consecutive head, gate, calib and eval runs of the
@@ -131,7 +131,7 @@ def _export_world(spec: str, work_dir: Path) -> RawSource:
     split, label_set, n = parts[0], parts[1], int(parts[2])
     root = work_dir / "world" / f"{split}-{label_set.replace('+', '_')}-{n}"
     if not (root / "labels.csv").is_file() or not (root / "classes.txt").is_file():
-        from training.clip import world  # imported lazily: only world sources need the generator
+        from training.embedded import world  # imported lazily: only world sources need the generator
 
         world.export_imagefolder(root, split, label_set, n)
     source = _read_manifest(root / "labels.csv")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training.clip.trainer import (
+from training.embedded.trainer import (
     LOG_FILE,
     MODEL_NAME,
     STATE_FILE,
@@ -24,8 +24,8 @@ from training.clip.trainer import (
     register_model_config,
     save_weights,
 )
-from training.clip.world import COLOUR_NAMES, COLOURS, LABEL_SETS, generate
-from training.clip.world_clip import WorldClipConfig, batch_indices, train_world_clip, zero_shot_accuracy
+from training.embedded.world import COLOUR_NAMES, COLOURS, LABEL_SETS, generate
+from training.embedded.world_clip import WorldClipConfig, batch_indices, train_world_clip, zero_shot_accuracy
 
 # Warmup covers the first run's two steps, so its learning rates do not depend on `steps`, and a 2-step run
 # resumed to 3 steps must reproduce a straight 3-step run bit for bit.

@@ -1,11 +1,11 @@
 """Contrastive training of the tiny open_clip CLIP (``lraee-tiny-vit12``) on the generated shape world.
 
-The loop, the optimizer, resumable state and the weights file are the shared ones of ``training.clip.trainer``; what
+The loop, the optimizer, resumable state and the weights file are the shared ones of ``training.embedded.trainer``; what
 is the world's own is its config, its batches (scene indices drawn from a generator seeded with ``(seed, step)``,
 generated on the fly, optionally by DataLoader workers), CLIP's loss (optionally under bf16 autocast) and the final
 zero-shot evaluation on held-out (colour, shape) pairs with wordings training never saw.
 
-Run: ``python -m training.clip.world_clip --steps 900 --output-dir runs/world_clip``.
+Run: ``python -m training.embedded.world_clip --steps 900 --output-dir runs/world_clip``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch.utils.data import DataLoader, Sampler
 
-from training.clip.trainer import Preprocess, Tokenizer, TrainingRun, config_parser
-from training.clip.world import (
+from training.embedded.trainer import Preprocess, Tokenizer, TrainingRun, config_parser
+from training.embedded.world import (
     HELD_OUT_COMBOS,
     HELD_OUT_TEMPLATES,
     LABEL_SETS,

@@ -14,10 +14,10 @@ to ``holdout.csv`` (path,label) for ``lraee-train build``, whose heads and gates
 backbone has not memorised. Validation photos are never read during training; the final zero-shot accuracy in
 ``training_log.json`` is measured on them (and on the ILSVRC2012 photos of the 202 classes when given).
 
-The loop, the optimizer, resumable state and the weights file are the shared ones of ``training.clip.trainer``;
+The loop, the optimizer, resumable state and the weights file are the shared ones of ``training.embedded.trainer``;
 batches are a pure function of (seed, step).
 
-Run: ``python -m training.clip.photo_clip --train-dir data/imagenet-photos/train --classes-tsv .../classes.tsv``.
+Run: ``python -m training.embedded.photo_clip --train-dir data/imagenet-photos/train --classes-tsv .../classes.tsv``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from lraee_core.images import load_image
-from training.clip.photos import CLASSES_TSV, SOURCE_DIR
-from training.clip.trainer import Preprocess, Tokenizer, TrainingRun, config_parser, image_size
+from training.embedded.photos import CLASSES_TSV, SOURCE_DIR
+from training.embedded.trainer import Preprocess, Tokenizer, TrainingRun, config_parser, image_size
 from training.pipeline.data import IMAGE_SUFFIXES, disambiguate, read_classes_tsv
 
 HOLDOUT_FILE = "holdout.csv"

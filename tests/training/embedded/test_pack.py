@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.clip.captions import ClassCaptions
-from training.clip.pack import INDEX_FILE, EncodedSource, main, read_pack, write_pack
+from training.embedded.captions import ClassCaptions
+from training.embedded.pack import INDEX_FILE, EncodedSource, main, read_pack, write_pack
 
 CAPTIONS = [
     ClassCaptions("wn:a", ("apple", "eating apple"), ("fruit",), frozenset({"wn:a", "wn:n13134947"})),

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from training.clip.trainer import register_model_config
-from training.clip.world import (
+from training.embedded.trainer import register_model_config
+from training.embedded.world import (
     COLOUR_NAMES,
     COLOURS,
     HELD_OUT_COMBOS,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from training.clip.captions import (
+from training.embedded.captions import (
     EVERYDAY_CONCEPTS,
     WORDNET_DIR,
     WordNet,

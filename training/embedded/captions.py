@@ -7,7 +7,7 @@ outside its own data folders and wants a ``lexnames`` file the Debian package la
 A *concept* is a string key that a caption means and an image may belong to: ``wn:n02084071`` (the synset "dog"),
 or ``caption:<image id>`` for a human caption that describes one photo only. An image belongs to its own class's
 synset and to every everyday concept above it in the hypernym graph; a caption means exactly one concept. The
-contrastive loss (``training.clip.everyday.concept_loss``) counts a pair as positive when the caption's concept is
+contrastive loss (``training.embedded.everyday.concept_loss``) counts a pair as positive when the caption's concept is
 one of the image's concepts, so "a photo of a dog" is a correct caption for a Chihuahua, a CIFAR dog and a Tiny
 golden retriever alike, and is never treated as a negative for any of them.
 """

@@ -9,9 +9,9 @@ import pytest
 
 from lraee_core.assets import EMBEDDED_CHECKPOINTS
 from lraee_core.checkpoint import read_manifest
-from training.clip import photos, recipes
-from training.clip.captions import WORDNET_DIR
-from training.clip.recipes import (
+from training.embedded import photos, recipes
+from training.embedded.captions import WORDNET_DIR
+from training.embedded.recipes import (
     EVERYDAY_SETTINGS,
     EVERYDAY_TEMPLATES,
     REPO,
@@ -159,8 +159,8 @@ def test_everyday_build_source_adds_the_build_half_and_never_the_evaluation_half
     import io
     import tarfile
 
-    from training.clip import recipes
-    from training.clip.everyday import FLICKR_TAR, SET_CLASSES, EverydayClipConfig, everyday_build_split
+    from training.embedded import recipes
+    from training.embedded.everyday import FLICKR_TAR, SET_CLASSES, EverydayClipConfig, everyday_build_split
 
     def tar(path: Path, members: list[str]) -> None:
         with tarfile.open(path, "w") as archive:

@@ -4,28 +4,28 @@ Flickr8k's human captions, trained with a loss that understands captions shared 
 Sources (read at run time, never committed):
 
 * ``tiny``: the Tiny-ImageNet training photos (``../shared/data/imagenet-photos``, extracted by
-  ``python -m training.clip.photos`` into ``data/imagenet-photos/train``), 202 classes. ``holdout_per_class`` photos
-  of every class (the same seeded choice as ``training.clip.photo_clip``) never reach training: they are the LRA-EE
+  ``python -m training.embedded.photos`` into ``data/imagenet-photos/train``), 202 classes. ``holdout_per_class`` photos
+  of every class (the same seeded choice as ``training.embedded.photo_clip``) never reach training: they are the LRA-EE
   build's images, written to ``holdout.csv``.
 * ``cifar10``, ``intel``, ``flowers``: ``../shared/data/everyday-photos/*-train.tar`` (``<class>/<file>`` members).
   A seeded ``eval_fraction`` of every class is held out for evaluation and never trained on.
 * ``flickr8k``: photos with five human captions each; ``flickr_eval_images`` photos are held out for retrieval.
 
 Captions: every labelled class is a WordNet synset (ImageNet wnids are synset offsets; the other sets' class names are
-pinned to synsets in ``SET_CLASSES``). A caption is drawn per image and step (``training.clip.captions``): the class
+pinned to synsets in ``SET_CLASSES``). A caption is drawn per image and step (``training.embedded.captions``): the class
 name or a WordNet synonym in a template, "a photo of a Chihuahua, a kind of dog", or an everyday word above the class
 ("a photo of a dog"). Each caption means one *concept*; each image belongs to its class's concept and to every
 everyday concept above it. ``concept_loss`` counts an (image, caption) pair as positive when the caption's concept is
 one of the image's, in both directions of CLIP's symmetric InfoNCE, so a caption shared by many classes is a positive
 for all of their images and a negative for none.
 
-The loop, the optimizer, resumable state and the weights file are the shared ones of ``training.clip.trainer``;
+The loop, the optimizer, resumable state and the weights file are the shared ones of ``training.embedded.trainer``;
 batches and captions are a pure function of (seed, step). ``init_weights`` warm-starts from a trained tiny CLIP (the
 shipped ``photos`` weights), which the recipe records.
 
 Run: ``lraee-train everyday-clip --output-dir runs/everyday_clip --steps 1500 --init-weights ...``. On a machine
-without the photo folders (a lent GPU), train from a pack: ``python -m training.clip.everyday --write-pack DIR`` here,
-carry DIR there, and give the run ``--pack-dir DIR`` (``training.clip.pack``: training photos only).
+without the photo folders (a lent GPU), train from a pack: ``python -m training.embedded.everyday --write-pack DIR``
+here, carry DIR there, and give the run ``--pack-dir DIR`` (``training.embedded.pack``: training photos only).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from lraee_core.images import load_image
-from training.clip.captions import (
+from training.embedded.captions import (
     EVERYDAY_CONCEPTS,
     NAME_TEMPLATES,
     ClassCaptions,
@@ -56,11 +56,11 @@ from training.clip.captions import (
     concept_key,
     draw_caption,
 )
-from training.clip.pack import INDEX_FILE, EncodedSource, Pack, read_pack, write_pack
-from training.clip.photo_clip import HOLDOUT_FILE, Augment, BatchAugment, scan_photos, split_holdout, write_holdout
-from training.clip.photos import CLASSES_TSV, REPO_ROOT
-from training.clip.photos import SOURCE_DIR as IMAGENET_DIR
-from training.clip.trainer import (
+from training.embedded.pack import INDEX_FILE, EncodedSource, Pack, read_pack, write_pack
+from training.embedded.photo_clip import HOLDOUT_FILE, Augment, BatchAugment, scan_photos, split_holdout, write_holdout
+from training.embedded.photos import CLASSES_TSV, REPO_ROOT
+from training.embedded.photos import SOURCE_DIR as IMAGENET_DIR
+from training.embedded.trainer import (
     LOG_FILE,
     CachedTokenizer,
     TrainingRun,
@@ -155,7 +155,7 @@ class EverydayClipConfig:
     draw_seed: int = 0  # batch, caption and crop draws (0: seed); a continued run sets it so it draws new batches
     threads: int = 2  # torch.set_num_threads; also the threads that decode the photos
     device: str = "cpu"  # torch device ("cuda" where a GPU is lent)
-    pack_dir: str = ""  # read the training photos from a pack (``training.clip.pack``) instead of the folders
+    pack_dir: str = ""  # read the training photos from a pack (``training.embedded.pack``) instead of the folders
     cuda_bf16: bool = False  # on CUDA, run the forward pass under bfloat16 autocast (CPU runs stay FP32)
     batched_augment: bool = False  # crop and flip the whole batch in one op on the device (BatchAugment)
     prefetch: int = 0  # batches drawn ahead in a background thread (0: drawn in the training loop)
@@ -289,7 +289,7 @@ BUILD_SHARE = 0.5
 def everyday_build_split(cfg: EverydayClipConfig) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """The held-out members (never trained on by the CLIP) cut in two, per class and seeded: (build, evaluation).
     The build half of CIFAR-10 / Intel / flowers joins the LRA-EE build's photos; the evaluation half, and every
-    held-out Flickr8k photo (no labels to build on), are what ``training.clip.everyday_eval`` scores."""
+    held-out Flickr8k photo (no labels to build on), are what ``training.embedded.everyday_eval`` scores."""
     held = everyday_eval_split(cfg)
     build: dict[str, list[str]] = {}
     evaluation: dict[str, list[str]] = {"flickr8k": held["flickr8k"]}
@@ -435,7 +435,7 @@ PACK_SPLIT_FIELDS = ("seed", "holdout_per_class", "eval_fraction", "flickr_eval_
 
 
 def pack_everyday(cfg: EverydayClipConfig, destination: Path, part_bytes: int = 20 << 20) -> Path:
-    """Write the training photos of ``cfg``'s mix (and nothing held out) as a pack (``training.clip.pack``), with
+    """Write the training photos of ``cfg``'s mix (and nothing held out) as a pack (``training.embedded.pack``), with
     what the trainer otherwise reads from the folders: ``holdout.csv``, the evaluation split and the counts."""
     shares = parse_mix(cfg.mix)
     sources = collect_sources(cfg, shares)
@@ -462,7 +462,7 @@ def pack_counts(meta: dict[str, Any], shares: dict[str, float]) -> dict[str, int
 
 def write_salvaged_log(run_dir: Path, pack_dir: Path, ended: str) -> Path:
     """``run_dir / training_log.json`` from ``state_meta.json`` (``device_stage.sh salvage``) for a run trained from
-    the pack in ``pack_dir`` and stopped before it wrote its log (:func:`training.clip.trainer.salvaged_log`)."""
+    the pack in ``pack_dir`` and stopped before it wrote its log (:func:`training.embedded.trainer.salvaged_log`)."""
     meta = json.loads((run_dir / "state_meta.json").read_text())
     shares = parse_mix(json.loads(meta["config"])["mix"])
     pack_meta = json.loads((pack_dir / INDEX_FILE).read_text())["meta"]  # the counts only: no part is read
@@ -495,7 +495,7 @@ def train_everyday_clip(cfg: EverydayClipConfig) -> Path:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
             f"{cfg.output_dir} trains on CUDA and this machine has none: train it on a GPU machine "
-            "(python -m training.clip.recipes everyday-stage ...) and copy its run folder here"
+            "(python -m training.embedded.recipes everyday-stage ...) and copy its run folder here"
         )
     run = TrainingRun(cfg, must_match=_RESUME_MUST_MATCH, path_fields=("train_dir",), init_weights=cfg.init_weights)
     model, tokenizer = run.model, CachedTokenizer(run.tokenizer)

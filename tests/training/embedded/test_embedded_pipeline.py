@@ -15,7 +15,7 @@ import pytest
 from lraee_core import load_classifier
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
-from training.clip.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
+from training.embedded.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
 from training.pipeline.cli import main
 from training.pipeline.config import load_build_config
 from training.pipeline.features import FeatureStore
@@ -190,7 +190,7 @@ def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_
 
 
 def test_readme_table_is_read_from_the_report(built: Path) -> None:
-    from training.pipeline.summary_tables import table
+    from training.embedded.reports.summary_tables import table
 
     report = json.loads((built / "report" / "report.json").read_text())
     fp32 = report["baselines"]["fp32_full_depth"]["2"]["top1"]

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from training.clip.captions import ClassCaptions
-from training.clip.everyday import (
+from training.embedded.captions import ClassCaptions
+from training.embedded.everyday import (
     BUILD_SHARE,
     PACK_SPLIT_FIELDS,
     SET_CLASSES,
@@ -38,8 +38,8 @@ from training.clip.everyday import (
     training_time_limit,
     write_salvaged_log,
 )
-from training.clip.pack import EncodedSource, write_pack
-from training.clip.trainer import LOG_FILE, STATE_FILE, salvage_state
+from training.embedded.pack import EncodedSource, write_pack
+from training.embedded.trainer import LOG_FILE, STATE_FILE, salvage_state
 
 
 def test_concept_positives_shared_caption_is_positive_for_every_covered_image() -> None:

@@ -1,12 +1,12 @@
 """The recipes of the two embedded checkpoints: exactly the commands that built what ships in ``lraee_core/assets``.
 
-``python -m training.clip.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
-``python -m training.clip.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
-``python -m training.clip.recipes everyday`` (the CLIP stages of ``EVERYDAY_STAGES`` from the photos CLIP, then the
+``python -m training.embedded.recipes world``  (about 30 min of CLIP training on 2 cores, then a few minutes of builds)
+``python -m training.embedded.recipes photos`` (about 1.5 h of CLIP training on 2 cores, then about 15 min of builds)
+``python -m training.embedded.recipes everyday`` (the CLIP stages of ``EVERYDAY_STAGES`` from the photos CLIP, then the
 photos builds and the everyday evaluation; the ten CPU stages took about 12 h on 2 cores, the eleventh 8 minutes on
 a lent H200, and the recipe starts at the last stage whose run folder in ``runs/`` is finished, the earlier ones'
 logs kept in ``reports/everyday``). A stage can also train alone, on another machine from a pack of the training
-photos (``GPU_STAGE`` on a lent GPU, ``training/clip/device_stage.sh``): ``python -m training.clip.recipes
+photos (``GPU_STAGE`` on a lent GPU, ``training/embedded/device_stage.sh``): ``python -m training.embedded.recipes
 everyday-stage NAME --pack-dir DIR --init-weights FILE --runs-dir DIR``; its run folder copied back into ``runs/``
 counts as finished)
 Each recipe trains the tiny CLIP (resumable: rerunning continues), copies its FP16 weights into the checkpoint
@@ -41,7 +41,7 @@ import torch
 
 from lraee_core.assets import EMBEDDED_CHECKPOINTS, MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
-from training.clip import photos
+from training.embedded import photos
 from training.pipeline.build import run_build
 from training.pipeline.cli import CONFIG_FILE, OPTIONS
 from training.pipeline.config import BuildConfig, DataConfig, replace_field
@@ -314,7 +314,7 @@ class EverydayStage:
 
 
 # The GPU stages' settings: batches of 1024 in bfloat16, cropped on the GPU, read from a pack of the training photos
-# (training.clip.pack) on a lent machine (one H200); ``state.pt`` (70 MB, the optimizer's moments) cannot come back
+# (training.embedded.pack) on a lent machine (one H200); ``state.pt`` (70 MB, the optimizer's moments) cannot come back
 # from it, so it is written only every 2,000 steps, for a run stopped and continued there.
 _GPU_SETTINGS = (
     ("batch_size", 1024),
@@ -350,8 +350,9 @@ EVERYDAY_STAGES = (
 
 
 # The next stage, for the next lent GPU: from the last stage's weights. ``steps`` is a placeholder:
-# training/clip/device_stage.sh sets the run's steps from the steps per second its smoke run measures on the machine;
-# they are recorded here once trained, and the stage then joins EVERYDAY_STAGES, its run folder copied into runs/.
+# training/embedded/device_stage.sh sets the run's steps from the steps per second its smoke run measures on the
+# machine; they are recorded here once trained, and the stage then joins EVERYDAY_STAGES, its run folder copied into
+# runs/.
 GPU_STAGE = EverydayStage("everyday_clip_gpu2", (*_GPU_SETTINGS, ("steps", 6000), ("draw_seed", 11)))
 
 
@@ -495,7 +496,7 @@ def everyday(
 ) -> dict[str, object]:
     """The everyday CLIP (``stages`` in turn, the first warm-started from ``init_weights``, the photos CLIP), the
     shipped ``everyday`` checkpoint built like ``photos`` (same holdout photos, same LRA-EE build and K-sweeps), and
-    the everyday evaluation on held-out photos with users' label sets (``training.clip.everyday_eval``).
+    the everyday evaluation on held-out photos with users' label sets (``training.embedded.everyday_eval``).
 
     With ``clip_weights`` (the shipped CLIP, say, to rebuild its exits) no stage trains: the builds use those weights
     and the Tiny photos every stage holds out (the stages' seeded split, recomputed), and the stages' logs are the
@@ -613,11 +614,11 @@ def _finish(recipe: str, summary: dict[str, object], clip_log: Path | None) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m training.clip.recipes world|photos``."""
+    """``python -m training.embedded.recipes world|photos``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", choices=("world", "photos", "everyday", "everyday-stage"))
     parser.add_argument("stage", nargs="?", help="everyday-stage: the stage's run name (EVERYDAY_STAGES)")
-    parser.add_argument("--pack-dir", type=Path, help="everyday-stage: train from this pack (training.clip.pack)")
+    parser.add_argument("--pack-dir", type=Path, help="everyday-stage: train from this pack (training.embedded.pack)")
     parser.add_argument("--runs-dir", type=Path, default=RUNS, help="everyday-stage: where the stage's run folder goes")
     parser.add_argument("--time-limit-s", type=float, default=0.0, help="everyday-stage: stop after so much training")
     parser.add_argument(

@@ -1,7 +1,7 @@
 """Markdown summary tables for the README, read from committed ``report.json`` files (nothing typed by hand).
 
-``python -m training.pipeline.summary_tables reports/photos/tiny-val reports/photos/ilsvrc-val ...`` prints one row
-per report and label count K: FP32 and INT8 full-depth top-1 (INT8 is the `full` operating point), and for each
+``python -m training.embedded.reports.summary_tables reports/photos/tiny-val reports/photos/ilsvrc-val ...`` prints one
+row per report and label count K: FP32 and INT8 full-depth top-1 (INT8 is the `full` operating point), and for each
 operating point of the shipped method its held-out top-1, agreement with full depth and FLOPs saved. A build with word
 sets adds rows "words, K" (label sets of everyday words: the image's word and K-1 words beside it), and one with
 class groups a row "group NAME" per group (its images, labelled with the whole group; "images" is then their count).
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .word_sets import GROUP_KEY, WORD_KEY, group_of
+from training.pipeline.word_sets import GROUP_KEY, WORD_KEY, group_of
 
 METHOD = "lraee"
 POINTS = ("accurate", "balanced", "fast")

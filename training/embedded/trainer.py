@@ -434,7 +434,7 @@ def salvage_state(state_path: Path, out_dir: Path) -> int:
 
 def salvaged_log(state_meta: dict[str, Any], extras: dict[str, Any], ended: str) -> dict[str, Any]:
     """The training log ``TrainingRun.finish`` writes, for a run stopped before it wrote one: ``state_meta`` is its
-    last ``state.pt`` without model and optimizer (``training/clip/device_stage.sh salvage`` brings it back beside
+    last ``state.pt`` without model and optimizer (``training/embedded/device_stage.sh salvage`` brings it back beside
     that state's model as FP16 weights, which is what ``finish`` saves). The config's ``stop_step`` becomes the
     state's step, so the stage entry that records the run (``stop_step``) finds it finished; ``ended`` says why."""
     config, history = json.loads(state_meta["config"]), json.loads(state_meta["history"])

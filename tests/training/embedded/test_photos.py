@@ -19,8 +19,8 @@ from PIL import Image
 from lraee_core import load_classifier
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.images import load_image
-from training.clip import photos
-from training.clip.photo_clip import (
+from training.embedded import photos
+from training.embedded.photo_clip import (
     HOLDOUT_FILE,
     Augment,
     BatchAugment,

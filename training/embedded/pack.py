@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.clip.captions import ClassCaptions
+from training.embedded.captions import ClassCaptions
 
 FORMAT = "lraee-training-pack/1"
 INDEX_FILE = "index.json"
@@ -148,8 +148,8 @@ def write_sample(pack: Pack, destination: Path, per_source: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m training.clip.pack SOURCE DESTINATION --per-source N``: write a sample pack of SOURCE's photos.
-    (A whole pack is written by ``python -m training.clip.everyday --write-pack DIR``.)"""
+    """``python -m training.embedded.pack SOURCE DESTINATION --per-source N``: write a sample pack of SOURCE's photos.
+    (A whole pack is written by ``python -m training.embedded.everyday --write-pack DIR``.)"""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("source", type=Path, help="a pack folder")
     parser.add_argument("destination", type=Path, help="the sample pack's folder (must hold no pack yet)")

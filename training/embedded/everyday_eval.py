@@ -2,7 +2,7 @@
 
 Every image is decoded by the service's decoder (``lraee_core.images.load_image``), preprocessed by the backbone's
 own transform and classified by the engine with the checkpoint's default templates, exactly as ``/classify`` does
-without HTTP. No image below was seen by CLIP training or by the LRA-EE build (``training.clip.everyday`` holds the
+without HTTP. No image below was seen by CLIP training or by the LRA-EE build (``training.embedded.everyday`` holds the
 everyday sets' eval members out with the same seed; Tiny-ImageNet's val photos and the ILSVRC2012 val photos are
 separate sets by construction).
 
@@ -22,7 +22,7 @@ Tasks:
 Rows: FP32 full depth, INT8 full depth (``full``), and each stored operating point; per row top-1, agreement of the
 top-1 with the same model's INT8 full depth, mean FLOPs saved and the exit-layer shares.
 
-Run: ``python -m training.clip.everyday_eval CHECKPOINT --out reports/everyday/NAME``.
+Run: ``python -m training.embedded.everyday_eval CHECKPOINT --out reports/everyday/NAME``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import torch
 
 from lraee_core import EarlyExitClassifier, load_classifier
 from lraee_core.images import load_image
-from training.clip.captions import everyday_word, unrelated_words, wordnet
-from training.clip.everyday import (
+from training.embedded.captions import everyday_word, unrelated_words, wordnet
+from training.embedded.everyday import (
     FLICKR_CAPTIONS,
     FLICKR_TAR,
     SET_CLASSES,
@@ -51,9 +51,9 @@ from training.clip.everyday import (
     everyday_build_split,
     read_flickr_captions,
 )
-from training.clip.photo_clip import scan_photos
-from training.clip.photos import CLASSES_TSV
-from training.clip.photos import SOURCE_DIR as IMAGENET_DIR
+from training.embedded.photo_clip import scan_photos
+from training.embedded.photos import CLASSES_TSV
+from training.embedded.photos import SOURCE_DIR as IMAGENET_DIR
 from training.pipeline.data import read_classes_tsv
 
 REPORT_FILE = "everyday_eval.json"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.clip.trainer import (
+from training.embedded.trainer import (
     LOG_FILE,
     STATE_FILE,
     CachedTokenizer,

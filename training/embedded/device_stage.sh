@@ -1,12 +1,12 @@
 #!/bin/bash
-# The GPU machine's side of the everyday CLIP's GPU stage (GPU_STAGE in training/clip/recipes.py), for a session lent
+# The GPU machine's side of the everyday CLIP's GPU stage (GPU_STAGE in training/embedded/recipes.py), for a session lent
 # one (this workplace's `device` tool: a copy of the working tree plus carried ignored paths, at most 64 MiB a call,
 # a machine that stays warm for 30 s between calls, no network, its own python3 with torch but no open_clip).
 #
 # Prepared here, under .gpu/ (ignored):
-#   python -m training.clip.everyday --write-pack .gpu/pack --train-dir data/imagenet-photos/train   # 161 MB, 8 parts
+#   python -m training.embedded.everyday --write-pack .gpu/pack --train-dir data/imagenet-photos/train   # 161 MB, 8 parts
 #   gzip -9 -k .gpu/pack/index.json
-#   python -m training.clip.pack .gpu/pack .gpu/smoke --per-source 400
+#   python -m training.embedded.pack .gpu/pack .gpu/smoke --per-source 400
 #   cp runs/<last CPU stage>/weights.safetensors .gpu/init.safetensors
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .gpu/wheels open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
@@ -18,14 +18,14 @@
 # measured), all three calls and a salvage in 730 s of device time; the stage predates the deadline and was cut.
 #
 # Calls (each copies the pack parts it carried to /tmp/pack, which stays while the machine is warm):
-#   1. bash training/clip/device_stage.sh smoke 40   carry .gpu/wheels .gpu/smoke .gpu/init.safetensors parts 0-1
+#   1. bash training/embedded/device_stage.sh smoke 40   carry .gpu/wheels .gpu/smoke .gpu/init.safetensors parts 0-1
 #      (checks the environment; prints steps/s at the stage's batch, which call 3 reads from /tmp/smoke)
-#   2. bash training/clip/device_stage.sh            carry parts 2-4
-#   3. bash training/clip/device_stage.sh stage S [N] carry parts 5-7 and index.json.gz; S: the seconds the call may
+#   2. bash training/embedded/device_stage.sh            carry parts 2-4
+#   3. bash training/embedded/device_stage.sh stage S [N] carry parts 5-7 and index.json.gz; S: the seconds the call may
 #      take (550 of the tool's 600), N: the steps (default: what the smoke run's rate fits into 90% of S less 150 s;
 #      record them in GPU_STAGE afterwards). STAGE names the stage (default everyday_clip_gpu2, GPU_STAGE).
 #      ($OUT gets weights.safetensors, training_log.json, holdout.csv and eval_split.json: copy them into
-#      runs/<stage>/, add the stage to EVERYDAY_STAGES, then `python -m training.clip.recipes everyday`)
+#      runs/<stage>/, add the stage to EVERYDAY_STAGES, then `python -m training.embedded.recipes everyday`)
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.." || exit 1
@@ -45,7 +45,7 @@ case "${1:-}" in
     python3 -c "import torch, torchvision, open_clip, timm
 print(torch.__version__, torchvision.__version__, open_clip.__version__, timm.__version__, torch.cuda.is_available())" \
       || exit 1
-    python3 -m training.clip.everyday --pack-dir .gpu/smoke --output-dir /tmp/smoke \
+    python3 -m training.embedded.everyday --pack-dir .gpu/smoke --output-dir /tmp/smoke \
       --init-weights /tmp/keep/init.safetensors --steps 100000 --batch-size 1024 --lr 6e-4 --warmup-steps 300 \
       --device "${DEVICE:-cuda}" --cuda-bf16 --batched-augment --prefetch 4 --log-every 10 \
       --checkpoint-every 100000 --threads "${THREADS:-16}" --time-limit-s "${2:-40}" --no-progress || exit 1
@@ -80,7 +80,7 @@ print(int(rate * 0.9 * ($budget - ${STARTUP_S:-150})) // 100 * 100)")
     echo "stage steps: ${steps:-as GPU_STAGE}"
     deadline=0
     [ "$budget" != 0 ] && deadline=$((start + budget - 40))
-    python3 -m training.clip.recipes everyday-stage "${STAGE:-everyday_clip_gpu2}" --pack-dir /tmp/pack \
+    python3 -m training.embedded.recipes everyday-stage "${STAGE:-everyday_clip_gpu2}" --pack-dir /tmp/pack \
       --init-weights /tmp/keep/init.safetensors --runs-dir /tmp/runs --threads "${THREADS:-16}" \
       --deadline-unix "$deadline" ${steps:+--clip-steps "$steps"} 2>&1 | tee "$OUT/stage.log"
     status=${PIPESTATUS[0]}
@@ -94,13 +94,13 @@ print(int(rate * 0.9 * ($budget - ${STARTUP_S:-150})) // 100 * 100)")
     # A stage killed before it wrote its outputs (so it ended on 2026-11-30): its last state.pt's model as FP16
     # weights.safetensors (the tensors the trainer's own finish would save: tested), and the state's step, config
     # and history as state_meta.json, into $OUT. Here, with them in runs/<stage>/, its training log follows:
-    #   python -m training.clip.everyday --salvaged-log runs/<stage> --pack-dir .gpu/pack --ended "<why and where>"
+    #   python -m training.embedded.everyday --salvaged-log runs/<stage> --pack-dir .gpu/pack --ended "<why and where>"
     # (stop_step set to the state's step; the stage's entry in EVERYDAY_STAGES records it the same way).
     run="/tmp/runs/${STAGE:-everyday_clip_gpu2}"
     cp "$run/holdout.csv" "$run/eval_split.json" "$OUT/"
     python3 -c "
 from pathlib import Path
-from training.clip.trainer import salvage_state
+from training.embedded.trainer import salvage_state
 print('step', salvage_state(Path('$run/state.pt'), Path('$OUT')))
 "
     ;;

@@ -11,7 +11,7 @@ overrides where) and extracted into a git-ignored directory (``data/imagenet-pho
 Every tar member is ``WNID/FILE.JPEG``. ``extract(..., per_class=k, max_classes=n)`` takes a slice (the first
 ``n`` classes met, ``k`` photos each), which is what the tests use.
 
-Run: ``python -m training.clip.photos [--dest data/imagenet-photos]``.
+Run: ``python -m training.embedded.photos [--dest data/imagenet-photos]``.
 """
 
 from __future__ import annotations
