@@ -426,7 +426,7 @@ def test_wnid_folders_take_imagenet_class_names(tmp_path: Path) -> None:
         calib_split=3,
         eval_split=2,
     )
-    splits = make_splits(config, tmp_path)
+    splits = make_splits(config)
     names = open_clip.IMAGENET_CLASSNAMES
     assert splits.labels == (names[0], names[1], names[5])
     assert {name: len(splits.splits[name].items) for name in SPLIT_NAMES} == {
@@ -435,7 +435,7 @@ def test_wnid_folders_take_imagenet_class_names(tmp_path: Path) -> None:
         "calib": 3,
         "eval": 2,
     }
-    everything = make_splits(DataConfig(**{**config.__dict__, "label_space": "imagenet-1k"}), tmp_path)
+    everything = make_splits(DataConfig(**{**config.__dict__, "label_space": "imagenet-1k"}))
     assert len(set(everything.labels)) == 1000  # the engine refuses repeated labels; ImageNet repeats two names
     assert (everything.labels[657], everything.labels[744]) == ("missile", "missile (2)")
     assert {label for split in everything.splits.values() for label in split.labels} == {0, 1, 5}
@@ -459,13 +459,13 @@ def test_a_source_may_mix_wnids_with_named_classes(tmp_path: Path) -> None:
         calib_split=4,
         eval_split=4,
     )
-    splits = make_splits(config, tmp_path)
+    splits = make_splits(config)
     names = open_clip.IMAGENET_CLASSNAMES
     assert sorted(splits.labels) == sorted((names[0], names[5], "airplane", "sea lion"))
     assert {label for split in splits.splits.values() for label in split.labels} == {0, 1, 2, 3}
     (tmp_path / "typo.csv").write_text("path,label\nimages/airplane/0.png,n99999999\n")
     with pytest.raises(DataError, match="not a wnid of the classes table"):
-        make_splits(replace(config, source=str(tmp_path / "typo.csv")), tmp_path)
+        make_splits(replace(config, source=str(tmp_path / "typo.csv")))
 
 
 def test_a_classes_table_that_contradicts_sorted_order_is_refused(tmp_path: Path) -> None:
@@ -496,7 +496,7 @@ def test_manifest_sources_and_a_separate_evaluation_set(tmp_path: Path) -> None:
         gate_split=0.25,
         calib_split=0.25,
     )
-    splits = make_splits(config, tmp_path)
+    splits = make_splits(config)
     assert splits.labels == ("cat", "sea lion")
     assert [len(splits.splits[name].items) for name in SPLIT_NAMES] == [6, 3, 3, 2]
     assert splits.splits["eval"].labels == [0, 0]  # the zebras are outside the label set
@@ -509,7 +509,7 @@ def test_split_sizes_beyond_the_data_are_refused(tmp_path: Path) -> None:
     for i in range(4):
         _png(tmp_path / "a" / f"{i}.png")
     with pytest.raises(DataError, match="need"):
-        make_splits(DataConfig(source=str(tmp_path), head_split=3, gate_split=1, calib_split=1, eval_split=1), tmp_path)
+        make_splits(DataConfig(source=str(tmp_path), head_split=3, gate_split=1, calib_split=1, eval_split=1))
 
 
 def test_per_class_limit_keeps_every_split_stratified(tmp_path: Path) -> None:
@@ -517,7 +517,7 @@ def test_per_class_limit_keeps_every_split_stratified(tmp_path: Path) -> None:
         for i in range(count):
             _png(tmp_path / name / f"{i}.png")
     config = DataConfig(source=str(tmp_path), per_class_limit=6, head_split=0.5, gate_split=1 / 6, calib_split=1 / 6)
-    splits = make_splits(config, tmp_path)
+    splits = make_splits(config)
     for name in SPLIT_NAMES:
         assert sorted(splits.splits[name].labels).count(0) == sorted(splits.splits[name].labels).count(1), name
 
@@ -530,17 +530,6 @@ def test_stratified_order_spreads_every_class_over_every_prefix() -> None:
         share = sum(labels[i] for i in order[:prefix]) / prefix
         assert abs(share - 0.25) <= 1 / prefix + 1e-9
     assert stratified_order(labels, seed=3) == order
-
-
-def test_generated_world_source(tmp_path: Path) -> None:
-    world = pytest.importorskip("training.embedded.world")
-    if not hasattr(world, "export_imagefolder"):
-        pytest.skip("training.embedded.world has no export_imagefolder yet")
-    splits = make_splits(
-        DataConfig(source="world:test:shapes:40", head_split=0.5, gate_split=0.2, calib_split=0.15), tmp_path
-    )
-    assert splits.labels == tuple(world.label_names("shapes"))  # classes.txt, present or not
-    assert sum(len(s.items) for s in splits.splits.values()) == 40
 
 
 # ---- config ------------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ from .photo_clip import (
     zero_shot_top1,
 )
 from .trainer import LOG_FILE, WEIGHTS_FILE, build_model
-from .world import HELD_OUT_TEMPLATES
+from .world import HELD_OUT_TEMPLATES, WorldSet
 from .world_clip import WorldClipConfig, train_world_clip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,6 +150,7 @@ class PlannedBuild:
     settings: tuple[Setting, ...]  # what the build sets over BuildConfig's defaults
     ships: bool  # True for the build written into the embedded checkpoint
     facts: dict[str, object]  # what summary.json says of the evaluation besides its heads and ``shipped``
+    world_sets: tuple[WorldSet, ...] = ()  # generated data sets exported into the work dir before the build runs
 
 
 def world_builds(weights: Path, samples: int, other_samples: int | None = None) -> list[PlannedBuild]:
@@ -162,10 +163,13 @@ def world_builds(weights: Path, samples: int, other_samples: int | None = None) 
         ships = not builds  # the first one is the shipped checkpoint
         out = EMBEDDED_CHECKPOINTS["world"] if ships else RUNS / "world_builds" / name / "checkpoint"
         count = samples if label_set == "colour+shape" or other_samples is None else other_samples
+        work = RUNS / "world_builds" / name / "work"
+        train, evaluation = WorldSet("train", label_set, count), WorldSet(split, label_set, count)
         settings = [
             *backbone_settings(weights, out, REPORTS / "world" / name),
-            ("data.source", f"world:train:{label_set}:{count}"),
-            ("data.eval_source", f"world:{split}:{label_set}:{count}"),
+            ("data.source", str(train.labels(work))),
+            ("data.classes_file", str(train.classes(work))),
+            ("data.eval_source", str(evaluation.labels(work))),
             ("calibrate.checkpoint_id", f"world-{label_set.replace('+', '_')}"),
             *SPLITS,
             ("data.templates", tuple(world_templates(label_set))),
@@ -173,7 +177,7 @@ def world_builds(weights: Path, samples: int, other_samples: int | None = None) 
         if label_set == "colour+shape" and not ships:  # the shipped build's training images: copy their features
             settings.append(("extract.reuse_from", str(builds[0].work / "extract")))
         facts: dict[str, object] = {"label_set": label_set, "eval_split": split}
-        builds.append(PlannedBuild(name, RUNS / "world_builds" / name / "work", tuple(settings), ships, facts))
+        builds.append(PlannedBuild(name, work, tuple(settings), ships, facts, (train, evaluation)))
     return builds
 
 
@@ -195,15 +199,14 @@ def world(
 
 
 def _run_builds(builds: Sequence[PlannedBuild], threads: int) -> dict[str, object]:
-    """Run the builds in order; summary.json's entry of each."""
-    return {
-        build.name: {
-            **build.facts,
-            "heads_sha256": run_planned_build(build.work, build.settings, threads),
-            "shipped": build.ships,
-        }
-        for build in builds
-    }
+    """Run the builds in order (each after exporting its generated data sets); summary.json's entry of each."""
+    entries: dict[str, object] = {}
+    for build in builds:
+        for world_set in build.world_sets:
+            world_set.export(build.work)
+        heads_sha256 = run_planned_build(build.work, build.settings, threads)
+        entries[build.name] = {**build.facts, "heads_sha256": heads_sha256, "shipped": build.ships}
+    return entries
 
 
 PHOTO_HEADS: tuple[Setting, ...] = (("heads.epochs", 8),)  # label-free heads: 8 passes over 6,060 head-split photos
@@ -467,7 +470,7 @@ def everyday_word_sets(source: Path, destination: Path) -> Path:
     group (its classes in the build's label set, when at least two): its photos are calibrated with all of its own
     classes as the label set, as the held-out evaluation and clients ask ("airplane, automobile, bird, ...")."""
     index = read_classes_tsv(photos.classes_tsv())
-    raw = scan_source(str(source), destination.parent)
+    raw = scan_source(str(source))
     labels = build_label_set(DataConfig(source=str(source), classes_tsv=str(photos.classes_tsv())), raw, index)
     wnid_of_set_name = {name: wnid for _, classes in SET_CLASSES.values() for name, wnid in classes.items()}
     net = wordnet()

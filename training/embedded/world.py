@@ -12,10 +12,14 @@ Two things are held out of training so that zero-shot claims can be tested hones
 
 Splits: ``"train"`` excludes the held-out combos; ``"heldout"`` draws only them; ``"test"`` draws every combo from
 a seed stream disjoint from ``"train"``.
+
+The LRA-EE build pipeline reads folders and manifests only: a build on the world reads a :class:`WorldSet` exported
+into its work dir (``python -m training.embedded.world DIR SPLIT LABEL_SET N`` exports one by hand).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -35,6 +39,8 @@ LabelSet = Literal["shapes", "colours", "colour+shape"]
 
 SPLITS: tuple[Split, ...] = ("train", "heldout", "test")
 LABEL_SETS: tuple[LabelSet, ...] = ("shapes", "colours", "colour+shape")
+LABELS_FILE = "labels.csv"  # what a build reads as its data source (``--data``)
+CLASSES_FILE = "classes.txt"  # its label set, in class-index order (``--classes-file``)
 
 # The split's place in this tuple is its seed-stream id: appending a split keeps existing streams unchanged.
 _SPLIT_IDS: dict[str, int] = {split: i for i, split in enumerate(SPLITS)}
@@ -321,8 +327,8 @@ def export_imagefolder(root: str | Path, split: str, label_set: str, n: int, spe
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     names = label_names(label_set)
-    (root / "classes.txt").write_text("\n".join(names) + "\n")
-    with (root / "labels.csv").open("w", newline="") as handle:
+    (root / CLASSES_FILE).write_text("\n".join(names) + "\n")
+    with (root / LABELS_FILE).open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "label_index", "caption"])
         for index in range(n):
@@ -335,6 +341,36 @@ def export_imagefolder(root: str | Path, split: str, label_set: str, n: int, spe
         json.dumps({"split": split, "label_set": label_set, "n": n, "spec": vars(spec or WorldSpec())}, indent=2)
     )
     return root
+
+
+@dataclass(frozen=True)
+class WorldSet:
+    """A generated data set as a build reads it: the first ``n`` scenes of ``split`` labelled by ``label_set``,
+    exported into ``<work dir>/world/`` (the pipeline names images inside its work dir relative to it, so every
+    build that generates the same set shares its cached features)."""
+
+    split: str  # one of SPLITS
+    label_set: str  # one of LABEL_SETS
+    n: int  # scenes
+
+    def folder(self, work_dir: Path) -> Path:
+        """Where the set lives under ``work_dir``."""
+        return work_dir / "world" / f"{self.split}-{self.label_set.replace('+', '_')}-{self.n}"
+
+    def labels(self, work_dir: Path) -> Path:
+        """The set's ``path,label`` manifest: a build's ``data.source`` or ``data.eval_source``."""
+        return self.folder(work_dir) / LABELS_FILE
+
+    def classes(self, work_dir: Path) -> Path:
+        """The set's class list: a build's ``data.classes_file``."""
+        return self.folder(work_dir) / CLASSES_FILE
+
+    def export(self, work_dir: Path) -> Path:
+        """Export the set unless it is there already; returns its folder."""
+        folder = self.folder(work_dir)
+        if not (folder / LABELS_FILE).is_file() or not (folder / CLASSES_FILE).is_file():
+            export_imagefolder(folder, self.split, self.label_set, self.n)
+        return folder
 
 
 def _split_id(split: str) -> int:
@@ -558,3 +594,19 @@ def _render(rng: np.random.Generator, objects: Sequence[WorldObject], spec: Worl
         image[mask] = colour
     image += rng.normal(0.0, spec.pixel_noise, size=image.shape).astype(np.float32)
     return image.clip(0.0, 255.0).astype(np.uint8)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m training.embedded.world DIR SPLIT LABEL_SET N``: export a set for ``lraee-train --data``."""
+    parser = argparse.ArgumentParser(prog="python -m training.embedded.world", description=main.__doc__)
+    parser.add_argument("dir", type=Path, help="folder to write (class folders, labels.csv, classes.txt)")
+    parser.add_argument("split", choices=SPLITS)
+    parser.add_argument("label_set", choices=LABEL_SETS)
+    parser.add_argument("n", type=int, help="scenes")
+    args = parser.parse_args(argv)
+    root = export_imagefolder(args.dir, args.split, args.label_set, args.n)
+    print(f"--data {root / LABELS_FILE} --classes-file {root / CLASSES_FILE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
-"""The embedded default's recipe in miniature: ``lraee-train world-clip`` then ``lraee-train build`` on the world.
+"""The world recipe in miniature: ``python -m training.embedded.world_clip``, the world exported to folders, then
+``lraee-train build`` on them.
 
-The shipped checkpoints were made by these two commands with large step counts; this runs them with tiny ones so
-the recipe cannot rot (the test spends seconds, not the 30 minutes of the real run).
+The shipped checkpoints were made by these steps with large step counts; this runs them with tiny ones so the recipe
+cannot rot (the test spends seconds, not the 30 minutes of the real run).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 from lraee_core import load_classifier
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
-from training.embedded.world import HELD_OUT_TEMPLATES, generate_labelled, label_names
+from training.embedded import world_clip
+from training.embedded.world import HELD_OUT_TEMPLATES, WorldSet, generate_labelled, label_names
 from training.pipeline.cli import main
 from training.pipeline.config import load_build_config
 from training.pipeline.features import FeatureStore
@@ -40,7 +42,7 @@ WORD_SETS = {
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("embedded")
     common = ["--output-dir", str(root / "clip"), "--batch-size", "16", "--threads", "2", "--no-progress"]
-    main(["world-clip", "--steps", "3", "--warmup-steps", "1", "--eval-images", "8", "--half", *common])
+    world_clip.main(["--steps", "3", "--warmup-steps", "1", "--eval-images", "8", "--half", *common])
     weights = root / "clip" / "weights.safetensors"
     assert weights.is_file()
     out = root / "checkpoint"
@@ -48,15 +50,20 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bundled = out / "weights.safetensors"  # weights inside the checkpoint travel with it (relative path)
     bundled.write_bytes(weights.read_bytes())
     (root / "word_sets.json").write_text(json.dumps(WORD_SETS))
+    train, evaluation = WorldSet("train", "shapes", 48), WorldSet("test", "shapes", 16)
+    work = root / "work"
+    for world_set in (train, evaluation):
+        world_set.export(work)
     status = main(
         [
             "build",
-            "--work-dir", str(root / "work"),
+            "--work-dir", str(work),
             "--model", "lraee-tiny-vit12",
             "--model-config", str(MODEL_CONFIGS_DIR / "lraee-tiny-vit12.json"),
             "--pretrained", str(bundled),
-            "--data", "world:train:shapes:48",
-            "--eval-data", "world:test:shapes:16",
+            "--data", str(train.labels(work)),
+            "--classes-file", str(train.classes(work)),
+            "--eval-data", str(evaluation.labels(work)),
             *[arg for template in TEMPLATES for arg in ("--template", template)],
             "--word-sets", str(root / "word_sets.json"),
             "--word-label-counts", "2,3",
@@ -81,9 +88,9 @@ def test_build_records_how_the_checkpoint_was_made(built: Path) -> None:
     assert manifest.templates == tuple(TEMPLATES)
     assert manifest.calibration["kind"] == "lraee-train"
     assert manifest.calibration["command"][:2] == ["lraee-train", "build"]
-    assert manifest.calibration["data"]["source"] == "world:train:shapes:48"
+    assert manifest.calibration["data"]["source"] == "${work}/world/train-shapes-48/labels.csv"
     report = json.loads((built / "report" / "report.json").read_text())
-    assert report["eval_images"] == 16 and report["data"]["eval_source"] == "world:test:shapes:16"
+    assert report["eval_images"] == 16 and report["data"]["eval_source"] == "${work}/world/test-shapes-16/labels.csv"
     assert report["engine_check"]["ok"]  # the shipped engine reproduces the evaluation's exits
     log = json.loads((built / "clip" / "training_log.json").read_text())
     assert log["steps"] == 3 and log["weights_dtype"] == "float16"

@@ -25,6 +25,7 @@ from training.embedded.recipes import (
     run_planned_build,
     world_builds,
 )
+from training.embedded.world import WorldSet
 from training.pipeline.cli import CONFIG_FILE, parser, resolve_config
 from training.pipeline.config import BuildConfig, load_build_config
 from training.pipeline.jobs import Job, path_roots, portable_paths
@@ -63,7 +64,10 @@ def test_every_world_build_command_retypes_to_its_config(tmp_path: Path) -> None
         assert _retyped(job) == job.config
     # the held-out colour+shape build copies the shipped build's features; the other label sets use fewer images
     assert dict(builds[1].settings)["extract.reuse_from"] == str(builds[0].work / "extract")
-    assert dict(builds[2].settings)["data.source"] == "world:train:shapes:32"
+    shapes = builds[2]
+    assert shapes.world_sets == (WorldSet("train", "shapes", 32), WorldSet("test", "shapes", 32))
+    assert dict(shapes.settings)["data.source"] == str(shapes.work / "world" / "train-shapes-32" / "labels.csv")
+    assert dict(shapes.settings)["data.classes_file"] == str(shapes.work / "world" / "train-shapes-32" / "classes.txt")
 
 
 def test_settings_become_config_fields_and_flags(tmp_path: Path) -> None:
@@ -84,9 +88,27 @@ def test_settings_become_config_fields_and_flags(tmp_path: Path) -> None:
     assert _retyped(job) == job.config
 
 
+def _world_sets_exported(command: list[str]) -> list[str]:
+    """A command recorded before the pipeline stopped generating the world (issue 40), with its ``world:S:L:N`` data
+    specs as the exported sets the recipe now names: the same images (``${work}/world/...``, the folder those specs
+    were exported to) and the same label set (the set's classes.txt)."""
+    out: list[str] = []
+    for flag, value in zip(command[::2], command[1::2], strict=True):
+        if value.startswith("world:"):
+            split, label_set, n = value.split(":")[1:]
+            folder = f"${{work}}/world/{split}-{label_set.replace('+', '_')}-{n}"
+            out += [flag, f"{folder}/labels.csv"]
+            if flag == "--data":
+                out += ["--classes-file", f"{folder}/classes.txt"]
+        else:
+            out += [flag, value]
+    return out
+
+
 def test_shipped_world_build_records_the_shipped_manifests_command() -> None:
     [shipped, *_] = world_builds(EMBEDDED_CHECKPOINTS["world"] / "weights.safetensors", samples=2400)
-    assert _flags(_shipped_command(shipped, threads=1)) == _flags(_manifest_command("world"))
+    recorded = _manifest_command("world")
+    assert _flags(_shipped_command(shipped, threads=1)) == _flags(recorded[:2] + _world_sets_exported(recorded[2:]))
 
 
 @pytest.mark.parametrize("recipe", ["photos", "everyday"])
@@ -132,8 +154,9 @@ def test_a_recipe_build_runs_from_its_settings_and_records_its_command(tmp_path:
         *backbone_settings(
             EMBEDDED_CHECKPOINTS["world"] / "weights.safetensors", tmp_path / "out", tmp_path / "report"
         ),
-        ("data.source", "world:train:shapes:48"),
-        ("data.eval_source", "world:test:shapes:16"),
+        ("data.source", str(WorldSet("train", "shapes", 48).export(tmp_path / "work") / "labels.csv")),
+        ("data.classes_file", str(WorldSet("train", "shapes", 48).classes(tmp_path / "work"))),
+        ("data.eval_source", str(WorldSet("test", "shapes", 16).export(tmp_path / "work") / "labels.csv")),
         ("profile.num_images", 8),
         ("heads.epochs", 1),
         ("heads.batch_size", 8),

@@ -24,6 +24,7 @@ from training.embedded.world import (
     SPLITS,
     TRAIN_TEMPLATES,
     WorldDataset,
+    WorldSet,
     WorldSpec,
     class_phrases,
     export_imagefolder,
@@ -33,6 +34,8 @@ from training.embedded.world import (
     labelled_set,
     split_combos,
 )
+from training.pipeline.config import DataConfig
+from training.pipeline.data import DataError, make_splits
 
 N = 300  # scenes per split per check: enough to hit every scene kind and template many times
 
@@ -215,3 +218,23 @@ def test_export_imagefolder_round_trips(tmp_path: Path) -> None:
         assert tuple(row["label"].split()) in HELD_OUT_COMBOS
         expected = generate_labelled(index, "heldout", "colour+shape")
         assert np.array_equal(np.asarray(folder.loader(str(root / row["path"]))), np.asarray(expected.image))
+
+
+def test_an_exported_world_set_is_a_source_the_pipeline_reads(tmp_path: Path) -> None:
+    world_set = WorldSet("test", "shapes", 40)
+    assert world_set.export(tmp_path) == tmp_path / "world" / "test-shapes-40"
+    config = DataConfig(
+        source=str(world_set.labels(tmp_path)),
+        classes_file=str(world_set.classes(tmp_path)),
+        head_split=0.5,
+        gate_split=0.2,
+        calib_split=0.15,
+    )
+    splits = make_splits(config)
+    assert splits.labels == tuple(label_names("shapes"))  # classes.txt, each class present or not
+    assert sum(len(s.items) for s in splits.splits.values()) == 40
+    stamp = world_set.labels(tmp_path).stat().st_mtime_ns
+    world_set.export(tmp_path)  # exported once: a second build on the same set reads the same files
+    assert world_set.labels(tmp_path).stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="exported to a folder first"):  # the spec earlier builds took
+        make_splits(DataConfig(source="world:test:shapes:40"))
