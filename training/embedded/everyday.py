@@ -23,9 +23,10 @@ The loop, the optimizer, resumable state and the weights file are the shared one
 batches and captions are a pure function of (seed, step). ``init_weights`` warm-starts from a trained tiny CLIP (the
 shipped ``photos`` weights), which the recipe records.
 
-Run: ``lraee-train everyday-clip --output-dir runs/everyday_clip --steps 1500 --init-weights ...``. On a machine
-without the photo folders (a lent GPU), train from a pack: ``python -m training.embedded.everyday --write-pack DIR``
-here, carry DIR there, and give the run ``--pack-dir DIR`` (``training.embedded.pack``: training photos only).
+Run: ``python -m training.embedded.everyday --output-dir runs/everyday_clip --steps 1500 --init-weights ...``. On a
+machine without the photo folders (a lent GPU), train from a pack: ``python -m training.embedded.everyday
+--write-pack DIR`` here, carry DIR there, and give the run ``--pack-dir DIR`` (``training.embedded.pack``: training
+photos only).
 """
 
 from __future__ import annotations
