@@ -33,8 +33,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+from lraee_core.paths import REPO_ROOT
+
+RESULTS = REPO_ROOT / "bench" / "results"
 MIB = 1024 * 1024
 SERVER_MALLOC_ARENA_MAX = "2"  # as deploy/k8s/deployment.yaml and docker-compose.yml set it
 # Label vocabulary: requests draw 2..12 of these, so label sets vary and the text cache sees new ones all the time.
@@ -121,11 +122,11 @@ def serve(env: dict[str, str], timeout: float = 900.0) -> Iterator[tuple[str, in
     full_env = {key: value for key, value in os.environ.items() if not key.startswith("LRAEE_")}
     full_env.setdefault("MALLOC_ARENA_MAX", SERVER_MALLOC_ARENA_MAX)
     full_env.update(env)
-    full_env.setdefault("PYTHONPATH", str(REPO))
+    full_env.setdefault("PYTHONPATH", str(REPO_ROOT))
     command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--log-level", "warning", "--timeout-graceful-shutdown", "10"]
     log = open(os.devnull, "wb")  # noqa: SIM115  (closed below; the server's log is not part of the result)
-    process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

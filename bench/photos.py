@@ -11,7 +11,6 @@ forced (the assumed paper mix).
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 
 from lraee_core.images import load_image
+from lraee_core.paths import data_root
 
-_REPO = Path(__file__).resolve().parents[1]
 SETS = ("intel", "flowers", "cifar10")  # everyday sources (training.embedded.everyday.SET_CLASSES) the bench reads
 
 
@@ -37,8 +36,8 @@ class BenchImages:
 
 
 def everyday_dir() -> Path:
-    """The shared everyday-photos folder (``LRAEE_DATA_ROOT`` overrides the shared data root)."""
-    return Path(os.environ.get("LRAEE_DATA_ROOT", str(_REPO.parent / "shared" / "data"))) / "everyday-photos"
+    """The shared everyday-photos folder (under :func:`lraee_core.paths.data_root`)."""
+    return data_root() / "everyday-photos"
 
 
 def _photos_by_class(path: Path, per_class: int, held_out: set[str]) -> dict[str, list[bytes]]:

@@ -34,10 +34,10 @@ from PIL import Image
 
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
+from lraee_core.paths import REPO_ROOT
 
 from .timing import median, percentile, time_passes, timed_calls
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSIFY_PATH = "/classify"
 DEFAULT_MAX_BATCH = 32  # the app's default LRAEE_MAX_BATCH_SIZE, used when its settings cannot be read
 _ERROR_SAMPLES = 5

@@ -43,7 +43,8 @@ import httpx
 import yaml
 from PIL import Image, ImageDraw
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from lraee_core.paths import REPO_ROOT
+
 PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 PROMETHEUS_RULES = PROMETHEUS_CONFIG.parent / "rules.yml"
 PROMETHEUS_RULE_TESTS = PROMETHEUS_CONFIG.parent / "rules_test.yml"

@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 
 from bench.service import free_port, uvicorn_command
+from lraee_core.paths import REPO_ROOT
 from training.embedded import photos as shared_photos
 
-REPO = Path(__file__).resolve().parents[1]
 BANANA = "n07753592/ILSVRC2012_val_00023220.JPEG"
 BUS = "n04146614/ILSVRC2012_val_00031163.JPEG"
 SEVEN = ["cat", "dog", "car", "banana", "truck", "elephant", "bicycle"]
@@ -90,7 +90,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         uvicorn_command(port),
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from lraee_core.paths import REPO_ROOT
+
+ROOT = REPO_ROOT
 PACKAGES = ("lraee_core", "app", "training", "bench")
 
 

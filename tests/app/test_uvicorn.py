@@ -13,9 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lraee_core.paths import REPO_ROOT
+
 from . import imagegen
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 
 
 def free_port() -> int:

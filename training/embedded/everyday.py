@@ -49,6 +49,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from lraee_core.images import load_image
+from lraee_core.paths import data_root
 from training.embedded.captions import (
     EVERYDAY_CONCEPTS,
     NAME_TEMPLATES,
@@ -59,7 +60,7 @@ from training.embedded.captions import (
 )
 from training.embedded.pack import INDEX_FILE, EncodedSource, Pack, read_pack, write_pack
 from training.embedded.photo_clip import HOLDOUT_FILE, Augment, BatchAugment, scan_photos, split_holdout, write_holdout
-from training.embedded.photos import CLASSES_TSV, REPO_ROOT
+from training.embedded.photos import CLASSES_TSV
 from training.embedded.photos import SOURCE_DIR as IMAGENET_DIR
 from training.embedded.trainer import (
     LOG_FILE,
@@ -72,7 +73,7 @@ from training.embedded.trainer import (
     salvaged_log,
 )
 
-EVERYDAY_DIR = REPO_ROOT.parent / "shared" / "data" / "everyday-photos"
+EVERYDAY_DIR = data_root() / "everyday-photos"
 FLICKR_TAR = "flickr8k-train.tar"
 FLICKR_CAPTIONS = "flickr8k-captions.tsv"
 # The labelled everyday sets: tar file and class name -> WordNet synset.

@@ -17,14 +17,14 @@ Run: ``python -m training.embedded.photos [--dest data/imagenet-photos]``.
 from __future__ import annotations
 
 import argparse
-import os
 import tarfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SOURCE_DIR = Path(os.environ.get("LRAEE_PHOTOS_SRC", REPO_ROOT.parent / "shared" / "data" / "imagenet-photos"))
+from lraee_core.paths import REPO_ROOT, photos_root
+
+SOURCE_DIR = photos_root()
 DEFAULT_DEST = REPO_ROOT / "data" / "imagenet-photos"
 CLASSES_TSV = "classes.tsv"
 TARS: dict[str, tuple[str, ...]] = {

@@ -41,6 +41,7 @@ import torch
 
 from lraee_core.assets import EMBEDDED_CHECKPOINTS, MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
+from lraee_core.paths import REPO_ROOT
 from training.embedded import photos
 from training.pipeline.build import run_build
 from training.pipeline.cli import CONFIG_FILE, OPTIONS
@@ -65,7 +66,7 @@ from .trainer import LOG_FILE, WEIGHTS_FILE, build_model
 from .world import HELD_OUT_TEMPLATES, WorldSet
 from .world_clip import WorldClipConfig, train_world_clip
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 # Every recipe build's split of its data: 60% trains the heads, 20% fits the gates, 20% calibrates.
 SPLITS: tuple[tuple[str, float], ...] = (("data.head_split", 0.6), ("data.gate_split", 0.2), ("data.calib_split", 0.2))
 RUNS = REPO / "runs"

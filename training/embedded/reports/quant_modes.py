@@ -23,9 +23,9 @@ from typing import Any
 
 from lraee_core.assets import EMBEDDED_CHECKPOINTS
 from lraee_core.checkpoint import read_manifest
+from lraee_core.paths import REPO_ROOT, data_root
 from training.pipeline.cli import main as cli
 from training.pipeline.config import CalibrateConfig
-from training.pipeline.jobs import REPO_ROOT, data_root
 from training.pipeline.search import prune_layers
 
 RUNS = REPO_ROOT / "runs" / "quant_builds"
@@ -41,7 +41,7 @@ def shipped_command() -> list[str]:
     """The shipped everyday checkpoint's build options, roots resolved, without the ones each mode sets itself."""
     checkpoint = EMBEDDED_CHECKPOINTS["everyday"]
     command = list(read_manifest(checkpoint).calibration["command"])[2:]  # after "lraee-train build"
-    roots = {"${checkpoint}": str(checkpoint), "${repo}": str(REPO_ROOT), "${data}": data_root()}
+    roots = {"${checkpoint}": str(checkpoint), "${repo}": str(REPO_ROOT), "${data}": str(data_root())}
     options: list[str] = []
     index = 0
     while index < len(command):
