@@ -9,7 +9,7 @@ work dir (the same photos). ``paper`` copies its features from the shipped build
 
 ``python -m training.embedded.reports.quant_modes summary`` reads every report there and writes ``summary.json``,
 ``summary.md``, ``readme_table.md`` (the table the README shows) and ``qirc.png`` (NSR, cosine and outlier share
-per layer and mode). ``speed`` times the full-depth tower under FP32, ``paper`` and ``static`` (``speed.json``).
+per layer and mode). The tower timings beside them (``speed.json``) are a benchmark: ``python -m bench.quant_speed``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -303,59 +304,6 @@ def write_summary() -> dict[str, Any]:
     return summary
 
 
-def speed(threads: int, repeats: int) -> dict[str, Any]:
-    """Full-depth vision-tower throughput (images/s) at batch 1 and 32 for FP32, ``paper`` and ``static`` on the
-    default tiny model and on random-init ViT-B-32, rounds interleaved so load drift hits every mode alike; static
-    ranges come from 48 Tiny-ImageNet training photos (:mod:`bench.static_ranges`)."""
-    import copy
-    import statistics
-    import time
-
-    import torch
-
-    from bench.static_ranges import bench_ranges
-    from lraee_core import load_classifier
-    from lraee_core.assets import DEFAULT_CHECKPOINT
-    from lraee_core.backbone import build_backbone
-    from lraee_core.config import BackboneConfig
-    from lraee_core.quantize import quantize_vision
-
-    torch.set_num_threads(threads)
-    results: dict[str, Any] = {"threads": threads, "repeats": repeats, "machine": "2 shared CPU cores"}
-    backbones = {
-        "default (everyday tiny)": load_classifier(DEFAULT_CHECKPOINT, quant_mode="none").backbone,
-        "ViT-B-32 (random init)": build_backbone(BackboneConfig("ViT-B-32")),
-    }
-    for name, fp32 in backbones.items():
-        ranges, note = bench_ranges(fp32)
-        towers = {"fp32": fp32.visual}
-        for mode in ("paper", "static"):
-            towers[mode] = copy.deepcopy(fp32.visual)
-            quantize_vision(towers[mode], mode, ranges)
-        side = fp32.shape.image_size
-        images = torch.randn(32, 3, side, side, generator=torch.Generator().manual_seed(0))
-        times: dict[str, dict[int, list[float]]] = {mode: {1: [], 32: []} for mode in towers}
-        with torch.inference_mode():
-            for tower in towers.values():  # warm-up
-                tower(images[:1])
-                tower(images)
-            for _ in range(repeats):
-                for mode, tower in towers.items():
-                    for batch in (1, 32):
-                        started = time.perf_counter()
-                        for index in range(32 // batch):
-                            tower(images[index * batch : (index + 1) * batch])
-                        times[mode][batch].append(time.perf_counter() - started)
-        results[name] = {
-            "ranges": note,
-            "images_per_s": {
-                mode: {str(batch): 32 / statistics.median(passes) for batch, passes in by_batch.items()}
-                for mode, by_batch in times.items()
-            },
-        }
-    return results
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``build MODE [--eval NAME]`` or ``summary``."""
     parser = argparse.ArgumentParser(prog="python -m training.embedded.reports.quant_modes", description=__doc__)
@@ -364,16 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     one.add_argument("mode", choices=MODES)
     one.add_argument("--eval", default="tiny-val", choices=EVALS)
     sub.add_parser("summary", help="summarise every report in reports/quant-modes")
-    timing = sub.add_parser("speed", help="tower throughput of fp32, paper and static into speed.json")
-    timing.add_argument("--threads", type=int, default=1)
-    timing.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
+    sub.add_parser("speed", help="moved to the benchmark: python -m bench.quant_speed")
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["speed"]:
+        print("quant_modes speed moved to the benchmark: run python -m bench.quant_speed", file=sys.stderr)
+        return 2
+    args = parser.parse_args(arguments)
     if args.command == "build":
         return build(args.mode, args.eval)
-    if args.command == "speed":
-        REPORTS.mkdir(parents=True, exist_ok=True)
-        (REPORTS / "speed.json").write_text(json.dumps(speed(args.threads, args.repeats), indent=2) + "\n")
-        return 0
     write_summary()
     return 0
 
