@@ -364,12 +364,12 @@ class VariedServiceResult:
 
 
 def server_backend(checkpoint: Path) -> str:
-    """The backend the server will pick from this environment's ``LRAEE_BACKEND`` (default ``auto``)."""
-    from lraee_core.backends import auto_backend
+    """The backend the server will pick from this environment's ``LRAEE_BACKEND`` (default ``auto``), as its loader
+    picks it."""
+    from lraee_core.backends import resolve_backend
     from lraee_core.checkpoint import read_manifest
 
-    chosen = os.environ.get("LRAEE_BACKEND", "auto")
-    return auto_backend(read_manifest(checkpoint).quant_mode) if chosen == "auto" else chosen
+    return resolve_backend(os.environ.get("LRAEE_BACKEND", "auto"), read_manifest(checkpoint).quant_mode)
 
 
 def client_label_sets(clients: int, low: int = 2, high: int = 20, seed: int = 0) -> list[tuple[str, ...]]:

@@ -26,7 +26,6 @@ import torch
 
 from lraee_core import load_classifier, read_manifest
 from lraee_core.assets import resolve_checkpoint
-from lraee_core.backends import auto_backend
 from lraee_core.exits import ExitRule
 
 LABELS = ("cat", "dog", "car", "tree", "boat", "house", "bird", "chair", "flower", "street")
@@ -38,8 +37,8 @@ def measure(
     """Median seconds per call of both rules over ``rounds`` interleaved rounds, and the cost in blocks."""
     directory = resolve_checkpoint(str(checkpoint))
     quant_mode = read_manifest(directory).quant_mode
-    backend = auto_backend(quant_mode)
-    engine = load_classifier(directory, backend=backend)
+    engine = load_classifier(directory, backend="auto")
+    backend = engine.backend
     candidates = sorted(engine.heads)
     if not candidates:
         raise ValueError(f"{directory} has no exit heads")
