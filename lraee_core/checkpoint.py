@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,6 +37,7 @@ __all__ = [
     "load_activation_ranges",
     "load_classifier",
     "load_heads_and_gates",
+    "new_manifest",
     "read_manifest",
     "save_checkpoint",
     "write_manifest",
@@ -78,6 +80,22 @@ def backbone_ref(backbone: ClipBackbone, checkpoint_dir: Path | None = None) -> 
         model_config_file=config_file,
         weights_sha256=backbone.weights_sha256,
         random_init_seed=cfg.random_init_seed,
+    )
+
+
+def new_manifest(backbone: ClipBackbone, directory: Path, **fields: Any) -> Manifest:
+    """The one constructor of a checkpoint's manifest, for every writer (the build pipeline, untrained checkpoints):
+    what ``backbone`` says of itself (its reference, its architecture file copied into ``directory``, its shape)
+    plus ``fields``, the rest of :class:`Manifest` (id, quant mode, heads, operating points, provenance). Giving a
+    field the backbone decides is a TypeError."""
+    shape = backbone.shape
+    return Manifest(
+        backbone=backbone_ref(backbone, directory),
+        image_size=shape.image_size,
+        num_layers=shape.num_layers,
+        width=shape.width,
+        embed_dim=shape.embed_dim,
+        **fields,
     )
 
 
