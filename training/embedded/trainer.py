@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Generator, Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 from queue import Empty, Full, Queue
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import numpy as np
 import open_clip
@@ -35,7 +35,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from lraee_core.backbone import create_model
 from lraee_core.checkpoint import readable_by_all
+from lraee_core.config import BackboneConfig
 
 MODEL_NAME = "lraee-tiny-vit12"
 MODEL_CONFIG_PATH = Path(str(files("lraee_core") / "assets" / "model_configs" / f"{MODEL_NAME}.json"))
@@ -98,17 +100,20 @@ def register_model_config() -> str:
 def build_model(
     pretrained: str | Path | None = None, seed: int = 0, device: str | torch.device = "cpu"
 ) -> tuple[open_clip.CLIP, Preprocess, Tokenizer]:
-    """The tiny CLIP, its evaluation preprocessing and its tokenizer.
+    """The tiny CLIP, its evaluation preprocessing and its tokenizer, from the library's one factory
+    (:func:`lraee_core.backbone.create_model`, which also serves the engine's backbones).
 
     With ``pretrained`` None the weights are a random init drawn from ``seed``, without touching the caller's RNG.
     """
-    name = register_model_config()
+    config = BackboneConfig(
+        MODEL_NAME,
+        pretrained=None if pretrained is None else str(pretrained),
+        model_config_file=str(MODEL_CONFIG_PATH),
+        random_init_seed=seed,
+    )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if pretrained is None else str(pretrained), device=device, output_dict=True
-        )
-    return model, preprocess, open_clip.get_tokenizer(name)
+        model, preprocess, tokenizer, _ = create_model(config, device=device, output_dict=True)
+    return cast(open_clip.CLIP, model), preprocess, tokenizer
 
 
 def image_size(model: open_clip.CLIP) -> int:
