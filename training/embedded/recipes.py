@@ -413,9 +413,9 @@ EVERYDAY_TEMPLATES = (
 # * Each head and gate is charged 0.7 blocks of time in the candidate search: what one candidate cost the shipped
 #   stage-11 checkpoint (paper mode, exits after blocks 6, 9 and 11) on the service's backend at batch 1, measured
 #   with `python -m training.pipeline.head_cost --batch 1 --rounds 200`: 0.71 and 0.77 in two runs (0.21 and 0.15 at
-#   batch 32; the second runs are reports/everyday-v12-paper/head_cost-b1.json and head_cost-b32.json). On that
-#   build's calibration photos any charge from 0.3 to 1.25 kept one exit, after block 6; none kept three (6, 9, 11),
-#   which ran the default slower than its own full depth at batch 1 on the bench's photos.
+#   batch 32; the second runs are reports/everyday-v12-paper/head_cost-b1.json and head_cost-b32.json at commit
+#   286e06f). On that build's calibration photos any charge from 0.3 to 1.25 kept one exit, after block 6; none kept
+#   three (6, 9, 11), which ran the default slower than its own full depth at batch 1 on the bench's photos.
 # * The `full` quant mode: every Linear of the blocks INT8, attention projections included (the paper mode leaves
 #   those FP32, as open_clip's quantize_dynamic does). On stage 11 it moved held-out top-1 at full depth by at most
 #   0.6 points either way on every everyday task (the two builds' everyday_eval.json), and `make bench` timed the
