@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def test_every_world_build_command_retypes_to_its_config(tmp_path: Path) -> None
     assert shapes.world_sets == (WorldSet("train", "shapes", 32), WorldSet("test", "shapes", 32))
     assert dict(shapes.settings)["data.source"] == str(shapes.work / "world" / "train-shapes-32" / "labels.csv")
     assert dict(shapes.settings)["data.classes_file"] == str(shapes.work / "world" / "train-shapes-32" / "classes.txt")
+
+
+def test_the_committed_paths_the_shipped_manifests_record_resolve() -> None:
+    """What a shipped manifest records under ``${repo}`` in committed folders (its reports, the architecture) is
+    there; ``runs/`` and ``data/`` hold the recipes' uncommitted inputs and outputs."""
+    recorded = {
+        (name, path)
+        for name, directory in EMBEDDED_CHECKPOINTS.items()
+        for path in re.findall(
+            r"\$\{repo\}/((?:reports|lraee_core)/[^\"\s]*)", (directory / "manifest.json").read_text()
+        )
+    }
+    assert {name for name, _ in recorded} == set(EMBEDDED_CHECKPOINTS)
+    assert [(name, path) for name, path in sorted(recorded) if not (REPO / path).exists()] == []
 
 
 def test_settings_become_config_fields_and_flags(tmp_path: Path) -> None:
