@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lraee_core.backends import BackendOptions, auto_backend
-from lraee_core.checkpoint import MANIFEST, load_classifier, read_manifest
+from lraee_core.backends import BackendOptions
+from lraee_core.checkpoint import MANIFEST, load_classifier
 from lraee_core.config import FULL_OPERATING_POINT
 from lraee_core.engine import EarlyExitClassifier, ExitResult, LabelQuery
 from lraee_core.errors import InputError, LraeeError
@@ -80,11 +80,10 @@ class ModelService:
         if weights is not None and not weights.is_file():
             raise StartupError(f"LRAEE_BACKBONE_WEIGHTS={weights} is not a file")
         try:
-            backend = auto_backend(read_manifest(path).quant_mode) if settings.backend == "auto" else settings.backend
             classifier = load_classifier(
                 path,
                 weights=str(weights) if weights is not None else None,
-                backend=backend,
+                backend=settings.backend,
                 backend_options=BackendOptions(threads=settings.threads),
                 text_cache_capacity=settings.text_cache_size,
                 cache_dir=str(settings.open_clip_cache_dir) if settings.open_clip_cache_dir is not None else None,

@@ -42,6 +42,7 @@ import torch
 from lraee_core.assets import resolve_checkpoint
 from lraee_core.checkpoint import load_classifier
 from lraee_core.engine import EarlyExitClassifier, LabelQuery
+from lraee_core.paths import REPO_ROOT
 
 from .timing import median
 
@@ -51,7 +52,6 @@ WORDS = tuple(
     for noun in ("cat", "dog", "car", "tree", "boat", "house", "cup", "bird", "chair", "lamp")
 )
 ONE_LABEL_SET = ("cat", "dog", "car", "tree", "boat")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

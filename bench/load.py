@@ -17,8 +17,6 @@ import json
 import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,8 +31,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+from app.local_server import serving
+from lraee_core.paths import REPO_ROOT
+
+RESULTS = REPO_ROOT / "bench" / "results"
 MIB = 1024 * 1024
 SERVER_MALLOC_ARENA_MAX = "2"  # as deploy/k8s/deployment.yaml and docker-compose.yml set it
 # Label vocabulary: requests draw 2..12 of these, so label sets vary and the text cache sees new ones all the time.
@@ -62,13 +62,6 @@ class PhaseResult:
     def server_errors(self) -> int:
         """Responses with a 5xx status."""
         return sum(count for status, count in self.statuses.items() if status.startswith("5"))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:
@@ -117,39 +110,13 @@ def serve(env: dict[str, str], timeout: float = 900.0) -> Iterator[tuple[str, in
     glibc's default of one malloc arena per thread, the buffers of big bodies parsed and decoded on worker threads
     stay resident after they are freed (measured: a 40 MB body left ~50 MiB behind per parsing thread).
     """
-    port = free_port()
     full_env = {key: value for key, value in os.environ.items() if not key.startswith("LRAEE_")}
     full_env.setdefault("MALLOC_ARENA_MAX", SERVER_MALLOC_ARENA_MAX)
     full_env.update(env)
-    full_env.setdefault("PYTHONPATH", str(REPO))
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--log-level", "warning", "--timeout-graceful-shutdown", "10"]
-    log = open(os.devnull, "wb")  # noqa: SIM115  (closed below; the server's log is not part of the result)
-    process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with status {process.returncode} before it was ready")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn was not ready within {timeout:.0f} s")
-            time.sleep(0.2)
-        yield base, process.pid
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
+    full_env.setdefault("PYTHONPATH", str(REPO_ROOT))
+    options = ("--log-level", "warning", "--timeout-graceful-shutdown", "10")
+    with serving(full_env, options=options, ready_within=timeout, grace=30.0) as server:  # the log is not a result
+        yield server.base_url, server.process.pid
 
 
 def noise_png(rng: random.Random, size: tuple[int, int]) -> bytes:

@@ -11,7 +11,6 @@ forced (the assumed paper mix).
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from typing import Any
 import torch
 
 from lraee_core.images import load_image
+from lraee_core.paths import data_root
 
-_REPO = Path(__file__).resolve().parents[1]
-SETS = ("intel", "flowers", "cifar10")  # everyday sources (training.clip.everyday.SET_CLASSES) the bench reads
+SETS = ("intel", "flowers", "cifar10")  # everyday sources (training.embedded.everyday.SET_CLASSES) the bench reads
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,8 @@ class BenchImages:
 
 
 def everyday_dir() -> Path:
-    """The shared everyday-photos folder (``LRAEE_DATA_ROOT`` overrides the shared data root)."""
-    return Path(os.environ.get("LRAEE_DATA_ROOT", str(_REPO.parent / "shared" / "data"))) / "everyday-photos"
+    """The shared everyday-photos folder (under :func:`lraee_core.paths.data_root`)."""
+    return data_root() / "everyday-photos"
 
 
 def _photos_by_class(path: Path, per_class: int, held_out: set[str]) -> dict[str, list[bytes]]:
@@ -56,7 +55,7 @@ def _photos_by_class(path: Path, per_class: int, held_out: set[str]) -> dict[str
 
 def everyday_photos(preprocess: Callable[[Any], torch.Tensor], count: int) -> BenchImages | None:
     """``count`` preprocessed everyday photos, classes in turn, with the class names; None when absent."""
-    from training.clip.everyday import SET_CLASSES, EverydayClipConfig, everyday_eval_split
+    from training.embedded.everyday import SET_CLASSES, EverydayClipConfig, everyday_eval_split
 
     folder = everyday_dir()
     paths = [folder / SET_CLASSES[name][0] for name in SETS]

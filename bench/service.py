@@ -18,8 +18,6 @@ import base64
 import io
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,12 +30,13 @@ import httpx
 import torch
 from PIL import Image
 
+from app.local_server import start_server
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
+from lraee_core.paths import REPO_ROOT
 
 from .timing import median, percentile, time_passes, timed_calls
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSIFY_PATH = "/classify"
 DEFAULT_MAX_BATCH = 32  # the app's default LRAEE_MAX_BATCH_SIZE, used when its settings cannot be read
 _ERROR_SAMPLES = 5
@@ -108,37 +107,10 @@ def sample_image(size: tuple[int, int] = (320, 240)) -> bytes:
     return buffer.getvalue()
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def uvicorn_command(port: int) -> list[str]:
-    """The app served as ``make serve`` serves it, on loopback ``port``, logging warnings only."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-
-
 class _Server:
-    """A uvicorn process of the app; a context manager that always stops it."""
+    """A uvicorn process of the app (logging warnings only); a context manager that always stops it."""
 
     def __init__(self, checkpoint: Path, threads: int, labels: int, log_path: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {
             **os.environ,
@@ -148,9 +120,9 @@ class _Server:
             "LRAEE_MAX_LABELS": str(max(1000, labels)),
         }
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            uvicorn_command(self.port), cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self._server = start_server(env, options=("--log-level", "warning", "--no-access-log"), output=self._log)
+        self.process = self._server.process
+        self.base_url = self._server.base_url
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines the server wrote."""
@@ -161,13 +133,7 @@ class _Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        self._server.stop()
         self._log.close()
 
 
@@ -398,12 +364,12 @@ class VariedServiceResult:
 
 
 def server_backend(checkpoint: Path) -> str:
-    """The backend the server will pick from this environment's ``LRAEE_BACKEND`` (default ``auto``)."""
-    from lraee_core.backends import auto_backend
+    """The backend the server will pick from this environment's ``LRAEE_BACKEND`` (default ``auto``), as its loader
+    picks it."""
+    from lraee_core.backends import resolve_backend
     from lraee_core.checkpoint import read_manifest
 
-    chosen = os.environ.get("LRAEE_BACKEND", "auto")
-    return auto_backend(read_manifest(checkpoint).quant_mode) if chosen == "auto" else chosen
+    return resolve_backend(os.environ.get("LRAEE_BACKEND", "auto"), read_manifest(checkpoint).quant_mode)
 
 
 def client_label_sets(clients: int, low: int = 2, high: int = 20, seed: int = 0) -> list[tuple[str, ...]]:

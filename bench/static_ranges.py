@@ -9,7 +9,6 @@ so: the speed of fixed-scale kernels does not depend on where their scales came 
 
 from __future__ import annotations
 
-import os
 import tarfile
 from pathlib import Path
 
@@ -17,20 +16,16 @@ import torch
 
 from lraee_core.backbone import ClipBackbone
 from lraee_core.images import load_image
+from lraee_core.paths import data_root
 from lraee_core.static_quant import ActivationRanges, observe_ranges
 
 PHOTOS = 48  # calibration photos (one per class)
 TAR = Path("imagenet-photos") / "tiny-train-00.tar"  # under the shared data folder
-_REPO = Path(__file__).resolve().parents[1]
-
-
-def _data_root() -> Path:
-    return Path(os.environ.get("LRAEE_DATA_ROOT", str(_REPO.parent / "shared" / "data")))
 
 
 def calibration_photos(backbone: ClipBackbone, count: int = PHOTOS) -> torch.Tensor | None:
     """``count`` preprocessed photos [N, 3, H, W], one per class, or None when the shared tar is absent."""
-    path = _data_root() / TAR
+    path = data_root() / TAR
     if not path.is_file():
         return None
     images: list[torch.Tensor] = []
@@ -57,7 +52,7 @@ def bench_ranges(backbone: ClipBackbone) -> tuple[ActivationRanges, str]:
     if photos is None:
         side = backbone.shape.image_size
         photos = torch.randn(PHOTOS, 3, side, side, generator=torch.Generator().manual_seed(1))
-        note = f"static: ranges calibrated on {PHOTOS} seeded noise images ({_data_root() / TAR} absent)"
+        note = f"static: ranges calibrated on {PHOTOS} seeded noise images ({data_root() / TAR} absent)"
     else:
         note = f"static: ranges calibrated at bench time on {len(photos)} Tiny-ImageNet training photos (min/max)"
     return observe_ranges(backbone.visual, photos.split(16)), note

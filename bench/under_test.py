@@ -20,7 +20,6 @@ from torch import nn
 from lraee_core import BackendOptions, EarlyExitClassifier, load_classifier, read_manifest
 from lraee_core.assets import DEFAULT_CHECKPOINT, MODEL_CONFIGS_DIR
 from lraee_core.backbone import ClipBackbone
-from lraee_core.backends import auto_backend
 from lraee_core.backends.onnxruntime import OrtClipBackbone, export_staged
 from lraee_core.checkpoint import MANIFEST
 from lraee_core.config import BackboneConfig, QuantMode
@@ -115,13 +114,14 @@ class SetupLog:
         self.rss_mib: dict[str, float | None] = {}
         self.seconds: dict[str, float] = {}
 
-    def build(self, component: str, make: Callable[[], T]) -> T:
-        """Run ``make`` and record what it cost under ``component``."""
+    def build(self, component: str | Callable[[T], str], make: Callable[[], T]) -> T:
+        """Run ``make`` and record what it cost under ``component`` (or the name it gives what was built)."""
         started = time.perf_counter()
         with RssProbe() as probe:
             built = make()
-        self.rss_mib[component] = probe.growth_mib
-        self.seconds[component] = time.perf_counter() - started
+        name = component if isinstance(component, str) else component(built)
+        self.rss_mib[name] = probe.growth_mib
+        self.seconds[name] = time.perf_counter() - started
         return built
 
 
@@ -147,11 +147,11 @@ def build_backbone_under_test(name: str, workdir: Path, threads: int, *, tower_m
     engines = {"none": setup.build("engine fp32 (text tower, baselines, exports)", partial(load, quant_mode="none"))}
     fp32 = engines["none"].backbone
     ort_options = BackendOptions(threads=threads)
-    service_backend = auto_backend(own_mode)  # what the service runs with LRAEE_BACKEND at its default, auto
-    engines[SERVICE_ENGINE] = setup.build(
-        f"engine {service_backend} {own_mode} (the service's)",
-        partial(load, backend=service_backend, backend_options=ort_options),
+    engines[SERVICE_ENGINE] = setup.build(  # what the service runs with LRAEE_BACKEND at its default, auto
+        lambda engine: f"engine {engine.backend} {own_mode} (the service's)",
+        partial(load, backend="auto", backend_options=ort_options),
     )
+    service_backend = engines[SERVICE_ENGINE].backend
     for mode in TORCH_QUANT_MODES:
         engines[f"torch-{mode}"] = setup.build(f"engine torch {mode}", partial(load, quant_mode=mode))
     # static INT8 needs calibrated activation ranges; neither checkpoint carries any (see bench.static_ranges)

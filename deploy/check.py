@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,9 @@ import httpx
 import yaml
 from PIL import Image, ImageDraw
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from app.local_server import free_port, uvicorn_command
+from lraee_core.paths import REPO_ROOT
+
 PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 PROMETHEUS_RULES = PROMETHEUS_CONFIG.parent / "rules.yml"
 PROMETHEUS_RULE_TESTS = PROMETHEUS_CONFIG.parent / "rules_test.yml"
@@ -122,13 +123,6 @@ def find_prometheus() -> Path:
     if done.returncode != 0 or not found:
         raise PrometheusUnavailable(f"installing prometheus with apt-get failed:\n{done.stdout[-2000:]}{done.stderr}")
     return Path(found)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def local_prometheus_config(base: dict[str, Any], target: str, base_dir: Path) -> tuple[dict[str, Any], str]:
@@ -478,8 +472,7 @@ def run_check(
     env["LRAEE_SHADOW_RATE"] = "1"  # every early exit checked at full depth: the agreement panel and rules get data
     if checkpoint is not None:
         env["LRAEE_CHECKPOINT"] = str(checkpoint)
-    service_command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
-    service_command += ["--host", "127.0.0.1", "--port", str(service_port), "--log-level", "warning"]
+    service_command = uvicorn_command(service_port, "--log-level", "warning")
 
     with tempfile.TemporaryDirectory(prefix="lraee-deploy-check-") as scratch_name:
         scratch = Path(scratch_name)

@@ -10,8 +10,8 @@ backend unless ``LRAEE_*`` variables say otherwise) on a free loopback port, the
 3. the Hugging Face client's answer for the school bus, the compat endpoint's headers, and the client's error on a bad
    image.
 
-The photos are read from the shared photo folder (``training.clip.photos.source_dir``) into a temporary folder, never
-copied into the project.
+The photos are read from the shared photo folder (``training.embedded.photos.source_dir``) into a temporary folder,
+never copied into the project.
 Nothing is written back: the README's blocks are edited by hand from this output.
 """
 
@@ -29,10 +29,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.service import free_port, uvicorn_command
-from training.clip import photos as shared_photos
+from app.local_server import ServerNotReady, start_server
+from training.embedded import photos as shared_photos
 
-REPO = Path(__file__).resolve().parents[1]
 BANANA = "n07753592/ILSVRC2012_val_00023220.JPEG"
 BUS = "n04146614/ILSVRC2012_val_00031163.JPEG"
 SEVEN = ["cat", "dog", "car", "banana", "truck", "elephant", "bicycle"]
@@ -86,26 +85,13 @@ def main() -> None:
         acuity = shared_photos.source_dir() / shared_photos.TARS["acuity"][0]
     except shared_photos.PhotosUnavailable as error:
         sys.exit(f"the examples need the shared photos: {error}")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        uvicorn_command(port),
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_server({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    url = server.base_url
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                sys.exit("the service did not become ready")
-            time.sleep(1)
+        try:
+            server.wait_until_ready(300)
+        except ServerNotReady as error:
+            sys.exit(f"the service did not become ready: {error}")
         model = httpx.get(f"{url}/model").json()
         backend = os.environ.get("LRAEE_BACKEND", "the default")
         print(f"# {time.strftime('%Y-%m-%d')}: {model['model']}, exits {model['candidate_layers']}, backend {backend}")
@@ -157,8 +143,7 @@ def main() -> None:
             except HfHubHTTPError as error:
                 print("bad image:", error.response.status_code if error.response is not None else "?", str(error)[:200])
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop(30)
 
 
 if __name__ == "__main__":

@@ -260,6 +260,23 @@ def _register_config(config_file: str) -> None:
 
 def build_backbone(config: BackboneConfig, *, cache_dir: str | None = None) -> ClipBackbone:
     """Build the FP32 backbone described by ``config``; raise :class:`BackboneError` with the reason on failure."""
+    model, preprocess, tokenizer, weights_sha256 = create_model(config, cache_dir=cache_dir)
+    return ClipBackbone(model, preprocess, tokenizer, config, weights_sha256)
+
+
+def create_model(
+    config: BackboneConfig,
+    *,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    output_dict: bool = False,
+) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor], str | None]:
+    """The one factory of this project's CLIPs, any open_clip model and the tiny ones from their JSON config alike:
+    open_clip's model for ``config``, its evaluation preprocessing, its tokenizer and the SHA-256 of its weights
+    (None for a random init). :func:`build_backbone` stages it for the engine; the tiny-CLIP trainers
+    (``training.embedded.trainer``) train it (``output_dict``: the model's forward returns a dict).
+    A random init is drawn from ``config.random_init_seed`` (the global torch RNG is seeded with it).
+    :class:`BackboneError` with the reason on failure."""
     if config.model_config_file is not None:
         _register_config(config.model_config_file)
     if config.model_name not in open_clip.list_models():
@@ -286,7 +303,7 @@ def build_backbone(config: BackboneConfig, *, cache_dir: str | None = None) -> C
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, _, preprocess = open_clip.create_model_and_transforms(
-                config.model_name, pretrained=pretrained, cache_dir=cache_dir
+                config.model_name, pretrained=pretrained, cache_dir=cache_dir, device=device, output_dict=output_dict
             )
     except Exception as exc:  # mismatched state dict, hub download without network, unreadable file, ...
         hint = ""
@@ -296,8 +313,7 @@ def build_backbone(config: BackboneConfig, *, cache_dir: str | None = None) -> C
         raise BackboneError(f"could not load weights {pretrained!r} into {config.model_name}: {reason}{hint}") from exc
     if pretrained is not None and weights_sha256 is None:
         weights_sha256 = _hub_file_sha256(config.model_name, pretrained, cache_dir)
-    tokenizer = open_clip.get_tokenizer(config.model_name)
-    return ClipBackbone(model, preprocess, tokenizer, config, weights_sha256)
+    return model, preprocess, open_clip.get_tokenizer(config.model_name), weights_sha256
 
 
 def _hub_file_sha256(model_name: str, tag: str, cache_dir: str | None) -> str | None:

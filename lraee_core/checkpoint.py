@@ -10,20 +10,20 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbone import ClipBackbone, build_backbone, sha256_of_file
-from .backends import DEFAULT_BACKEND, BackendName, BackendOptions, prepare_backbone
+from .backends import DEFAULT_BACKEND, BackendChoice, BackendOptions, prepare_backbone, resolve_backend
 from .config import BackboneConfig, QuantMode
 from .engine import EarlyExitClassifier
 from .errors import BackboneError, CheckpointError
 from .gate import GateParams
 from .heads import ExitHead
 from .manifest import FORMAT_VERSION, BackboneRef, Manifest, PrunedLayer
-from .quantize import quantize_vision
 from .static_quant import RANGES_FILE, STATIC_MODES, ActivationRanges
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "load_activation_ranges",
     "load_classifier",
     "load_heads_and_gates",
+    "new_manifest",
     "read_manifest",
     "save_checkpoint",
     "write_manifest",
@@ -79,6 +80,22 @@ def backbone_ref(backbone: ClipBackbone, checkpoint_dir: Path | None = None) -> 
         model_config_file=config_file,
         weights_sha256=backbone.weights_sha256,
         random_init_seed=cfg.random_init_seed,
+    )
+
+
+def new_manifest(backbone: ClipBackbone, directory: Path, **fields: Any) -> Manifest:
+    """The one constructor of a checkpoint's manifest, for every writer (the build pipeline, untrained checkpoints):
+    what ``backbone`` says of itself (its reference, its architecture file copied into ``directory``, its shape)
+    plus ``fields``, the rest of :class:`Manifest` (id, quant mode, heads, operating points, provenance). Giving a
+    field the backbone decides is a TypeError."""
+    shape = backbone.shape
+    return Manifest(
+        backbone=backbone_ref(backbone, directory),
+        image_size=shape.image_size,
+        num_layers=shape.num_layers,
+        width=shape.width,
+        embed_dim=shape.embed_dim,
+        **fields,
     )
 
 
@@ -222,7 +239,7 @@ def load_classifier(
     path: str | Path,
     *,
     quant_mode: QuantMode | None = None,
-    backend: BackendName | None = None,
+    backend: BackendChoice | None = None,
     backend_options: BackendOptions | None = None,
     weights: str | None = None,
     activation_ranges: ActivationRanges | None = None,
@@ -233,7 +250,8 @@ def load_classifier(
 
     ``quant_mode`` overrides the manifest's quant mode (None: the manifest's; the heads and gates stay those
     calibrated under the manifest's mode). ``backend`` picks what runs the vision tower (:mod:`lraee_core.backends`;
-    None: ``torch``), ``backend_options`` its threads and working directory. ``weights`` points at a local copy of
+    ``auto``: the fastest one for the quant mode; None: ``torch``; the classifier's ``backend`` says which ran),
+    ``backend_options`` its threads and working directory. ``weights`` points at a local copy of
     the backbone weights (e.g. a mounted volume) instead of the manifest's source; its SHA-256 must still match when
     recorded. ``activation_ranges`` replaces the checkpoint's calibrated ranges for a static ``quant_mode`` (e.g. a
     ``paper`` checkpoint run static with ranges observed elsewhere, :func:`lraee_core.static_quant.observe_ranges`).
@@ -272,19 +290,17 @@ def load_classifier(
         )
     heads, gates = load_heads_and_gates(directory, manifest)
     mode = manifest.quant_mode if quant_mode is None else quant_mode
-    backend = backend or DEFAULT_BACKEND
+    named = backend or DEFAULT_BACKEND  # as the error messages name it until it is resolved
     try:
-        if mode in STATIC_MODES:
-            if backend != "torch":
-                raise BackboneError(f"the static quant modes run on the torch backend only, not {backend!r}")
-            ranges = activation_ranges or load_activation_ranges(directory, manifest)
-            report = quantize_vision(backbone.visual, mode, ranges)
-        else:
-            backbone, report = prepare_backbone(backbone, mode, backend, backend_options)
+        named = chosen = resolve_backend(backend, mode)
+        ranges = activation_ranges
+        if ranges is None and mode in STATIC_MODES and chosen == "torch":
+            ranges = load_activation_ranges(directory, manifest)
+        backbone, report = prepare_backbone(backbone, mode, chosen, backend_options, ranges)
     except BackboneError as exc:
-        raise CheckpointError(f"checkpoint {manifest.checkpoint_id!r}, backend {backend}: {exc}") from exc
+        raise CheckpointError(f"checkpoint {manifest.checkpoint_id!r}, backend {named}: {exc}") from exc
     # The manifest counts what its own mode converted with torch at calibration; other modes convert other modules.
-    if backend == "torch" and mode == manifest.quant_mode and len(report.converted) != manifest.quantized_modules:
+    if chosen == "torch" and mode == manifest.quant_mode and len(report.converted) != manifest.quantized_modules:
         raise CheckpointError(
             f"quant mode {manifest.quant_mode!r} converted {len(report.converted)} modules here but "
             f"{manifest.quantized_modules} at calibration (different open_clip/torch version?)"
@@ -299,4 +315,5 @@ def load_classifier(
         text_cache_capacity=text_cache_capacity,
         checkpoint_id=manifest.checkpoint_id,
         manifest=manifest,
+        backend=chosen,
     )

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from .backbone import ClipBackbone, VisionShape
+from .backends import DEFAULT_BACKEND, BackendName
 from .config import FULL_OPERATING_POINT, ExitPolicy, HeadConfig
 from .errors import InputError
 from .exits import ExitRule, RowExits
@@ -81,6 +82,7 @@ class EarlyExitClassifier:
         text_cache_capacity: int = 4096,
         checkpoint_id: str = "uncheckpointed",
         manifest: Manifest | None = None,
+        backend: BackendName = DEFAULT_BACKEND,
     ) -> None:
         if set(heads) != set(policy.candidate_layers) or set(gates) != set(policy.candidate_layers):
             raise ValueError("heads, gates and the policy's candidate layers must name the same layers")
@@ -92,6 +94,7 @@ class EarlyExitClassifier:
         self.head_config = head_config
         self.checkpoint_id = checkpoint_id
         self.manifest = manifest
+        self.backend = backend  # what runs the vision tower (lraee_core.backends)
         self.text_cache = TextEmbeddingCache(backbone.encode_text, model_id=checkpoint_id, capacity=text_cache_capacity)
         self._logit_scale = backbone.logit_scale
         self._rules: dict[str, ExitRule] = {}  # operating point name -> its rule, built once

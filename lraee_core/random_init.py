@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .backbone import ClipBackbone, build_backbone
-from .checkpoint import Manifest, backbone_ref, save_checkpoint
+from .checkpoint import Manifest, new_manifest, save_checkpoint
 from .config import BackboneConfig, HeadConfig, OperatingPoint, QuantMode
 from .gate import GateParams
 from .heads import ExitHead
@@ -55,15 +55,12 @@ def untrained_checkpoint(
         gates[layer] = GateParams(weight=(w[0], w[1], w[2]), bias=float(torch.randn(1, generator=generator)))
     # Count what this quant mode converts on a throwaway copy of the tower so loading can check it.
     converted = len(quantize_vision(copy.deepcopy(backbone.visual), quant_mode, activation_ranges).converted)
-    manifest = Manifest(
+    manifest = new_manifest(
+        backbone,
+        directory,
         checkpoint_id=checkpoint_id,
-        backbone=backbone_ref(backbone, directory),
         quant_mode=quant_mode,
         quantized_modules=converted,
-        image_size=shape.image_size,
-        num_layers=shape.num_layers,
-        width=shape.width,
-        embed_dim=shape.embed_dim,
         head=head_config,
         candidate_layers=tuple(candidate_layers),
         operating_points={

@@ -2,8 +2,10 @@
 
 One interface, chosen by name: :func:`prepare_backbone` takes the FP32 backbone a checkpoint describes and a quant
 mode, and returns the backbone the engine runs (a :class:`~lraee_core.backbone.ClipBackbone`: its staged forward is
-the interface) with a report of what was quantized. Every backend keeps the engine's batch-invariance promise: an
-image's answer does not depend on the other images of its batch.
+the interface) with a report of what was quantized. ``auto`` names the fastest backend for the quant mode
+(:func:`resolve_backend`); the loader, :func:`lraee_core.checkpoint.load_classifier`, resolves it for every caller.
+Every backend keeps the engine's batch-invariance promise: an image's answer does not depend on the other images of
+its batch.
 
 * ``torch``: PyTorch dynamic INT8 (:mod:`lraee_core.quantize`), activation scales per image (a Python loop over the
   images of a batch: fbgemm's dynamic Linear takes one scale per tensor); the library's default, needs nothing more.
@@ -21,6 +23,7 @@ from ..backbone import ClipBackbone
 from ..config import QUANT_MODES, QuantMode
 from ..errors import BackboneError
 from ..quant_base import QuantReport
+from ..static_quant import STATIC_MODES, ActivationRanges
 from .options import BackendOptions
 
 BackendName = Literal["torch", "onnxruntime"]
@@ -42,23 +45,41 @@ def auto_backend(quant_mode: QuantMode) -> BackendName:
     return "onnxruntime"
 
 
+def resolve_backend(choice: str | None, quant_mode: QuantMode) -> BackendName:
+    """The backend ``choice`` names: ``auto`` is :func:`auto_backend` for ``quant_mode``, None the library's default
+    (``torch``). :class:`~lraee_core.errors.BackboneError` for a name that is neither."""
+    if choice is None:
+        return DEFAULT_BACKEND
+    if choice == "auto":
+        return auto_backend(quant_mode)
+    for name in BACKENDS:
+        if choice == name:
+            return name
+    raise BackboneError(f"unknown backend {choice!r}; expected auto or one of {BACKENDS}")
+
+
 def prepare_backbone(
     backbone: ClipBackbone,
     quant_mode: QuantMode,
     backend: BackendName = DEFAULT_BACKEND,
     options: BackendOptions | None = None,
+    activation_ranges: ActivationRanges | None = None,
 ) -> tuple[ClipBackbone, QuantReport]:
     """The backbone the engine runs for ``backend`` under ``quant_mode``; ``backbone`` is FP32 and may be modified.
 
+    ``activation_ranges``: the calibrated ranges the static modes (:data:`~lraee_core.static_quant.STATIC_MODES`)
+    need; those modes run on the torch backend only (fbgemm's static kernels).
     :class:`~lraee_core.errors.BackboneError` for an unknown backend, or one whose optional packages are missing.
     """
     if quant_mode not in QUANT_MODES:  # checked before a backend spends minutes compiling
         raise BackboneError(f"unknown quant mode {quant_mode!r}; expected one of {QUANT_MODES}")
+    if quant_mode in STATIC_MODES and backend != "torch":
+        raise BackboneError(f"the static quant modes run on the torch backend only, not {backend!r}")
     options = options or BackendOptions()
     if backend == "torch":
         from .torch import prepare_torch
 
-        return prepare_torch(backbone, quant_mode)
+        return prepare_torch(backbone, quant_mode, activation_ranges)
     if backend == "onnxruntime":
         try:
             from .onnxruntime import prepare_onnxruntime

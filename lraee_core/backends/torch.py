@@ -6,8 +6,12 @@ from ..backbone import ClipBackbone
 from ..config import QuantMode
 from ..quant_base import QuantReport
 from ..quantize import quantize_vision
+from ..static_quant import ActivationRanges
 
 
-def prepare_torch(backbone: ClipBackbone, quant_mode: QuantMode) -> tuple[ClipBackbone, QuantReport]:
-    """Quantize ``backbone``'s vision tower in place (per-image activation scales) and hand it back."""
-    return backbone, quantize_vision(backbone.visual, quant_mode)
+def prepare_torch(
+    backbone: ClipBackbone, quant_mode: QuantMode, activation_ranges: ActivationRanges | None = None
+) -> tuple[ClipBackbone, QuantReport]:
+    """Quantize ``backbone``'s vision tower in place and hand it back: the dynamic modes with per-image activation
+    scales, the static ones with ``activation_ranges``."""
+    return backbone, quantize_vision(backbone.visual, quant_mode, activation_ranges)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from lraee_core.assets import DEFAULT_CHECKPOINT
 from lraee_core.images import decode_rgb
-from training.clip import photos
+from training.embedded import photos
 
 from . import imagegen
 from .test_uvicorn import REPO, free_port, start, stop, wait_until_ready

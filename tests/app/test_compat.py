@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.routers.compat import EXIT_LAYER_HEADER, FLOPS_SAVED_HEADER, OPERATING_POINT_HEADER
+from lraee_core.paths import photos_root
 
 from . import imagegen
 from .conftest import LABELS
@@ -25,7 +26,7 @@ from .test_metrics import scrape, value
 from .test_uvicorn import free_port, start, stop, wait_until_ready
 
 ROUTE = "/compat/huggingface"
-PHOTOS_TAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-photos" / "imagenet-val-acuity.tar"
+PHOTOS_TAR = photos_root() / "imagenet-val-acuity.tar"
 SCHOOL_BUS = "n04146614/ILSVRC2012_val_00031163.JPEG"  # the README's example photo
 PHOTO_LABELS = ["school bus", "sports car", "lion", "banana", "teapot"]
 

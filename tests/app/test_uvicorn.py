@@ -4,60 +4,41 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from app import local_server
+from app.local_server import free_port, start_server
+from lraee_core.paths import REPO_ROOT
+
 from . import imagegen
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+REPO = REPO_ROOT
 
 
 def start(checkpoint: Path | str, port: int, **settings: str) -> subprocess.Popen[bytes]:
     """``make serve``'s command on ``port``; ``settings`` are more ``LRAEE_*`` variables (``LRAEE_API_KEY="k"``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LRAEE_")}
     env.update(LRAEE_CHECKPOINT=str(checkpoint), LRAEE_THREADS="1", PYTHONPATH=str(REPO), **settings)
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
-    return subprocess.Popen(
-        [*command, "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    return start_server(env, port=port, output=subprocess.PIPE).process
 
 
 def stop(process: subprocess.Popen[bytes]) -> str:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """Stop the server; what it wrote."""
+    local_server.stop(process)
     assert process.stdout is not None
     return process.stdout.read().decode(errors="replace")
 
 
 def wait_until_ready(process: subprocess.Popen[bytes], base: str, seconds: float = 90) -> None:
     """Poll ``/readyz`` until 200; fails with the server's output if it exits or takes longer than ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        assert process.poll() is None, stop(process)
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"uvicorn did not become ready in {seconds:g} s"
-        time.sleep(0.2)
+    try:
+        local_server.wait_until_ready(process, base, seconds)
+    except local_server.ServerNotReady as exc:
+        pytest.fail(f"{exc}\n{stop(process)}")
 
 
 @pytest.mark.slow

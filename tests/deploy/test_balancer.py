@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.local_server import free_port
+
 from .test_static import NGINX_CONFIG, SERVICE, SERVICE_PORT
 
 pytestmark = pytest.mark.slow
@@ -150,9 +152,7 @@ def balancer(tmp_path: Path, dns: FakeDockerDns) -> Iterator[str]:
     nginx = shutil.which("nginx")
     if nginx is None:
         pytest.skip("no nginx binary (Debian: apt-get install nginx)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = NGINX_CONFIG.read_text()
     config = re.sub(r"^pid .*;$", f"pid {tmp_path}/nginx.pid;", config, flags=re.MULTILINE)
     config = re.sub(r"listen 8080;", f"listen 127.0.0.1:{port};", config)

@@ -114,6 +114,39 @@ def test_auto_backend_without_onnxruntime_is_torch(monkeypatch: pytest.MonkeyPat
     assert auto_backend("paper") == "torch"
 
 
+def test_the_loader_resolves_auto_for_the_mode_it_loads(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lraee_core import backends
+
+    asked: list[str] = []
+
+    def auto_backend(mode: str) -> str:
+        asked.append(mode)
+        return "torch"
+
+    monkeypatch.setattr(backends, "auto_backend", auto_backend)
+    assert load_classifier(tiny_checkpoint, backend="auto", quant_mode="full").backend == "torch"
+    assert load_classifier(tiny_checkpoint, backend="auto").backend == "torch"
+    assert asked == ["full", read_manifest(tiny_checkpoint).quant_mode]  # the override, else the manifest's mode
+    assert load_classifier(tiny_checkpoint).backend == "torch"  # none named: the library's default
+
+
+def test_no_module_outside_lraee_core_resolves_auto() -> None:
+    """Whoever needs a backend asks the loader (``load_classifier(..., backend="auto")``) and reads
+    ``classifier.backend``; ``auto_backend`` is called inside lraee_core only."""
+    import ast
+
+    from lraee_core.paths import REPO_ROOT
+
+    callers = []
+    for package in ("app", "bench", "training", "deploy", "docs"):
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                named = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+                if named == "auto_backend" or (isinstance(node, ast.alias) and node.name == "auto_backend"):
+                    callers.append(f"{path.relative_to(REPO_ROOT)}:{getattr(node, 'lineno', '?')}")
+    assert callers == []
+
+
 @pytest.mark.slow
 def test_onnxruntime_spans_compute_the_exit_head_and_final_pooling(
     ort_full: EarlyExitClassifier, images: torch.Tensor

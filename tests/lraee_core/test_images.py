@@ -10,10 +10,11 @@ from PIL import Image
 
 from lraee_core.errors import ImageError
 from lraee_core.images import DEFAULT_MAX_PIXELS, check_image, load_image, trim_aspect_ratio
+from lraee_core.paths import photos_root
 from tests.app import imagegen
 
 LIMIT = DEFAULT_MAX_PIXELS
-PHOTOS_TAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-photos" / "tiny-val.tar"
+PHOTOS_TAR = photos_root() / "tiny-val.tar"
 
 
 def decode(data: bytes) -> Image.Image:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import lraee_core
+from lraee_core.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 PACKAGES = ("lraee_core", "training", "app", "bench")
 
 

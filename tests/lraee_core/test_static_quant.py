@@ -157,6 +157,7 @@ def test_static_checkpoint_refusals(
 ) -> None:
     with pytest.raises(CheckpointError, match="torch backend only"):
         load_classifier(static_checkpoint, backend="onnxruntime")
+    assert load_classifier(static_checkpoint, backend="auto").backend == "torch"  # auto: the static modes' backend
     with pytest.raises(CheckpointError, match="carries no calibrated activation ranges"):
         load_classifier(tiny_checkpoint, quant_mode="static")  # a paper checkpoint has none
     assert len(load_classifier(tiny_checkpoint, quant_mode="static", activation_ranges=ranges).quant_report.converted)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lraee_core.backbone import build_backbone
-from lraee_core.checkpoint import Manifest, PrunedLayer, backbone_ref, save_checkpoint
+from lraee_core.checkpoint import Manifest, PrunedLayer, new_manifest, save_checkpoint
 
 from .config import to_jsonable
 from .features import FeatureStore
@@ -46,17 +46,13 @@ def write_checkpoint(
     directory = job.checkpoint_dir if directory is None else directory
     backbone = build_backbone(config.backbone)
     splits = load_splits(job)
-    shape = store.shape
     roots = path_roots(job)
-    manifest = Manifest(
+    manifest = new_manifest(
+        backbone,
+        directory,
         checkpoint_id=config.calibrate.checkpoint_id,
-        backbone=backbone_ref(backbone, directory),
         quant_mode=config.quant_mode,
         quantized_modules=int(store.meta["quantized_modules"]),
-        image_size=shape.image_size,
-        num_layers=shape.num_layers,
-        width=shape.width,
-        embed_dim=shape.embed_dim,
         head=head_config,
         candidate_layers=tuple(layers),
         operating_points={name: point.operating_point(name, layers) for name, point in selection.points.items()},

@@ -27,7 +27,6 @@ from lraee_core.errors import LraeeError
 from .build import STEPS, run_build
 from .calibrate import OPERATING_POINTS
 from .config import BuildConfig, ConfigError, load_build_config
-from .data import WORLD_PREFIX
 from .evaluate import EngineMismatchError
 from .jobs import Job, write_json
 
@@ -42,10 +41,6 @@ def _path(value: str) -> str:
 def _pretrained(value: str) -> str:
     """A weights file becomes an absolute path (config.json is reused from any directory); a tag stays a tag."""
     return _path(value) if Path(value).expanduser().exists() or "/" in value else value
-
-
-def _source(value: str) -> str:
-    return value if value.startswith(WORLD_PREFIX) else _path(value)
 
 
 def _split_size(value: str) -> float | int:
@@ -93,8 +88,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--model-config", "backbone.model_config_file", _path, "open_clip JSON architecture to register"),
     Option("--random-init-seed", "backbone.random_init_seed", int, "seed of a backbone without pretrained weights"),
     Option("--quant", "quant_mode", str, "vision-tower quantization", QUANT_MODES),
-    Option("--data", "data.source", _source, "ImageFolder root, .csv/.jsonl manifest, or world:SPLIT:LABEL_SET:N"),
-    Option("--eval-data", "data.eval_source", _source, "separate evaluation images (no eval split is carved)"),
+    Option("--data", "data.source", _path, "ImageFolder root or .csv/.jsonl manifest (path,label)"),
+    Option("--eval-data", "data.eval_source", _path, "separate evaluation images (no eval split is carved)"),
     Option("--classes-tsv", "data.classes_tsv", _path, "ImageNet table wnid<TAB>index<TAB>name... for wnid folders"),
     Option("--classes-file", "data.classes_file", _path, "one class name per line: the label set"),
     Option(
@@ -238,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="lraee-train",
         description=__doc__.split("\n\n")[0],
-        epilog="backbone trainers, each with its own options: " + ", ".join(TRAINERS),
+        epilog="the tiny-CLIP trainers of the embedded models moved to training.embedded: " + ", ".join(MOVED.values()),
     )
     commands = root.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, text in STEP_HELP.items():
@@ -284,23 +279,22 @@ def _log_to_stderr() -> None:
     log.setLevel(logging.INFO)
 
 
-# Backbone trainers with their own options (``lraee-train world-clip --help``), dispatched before the step parser.
-TRAINERS = {
-    "world-clip": "training.clip.world_clip",  # the tiny CLIP on the generated shape world
-    "photo-clip": "training.clip.photo_clip",  # the tiny CLIP on the real ImageNet-class photos
-    "everyday-clip": "training.clip.everyday",  # the tiny CLIP on everyday photos with WordNet and human captions
-    "photos": "training.clip.photos",  # extract the shared photo tars into an ImageFolder tree
+# Subcommands that trained this repository's own tiny CLIPs; they belong to the embedded models' package, which the
+# pipeline does not import (it builds a checkpoint for any open_clip CLIP), and are run from there.
+MOVED = {
+    "world-clip": "python -m training.embedded.world_clip",
+    "photo-clip": "python -m training.embedded.photo_clip",
+    "everyday-clip": "python -m training.embedded.everyday",
+    "photos": "python -m training.embedded.photos",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lraee-train``; returns the process exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments and arguments[0] in TRAINERS:
-        import importlib
-
-        importlib.import_module(TRAINERS[arguments[0]]).main(arguments[1:])
-        return 0
+    if arguments and arguments[0] in MOVED:
+        print(f"lraee-train {arguments[0]} moved: run {MOVED[arguments[0]]} (same options)", file=sys.stderr)
+        return 2
     args = parser().parse_args(arguments)
     _log_to_stderr()
     if args.threads:

@@ -32,7 +32,7 @@ SPLIT_NAMES: tuple[str, ...] = ("head", "gate", "calib", "eval")  # head trainin
 class DataConfig:
     """Where the labelled images come from, how labels become prompts, and how the images are split."""
 
-    source: str = ""  # ImageFolder root, a .csv/.jsonl manifest (path,label), or "world:SPLIT:LABEL_SET:N"
+    source: str = ""  # ImageFolder root or a .csv/.jsonl manifest (path,label)
     classes_tsv: str | None = None  # ImageNet table (wnid, index, name, ...): wnid folders -> IMAGENET_CLASSNAMES
     classes_file: str | None = None  # one class name per line: the label set in index order (else inferred)
     label_space: LabelSpace = "present"  # "present": classes found in the data; "imagenet-1k": all 1000 names

@@ -8,9 +8,10 @@ Sources:
   itself, so a source may mix ImageNet classes with others such as CIFAR-10's); otherwise a class is named after its
   folder, underscores read as spaces;
 * a manifest of ``path,label`` rows: ``.csv`` with that header, or ``.jsonl`` objects with those keys; relative
-  paths are relative to the manifest's folder; labels are named like folders;
-* ``world:SPLIT:LABEL_SET:N``: the generated world (``training.clip.world.export_imagefolder``) exported once into the
-  work dir and read through its ``labels.csv`` and ``classes.txt``.
+  paths are relative to the manifest's folder; labels are named like folders.
+
+A data set made by a program (the embedded models' generated shape world) is exported to such a folder or manifest
+first and read like any other.
 
 The split is stratified: each class's images are shuffled (seeded) and spread evenly over [0, 1) by rank plus
 jitter; all images are then sorted by that key and cut into consecutive head, gate, calib and eval runs of the
@@ -42,7 +43,6 @@ from .config import SPLIT_NAMES, ConfigError, DataConfig, SplitSize
 from .jobs import Job, config_hash, read_json, step, write_json, write_record
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-WORLD_PREFIX = "world:"
 SPLITS_FILE = "splits.json"
 
 
@@ -56,7 +56,6 @@ class RawSource:
 
     root: Path  # folder the relative paths start from
     entries: tuple[tuple[str, str], ...]  # (relative path, class key: folder name or manifest label)
-    classes_file: Path | None = None  # a class list shipped with the source (the world's classes.txt)
 
 
 @dataclass(frozen=True)
@@ -123,32 +122,21 @@ def _read_manifest(path: Path) -> RawSource:
     return RawSource(root=root, entries=tuple(rows))
 
 
-def _export_world(spec: str, work_dir: Path) -> RawSource:
-    """``world:SPLIT:LABEL_SET:N`` -> the world's ImageFolder export (made once) read through its labels.csv."""
-    parts = spec[len(WORLD_PREFIX) :].split(":")
-    if len(parts) != 3 or not parts[2].isdigit():
-        raise DataError(f"world source {spec!r}: expected world:SPLIT:LABEL_SET:N, e.g. world:test:shapes:2000")
-    split, label_set, n = parts[0], parts[1], int(parts[2])
-    root = work_dir / "world" / f"{split}-{label_set.replace('+', '_')}-{n}"
-    if not (root / "labels.csv").is_file() or not (root / "classes.txt").is_file():
-        from training.clip import world  # imported lazily: only world sources need the generator
-
-        world.export_imagefolder(root, split, label_set, n)
-    source = _read_manifest(root / "labels.csv")
-    return replace(source, classes_file=root / "classes.txt")
-
-
-def scan_source(source: str, work_dir: Path) -> RawSource:
-    """Read an ImageFolder root, a CSV/JSONL manifest or a world spec into (path, class key) pairs."""
-    if source.startswith(WORLD_PREFIX):
-        return _export_world(source, work_dir)
+def scan_source(source: str) -> RawSource:
+    """Read an ImageFolder root or a CSV/JSONL manifest into (path, class key) pairs."""
     path = Path(source)
     if path.is_dir():
         found = _scan_imagefolder(path)
     elif path.is_file():
         found = _read_manifest(path)
+    elif source.startswith("world:"):  # a source spec older builds took; the generator is no part of the pipeline
+        raise DataError(
+            f"data source {source!r}: the generated world is exported to a folder first "
+            "(python -m training.embedded.world DIR SPLIT LABEL_SET N), then read with "
+            "--data DIR/labels.csv --classes-file DIR/classes.txt"
+        )
     else:
-        raise DataError(f"data source {source!r} is neither a folder, a .csv/.jsonl manifest nor a world:... spec")
+        raise DataError(f"data source {source!r} is neither a folder nor a .csv/.jsonl manifest")
     if not found.entries:
         raise DataError(f"data source {source!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return found
@@ -212,9 +200,8 @@ class LabelSet:
 
 def label_set(config: DataConfig, source: RawSource, wnid_index: dict[str, int] | None) -> LabelSet:
     """The label set: a classes file, all 1000 ImageNet classes, or the classes present in ``source``."""
-    classes_file = Path(config.classes_file) if config.classes_file else source.classes_file
-    if classes_file is not None:
-        raw = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+    if config.classes_file:
+        raw = [line.strip() for line in Path(config.classes_file).read_text().splitlines() if line.strip()]
         names = disambiguate([class_name(key, None) for key in raw])
         return LabelSet(names, {key: i for i, key in enumerate(raw)}, keys_only=False)
     if config.label_space == "imagenet-1k":
@@ -296,13 +283,13 @@ def _items_hash(items: Sequence[tuple[str, int]]) -> str:
     return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()[:16]
 
 
-def make_splits(config: DataConfig, work_dir: Path) -> Splits:
+def make_splits(config: DataConfig) -> Splits:
     """Scan the sources, build the label set and cut the disjoint, stratified splits."""
     if not config.source:
-        raise DataError("no data source given (--data): an ImageFolder, a .csv/.jsonl manifest or world:...")
+        raise DataError("no data source given (--data): an ImageFolder or a .csv/.jsonl manifest")
     wnid_index = read_classes_tsv(config.classes_tsv) if config.classes_tsv else None
-    source = scan_source(config.source, work_dir)
-    eval_source = scan_source(config.eval_source, work_dir) if config.eval_source else None
+    source = scan_source(config.source)
+    eval_source = scan_source(config.eval_source) if config.eval_source else None
     label_space = label_set(config, source, wnid_index)
     labels = label_space.names
     items, dropped = _labelled(source, label_space)
@@ -379,7 +366,7 @@ def split_step_hash(config: DataConfig) -> str:
 def run_split(job: Job) -> Splits:
     """Step ``split``: write ``splits/splits.json`` (file lists per split) unless it is up to date."""
     directory = job.step_dir("split")
-    splits = make_splits(job.config.data, job.work_dir)
+    splits = make_splits(job.config.data)
     wanted = config_hash(split_step_hash(job.config.data), splits.content_hash)
     if job.should_skip("split", wanted):
         return splits

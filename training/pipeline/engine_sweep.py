@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from lraee_core.assets import resolve_checkpoint
-from lraee_core.backends import BACKENDS, auto_backend
-from lraee_core.checkpoint import load_classifier, read_manifest
+from lraee_core.backends import BACKENDS
+from lraee_core.checkpoint import load_classifier
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
 
@@ -115,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     directory = resolve_checkpoint(args.checkpoint)
-    backend = auto_backend(read_manifest(directory).quant_mode) if args.backend == "auto" else args.backend
-    classifier = load_classifier(directory, backend=backend)
+    classifier = load_classifier(directory, backend=args.backend)
     paths, labels, names = photo_folder(args.photos, args.classes_tsv, args.per_class)
     if args.only_classes_of is not None:
         keep = {p.name for p in args.only_classes_of.iterdir() if p.is_dir()}
@@ -131,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ks = [int(k) for k in args.k.split(",")]
     result = {
         "checkpoint": classifier.checkpoint_id,
-        "backend": backend,
+        "backend": classifier.backend,
         "photos": args.photos.name,
         "images": len(paths),
         "classes": len(names),

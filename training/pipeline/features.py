@@ -117,8 +117,8 @@ def _shard_path(directory: Path, split: str, shard: int) -> Path:
 
 def split_features_hash(job: Job, splits: Splits, split: str) -> str:
     """Identity of one split's image features: its files, the backbone and quant mode, the cached layers. Prompts
-    and the other splits do not change them, so another build's shards of the same split can be reused. Images
-    generated into the work dir (``world:`` sources) are named relative to it: every build generates the same."""
+    and the other splits do not change them, so another build's shards of the same split can be reused. Images inside
+    the work dir (a generated data set exported there) are named relative to it: every build generates the same."""
     items = splits.splits[split]
     root = items.root.resolve()
     work = job.work_dir.resolve()

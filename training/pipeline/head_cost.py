@@ -32,7 +32,6 @@ import torch
 
 from lraee_core import EarlyExitClassifier, load_classifier, read_manifest
 from lraee_core.assets import resolve_checkpoint
-from lraee_core.backends import auto_backend
 from lraee_core.config import ExitPolicy, OperatingPoint
 from lraee_core.cpu import cpu_info
 from lraee_core.exits import ExitRule
@@ -46,8 +45,8 @@ def measure(
     """Median seconds per call of both rules over ``rounds`` interleaved rounds, and the cost in blocks."""
     directory = resolve_checkpoint(str(checkpoint))
     quant_mode = read_manifest(directory).quant_mode
-    backend = auto_backend(quant_mode)
-    engine = load_classifier(directory, backend=backend)
+    engine = load_classifier(directory, backend="auto")
+    backend = engine.backend
     candidates = sorted(engine.heads)
     if not candidates:
         raise ValueError(f"{directory} has no exit heads")
@@ -131,8 +130,8 @@ def candidate_charges(
     """What each candidate layer of the checkpoint in ``directory`` costs alone, in blocks, on the service's backend
     at each batch size of ``batches`` (module docstring); ``charges`` is the mean over the batch sizes."""
     quant_mode = read_manifest(directory).quant_mode
-    backend = auto_backend(quant_mode)
-    engine = load_classifier(directory, backend=backend)
+    engine = load_classifier(directory, backend="auto")
+    backend = engine.backend
     size = engine.backbone.shape.image_size
     per_batch: dict[str, dict[str, float]] = {}
     for batch in batches:

@@ -20,20 +20,14 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lraee_core.paths import REPO_ROOT, data_root
+
 from .config import BuildConfig, to_jsonable
 
 log = logging.getLogger("training")
 
 
 # ---- portable paths ----------------------------------------------------------------------------------------------
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the project's root when run from the source tree
-
-
-def data_root() -> str:
-    """The shared data folder: ``LRAEE_DATA_ROOT``, else ``../shared/data`` next to the project."""
-    return os.environ.get("LRAEE_DATA_ROOT", str(REPO_ROOT.parent / "shared" / "data"))
-
-
 def portable_paths(value: Any, roots: dict[str, str]) -> Any:
     """``value`` with every absolute path string rewritten as ``${root}/relative`` under the most specific named
     root, or ``${elsewhere}/<file name>`` when none holds it: what a manifest or report may record."""
@@ -175,7 +169,7 @@ def path_roots(job: Job) -> dict[str, str]:
         "checkpoint": str(job.checkpoint_dir),
         "work": str(job.work_dir),
         "repo": str(REPO_ROOT),
-        "data": data_root(),
+        "data": str(data_root()),
     }
 
 
