@@ -21,6 +21,7 @@ from typing import Literal
 
 from ..backbone import ClipBackbone
 from ..config import QUANT_MODES, QuantMode
+from ..cpu import CpuInfo, cpu_info
 from ..errors import BackboneError
 from ..quant_base import QuantReport
 from ..static_quant import STATIC_MODES, ActivationRanges
@@ -33,16 +34,32 @@ BackendChoice = Literal["auto", "torch", "onnxruntime"]  # what a deployment ask
 ONNXRUNTIME_MODES: tuple[QuantMode, ...] = ("none", "paper", "full")  # what the onnxruntime backend runs
 
 
-def auto_backend(quant_mode: QuantMode) -> BackendName:
-    """The fastest backend measured here that runs ``quant_mode``: onnxruntime for the dynamic modes when it is
-    installed, torch otherwise (the static modes use fbgemm's static kernels)."""
-    if quant_mode not in ONNXRUNTIME_MODES:
-        return "torch"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "onnxruntime"
+# What `auto` picks, by the CPU's kernel family (lraee_core.cpu.CpuInfo.kind) and quant mode: the fastest backend
+# measured on that kind among those whose answers keep the checkpoint's promises (both backends are batch-invariant
+# and agree with each other within the backend sweep's tolerance: reports/everyday/backends/). A table, not a race at
+# start-up, so one machine always serves with the same backend.
+# * avx2 (AMD EPYC, this project's machines): onnxruntime 1.4-1.5x torch on the default model and 1.7-2.1x on
+#   ViT-B-32 in make bench (bench/results/latest.md); the static modes run on fbgemm's static kernels, torch only.
+# * amx / avx512-vnni (Intel Xeon): measured by the issue 41 report only, with onnxruntime: the `full` mode ran
+#   ViT-B-32 at 1.16x ONNX Runtime's own INT8 at batch 32; torch was not measured there, so the avx2 choices stand
+#   until a bench on such a CPU says otherwise (make bench records the CPU and which backend auto picked).
+AUTO_BACKENDS: dict[str, dict[QuantMode, BackendName]] = {
+    kind: {"none": "onnxruntime", "paper": "onnxruntime", "full": "onnxruntime"}
+    for kind in ("avx2", "avx512-vnni", "amx", "other")
+}
+
+
+def auto_backend(quant_mode: QuantMode, cpu: CpuInfo | None = None) -> BackendName:
+    """The backend ``auto`` picks for ``quant_mode`` on ``cpu`` (default: this machine's): :data:`AUTO_BACKENDS`,
+    torch for a mode the table does not name (the static modes) or when onnxruntime is not installed."""
+    kind = (cpu or cpu_info()).kind
+    choice = AUTO_BACKENDS.get(kind, AUTO_BACKENDS["other"]).get(quant_mode, "torch")
+    if choice == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "torch"
+    return choice
 
 
 def resolve_backend(choice: str | None, quant_mode: QuantMode) -> BackendName:
