@@ -1,6 +1,6 @@
 """Slow bodies (issue 38): the pace a body must keep, and admission that bodies which fell behind cannot starve.
 
-In-process, with timings in tenths of a second; tests/app/test_slow_clients.py drives a real uvicorn.
+In-process, with timings in tenths of a second; tests/bench/test_slow_clients.py drives a real uvicorn.
 """
 
 from __future__ import annotations
