@@ -1,14 +1,14 @@
 """Slow clients against a real uvicorn on loopback (issue 38): trickling bodies must not take the service down.
 
-``python -m bench.slow_clients`` runs the issue's scenario at full size against the defaults of ``make serve`` (about
-100 s) and writes ``bench/results/slow-clients-<time>.md``. Three phases, each against the same server:
+``python -m bench.slow_clients`` runs the issue's scenario at full size against the defaults of ``make serve`` (2-3
+minutes, loading the model included) and writes ``bench/results/slow-clients-<time>.md``. Three phases, one server:
 
 1. Trickles: 70 connections send the headers of a multipart ``/classify`` (``Content-Length: 100000``) and then its
    body at 1 byte every 2 s. From 30 s on, one normal ``/classify`` a second until 75 s. Done when every normal
    request answers 200 within 2 s and every trickling connection has been answered with a 4xx or closed within 75 s.
 2. One slow ``/classify/batch`` that declares 60 MiB and trickles; meanwhile, every 0.5 s, a small ``/classify`` and
-   a big one (the 9 MiB JPEG of phase 3, sent at full speed: it needs bytes the batch reserved). Done when every
-   request sent after the grace period (``LRAEE_BODY_GRACE_SECONDS``) answers 200.
+   one client sends big ones, one at a time (the 9 MiB JPEG of phase 3 at full speed: it needs bytes the batch
+   reserved). Done when every request sent after the grace period (``LRAEE_BODY_GRACE_SECONDS``) answers 200.
 3. A 9 MiB JPEG uploaded at a steady 1 MiB/s. Done when it answers 200.
 
 No answer may be a 5xx. ``tests/bench/test_slow_clients.py`` runs the same scenario scaled down (a few slots,
@@ -132,7 +132,8 @@ class Result:
                 f"batch: {describe(self.batch)} at {fmt(self.batch.answered_at)} s; after the grace: "
                 f"{dict(Counter(f'{o.kind} {o.status}' for o in after_grace))}; before it: "
                 f"{dict(Counter(f'{o.kind} {o.status}' for o in self.batch_phase if o.sent_at < s.grace))}; "
-                f"first big 200 sent at {fmt(first_big_200)} s",
+                f"first big 200 sent at {fmt(first_big_200)} s; slowest answer after the grace "
+                f"{fmt(max((o.seconds or float('inf') for o in after_grace), default=None))} s",
             ),
             (
                 f"a {s.steady_bytes / MIB:.3g} MiB JPEG at a steady {s.steady_rate / MIB:.3g} MiB/s succeeds",
@@ -292,6 +293,24 @@ def scheduled(
     return asyncio.ensure_future(run())
 
 
+def one_at_a_time(
+    start: float, first: float, every: float, until: float, make: Callable[[float], Awaitable[Outcome]]
+) -> asyncio.Future[list[Outcome]]:
+    """One client: ``make(t)`` from ``first`` seconds after ``start`` on, each ``every`` seconds after the one before
+    or as soon as it is answered, whichever is later, until ``until``; in the background."""
+    loop = asyncio.get_running_loop()
+
+    async def run() -> list[Outcome]:
+        outcomes, at = [], first
+        while at < until:
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            outcomes.append(await make(loop.time() - start))
+            at = max(at + every, loop.time() - start)
+        return outcomes
+
+    return asyncio.ensure_future(run())
+
+
 def schedule(first: float, every: float, until: float) -> list[float]:
     """``first``, ``first + every``, ... below ``until``."""
     return [first + i * every for i in range(int((until - first) / every + 1e-9) + 1) if first + i * every < until]
@@ -334,7 +353,8 @@ async def drive(base: str, scenario: Scenario, image: bytes, big_image: bytes) -
         inflight = await metric(client, "lraee_inflight_requests")
         trickled, normal = await trickles, await normals
 
-        # Phase 2: a slow batch holding most of the byte budget; small and big requests beside it from 0.2 s on.
+        # Phase 2: a slow batch holding most of the byte budget; beside it from 0.2 s on, small requests every so often
+        # and one client sending big ones (one at a time: together they would fill the byte budget themselves).
         start = loop.time()
 
         async def slow_batch(at: float) -> Outcome:
@@ -354,7 +374,7 @@ async def drive(base: str, scenario: Scenario, image: bytes, big_image: bytes) -
         [batch], small_ones, big_ones = await asyncio.gather(
             scheduled(start, [0.0], slow_batch),
             scheduled(start, times, post("small", small)),
-            scheduled(start, times, post("big", big)),
+            one_at_a_time(start, 0.2, s.batch_requests_every, s.batch_phase, post("big", big)),
         )
 
         # Phase 3: one big JPEG at a steady rate.
