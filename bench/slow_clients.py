@@ -201,18 +201,20 @@ async def paced_post(
     path: str,
     body: bytes,
     *,
+    kind: str,
+    sent_at: float = 0.0,
     declared: int,
     chunk: int,
     every: float,
     give_up: float,
 ) -> Outcome:
     """POST ``path`` declaring ``declared`` bytes and sending them ``chunk`` bytes every ``every`` seconds (``body``,
-    then zeros) until an answer comes, for at most ``give_up`` seconds. The outcome's kind is left blank."""
+    then zeros) until an answer comes, for at most ``give_up`` seconds."""
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     loop = asyncio.get_running_loop()
     start = loop.time()
-    outcome = Outcome("", 0.0)
+    outcome = Outcome(kind, sent_at)
     answered = asyncio.Event()  # a status line came, or the connection closed
 
     async def answer() -> None:
@@ -330,24 +332,26 @@ async def drive(base: str, scenario: Scenario, image: bytes, big_image: bytes) -
 
         assert (await client.post("/classify", content=small, headers=headers)).status_code == 200  # warm
 
-        # Phase 1: trickles, then normal requests.
-        trickle_body = multipart_head("image", "image.jpg")
-        start = loop.time()
-
-        async def trickle(at: float) -> Outcome:
-            outcome = await paced_post(
+        def trickle(kind: str, path: str, declared: int, give_up: float) -> Callable[[float], Awaitable[Outcome]]:
+            """A multipart body sent a byte every ``trickle_every`` seconds."""
+            head = multipart_head("images" if path.endswith("/batch") else "image", "image.jpg")
+            return lambda at: paced_post(
                 base,
-                "/classify",
-                trickle_body,
-                declared=s.trickle_declared,
+                path,
+                head,
+                kind=kind,
+                sent_at=at,
+                declared=declared,
                 chunk=1,
                 every=s.trickle_every,
-                give_up=s.answered_within + 5.0,
+                give_up=give_up,
             )
-            outcome.kind, outcome.sent_at = "trickle", at
-            return outcome
 
-        trickles = scheduled(start, [0.0] * s.tricklers, trickle)
+        # Phase 1: trickles, then normal requests.
+        start = loop.time()
+        trickles = scheduled(
+            start, [0.0] * s.tricklers, trickle("trickle", "/classify", s.trickle_declared, s.answered_within + 5.0)
+        )
         normals = scheduled(start, schedule(s.normal_from, s.normal_every, s.answered_within), post("normal", small))
         await asyncio.sleep(max(0.0, start + s.sample_at - loop.time()))
         inflight = await metric(client, "lraee_inflight_requests")
@@ -356,23 +360,9 @@ async def drive(base: str, scenario: Scenario, image: bytes, big_image: bytes) -
         # Phase 2: a slow batch holding most of the byte budget; beside it from 0.2 s on, small requests every so often
         # and one client sending big ones (one at a time: together they would fill the byte budget themselves).
         start = loop.time()
-
-        async def slow_batch(at: float) -> Outcome:
-            outcome = await paced_post(
-                base,
-                "/classify/batch",
-                multipart_head("images", "image.jpg"),
-                declared=s.batch_declared,
-                chunk=1,
-                every=s.trickle_every,
-                give_up=s.batch_phase + 5.0,
-            )
-            outcome.kind, outcome.sent_at = "batch", at
-            return outcome
-
         times = schedule(0.2, s.batch_requests_every, s.batch_phase)
         [batch], small_ones, big_ones = await asyncio.gather(
-            scheduled(start, [0.0], slow_batch),
+            scheduled(start, [0.0], trickle("batch", "/classify/batch", s.batch_declared, s.batch_phase + 5.0)),
             scheduled(start, times, post("small", small)),
             one_at_a_time(start, 0.2, s.batch_requests_every, s.batch_phase, post("big", big)),
         )
@@ -384,12 +374,12 @@ async def drive(base: str, scenario: Scenario, image: bytes, big_image: bytes) -
             base,
             "/classify",
             body,
+            kind="steady",
             declared=len(body),
             chunk=chunk,
             every=chunk / s.steady_rate,
             give_up=len(body) / s.steady_rate + 30.0,
         )
-        steady.kind = "steady"
 
         names = [
             'lraee_body_timeouts_total{reason="too_slow"}',

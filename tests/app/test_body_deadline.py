@@ -10,36 +10,15 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Message, Receive
 
 from app.body_deadline import BodyPace, BodyRate, BodyTimeout
 from app.limits import BodyLimitMiddleware, InFlight
 from app.main import create_app
 
+from .test_limits import Reader, ignore, scope
+
 RATE = BodyRate(min_rate=1000.0, grace=0.2, max_pause=0.4)
-
-
-def scope(client: str = "10.0.0.1", **headers: str) -> Scope:
-    raw = [(name.encode(), value.encode()) for name, value in headers.items()]
-    return {"type": "http", "method": "POST", "path": "/classify", "headers": raw, "client": (client, 1234)}
-
-
-class Reader:
-    """An inner ASGI app that reads its whole body and records how that ended."""
-
-    def __init__(self) -> None:
-        self.error: Exception | None = None
-        self.read = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            while True:
-                message = await receive()
-                self.read += len(message.get("body", b""))
-                if not message.get("more_body"):
-                    return
-        except Exception as exc:  # what the app's error handlers would answer
-            self.error = exc
 
 
 def stalled() -> Receive:
@@ -57,10 +36,6 @@ def whole(body: bytes) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
-
-
-async def ignore(_: Message) -> None:
-    return None
 
 
 def middleware(inner: Reader, in_flight: InFlight, timeouts: list[str] | None = None) -> BodyLimitMiddleware:
@@ -130,7 +105,8 @@ async def test_only_time_spent_waiting_for_the_client_counts() -> None:
 
 @pytest.mark.anyio
 async def test_a_stalled_body_is_cut_off_with_its_slot_and_bytes_given_back_at_once() -> None:
-    in_flight, inner, timeouts = InFlight(max_requests=2, max_bytes=1000), Reader(), []
+    in_flight, inner = InFlight(max_requests=2, max_bytes=1000), Reader()
+    timeouts: list[str] = []
     task = asyncio.create_task(
         middleware(inner, in_flight, timeouts)(scope(**{"content-length": "500"}), stalled(), ignore)
     )
@@ -143,7 +119,8 @@ async def test_a_stalled_body_is_cut_off_with_its_slot_and_bytes_given_back_at_o
 
 @pytest.mark.anyio
 async def test_a_newcomer_takes_the_place_of_a_body_that_fell_behind() -> None:
-    in_flight, timeouts = InFlight(max_requests=1, max_bytes=1000), []
+    in_flight = InFlight(max_requests=1, max_bytes=1000)
+    timeouts: list[str] = []
     slow, fast = Reader(), Reader()
     task = asyncio.create_task(
         middleware(slow, in_flight, timeouts)(scope(**{"content-length": "5"}), stalled(), ignore)
