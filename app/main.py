@@ -22,6 +22,7 @@ from lraee_core.images import set_pil_pixel_limit
 
 from .auth import ApiKeyMiddleware
 from .batching import MicroBatcher
+from .body_deadline import BodyRate
 from .deps import Runtime
 from .errors import install_error_handlers
 from .images import ImageDecoder
@@ -111,9 +112,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         in_flight=InFlight(
             max_requests=settings.max_inflight_requests,
             max_bytes=settings.max_inflight_bytes,
+            max_per_client=settings.max_inflight_per_client,
             on_requests=metrics.inflight_requests.set,
             on_bytes=metrics.inflight_bytes.set,
         ),
+        body_rate=(
+            BodyRate(settings.body_min_rate, settings.body_grace_seconds, settings.body_max_pause_seconds)
+            if settings.body_min_rate > 0
+            else None
+        ),
+        on_timeout=metrics.observe_body_timeout,
     )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())

@@ -1,7 +1,8 @@
 """Prometheus metrics: one registry per app (tests build many apps), conventional names, bounded label values.
 
 Label values stay bounded: ``route`` is a route template or ``other``, ``status`` an HTTP status code, ``layer`` a
-candidate layer or ``full``, ``operating_point`` one of the checkpoint's (``full`` included), ``agree`` true/false.
+candidate layer or ``full``, ``operating_point`` one of the checkpoint's (``full`` included), ``agree`` true/false,
+``reason`` one of app/body_deadline.py's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lraee_core.engine import EarlyExitClassifier, ExitResult
 from lraee_core.text import CacheStats
 
+from .body_deadline import TIMEOUT_REASONS, TimeoutReason
 from .service import BatchKey
 
 OTHER_ROUTE = "other"  # label of requests that match no route (404s, scanners): keeps the label set bounded
@@ -106,6 +108,15 @@ class Metrics:
         self.inflight_bytes = Gauge(
             "lraee_inflight_bytes", "Request body bytes admitted and not yet released", registry=registry
         )
+        self.body_timeouts = Counter(
+            "lraee_body_timeouts",
+            "Request bodies cut off with 408 for arriving too slowly: 'too_slow' (below LRAEE_BODY_MIN_RATE once its "
+            "grace was spent), 'preempted' (fallen behind it, its place given to another request)",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in TIMEOUT_REASONS:  # both series from the start: a dashboard sees 0, not "no data"
+            self.body_timeouts.labels(reason=reason)
         self.model_info = Gauge(
             "lraee_model_info",
             "The loaded model (value 1)",
@@ -154,6 +165,10 @@ class Metrics:
             self.flops_saved.observe(result.flops_saved)
             self.flops_spent.inc(result.flops)
             self.flops_full.inc(result.flops_full)
+
+    def observe_body_timeout(self, reason: TimeoutReason) -> None:
+        """One request body cut off for arriving too slowly."""
+        self.body_timeouts.labels(reason=reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

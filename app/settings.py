@@ -74,6 +74,27 @@ class Settings(BaseSettings):
         ge=MIB,
         description="request body bytes admitted at once, all requests together; 429 over. Also the largest body",
     )
+    max_inflight_per_client: int = Field(
+        default=0,
+        ge=0,
+        description="requests with a body one client address may have in flight (0: no cap). Behind a proxy every "
+        "request comes from the proxy's address, unless uvicorn trusts its X-Forwarded-For (--forwarded-allow-ips)",
+    )
+    body_min_rate: float = Field(
+        default=240.0,
+        ge=0.0,
+        description="bytes/s a request body must keep arriving at once its grace is spent, counting only time spent "
+        "waiting for the client; slower: 408 and the connection closed (0: no deadline)",
+    )
+    body_grace_seconds: float = Field(
+        default=5.0, gt=0.0, le=3600.0, description="waiting a request body gets before it must keep the minimum rate"
+    )
+    body_max_pause_seconds: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=3600.0,
+        description="the longest a request body that kept the minimum rate may then pause (at least the grace)",
+    )
     stall_seconds: float = Field(
         default=30.0, gt=0.0, le=3600.0, description="/readyz is 503 while images wait and one engine call runs longer"
     )
@@ -123,6 +144,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"LRAEE_MAX_INFLIGHT_BYTES ({self.max_inflight_bytes}) must hold one request of one image of "
                 f"LRAEE_MAX_UPLOAD_BYTES: at least {one_image}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pause_covers_grace(self) -> Self:
+        # A body starts with its grace as allowance; a smaller cap on what it may bank would cut the grace short.
+        if self.body_max_pause_seconds < self.body_grace_seconds:
+            raise ValueError(
+                f"LRAEE_BODY_MAX_PAUSE_SECONDS ({self.body_max_pause_seconds:g}) must be at least "
+                f"LRAEE_BODY_GRACE_SECONDS ({self.body_grace_seconds:g})"
             )
         return self
 

@@ -71,6 +71,7 @@ SERVICE_METRICS = {
     "lraee_operating_point_promise": "gauge",
     "lraee_inflight_requests": "gauge",
     "lraee_inflight_bytes": "gauge",
+    "lraee_body_timeouts_total": "counter",
 }
 PROMETHEUS_SERIES = frozenset({"up"})  # what Prometheus itself records per target, usable in panels
 PROMQL_KEYWORDS = frozenset(
@@ -280,6 +281,19 @@ def test_nginx_balances_over_the_service_name_through_docker_dns() -> None:
     assert f"proxy_pass ${upstream.group(1)};" in text
 
 
+def test_nginx_bounds_slow_clients() -> None:
+    # Bodies are read whole before they reach a replica, a stalled one times out, one address holds few connections.
+    directives = dict(
+        re.findall(
+            r"^\s*(proxy_request_buffering|client_body_timeout|limit_conn)\s+([^;]+);",
+            NGINX_CONFIG.read_text(),
+            re.MULTILINE,
+        )
+    )
+    assert directives.get("proxy_request_buffering") == "on"
+    assert "client_body_timeout" in directives and directives.get("limit_conn", "").startswith("per_client ")
+
+
 def test_nginx_accepts_its_config(tmp_path: Path) -> None:
     nginx = shutil.which("nginx")
     if nginx is None:
@@ -400,6 +414,7 @@ def test_dashboard_covers_what_operators_of_an_early_exit_service_watch(dashboar
         "lraee_model_info",
         'lraee_shadow_checks_total{agree="true"}',  # agreement of early exits with full depth
         "lraee_inflight_bytes",
+        "lraee_body_timeouts_total",  # slow bodies cut off
     ):
         assert needle in exprs, needle
 
