@@ -17,7 +17,7 @@ from .batching import MicroBatcher
 from .errors import ServiceUnavailable
 from .images import ImageDecoder
 from .metrics import Metrics
-from .service import ModelService
+from .service import BatchKey, ModelService
 from .settings import Settings
 
 Phase = Literal["starting", "ready", "stopping"]
@@ -30,7 +30,7 @@ class Runtime:
     settings: Settings
     metrics: Metrics
     service: ModelService | None = None
-    batcher: MicroBatcher | None = None
+    batcher: MicroBatcher[BatchKey] | None = None
     decoder: ImageDecoder | None = None
     phase: Phase = "starting"  # ready only between a finished warm-up and the start of shutdown
 
@@ -83,7 +83,7 @@ async def get_service(runtime: ReadyRuntimeDep) -> ModelService:
     return runtime.service
 
 
-async def get_batcher(runtime: ReadyRuntimeDep) -> MicroBatcher:
+async def get_batcher(runtime: ReadyRuntimeDep) -> MicroBatcher[BatchKey]:
     """The inference queue."""
     assert runtime.batcher is not None
     return runtime.batcher
@@ -98,5 +98,5 @@ async def get_decoder(runtime: ReadyRuntimeDep) -> ImageDecoder:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ServiceDep = Annotated[ModelService, Depends(get_service)]
-BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
+BatcherDep = Annotated[MicroBatcher[BatchKey], Depends(get_batcher)]
 DecoderDep = Annotated[ImageDecoder, Depends(get_decoder)]

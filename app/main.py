@@ -28,7 +28,7 @@ from .images import ImageDecoder
 from .limits import BodyLimitMiddleware, InFlight
 from .metrics import Metrics, RequestMetricsMiddleware
 from .routers import classify, compat, health, model, page
-from .service import ModelService
+from .service import BatchKey, ModelService
 from .settings import Settings
 from .shadow import ShadowSampler
 
@@ -41,7 +41,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     settings = runtime.settings
     set_pil_pixel_limit(settings.max_image_pixels)
-    batcher: MicroBatcher | None = None
+    batcher: MicroBatcher[BatchKey] | None = None
     decoder: ImageDecoder | None = None
     service: ModelService | None = None
     try:

@@ -7,7 +7,7 @@ candidate layer or ``full``, ``operating_point`` one of the checkpoint's (``full
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -143,14 +143,13 @@ class Metrics:
         """One shadow check's outcome (called from the inference worker; prometheus_client is thread-safe)."""
         self.shadow_checks.labels(layer=str(layer), operating_point=operating_point, agree=str(agree).lower()).inc()
 
-    def observe_batch(self, keys: Sequence[Hashable], seconds: float, results: Sequence[ExitResult]) -> None:
+    def observe_batch(self, keys: Sequence[BatchKey], seconds: float, results: Sequence[ExitResult]) -> None:
         """Record one engine batch (each image's request key) and where each of its images left."""
         self.batch_size.observe(len(results))
         self.inference.observe(seconds)
         for key, result in zip(keys, results, strict=True):
             self.exit_layer.labels(layer=str(result.exit_layer) if result.exit_path == "head" else FULL_PATH).inc()
-            if isinstance(key, BatchKey):
-                self.answers.labels(operating_point=key.operating_point, exit_path=result.exit_path).inc()
+            self.answers.labels(operating_point=key.question.operating_point, exit_path=result.exit_path).inc()
             self.flops_saved.observe(result.flops_saved)
             self.flops_spent.inc(result.flops)
             self.flops_full.inc(result.flops_full)

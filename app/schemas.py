@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 # Hard ceilings on every request field, above any allowed setting: validation never walks an absurd list or string.
 # The configured limits (LRAEE_MAX_LABELS, LRAEE_MAX_LABEL_CHARS, ...) are tighter and are checked afterwards in
-# ModelService.prepare, with messages that name them.
+# ModelService.question, with messages that name them.
 MAX_LIST_ITEMS = 10_000  # labels or templates (LRAEE_MAX_LABELS <= 10,000)
 MAX_TEXT_CHARS = 1_000  # one label or template (LRAEE_MAX_LABEL_CHARS <= 200)
 MAX_NAME_CHARS = 100  # an operating point's name

@@ -8,8 +8,8 @@ transport; raises the service's errors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,24 +35,25 @@ WARM_UP_LABELS = ("a photo",)
 
 
 @dataclass(frozen=True)
-class BatchKey:
-    """A request's question: its text side and thresholds. Requests with different keys share engine batches; the
-    engine answers each image against its own key."""
+class Question:
+    """A request's text side and options, validated once against the limits and the checkpoint
+    (:meth:`ModelService.question`); nothing after this checks them again."""
 
-    labels: tuple[str, ...]  # validated, stripped, in request order
-    templates: tuple[str, ...] | None  # None: the engine's default templates
+    labels: tuple[str, ...]  # stripped, unique, in request order
+    templates: tuple[str, ...]  # the request's, or the checkpoint's default templates
     operating_point: str  # resolved name (never None)
-    # Each label's text embedding [E], once resolved (ModelService.resolve_text): the inference worker stacks them
-    # and never encodes. Left out of equality and hashing, which stay those of the three fields above.
-    text_rows: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
+    rule: ExitRule = field(compare=False, repr=False)  # the point's rule for this label count
+    top_k: int  # predictions wanted, 1..len(labels)
 
 
-@dataclass(frozen=True)
-class Query:
-    """A validated request: its batch key and how many predictions it wants."""
+@dataclass(frozen=True, eq=False)
+class BatchKey:
+    """What rides with each image of a request through the inference queue: its question and each label's text
+    embedding, resolved before the request may join the queue (the inference worker stacks them and never encodes).
+    Requests with different keys share engine batches; the engine answers each image against its own key."""
 
-    key: BatchKey
-    top_k: int
+    question: Question
+    text_rows: tuple[torch.Tensor, ...]  # each label's FP16 unit text embedding [E], in label order
 
 
 class ModelService:
@@ -117,14 +118,16 @@ class ModelService:
             for rule in (stay, ExitRule.full()):
                 classifier.classify(batch, WARM_UP_LABELS, top_k=1, exit_rule=rule)
 
-    def prepare(self, options: ClassifyOptions) -> Query:
-        """Validate a request's text side and options against the limits and the checkpoint."""
+    def question(self, options: ClassifyOptions) -> Question:
+        """Validate a request's text side and options against the limits and the checkpoint, once: the labels,
+        the templates (the checkpoint's defaults when none), the prompt budget, the operating point (its rule for
+        this label count) and ``top_k``."""
         settings = self.settings
         try:
             labels = validate_labels(options.labels, settings.max_labels, settings.max_label_chars)
         except InputError as exc:
             raise InvalidInput(str(exc), code="invalid_labels") from exc
-        templates = None
+        templates = self.classifier.default_templates
         if options.templates is not None:
             if len(options.templates) > MAX_TEMPLATES:
                 raise InvalidInput(
@@ -138,12 +141,12 @@ class ModelService:
                 templates = validate_templates(options.templates)
             except InputError as exc:
                 raise InvalidInput(str(exc), code="invalid_templates") from exc
-        prompts = len(labels) * len(templates if templates is not None else self.classifier.default_templates)
+        prompts = len(labels) * len(templates)
         if prompts > settings.max_prompts:
             raise InvalidInput(
-                f"{len(labels)} labels x {prompts // len(labels)} templates = {prompts} prompts; "
+                f"{len(labels)} labels x {len(templates)} templates = {prompts} prompts; "
                 f"the limit is {settings.max_prompts}",
-                code="invalid_templates" if templates is not None else "invalid_labels",
+                code="invalid_templates" if options.templates is not None else "invalid_labels",
             )
         policy = self.classifier.policy
         operating_point = options.operating_point or policy.default_operating_point
@@ -154,68 +157,57 @@ class ModelService:
             )
         if not 1 <= options.top_k <= settings.max_labels:
             raise InvalidInput(f"top_k must be between 1 and {settings.max_labels}", code="invalid_top_k")
-        return Query(BatchKey(labels, templates, operating_point), options.top_k)
+        rule = self.classifier.exit_rule(operating_point).for_labels(len(labels))
+        return Question(labels, templates, operating_point, rule, min(options.top_k, len(labels)))
 
-    def with_cached_text(self, query: Query) -> Query | None:
-        """``query`` with its text embeddings when every label is in the cache (no waiting, no torch op on the
+    def cached_key(self, question: Question) -> BatchKey | None:
+        """``question`` with its text embeddings when every label is in the cache (no waiting, no torch op on the
         event loop), else None."""
-        rows = self.classifier.cached_text_rows(query.key.labels, query.key.templates)
-        return None if rows is None else replace(query, key=replace(query.key, text_rows=rows))
+        rows = self.classifier.text_cache.lookup_rows(question.labels, question.templates)
+        return None if rows is None else BatchKey(question, rows)
 
-    async def resolve_text(self, query: Query) -> Query:
-        """``query`` with its text embeddings resolved, before it may join the inference queue: from the cache at
-        once when every label is there, else encoded on the text worker (:class:`TextQueueFull` when its queue is
-        full). The inference worker never encodes a request's labels."""
-        cached = self.with_cached_text(query)
-        if cached is not None:
-            return cached
-        rows = await self.text_worker.run(self._encode, query.key)
-        return replace(query, key=replace(query.key, text_rows=rows))
+    async def encoded_key(self, question: Question) -> BatchKey:
+        """``question`` with its text embeddings encoded on the text worker (what the cache lacks;
+        :class:`TextQueueFull` when the worker's queue is full), for a question :meth:`cached_key` could not answer."""
+        return BatchKey(question, await self.text_worker.run(self._encode, question))
 
-    def _encode(self, key: BatchKey) -> tuple[torch.Tensor, ...]:
+    def _encode(self, question: Question) -> tuple[torch.Tensor, ...]:
         """Encode (what the cache lacks of) a label set; runs on the text worker."""
-        return tuple(self.classifier.text_embeddings(key.labels, key.templates).unbind(0))
+        return tuple(self.classifier.text_cache.get(question.labels, question.templates).unbind(0))
 
-    def _question(self, key: BatchKey, top_k: int, rule: ExitRule | None = None) -> LabelQuery:
-        """The engine's form of a key (on the inference worker): its resolved embeddings stacked, or, for a key
-        that skipped :meth:`resolve_text`, the cache's."""
-        text = torch.stack(key.text_rows) if key.text_rows is not None else None
-        return self.classifier.query(
-            key.labels,
-            templates=key.templates,
-            operating_point=key.operating_point,
-            top_k=top_k,
-            exit_rule=rule,
-            text=text,
-        )
+    @staticmethod
+    def _label_query(key: BatchKey, rule: ExitRule | None = None) -> LabelQuery:
+        """The engine's form of a key (on the inference worker): its validated question with its embeddings
+        stacked [K, E]; ``rule`` replaces the question's."""
+        question = key.question
+        return LabelQuery(question.labels, torch.stack(key.text_rows), rule or question.rule, question.top_k)
 
-    def run_batch(self, keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
+    def run_batch(self, keys: Sequence[BatchKey], images: torch.Tensor) -> list[ExitResult]:
         """One engine call, each image against its own request's key (blocking; the batcher's worker thread makes
         it)."""
-        questions: dict[int, LabelQuery] = {}
+        queries: dict[int, LabelQuery] = {}
+        for key in keys:
+            if id(key) not in queries:
+                queries[id(key)] = self._label_query(key)
         try:
-            for key, top_k in zip(keys, top_ks, strict=True):
-                assert isinstance(key, BatchKey)
-                if id(key) not in questions:
-                    questions[id(key)] = self._question(key, top_k)
-            return self.classifier.classify_rows(images, [questions[id(key)] for key in keys])
-        except InputError as exc:  # prepare() checks all of this first; kept so a gap is a 422, not a 500
+            return self.classifier.classify_rows(images, [queries[id(key)] for key in keys])
+        except InputError as exc:  # question() checks all of this first; kept so a gap is a 422, not a 500
             raise InvalidInput(str(exc)) from exc
 
     def run_full_depth(self, key: BatchKey, images: torch.Tensor) -> list[ExitResult]:
         """``key``'s label set at full depth, no exit heads run (shadow checks; blocking, on the worker thread).
         Uses the key's resolved text embeddings, so a check never encodes labels on the inference worker."""
-        query = self._question(key, 1, ExitRule.full())
+        query = self._label_query(key, ExitRule.full())
         return self.classifier.classify_rows(images, [query] * images.shape[0])
 
     def close(self) -> None:
         """Stop the text worker (queued encodings are dropped)."""
         self.text_worker.close()
 
-    def response(self, result: ExitResult, *, top_k: int, operating_point: str, timing: TimingOut) -> ClassifyResponse:
-        """The API's view of one engine result (predictions cut to this request's ``top_k``)."""
+    def response(self, result: ExitResult, question: Question, timing: TimingOut) -> ClassifyResponse:
+        """The API's view of one engine result for ``question``."""
         return ClassifyResponse(
-            predictions=[PredictionOut(label=p.label, score=p.score) for p in result.predictions[:top_k]],
+            predictions=[PredictionOut(label=p.label, score=p.score) for p in result.predictions[: question.top_k]],
             exit_layer=result.exit_layer,
             num_layers=result.num_layers,
             exited_early=result.exited_early,
@@ -223,7 +215,7 @@ class ModelService:
             gate_probability=result.gate_probability,
             flops=result.flops / 1e9,
             flops_saved=result.flops_saved,
-            operating_point=operating_point,
+            operating_point=question.operating_point,
             model=self.classifier.checkpoint_id,
             timing_ms=timing,
         )

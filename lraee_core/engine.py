@@ -320,7 +320,8 @@ class EarlyExitClassifier:
 @dataclass(frozen=True, eq=False)
 class LabelQuery:
     """One request's question, shared by the rows (images) that ask it: build it with
-    :meth:`EarlyExitClassifier.query`."""
+    :meth:`EarlyExitClassifier.query`, which validates it, or directly from parts validated already (the service
+    validates a request once, before its text is encoded)."""
 
     labels: tuple[str, ...]  # validated label set, in request order
     text: torch.Tensor  # [K, E] FP16 unit text embeddings of ``labels`` (prompt-ensembled)

@@ -2,7 +2,7 @@
 already have (``huggingface_hub.InferenceClient``, ``@huggingface/inference``) pointed at this service's URL.
 
 Only the envelope differs from ``/classify``: the body becomes the same :class:`ParsedRequest` and runs through
-:func:`run_classification`, so limits, errors (the one JSON error shape) and metrics are those of ``/classify``. The
+:func:`app.flow.classify`, so limits, errors (the one JSON error shape) and metrics are those of ``/classify``. The
 answer is the task's list of ``{label, score}``, every label, highest first; the early-exit facts, which that list has
 no room for, travel in ``X-LRAEE-*`` response headers.
 """
@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 
 from ..deps import BatcherDep, DecoderDep, ServiceDep, SettingsDep
 from ..errors import InvalidInput, UnsupportedMediaType
+from ..flow import classify as run_flow
 from ..payloads import JSON, ParsedRequest, decode_base64, is_json, json_object, media_type, read_body, validate_model
 from ..schemas import (
     ClassifyOptions,
@@ -26,7 +27,6 @@ from ..schemas import (
     inline_schema,
 )
 from ..settings import Settings
-from .classify import run_classification
 
 router = APIRouter(tags=["compatibility"])
 
@@ -136,7 +136,7 @@ async def huggingface(
     comma-separated string, and ``parameters.operating_point``.
     """
     parsed = await parse_huggingface_request(request, settings)
-    (result,) = await run_classification(request, parsed, service, batcher, decoder, batch=False)
+    (result,) = await run_flow(request, parsed, service, batcher, decoder, batch=False)
     response.headers[EXIT_LAYER_HEADER] = str(result.exit_layer)
     response.headers[FLOPS_SAVED_HEADER] = repr(result.flops_saved)
     response.headers[OPERATING_POINT_HEADER] = result.operating_point
