@@ -32,27 +32,30 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
-from lraee_core.engine import ExitResult
-
 from .errors import QueueFull, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# What a request's images are submitted under: the engine's question for them (app.service.BatchKey in the service).
+# What a request's images are submitted under (the engine's question for them: app.service.WorkKey in the service),
+# and what the batch function answers for each image (app.service.RowResult).
 KeyT = TypeVar("KeyT")
+ResultT = TypeVar("ResultT")
 KeyT_contra = TypeVar("KeyT_contra", contravariant=True)
+ResultT_contra = TypeVar("ResultT_contra", contravariant=True)
 
 # (each row's key, images [B, 3, H, W]) -> one result per image; blocking, on the worker thread.
-RunBatch = Callable[[Sequence[KeyT], torch.Tensor], list[ExitResult]]
+RunBatch = Callable[[Sequence[KeyT], torch.Tensor], list[ResultT]]
 # (each row's key, engine seconds, results) after each batch, for metrics.
-BatchObserver = Callable[[Sequence[KeyT], float, Sequence[ExitResult]], None]
+BatchObserver = Callable[[Sequence[KeyT], float, Sequence[ResultT]], None]
 DepthObserver = Callable[[int], None]
 
 
-class BackgroundWork(Protocol[KeyT_contra]):
+class BackgroundWork(Protocol[KeyT_contra, ResultT_contra]):
     """Work the worker does only when no live image waits (the shadow sampler)."""
 
-    def offer(self, keys: Sequence[KeyT_contra], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+    def offer(
+        self, keys: Sequence[KeyT_contra], images: Sequence[torch.Tensor], results: Sequence[ResultT_contra]
+    ) -> None:
         """See each finished live batch, with each row's key (on the event loop; must not block)."""
 
     def next_job(self) -> Callable[[], None] | None:
@@ -63,7 +66,7 @@ class Admission:
     """Places in the queue held for a request while its images are decoded; :meth:`MicroBatcher.submit` takes them
     over, :meth:`release` gives back what was not taken (idempotent)."""
 
-    def __init__(self, batcher: MicroBatcher[Any], count: int) -> None:
+    def __init__(self, batcher: MicroBatcher[Any, Any], count: int) -> None:
         self._batcher = batcher
         self.count = count  # places still held
 
@@ -81,24 +84,24 @@ class Admission:
 
 
 @dataclass(frozen=True)
-class BatchOutcome:
+class BatchOutcome(Generic[ResultT]):
     """What one image got from the engine, with where its time went."""
 
-    result: ExitResult
+    result: ResultT
     queue_seconds: float  # from admission to the start of its engine batch
     inference_seconds: float  # the whole engine batch it was part of
     batch_size: int  # images in that batch
 
 
 @dataclass
-class _Job(Generic[KeyT]):
+class _Job(Generic[KeyT, ResultT]):
     key: KeyT  # the request's key, handed to the engine with the image
     image: torch.Tensor  # [3, H, W]
-    future: asyncio.Future[BatchOutcome]
+    future: asyncio.Future[BatchOutcome[ResultT]]
     admitted_at: float = field(default_factory=time.perf_counter)
 
 
-class MicroBatcher(Generic[KeyT]):
+class MicroBatcher(Generic[KeyT, ResultT]):
     """Bounded queue of images, oldest first, drained by one consumer task onto one worker thread; each image
     travels with its request's key (``KeyT``), which the batch function receives row by row."""
 
@@ -109,19 +112,17 @@ class MicroBatcher(Generic[KeyT]):
         max_wait_seconds: float,
         capacity: int,
         threads: int,
-        on_batch: BatchObserver[KeyT] | None = None,
-        on_depth: DepthObserver | None = None,
     ) -> None:
-        self._run_batch: RunBatch[KeyT] | None = None
+        self._run_batch: RunBatch[KeyT, ResultT] | None = None
         self.max_batch_size = max_batch_size
         self.max_wait_seconds = max_wait_seconds
         self.capacity = capacity
-        self._on_batch = on_batch
-        self._on_depth = on_depth
-        self._queue: deque[_Job[KeyT]] = deque()
+        self._on_batch: BatchObserver[KeyT, ResultT] | None = None
+        self._on_depth: DepthObserver | None = None
+        self._queue: deque[_Job[KeyT, ResultT]] = deque()
         self._depth = 0
         self._reserved = 0  # places held by admitted requests whose images are still being decoded
-        self._background: BackgroundWork[KeyT] | None = None
+        self._background: BackgroundWork[KeyT, ResultT] | None = None
         self._busy_since: float | None = None  # perf_counter at the start of the worker call in progress
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -156,9 +157,17 @@ class MicroBatcher(Generic[KeyT]):
         finally:
             self._busy_since = None
 
-    def start(self, run_batch: RunBatch[KeyT], background: BackgroundWork[KeyT] | None = None) -> None:
+    def start(
+        self,
+        run_batch: RunBatch[KeyT, ResultT],
+        background: BackgroundWork[KeyT, ResultT] | None = None,
+        *,
+        on_batch: BatchObserver[KeyT, ResultT] | None = None,
+        on_depth: DepthObserver | None = None,
+    ) -> None:
         """Start draining the queue into ``run_batch`` (a consumer task on the running loop); ``background`` gets
-        the worker's idle time."""
+        the worker's idle time, ``on_batch`` sees each finished batch and ``on_depth`` each change of the depth."""
+        self._on_batch, self._on_depth = on_batch, on_depth
         self._run_batch = run_batch
         self._background = background
         if self._consumer is None:
@@ -208,7 +217,7 @@ class MicroBatcher(Generic[KeyT]):
 
     async def submit(
         self, key: KeyT, images: Sequence[torch.Tensor], admission: Admission | None = None
-    ) -> list[BatchOutcome]:
+    ) -> list[BatchOutcome[ResultT]]:
         """Queue ``images`` (all or none) under ``key`` (the engine's question for them) and wait for their
         results, in order.
 
@@ -224,7 +233,7 @@ class MicroBatcher(Generic[KeyT]):
             raise ServiceUnavailable("the inference worker is not running")
         admission.release()  # the places pass from the reservation to the queue in the same step
         loop = asyncio.get_running_loop()
-        jobs = [_Job(key=key, image=image, future=loop.create_future()) for image in images]
+        jobs: list[_Job[KeyT, ResultT]] = [_Job(key=key, image=image, future=loop.create_future()) for image in images]
         self._queue.extend(jobs)
         self._set_depth(self._depth + len(jobs))
         self._wakeup.set()
@@ -238,7 +247,7 @@ class MicroBatcher(Generic[KeyT]):
                 raise outcome
         return [outcome for outcome in outcomes if isinstance(outcome, BatchOutcome)]
 
-    def _withdraw(self, jobs: list[_Job[KeyT]]) -> None:
+    def _withdraw(self, jobs: list[_Job[KeyT, ResultT]]) -> None:
         leaving = {id(job) for job in jobs}
         kept = deque(job for job in self._queue if id(job) not in leaving)
         self._set_depth(self._depth - (len(self._queue) - len(kept)))
@@ -294,14 +303,14 @@ class MicroBatcher(Generic[KeyT]):
             except TimeoutError:
                 return
 
-    def _take(self) -> list[_Job[KeyT]]:
+    def _take(self) -> list[_Job[KeyT, ResultT]]:
         """The oldest images, up to a batch."""
         jobs = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
         self._set_depth(self._depth - len(jobs))
         # Futures cancelled by a departed client are skipped here rather than computed for nobody.
         return [job for job in jobs if not job.future.done()]
 
-    async def _execute(self, jobs: list[_Job[KeyT]]) -> None:
+    async def _execute(self, jobs: list[_Job[KeyT, ResultT]]) -> None:
         loop = asyncio.get_running_loop()
         keys = [job.key for job in jobs]
         images = [job.image for job in jobs]
@@ -338,7 +347,7 @@ class MicroBatcher(Generic[KeyT]):
                     )
                 )
 
-    def _timed_run(self, keys: list[KeyT], images: list[torch.Tensor]) -> tuple[float, float, list[ExitResult]]:
+    def _timed_run(self, keys: list[KeyT], images: list[torch.Tensor]) -> tuple[float, float, list[ResultT]]:
         assert self._run_batch is not None, "start() sets it before the first batch"
         started = time.perf_counter()
         results = self._run_batch(keys, torch.stack(images))  # [B, 3, H, W]

@@ -126,6 +126,49 @@ class ClientClosedRequest(ServiceError):
     code = "client_closed_request"
 
 
+class UnknownModel(ServiceError):
+    """A request names a model this service does not serve; the message and ``details.models`` list those it does."""
+
+    status = 404
+    code = "unknown_model"
+
+    def __init__(self, name: str, served: list[str]) -> None:
+        super().__init__(f"unknown model {name!r}; this service serves {served}", details={"models": served})
+
+
+class ImageUrlsDisabled(ServiceError):
+    """An image was given by URL while fetching is off (``LRAEE_IMAGE_URLS``)."""
+
+    status = 400
+    code = "image_urls_disabled"
+
+
+class ImageUrlForbidden(ServiceError):
+    """An image URL this service will not fetch: its scheme, credentials in it, or an address that is not public
+    and not allow-listed (``LRAEE_IMAGE_URL_ALLOW_HOSTS``), including after a redirect."""
+
+    status = 403
+    code = "image_url_forbidden"
+
+
+class ImageUrlFailed(ServiceError):
+    """An allowed image URL did not give an image: the origin failed, timed out, answered too much or something
+    that is not an image, or redirected too often."""
+
+    status = 422
+    code = "image_url_failed"
+
+
+class TooManyImageFetches(ServiceError):
+    """``LRAEE_MAX_IMAGE_FETCHES`` image URLs are being fetched already; retry after ``Retry-After`` seconds."""
+
+    status = 429
+    code = "too_many_image_fetches"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} image URLs are being fetched already; retry shortly", headers={"Retry-After": "1"})
+
+
 class StartupError(RuntimeError):
     """The service cannot start (no checkpoint, a checkpoint that does not load); the message says what to fix."""
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from lraee_core.assets import EMBEDDED_CHECKPOINTS
 from lraee_core.backends import BackendOptions, auto_backend
 from lraee_core.checkpoint import MANIFEST, load_classifier, read_manifest
 from lraee_core.config import FULL_OPERATING_POINT
@@ -24,7 +26,15 @@ from lraee_core.exits import ExitRule
 from lraee_core.text import validate_labels, validate_templates
 
 from .errors import InvalidInput, StartupError
-from .schemas import ClassifyOptions, ClassifyResponse, ModelSummary, OperatingPointOut, PredictionOut, PrunedLayerOut
+from .schemas import (
+    ClassifyOptions,
+    ClassifyResponse,
+    ModelEntry,
+    ModelSummary,
+    OperatingPointOut,
+    PredictionOut,
+    PrunedLayerOut,
+)
 from .schemas import Timing as TimingOut
 from .settings import MAX_TEMPLATES, Settings
 from .text_worker import TextWorker
@@ -56,12 +66,34 @@ class BatchKey:
     text_rows: tuple[torch.Tensor, ...]  # each label's FP16 unit text embedding [E], in label order
 
 
-class ModelService:
-    """An :class:`EarlyExitClassifier` plus the service's limits."""
+@dataclass(frozen=True, eq=False)
+class EmbeddingKey:
+    """What rides with each image of a ``/v1/embeddings`` request: nothing to classify, the image's unit full-depth
+    embedding is the answer. Its images share engine batches with classified ones."""
 
-    def __init__(self, classifier: EarlyExitClassifier, settings: Settings) -> None:
+
+# A queued image's key and what the inference worker answers for it: an ExitResult for a BatchKey, the unit
+# full-depth embedding [E] float32 for an EmbeddingKey.
+WorkKey = BatchKey | EmbeddingKey
+RowResult = ExitResult | torch.Tensor
+
+
+def served_name(path: Path, checkpoint_id: str) -> str:
+    """How requests name a checkpoint: an embedded one by its embedded name (``everyday``), any other by its
+    manifest's checkpoint id."""
+    for name, directory in EMBEDDED_CHECKPOINTS.items():
+        if path.resolve() == directory.resolve():
+            return name
+    return checkpoint_id
+
+
+class ModelService:
+    """An :class:`EarlyExitClassifier` plus the service's limits, served under ``name``."""
+
+    def __init__(self, classifier: EarlyExitClassifier, settings: Settings, name: str | None = None) -> None:
         self.classifier = classifier
         self.settings = settings
+        self.name = name if name is not None else classifier.checkpoint_id  # what requests call it
         self.text_worker = TextWorker(capacity=settings.text_queue_capacity)
         if settings.max_labels > classifier.max_labels:
             raise StartupError(
@@ -69,15 +101,14 @@ class ModelService:
             )
 
     @classmethod
-    def load(cls, settings: Settings) -> ModelService:
-        """Load the configured checkpoint (blocking); :class:`StartupError` says what to fix."""
-        path = settings.checkpoint
+    def load(cls, settings: Settings, path: Path, *, weights: Path | None = None) -> ModelService:
+        """Load the checkpoint at ``path`` (blocking; ``weights``: a local copy of its backbone weights);
+        :class:`StartupError` says what to fix."""
         if not (path / MANIFEST).is_file():
             raise StartupError(
                 f"no LRA-EE checkpoint at {path} ({MANIFEST} not found). Set LRAEE_CHECKPOINT to a checkpoint "
                 "directory (manifest.json + heads.safetensors), e.g. one written by `lraee-train`."
             )
-        weights = settings.backbone_weights
         if weights is not None and not weights.is_file():
             raise StartupError(f"LRAEE_BACKBONE_WEIGHTS={weights} is not a file")
         try:
@@ -100,7 +131,7 @@ class ModelService:
             len(classifier.quant_report.converted),
             list(classifier.policy.candidate_layers),
         )
-        return cls(classifier, settings)
+        return cls(classifier, settings, served_name(path, classifier.checkpoint_id))
 
     def preprocess(self, image: Image.Image) -> Any:
         """The backbone's own transform: RGB PIL image -> [3, H, W] tensor."""
@@ -182,17 +213,44 @@ class ModelService:
         question = key.question
         return LabelQuery(question.labels, torch.stack(key.text_rows), rule or question.rule, question.top_k)
 
-    def run_batch(self, keys: Sequence[BatchKey], images: torch.Tensor) -> list[ExitResult]:
-        """One engine call, each image against its own request's key (blocking; the batcher's worker thread makes
-        it)."""
+    def run_batch(self, keys: Sequence[WorkKey], images: torch.Tensor) -> list[RowResult]:
+        """One engine batch, each image against its own request's key (blocking; the batcher's worker thread makes
+        it): the classified images in one engine call, the images to embed in one more."""
+        classified = [row for row, key in enumerate(keys) if isinstance(key, BatchKey)]
+        results: list[RowResult] = []
+        if len(classified) == len(keys):
+            results.extend(self._classify(keys, images))
+            return results
+        answers: dict[int, RowResult] = {}
+        if classified:
+            results_of_classified = self._classify([keys[row] for row in classified], images[torch.tensor(classified)])
+            answers.update(zip(classified, results_of_classified, strict=True))
+        embedded = [row for row in range(len(keys)) if row not in answers]
+        vectors = self.classifier.embed_images(images[torch.tensor(embedded)])  # [n, E]
+        answers.update(zip(embedded, vectors.unbind(0), strict=True))
+        return [answers[row] for row in range(len(keys))]
+
+    def _classify(self, keys: Sequence[WorkKey], images: torch.Tensor) -> list[ExitResult]:
         queries: dict[int, LabelQuery] = {}
         for key in keys:
+            assert isinstance(key, BatchKey)  # run_batch hands only classified rows here
             if id(key) not in queries:
                 queries[id(key)] = self._label_query(key)
         try:
             return self.classifier.classify_rows(images, [queries[id(key)] for key in keys])
         except InputError as exc:  # question() checks all of this first; kept so a gap is a 422, not a 500
             raise InvalidInput(str(exc)) from exc
+
+    async def embed_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        """Unit text embeddings [N, E] float32 of ``texts`` as given (no template), with each text's token count
+        (its start and end tokens included, at most CLIP's context), encoded on the text worker
+        (:class:`TextQueueFull` when its queue is full)."""
+        return await self.text_worker.run(self._embed_texts, texts)
+
+    def _embed_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        tokens = self.classifier.backbone.tokenizer(list(texts))  # [N, context], 0-padded
+        counts = (tokens != 0).sum(dim=-1).tolist()
+        return self.classifier.embed_texts(texts), counts
 
     def run_full_depth(self, key: BatchKey, images: torch.Tensor) -> list[ExitResult]:
         """``key``'s label set at full depth, no exit heads run (shadow checks; blocking, on the worker thread).
@@ -216,7 +274,7 @@ class ModelService:
             flops=result.flops / 1e9,
             flops_saved=result.flops_saved,
             operating_point=question.operating_point,
-            model=self.classifier.checkpoint_id,
+            model=self.name,
             timing_ms=timing,
         )
 
@@ -240,6 +298,20 @@ class ModelService:
         )
         return points
 
+    def entry(self, *, default: bool) -> ModelEntry:
+        """This model in ``GET /models``."""
+        classifier = self.classifier
+        return ModelEntry(
+            model=self.name,
+            default=default,
+            checkpoint_id=classifier.checkpoint_id,
+            backbone=classifier.backbone.name,
+            quant_mode=classifier.quant_report.mode,
+            embedding_dimensions=classifier.backbone.shape.embed_dim,
+            operating_points=list(classifier.policy.names),
+            default_operating_point=classifier.policy.default_operating_point,
+        )
+
     def summary(self) -> ModelSummary:
         """Manifest summary for ``GET /model``."""
         classifier = self.classifier
@@ -247,12 +319,14 @@ class ModelService:
         policy = classifier.policy
         settings = self.settings
         return ModelSummary(
-            model=classifier.checkpoint_id,
+            model=self.name,
+            checkpoint_id=classifier.checkpoint_id,
             backbone=classifier.backbone.name,
             quant_mode=classifier.quant_report.mode,
             quantized_modules=len(classifier.quant_report.converted),
             num_layers=classifier.num_layers,
             image_size=classifier.backbone.shape.image_size,
+            embedding_dimensions=classifier.backbone.shape.embed_dim,
             candidate_layers=list(policy.candidate_layers),
             pruned_layers=[
                 PrunedLayerOut(layer=p.layer, inr=p.inr, reason=p.reason)

@@ -20,7 +20,7 @@ import torch
 
 from lraee_core.engine import ExitResult
 
-from .service import BatchKey
+from .service import BatchKey, RowResult, WorkKey
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,14 @@ class ShadowSampler:
         """Samples waiting for their check."""
         return len(self._queue)
 
-    def offer(self, keys: Sequence[BatchKey], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+    def offer(self, keys: Sequence[WorkKey], images: Sequence[torch.Tensor], results: Sequence[RowResult]) -> None:
         """Sample the early exits of a finished live batch, each image with its request's key (called on the event
         loop; never blocks)."""
         if self.rate <= 0.0:
             return
         for key, image, result in zip(keys, images, results, strict=True):
+            if not isinstance(key, BatchKey) or not isinstance(result, ExitResult):
+                continue  # an image embedded, not classified
             if result.exit_path != "head" or not result.predictions:
                 continue
             if self._random.random() >= self.rate:

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..deps import BatcherDep, DecoderDep, ServiceDep, SettingsDep
+from ..deps import FetcherDep, ModelsDep, SettingsDep
 from ..flow import classify as run_flow
 from ..payloads import parse_classify_request
 from ..schemas import (
@@ -26,7 +26,14 @@ def _request_body_doc(batch: bool) -> dict[str, Any]:
     options = ClassifyOptions.model_json_schema()["properties"]
     file = {"type": "string", "format": "binary"}
     form_properties = {
-        **({"images": {"type": "array", "items": file}} if batch else {"image": file}),
+        **(
+            {"images": {"type": "array", "items": file}}
+            if batch
+            else {
+                "image": file,
+                "image_url": {"type": "string", "description": "instead of 'image': a URL to fetch it from"},
+            }
+        ),
         "labels": {
             "type": "array",
             "items": {"type": "string"},
@@ -39,6 +46,7 @@ def _request_body_doc(batch: bool) -> dict[str, Any]:
         },
         "top_k": options["top_k"],
         "operating_point": {"type": "string", "description": options["operating_point"]["description"]},
+        "model": {"type": "string", "description": options["model"]["description"]},
     }
     json_model = BatchJsonRequest if batch else ClassifyJsonRequest
     return {
@@ -48,7 +56,7 @@ def _request_body_doc(batch: bool) -> dict[str, Any]:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "required": ["images" if batch else "image", "labels"],
+                        "required": ["images", "labels"] if batch else ["labels"],
                         "properties": form_properties,
                     }
                 },
@@ -61,35 +69,33 @@ def _request_body_doc(batch: bool) -> dict[str, Any]:
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
-    responses=error_responses(400, 401, 413, 415, 422, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
     openapi_extra=_request_body_doc(batch=False),
     summary="Classify one image against a label set",
 )
-async def classify(
-    request: Request, settings: SettingsDep, service: ServiceDep, batcher: BatcherDep, decoder: DecoderDep
-) -> ClassifyResponse:
+async def classify(request: Request, settings: SettingsDep, models: ModelsDep, fetcher: FetcherDep) -> ClassifyResponse:
     """Zero-shot classification of one image with early exit.
 
     Send ``multipart/form-data`` (``image`` file, ``labels`` fields) or ``application/json`` (``image`` base64).
     """
     parsed = await parse_classify_request(request, settings, batch=False)
-    results = await run_flow(request, parsed, service, batcher, decoder, batch=False)
+    results = await run_flow(request, parsed, models, fetcher, batch=False)
     return results[0]
 
 
 @router.post(
     "/classify/batch",
     response_model=BatchResponse,
-    responses=error_responses(400, 401, 413, 415, 422, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
     openapi_extra=_request_body_doc(batch=True),
     summary="Classify several images against one label set",
 )
 async def classify_batch(
-    request: Request, settings: SettingsDep, service: ServiceDep, batcher: BatcherDep, decoder: DecoderDep
+    request: Request, settings: SettingsDep, models: ModelsDep, fetcher: FetcherDep
 ) -> BatchResponse:
     """Up to ``LRAEE_MAX_BATCH_IMAGES`` images sharing one label set; one result per image, in order.
 
     A bad image fails the whole request (4xx naming its index in ``error.details.index``) and nothing is run.
     """
     parsed = await parse_classify_request(request, settings, batch=True)
-    return BatchResponse(results=await run_flow(request, parsed, service, batcher, decoder, batch=True))
+    return BatchResponse(results=await run_flow(request, parsed, models, fetcher, batch=True))

@@ -104,8 +104,8 @@ async def test_concurrent_requests_batch_and_match_sequential(make_settings: Any
 
         text = (await client.get("/metrics")).text
         buckets = metric_samples(text, "lraee_batch_size_bucket")
-        single = buckets[(("le", "1.0"),)]
-        total = metric_samples(text, "lraee_batch_size_count")[()]
+        single = buckets[(("le", "1.0"), ("model", "untrained"))]
+        total = metric_samples(text, "lraee_batch_size_count")[(("model", "untrained"),)]
         assert total > single, "no engine batch held more than one image"
         assert metric_samples(text, "lraee_requests_total")[(("route", "/classify"), ("status", "200"))] == 216
 
@@ -221,7 +221,7 @@ async def test_requests_with_different_keys_share_batches_oldest_first() -> None
         calls.append(list(keys))
         return [fake_result() for _ in range(images.shape[0])]
 
-    batcher = MicroBatcher[str](max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
     batcher.start(run_batch)
     image = torch.zeros(3, 2, 2)
     blocker = asyncio.create_task(batcher.submit("warm", [image]))
@@ -245,7 +245,7 @@ async def test_queue_bound_and_shutdown() -> None:
         release.wait(timeout=10)
         return [fake_result() for _ in range(images.shape[0])]
 
-    batcher = MicroBatcher[str](max_batch_size=1, max_wait_seconds=0.0, capacity=2, threads=1)
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=1, max_wait_seconds=0.0, capacity=2, threads=1)
     batcher.start(run_batch)
     image = torch.zeros(3, 2, 2)
     in_flight = asyncio.create_task(batcher.submit("k", [image]))
@@ -267,7 +267,7 @@ async def test_queue_bound_and_shutdown() -> None:
 
 @pytest.mark.anyio
 async def test_a_dead_consumer_fails_waiting_requests(monkeypatch: pytest.MonkeyPatch) -> None:
-    batcher = MicroBatcher[str](max_batch_size=4, max_wait_seconds=0.0, capacity=8, threads=1)
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=4, max_wait_seconds=0.0, capacity=8, threads=1)
 
     async def broken() -> None:
         raise RuntimeError("a bug in the batcher")

@@ -97,7 +97,7 @@ async def test_background_work_runs_only_when_no_live_image_waits() -> None:
         log.append(f"live {''.join(map(str, keys))}")
         return [result("cat")] * images.shape[0]
 
-    batcher = MicroBatcher[str](max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
     background = Recorder(log)
     batcher.start(run_batch, background=background)
     image = torch.zeros(3, 2, 2)
@@ -121,7 +121,15 @@ async def test_shadow_checks_are_counted_per_layer_and_operating_point(make_sett
         layers = {labels_["layer"] for labels_, _ in before["lraee_shadow_checks_total"]}
         assert (
             layers == {"9", "11", "12"}
-            and value(before, "lraee_shadow_checks_total", layer="9", operating_point="always", agree="true") == 0
+            and value(
+                before,
+                "lraee_shadow_checks_total",
+                model="untrained",
+                layer="9",
+                operating_point="always",
+                agree="true",
+            )
+            == 0
         )
         early, full = [], []
         for seed in range(4):
@@ -138,11 +146,21 @@ async def test_shadow_checks_are_counted_per_layer_and_operating_point(make_sett
             await asyncio.sleep(0.02)
     assert all(answer["exit_path"] == "head" and answer["exit_layer"] == 9 for answer in early)
     agree = sum(e["predictions"][0]["label"] == f["predictions"][0]["label"] for e, f in zip(early, full, strict=True))
-    assert value(samples, "lraee_shadow_checks_total", layer="9", operating_point="always", agree="true") == agree
-    assert value(samples, "lraee_shadow_checks_total", layer="9", operating_point="always", agree="false") == 4 - agree
-    assert value(samples, "lraee_answers_total", operating_point="always", exit_path="head") == 4
-    assert value(samples, "lraee_answers_total", operating_point="full", exit_path="full") == 4
-    assert value(samples, "lraee_shadow_dropped_total") == 0
+    assert (
+        value(
+            samples, "lraee_shadow_checks_total", model="untrained", layer="9", operating_point="always", agree="true"
+        )
+        == agree
+    )
+    assert (
+        value(
+            samples, "lraee_shadow_checks_total", model="untrained", layer="9", operating_point="always", agree="false"
+        )
+        == 4 - agree
+    )
+    assert value(samples, "lraee_answers_total", model="untrained", operating_point="always", exit_path="head") == 4
+    assert value(samples, "lraee_answers_total", model="untrained", operating_point="full", exit_path="full") == 4
+    assert value(samples, "lraee_shadow_dropped_total", model="untrained") == 0
 
 
 def scrape_async(response: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
