@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -167,6 +167,22 @@ class TooManyImageFetches(ServiceError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"{limit} image URLs are being fetched already; retry shortly", headers={"Retry-After": "1"})
+
+
+T = TypeVar("T")
+
+
+def first_failure_or_results(outcomes: Sequence[T | BaseException], *, batch: bool) -> list[T]:
+    """The results of per-image work gathered with ``return_exceptions=True``, in order, or the first failure
+    (lowest index) raised; a service error names the image's index when ``batch``."""
+    done: list[T] = []
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, ServiceError):
+            raise outcome.for_image(index) if batch else outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        done.append(outcome)
+    return done
 
 
 class StartupError(RuntimeError):

@@ -32,7 +32,13 @@ import certifi
 import httpx
 
 from .addresses import AddressPolicy, IPAddress, ip_literal
-from .errors import ImageUrlFailed, ImageUrlForbidden, ImageUrlsDisabled, ServiceError, TooManyImageFetches
+from .errors import (
+    ImageUrlFailed,
+    ImageUrlForbidden,
+    ImageUrlsDisabled,
+    TooManyImageFetches,
+    first_failure_or_results,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,22 +124,13 @@ class ImageFetcher:
             raise TooManyImageFetches(self.max_fetches)
         self._fetching += len(urls)
         try:
-            outcomes = await asyncio.gather(*(self.fetch(image.url) for image in urls), return_exceptions=True)
+            outcomes = await asyncio.gather(*(self._bytes_of(image) for image in images), return_exceptions=True)
         finally:
             self._fetching -= len(urls)
-        fetched = iter(outcomes)
-        done: list[bytes] = []
-        for index, image in enumerate(images):
-            if isinstance(image, bytes):
-                done.append(image)
-                continue
-            outcome = next(fetched)
-            if isinstance(outcome, ServiceError):
-                raise outcome.for_image(index) if batch else outcome
-            if isinstance(outcome, BaseException):
-                raise outcome
-            done.append(outcome)
-        return done
+        return first_failure_or_results(outcomes, batch=batch)
+
+    async def _bytes_of(self, image: bytes | ImageUrl) -> bytes:
+        return image if isinstance(image, bytes) else await self.fetch(image.url)
 
     async def fetch(self, url: str) -> bytes:
         """The bytes of one image URL (the caller has counted it against ``max_fetches``)."""

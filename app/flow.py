@@ -36,7 +36,7 @@ from starlette.requests import Request
 from lraee_core.engine import ExitResult
 
 from .errors import ClientClosedRequest, InvalidInput
-from .fetch import ImageFetcher
+from .fetch import ImageFetcher, ImageUrl
 from .models import ServedModel, ServedModels
 from .payloads import ParsedEmbeddings, ParsedRequest
 from .schemas import ClassifyResponse, Timing
@@ -70,6 +70,15 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientClosedRequest("the client disconnected before its result was ready")
 
 
+async def _fetched(
+    request: Request, fetcher: ImageFetcher, images: list[bytes | ImageUrl], *, batch: bool
+) -> list[bytes]:
+    """The request's image bytes, its URLs fetched (the common request, with none, costs no task)."""
+    if not any(isinstance(image, ImageUrl) for image in images):
+        return [image for image in images if isinstance(image, bytes)]
+    return await until_disconnected(request, fetcher.fetch_all(images, batch=batch))
+
+
 async def classify(
     request: Request, parsed: ParsedRequest, models: ServedModels, fetcher: ImageFetcher, *, batch: bool
 ) -> list[ClassifyResponse]:
@@ -80,7 +89,7 @@ async def classify(
     model = models.get(parsed.options.model)
     service, batcher, decoder = model.service, model.batcher, model.decoder
     question = service.question(parsed.options)
-    images = await until_disconnected(request, fetcher.fetch_all(parsed.images, batch=batch))
+    images = await _fetched(request, fetcher, parsed.images, batch=batch)
     key = service.cached_key(question)
     if key is None:
         await decoder.check(images, batch=batch)
@@ -126,7 +135,7 @@ async def embed(request: Request, parsed: ParsedEmbeddings, models: ServedModels
         model.metrics.observe_embedded("text", len(parsed.texts))
         return Embedded(model, vectors, sum(counts))
     assert parsed.images is not None
-    images = await until_disconnected(request, fetcher.fetch_all(parsed.images, batch=True))
+    images = await _fetched(request, fetcher, parsed.images, batch=True)
     with model.batcher.admit(len(images)) as admission:
         decoded = await model.decoder.decode(images, batch=True)
         outcomes = await until_disconnected(

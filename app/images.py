@@ -16,7 +16,7 @@ from PIL import Image
 from lraee_core.errors import ImageError
 from lraee_core.images import check_image, load_image
 
-from .errors import ServiceError, image_error
+from .errors import first_failure_or_results, image_error
 
 
 @dataclass(frozen=True)
@@ -84,15 +84,7 @@ class ImageDecoder:
         """``work`` on every image concurrently on the pool; the first failure (lowest index) is raised."""
         loop = asyncio.get_running_loop()
         futures = [loop.run_in_executor(self._executor, work, data) for data in images]
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        done: list[T] = []
-        for index, outcome in enumerate(outcomes):
-            if isinstance(outcome, ServiceError):
-                raise outcome.for_image(index) if batch else outcome
-            if isinstance(outcome, BaseException):
-                raise outcome
-            done.append(outcome)
-        return done
+        return first_failure_or_results(await asyncio.gather(*futures, return_exceptions=True), batch=batch)
 
     def close(self) -> None:
         """Stop the pool if this decoder made it; queued decodes are dropped."""
