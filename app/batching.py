@@ -25,31 +25,37 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
-
-from lraee_core.engine import ExitResult
 
 from .errors import QueueFull, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# What a request's images are submitted under (the engine's question for them: app.service.WorkKey in the service),
+# and what the batch function answers for each image (app.service.RowResult).
+KeyT = TypeVar("KeyT")
+ResultT = TypeVar("ResultT")
+KeyT_contra = TypeVar("KeyT_contra", contravariant=True)
+ResultT_contra = TypeVar("ResultT_contra", contravariant=True)
 
-# (each row's key, images [B, 3, H, W], each row's top_k) -> one result per image; blocking, on the worker thread.
-RunBatch = Callable[[Sequence[Hashable], torch.Tensor, Sequence[int]], list[ExitResult]]
+# (each row's key, images [B, 3, H, W]) -> one result per image; blocking, on the worker thread.
+RunBatch = Callable[[Sequence[KeyT], torch.Tensor], list[ResultT]]
 # (each row's key, engine seconds, results) after each batch, for metrics.
-BatchObserver = Callable[[Sequence[Hashable], float, Sequence[ExitResult]], None]
+BatchObserver = Callable[[Sequence[KeyT], float, Sequence[ResultT]], None]
 DepthObserver = Callable[[int], None]
 
 
-class BackgroundWork(Protocol):
+class BackgroundWork(Protocol[KeyT_contra, ResultT_contra]):
     """Work the worker does only when no live image waits (the shadow sampler)."""
 
-    def offer(self, keys: Sequence[Hashable], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+    def offer(
+        self, keys: Sequence[KeyT_contra], images: Sequence[torch.Tensor], results: Sequence[ResultT_contra]
+    ) -> None:
         """See each finished live batch, with each row's key (on the event loop; must not block)."""
 
     def next_job(self) -> Callable[[], None] | None:
@@ -60,7 +66,7 @@ class Admission:
     """Places in the queue held for a request while its images are decoded; :meth:`MicroBatcher.submit` takes them
     over, :meth:`release` gives back what was not taken (idempotent)."""
 
-    def __init__(self, batcher: MicroBatcher, count: int) -> None:
+    def __init__(self, batcher: MicroBatcher[Any, Any], count: int) -> None:
         self._batcher = batcher
         self.count = count  # places still held
 
@@ -78,26 +84,26 @@ class Admission:
 
 
 @dataclass(frozen=True)
-class BatchOutcome:
+class BatchOutcome(Generic[ResultT]):
     """What one image got from the engine, with where its time went."""
 
-    result: ExitResult
+    result: ResultT
     queue_seconds: float  # from admission to the start of its engine batch
     inference_seconds: float  # the whole engine batch it was part of
     batch_size: int  # images in that batch
 
 
 @dataclass
-class _Job:
-    key: Hashable  # the request's key, handed to the engine with the image
+class _Job(Generic[KeyT, ResultT]):
+    key: KeyT  # the request's key, handed to the engine with the image
     image: torch.Tensor  # [3, H, W]
-    top_k: int
-    future: asyncio.Future[BatchOutcome]
+    future: asyncio.Future[BatchOutcome[ResultT]]
     admitted_at: float = field(default_factory=time.perf_counter)
 
 
-class MicroBatcher:
-    """Bounded queue of images, oldest first, drained by one consumer task onto one worker thread."""
+class MicroBatcher(Generic[KeyT, ResultT]):
+    """Bounded queue of images, oldest first, drained by one consumer task onto one worker thread; each image
+    travels with its request's key (``KeyT``), which the batch function receives row by row."""
 
     def __init__(
         self,
@@ -106,19 +112,17 @@ class MicroBatcher:
         max_wait_seconds: float,
         capacity: int,
         threads: int,
-        on_batch: BatchObserver | None = None,
-        on_depth: DepthObserver | None = None,
     ) -> None:
-        self._run_batch: RunBatch | None = None
+        self._run_batch: RunBatch[KeyT, ResultT] | None = None
         self.max_batch_size = max_batch_size
         self.max_wait_seconds = max_wait_seconds
         self.capacity = capacity
-        self._on_batch = on_batch
-        self._on_depth = on_depth
-        self._queue: deque[_Job] = deque()
+        self._on_batch: BatchObserver[KeyT, ResultT] | None = None
+        self._on_depth: DepthObserver | None = None
+        self._queue: deque[_Job[KeyT, ResultT]] = deque()
         self._depth = 0
         self._reserved = 0  # places held by admitted requests whose images are still being decoded
-        self._background: BackgroundWork | None = None
+        self._background: BackgroundWork[KeyT, ResultT] | None = None
         self._busy_since: float | None = None  # perf_counter at the start of the worker call in progress
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -153,9 +157,17 @@ class MicroBatcher:
         finally:
             self._busy_since = None
 
-    def start(self, run_batch: RunBatch, background: BackgroundWork | None = None) -> None:
+    def start(
+        self,
+        run_batch: RunBatch[KeyT, ResultT],
+        background: BackgroundWork[KeyT, ResultT] | None = None,
+        *,
+        on_batch: BatchObserver[KeyT, ResultT] | None = None,
+        on_depth: DepthObserver | None = None,
+    ) -> None:
         """Start draining the queue into ``run_batch`` (a consumer task on the running loop); ``background`` gets
-        the worker's idle time."""
+        the worker's idle time, ``on_batch`` sees each finished batch and ``on_depth`` each change of the depth."""
+        self._on_batch, self._on_depth = on_batch, on_depth
         self._run_batch = run_batch
         self._background = background
         if self._consumer is None:
@@ -204,8 +216,8 @@ class MicroBatcher:
         return Admission(self, count)
 
     async def submit(
-        self, key: Hashable, images: Sequence[torch.Tensor], top_k: int, admission: Admission | None = None
-    ) -> list[BatchOutcome]:
+        self, key: KeyT, images: Sequence[torch.Tensor], admission: Admission | None = None
+    ) -> list[BatchOutcome[ResultT]]:
         """Queue ``images`` (all or none) under ``key`` (the engine's question for them) and wait for their
         results, in order.
 
@@ -221,7 +233,7 @@ class MicroBatcher:
             raise ServiceUnavailable("the inference worker is not running")
         admission.release()  # the places pass from the reservation to the queue in the same step
         loop = asyncio.get_running_loop()
-        jobs = [_Job(key=key, image=image, top_k=top_k, future=loop.create_future()) for image in images]
+        jobs: list[_Job[KeyT, ResultT]] = [_Job(key=key, image=image, future=loop.create_future()) for image in images]
         self._queue.extend(jobs)
         self._set_depth(self._depth + len(jobs))
         self._wakeup.set()
@@ -235,7 +247,7 @@ class MicroBatcher:
                 raise outcome
         return [outcome for outcome in outcomes if isinstance(outcome, BatchOutcome)]
 
-    def _withdraw(self, jobs: list[_Job]) -> None:
+    def _withdraw(self, jobs: list[_Job[KeyT, ResultT]]) -> None:
         leaving = {id(job) for job in jobs}
         kept = deque(job for job in self._queue if id(job) not in leaving)
         self._set_depth(self._depth - (len(self._queue) - len(kept)))
@@ -291,23 +303,20 @@ class MicroBatcher:
             except TimeoutError:
                 return
 
-    def _take(self) -> list[_Job]:
+    def _take(self) -> list[_Job[KeyT, ResultT]]:
         """The oldest images, up to a batch."""
         jobs = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
         self._set_depth(self._depth - len(jobs))
         # Futures cancelled by a departed client are skipped here rather than computed for nobody.
         return [job for job in jobs if not job.future.done()]
 
-    async def _execute(self, jobs: list[_Job]) -> None:
+    async def _execute(self, jobs: list[_Job[KeyT, ResultT]]) -> None:
         loop = asyncio.get_running_loop()
         keys = [job.key for job in jobs]
         images = [job.image for job in jobs]
-        top_ks = [job.top_k for job in jobs]
         self._busy_since = time.perf_counter()
         try:
-            started, seconds, results = await loop.run_in_executor(
-                self._executor, self._timed_run, keys, images, top_ks
-            )
+            started, seconds, results = await loop.run_in_executor(self._executor, self._timed_run, keys, images)
         except Exception as exc:
             log.exception("engine batch of %d images failed", len(jobs))
             for job in jobs:
@@ -338,12 +347,10 @@ class MicroBatcher:
                     )
                 )
 
-    def _timed_run(
-        self, keys: list[Hashable], images: list[torch.Tensor], top_ks: list[int]
-    ) -> tuple[float, float, list[ExitResult]]:
+    def _timed_run(self, keys: list[KeyT], images: list[torch.Tensor]) -> tuple[float, float, list[ResultT]]:
         assert self._run_batch is not None, "start() sets it before the first batch"
         started = time.perf_counter()
-        results = self._run_batch(keys, torch.stack(images), top_ks)  # [B, 3, H, W]
+        results = self._run_batch(keys, torch.stack(images))  # [B, 3, H, W]
         if len(results) != len(images):
             raise RuntimeError(f"the engine returned {len(results)} results for {len(images)} images")
         return started, time.perf_counter() - started, results

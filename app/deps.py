@@ -15,9 +15,11 @@ from fastapi import Depends, Request
 
 from .batching import MicroBatcher
 from .errors import ServiceUnavailable
+from .fetch import ImageFetcher
 from .images import ImageDecoder
 from .metrics import Metrics
-from .service import ModelService
+from .models import ServedModels
+from .service import ModelService, RowResult, WorkKey
 from .settings import Settings
 
 Phase = Literal["starting", "ready", "stopping"]
@@ -29,10 +31,24 @@ class Runtime:
 
     settings: Settings
     metrics: Metrics
-    service: ModelService | None = None
-    batcher: MicroBatcher | None = None
-    decoder: ImageDecoder | None = None
+    models: ServedModels | None = None
+    fetcher: ImageFetcher | None = None
     phase: Phase = "starting"  # ready only between a finished warm-up and the start of shutdown
+
+    @property
+    def service(self) -> ModelService | None:
+        """The default model's service (None before it is loaded)."""
+        return None if self.models is None else self.models.default.service
+
+    @property
+    def batcher(self) -> MicroBatcher[WorkKey, RowResult] | None:
+        """The default model's inference queue."""
+        return None if self.models is None else self.models.default.batcher
+
+    @property
+    def decoder(self) -> ImageDecoder | None:
+        """The default model's image decoder."""
+        return None if self.models is None else self.models.default.decoder
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -59,10 +75,11 @@ def not_ready_reason(runtime: Runtime) -> str | None:
     """Why the app cannot serve classifications right now, or None when it can (the readiness definition)."""
     if runtime.phase == "stopping":
         return "the service is shutting down"
-    if runtime.phase == "starting" or runtime.service is None or runtime.decoder is None:
+    if runtime.phase == "starting" or runtime.models is None or runtime.fetcher is None:
         return "the model is not loaded yet"
-    if runtime.batcher is None or not runtime.batcher.running:
-        return "the inference worker has stopped"
+    for model in runtime.models:
+        if not model.batcher.running:
+            return f"the inference worker has stopped (model {model.name!r})"
     return None
 
 
@@ -77,26 +94,19 @@ async def ready_runtime(runtime: RuntimeDep) -> Runtime:
 ReadyRuntimeDep = Annotated[Runtime, Depends(ready_runtime)]
 
 
-async def get_service(runtime: ReadyRuntimeDep) -> ModelService:
-    """The loaded model."""
-    assert runtime.service is not None
-    return runtime.service
+async def get_models(runtime: ReadyRuntimeDep) -> ServedModels:
+    """The served models."""
+    assert runtime.models is not None
+    return runtime.models
 
 
-async def get_batcher(runtime: ReadyRuntimeDep) -> MicroBatcher:
-    """The inference queue."""
-    assert runtime.batcher is not None
-    return runtime.batcher
-
-
-async def get_decoder(runtime: ReadyRuntimeDep) -> ImageDecoder:
-    """The image decoding pool."""
-    assert runtime.decoder is not None
-    return runtime.decoder
+async def get_fetcher(runtime: ReadyRuntimeDep) -> ImageFetcher:
+    """The image URL fetcher."""
+    assert runtime.fetcher is not None
+    return runtime.fetcher
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-ServiceDep = Annotated[ModelService, Depends(get_service)]
-BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
-DecoderDep = Annotated[ImageDecoder, Depends(get_decoder)]
+ModelsDep = Annotated[ServedModels, Depends(get_models)]
+FetcherDep = Annotated[ImageFetcher, Depends(get_fetcher)]

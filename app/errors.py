@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -124,6 +124,65 @@ class ClientClosedRequest(ServiceError):
 
     status = 499
     code = "client_closed_request"
+
+
+class UnknownModel(ServiceError):
+    """A request names a model this service does not serve; the message and ``details.models`` list those it does."""
+
+    status = 404
+    code = "unknown_model"
+
+    def __init__(self, name: str, served: list[str]) -> None:
+        super().__init__(f"unknown model {name!r}; this service serves {served}", details={"models": served})
+
+
+class ImageUrlsDisabled(ServiceError):
+    """An image was given by URL while fetching is off (``LRAEE_IMAGE_URLS``)."""
+
+    status = 400
+    code = "image_urls_disabled"
+
+
+class ImageUrlForbidden(ServiceError):
+    """An image URL this service will not fetch: its scheme, credentials in it, or an address that is not public
+    and not allow-listed (``LRAEE_IMAGE_URL_ALLOW_HOSTS``), including after a redirect."""
+
+    status = 403
+    code = "image_url_forbidden"
+
+
+class ImageUrlFailed(ServiceError):
+    """An allowed image URL did not give an image: the origin failed, timed out, answered too much or something
+    that is not an image, or redirected too often."""
+
+    status = 422
+    code = "image_url_failed"
+
+
+class TooManyImageFetches(ServiceError):
+    """``LRAEE_MAX_IMAGE_FETCHES`` image URLs are being fetched already; retry after ``Retry-After`` seconds."""
+
+    status = 429
+    code = "too_many_image_fetches"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} image URLs are being fetched already; retry shortly", headers={"Retry-After": "1"})
+
+
+T = TypeVar("T")
+
+
+def first_failure_or_results(outcomes: Sequence[T | BaseException], *, batch: bool) -> list[T]:
+    """The results of per-image work gathered with ``return_exceptions=True``, in order, or the first failure
+    (lowest index) raised; a service error names the image's index when ``batch``."""
+    done: list[T] = []
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, ServiceError):
+            raise outcome.for_image(index) if batch else outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        done.append(outcome)
+    return done
 
 
 class StartupError(RuntimeError):

@@ -16,7 +16,7 @@ from PIL import Image
 from lraee_core.errors import ImageError
 from lraee_core.images import check_image, load_image
 
-from .errors import ServiceError, image_error
+from .errors import first_failure_or_results, image_error
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,20 @@ T = TypeVar("T")
 class ImageDecoder:
     """Decodes and preprocesses images on a small thread pool so the event loop never touches pixels."""
 
-    def __init__(self, preprocess: Preprocess, *, max_pixels: int, workers: int = 2) -> None:
+    def __init__(
+        self, preprocess: Preprocess, *, max_pixels: int, workers: int = 2, pool: ThreadPoolExecutor | None = None
+    ) -> None:
         self._preprocess = preprocess
         self._max_pixels = max_pixels
-        # One torch thread per decode worker: the inference worker owns the cores' intra-op parallelism.
-        self._executor = ThreadPoolExecutor(
+        self._owns_pool = pool is None
+        # One torch thread per decode worker: the inference workers own the cores' intra-op parallelism.
+        self._executor = pool or ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="lraee-decode", initializer=torch.set_num_threads, initargs=(1,)
         )
+
+    def with_preprocess(self, preprocess: Preprocess) -> ImageDecoder:
+        """A decoder for another model's preprocessing on this one's pool (closing it leaves the pool to this one)."""
+        return ImageDecoder(preprocess, max_pixels=self._max_pixels, pool=self._executor)
 
     def decode_one(self, data: bytes) -> DecodedImage:
         """Bytes -> preprocessed tensor (blocking; runs on the pool)."""
@@ -77,16 +84,9 @@ class ImageDecoder:
         """``work`` on every image concurrently on the pool; the first failure (lowest index) is raised."""
         loop = asyncio.get_running_loop()
         futures = [loop.run_in_executor(self._executor, work, data) for data in images]
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        done: list[T] = []
-        for index, outcome in enumerate(outcomes):
-            if isinstance(outcome, ServiceError):
-                raise outcome.for_image(index) if batch else outcome
-            if isinstance(outcome, BaseException):
-                raise outcome
-            done.append(outcome)
-        return done
+        return first_failure_or_results(await asyncio.gather(*futures, return_exceptions=True), batch=batch)
 
     def close(self) -> None:
-        """Stop the pool; queued decodes are dropped."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the pool if this decoder made it; queued decodes are dropped."""
+        if self._owns_pool:
+            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,6 +1,6 @@
 """The FastAPI application: ``create_app`` wires settings, routes, errors and metrics; the lifespan loads the model.
 
-Readiness: the lifespan loads the checkpoint and runs one warm-up batch before the server accepts connections;
+Readiness: the lifespan loads every checkpoint and runs warm-up batches before the server accepts connections;
 ``/readyz`` is 200 from then until shutdown begins. A checkpoint that cannot be loaded stops start-up (uvicorn exits
 non-zero) with a message naming LRAEE_CHECKPOINT; there is no half-started state serving 503s forever.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -24,63 +25,88 @@ from .auth import ApiKeyMiddleware
 from .batching import MicroBatcher
 from .body_deadline import BodyRate
 from .deps import Runtime
-from .errors import install_error_handlers
+from .errors import StartupError, install_error_handlers
+from .fetch import ImageFetcher
 from .images import ImageDecoder
 from .limits import BodyLimitMiddleware, InFlight
 from .metrics import Metrics, RequestMetricsMiddleware
-from .routers import classify, compat, health, model, page
-from .service import ModelService
+from .models import ServedModel, ServedModels
+from .routers import classify, compat, embeddings, health, model, page
+from .service import ModelService, RowResult, WorkKey
 from .settings import Settings
 from .shadow import ShadowSampler
 
 log = logging.getLogger(__name__)
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load and warm the model, start the batcher and decoder; on shutdown stop taking work and drain."""
-    runtime: Runtime = app.state.runtime
-    settings = runtime.settings
-    set_pil_pixel_limit(settings.max_image_pixels)
-    batcher: MicroBatcher | None = None
-    decoder: ImageDecoder | None = None
-    service: ModelService | None = None
+async def _load(
+    settings: Settings, metrics: Metrics, path: Path, weights: Path | None, decoder: ImageDecoder | None
+) -> ServedModel:
+    """Load, warm and start one served model: its batcher (inference worker), engine, text worker and shadow sampler;
+    ``decoder``: the shared decoding pool (None: this model's decoder makes it)."""
+    batcher = MicroBatcher[WorkKey, RowResult](
+        max_batch_size=settings.max_batch_size,
+        max_wait_seconds=settings.max_batch_wait_seconds,
+        capacity=settings.queue_capacity,
+        threads=settings.threads,
+    )
     try:
         # Loading happens on the inference worker too: nothing blocks the loop, and warm-up initialises the very
         # thread (and its torch thread pool) that serves requests.
-        batcher = MicroBatcher(
-            max_batch_size=settings.max_batch_size,
-            max_wait_seconds=settings.max_batch_wait_seconds,
-            capacity=settings.queue_capacity,
-            threads=settings.threads,
-            on_batch=runtime.metrics.observe_batch,
-            on_depth=runtime.metrics.queue_depth.set,
-        )
-        service = await batcher.run_in_worker(ModelService.load, settings)
+        service = await batcher.run_in_worker(lambda: ModelService.load(settings, path, weights=weights))
         await batcher.run_in_worker(service.warm_up)
+    except BaseException:
+        await batcher.stop()
+        raise
+    observers = metrics.for_model(service.name, service.classifier, shadow=settings.shadow_rate > 0)
+    shadow = None
+    if settings.shadow_rate > 0:
+        shadow = ShadowSampler(
+            settings.shadow_rate,
+            service.run_full_depth,
+            observers.observe_shadow_check,
+            on_drop=observers.shadow_dropped,
+        )
+    batcher.start(
+        service.run_batch, background=shadow, on_batch=observers.observe_batch, on_depth=observers.set_queue_depth
+    )
+    if decoder is None:
         decoder = ImageDecoder(service.preprocess, max_pixels=settings.max_image_pixels)
-        shadow = None
-        if settings.shadow_rate > 0:
-            shadow = ShadowSampler(
-                settings.shadow_rate,
-                service.run_full_depth,
-                runtime.metrics.observe_shadow_check,
-                on_drop=runtime.metrics.shadow_dropped.inc,
-            )
-        batcher.start(service.run_batch, background=shadow)
-        runtime.metrics.bind_model(service.classifier, shadow=shadow is not None)
-        runtime.service, runtime.batcher, runtime.decoder = service, batcher, decoder
+    else:
+        decoder = decoder.with_preprocess(service.preprocess)
+    log.info("ready: %s (checkpoint %s)", service.name, service.classifier.checkpoint_id)
+    return ServedModel(service, batcher, decoder, observers, shadow)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load and warm every model, start their batchers, the decoder and the fetcher; on shutdown stop taking work
+    and drain."""
+    runtime: Runtime = app.state.runtime
+    settings = runtime.settings
+    set_pil_pixel_limit(settings.max_image_pixels)
+    loaded: list[ServedModel] = []
+    fetcher: ImageFetcher | None = None
+    try:
+        for index, path in enumerate(settings.checkpoint):
+            weights = settings.backbone_weights if index == 0 else None  # LRAEE_BACKBONE_WEIGHTS: the default's
+            loaded.append(await _load(settings, runtime.metrics, path, weights, loaded[0].decoder if loaded else None))
+        names = [model.name for model in loaded]
+        if len(set(names)) != len(names):
+            raise StartupError(f"LRAEE_CHECKPOINT serves two models under one name: {names}")
+        fetcher = ImageFetcher(settings)
+        runtime.models, runtime.fetcher = ServedModels(loaded), fetcher
         runtime.phase = "ready"
-        log.info("ready: %s", service.classifier.checkpoint_id)
         yield
     finally:
         runtime.phase = "stopping"
-        if batcher is not None:
-            await batcher.stop()
-        if decoder is not None:
-            decoder.close()
-        if service is not None:
-            service.close()
+        for model in loaded:
+            await model.batcher.stop()
+        for model in reversed(loaded):  # the first model's decoder owns the shared pool: closed last
+            model.decoder.close()
+            model.service.close()
+        if fetcher is not None:
+            await fetcher.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -100,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(classify.router)
     app.include_router(compat.router)
+    app.include_router(embeddings.router)
     app.include_router(model.router)
     app.include_router(health.router)
     app.include_router(page.router)
@@ -107,7 +134,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Innermost: bodies are bounded whoever reads them, after the key check has refused strangers for free.
     app.add_middleware(
         BodyLimitMiddleware,
-        limits={"/classify": settings.body_limit(1), "/classify/batch": settings.body_limit(settings.max_batch_images)},
+        limits={
+            "/classify": settings.body_limit(1),
+            "/classify/batch": settings.body_limit(settings.max_batch_images),
+            "/v1/embeddings": settings.body_limit(settings.max_embedding_images),
+        },
         default_limit=settings.body_limit(1),
         in_flight=InFlight(
             max_requests=settings.max_inflight_requests,

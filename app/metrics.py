@@ -1,14 +1,16 @@
 """Prometheus metrics: one registry per app (tests build many apps), conventional names, bounded label values.
 
-Label values stay bounded: ``route`` is a route template or ``other``, ``status`` an HTTP status code, ``layer`` a
-candidate layer or ``full``, ``operating_point`` one of the checkpoint's (``full`` included), ``agree`` true/false,
-``reason`` one of app/body_deadline.py's.
+Label values stay bounded: ``route`` is a route template or ``other``, ``status`` an HTTP status code, ``model`` a
+served model's name (LRAEE_CHECKPOINT), ``layer`` a candidate layer or ``full``, ``operating_point`` one of the
+model's (``full`` included), ``agree`` true/false, ``modality`` text/image, ``reason`` one of app/body_deadline.py's.
+Everything an engine does carries its ``model``; what happens before a request reaches one (requests, latency,
+bodies in flight, body timeouts) does not.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -19,29 +21,35 @@ from lraee_core.engine import EarlyExitClassifier, ExitResult
 from lraee_core.text import CacheStats
 
 from .body_deadline import TIMEOUT_REASONS, TimeoutReason
-from .service import BatchKey
+from .service import BatchKey, RowResult, WorkKey
 
 OTHER_ROUTE = "other"  # label of requests that match no route (404s, scanners): keeps the label set bounded
 FULL_PATH = "full"  # exit-layer label of the full-depth CLIP path
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 FLOPS_SAVED_BUCKETS = (-0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # < 0: heads cost > blocks skipped
 INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MODEL = "model"
 
 
 class _TextCacheCollector(Collector):
-    """Reads the engine's cumulative cache counters at scrape time, so they can never drift from the engine's."""
+    """Reads each engine's cumulative cache counters at scrape time, so they can never drift from the engine's."""
 
     def __init__(self) -> None:
-        self.stats: Callable[[], CacheStats] | None = None
+        self.stats: dict[str, Callable[[], CacheStats]] = {}  # served model -> its cache's counters
 
     def collect(self) -> Iterable[Metric]:
-        stats = self.stats() if self.stats is not None else CacheStats()
-        yield CounterMetricFamily(
-            "lraee_text_cache_hits", "Labels whose text embedding came from the cache", value=stats.hits
+        hits = CounterMetricFamily(
+            "lraee_text_cache_hits", "Labels whose text embedding came from the cache", labels=[MODEL]
         )
-        yield CounterMetricFamily(
-            "lraee_text_cache_misses", "Labels whose text embedding had to be encoded", value=stats.misses
+        misses = CounterMetricFamily(
+            "lraee_text_cache_misses", "Labels whose text embedding had to be encoded", labels=[MODEL]
         )
+        for model, stats in self.stats.items():
+            counts = stats()
+            hits.add_metric([model], counts.hits)
+            misses.add_metric([model], counts.misses)
+        yield hits
+        yield misses
 
 
 class Metrics:
@@ -57,49 +65,61 @@ class Metrics:
             "lraee_request_duration_seconds", "HTTP request latency by route template", ["route"], registry=registry
         )
         self.inference = Histogram(
-            "lraee_inference_seconds", "Engine time per batch", buckets=INFERENCE_BUCKETS, registry=registry
+            "lraee_inference_seconds", "Engine time per batch", [MODEL], buckets=INFERENCE_BUCKETS, registry=registry
         )
         self.exit_layer = Counter(
             "lraee_exit_layer",
             "Images answered per exit: the candidate layer whose head answered, or 'full' for the full-depth path",
-            ["layer"],
+            [MODEL, "layer"],
             registry=registry,
         )
         self.flops_saved = Histogram(
             "lraee_flops_saved_ratio",
             "Per-image fraction of full-depth FLOPs saved (heads and gates included)",
+            [MODEL],
             buckets=FLOPS_SAVED_BUCKETS,
             registry=registry,
         )
         # Compute-weighted saving = 1 - rate(lraee_flops_total) / rate(lraee_flops_full_total); the histogram above
         # has a negative bucket (heads can cost more than they save), so it carries no usable _sum.
-        self.flops_spent = Counter("lraee_flops", "FLOPs spent on images, heads and gates included", registry=registry)
+        self.flops_spent = Counter(
+            "lraee_flops", "FLOPs spent on classified images, heads and gates included", [MODEL], registry=registry
+        )
         self.flops_full = Counter(
-            "lraee_flops_full", "FLOPs the same images would have cost at full depth", registry=registry
+            "lraee_flops_full", "FLOPs the same images would have cost at full depth", [MODEL], registry=registry
         )
         self.batch_size = Histogram(
-            "lraee_batch_size", "Images per engine batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
+            "lraee_batch_size", "Images per engine batch", [MODEL], buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
-        self.queue_depth = Gauge("lraee_queue_depth", "Images waiting for the engine", registry=registry)
+        self.queue_depth = Gauge("lraee_queue_depth", "Images waiting for the engine", [MODEL], registry=registry)
         self.answers = Counter(
             "lraee_answers",
             "Images answered per operating point and exit path ('head': an exit head, 'full': the full depth)",
-            ["operating_point", "exit_path"],
+            [MODEL, "operating_point", "exit_path"],
+            registry=registry,
+        )
+        self.embedded = Counter(
+            "lraee_embedded_inputs",
+            "Inputs embedded by /v1/embeddings, per modality (text, image)",
+            [MODEL, "modality"],
             registry=registry,
         )
         self.shadow_checks = Counter(
             "lraee_shadow_checks",
             "Sampled early exits re-run at full depth: whether the exit's top-1 agreed with the full depth's",
-            ["layer", "operating_point", "agree"],
+            [MODEL, "layer", "operating_point", "agree"],
             registry=registry,
         )
         self.shadow_dropped = Counter(
-            "lraee_shadow_dropped", "Early exits sampled for a shadow check but dropped (queue full)", registry=registry
+            "lraee_shadow_dropped",
+            "Early exits sampled for a shadow check but dropped (queue full)",
+            [MODEL],
+            registry=registry,
         )
         self.operating_point_promise = Gauge(
             "lraee_operating_point_promise",
             "Agreement with the full-depth top-1 the checkpoint promises per operating point (held-out)",
-            ["operating_point"],
+            [MODEL, "operating_point"],
             registry=registry,
         )
         self.inflight_requests = Gauge(
@@ -119,52 +139,41 @@ class Metrics:
             self.body_timeouts.labels(reason=reason)
         self.model_info = Gauge(
             "lraee_model_info",
-            "The loaded model (value 1)",
-            ["backbone", "quant_mode", "checkpoint"],
+            "A served model (value 1): its name, backbone, quant mode and checkpoint id",
+            [MODEL, "backbone", "quant_mode", "checkpoint"],
             registry=registry,
         )
         self._text_cache = _TextCacheCollector()
         registry.register(self._text_cache)
 
-    def bind_model(self, classifier: EarlyExitClassifier, *, shadow: bool = False) -> None:
-        """Describe the loaded model and create every exit series at 0, so dashboards see them before traffic
-        (the shadow series too when shadow sampling is on: absent series say it is off)."""
+    def for_model(self, name: str, classifier: EarlyExitClassifier, *, shadow: bool = False) -> ModelMetrics:
+        """Describe a served model and create its exit series at 0, so dashboards see them before traffic (the
+        shadow series too when shadow sampling is on: absent series say it is off); the observers of its engine."""
         self.model_info.labels(
+            model=name,
             backbone=classifier.backbone.name,
             quant_mode=classifier.quant_report.mode,
             checkpoint=classifier.checkpoint_id,
         ).set(1)
         for layer in classifier.policy.candidate_layers:
-            self.exit_layer.labels(layer=str(layer))
-        self.exit_layer.labels(layer=FULL_PATH)
+            self.exit_layer.labels(model=name, layer=str(layer))
+        self.exit_layer.labels(model=name, layer=FULL_PATH)
         policy = classifier.policy
         for point in policy.operating_points:
             if point.promise is not None:
-                self.operating_point_promise.labels(operating_point=point.name).set(point.promise)
-        for name in policy.names:
+                self.operating_point_promise.labels(model=name, operating_point=point.name).set(point.promise)
+        for point_name in policy.names:
             for path in ("head", FULL_PATH):
-                self.answers.labels(operating_point=name, exit_path=path)
-            if shadow and name != FULL_PATH:
+                self.answers.labels(model=name, operating_point=point_name, exit_path=path)
+            if shadow and point_name != FULL_PATH:
                 for layer in policy.candidate_layers:
                     for agree in ("true", "false"):
-                        self.shadow_checks.labels(layer=str(layer), operating_point=name, agree=agree)
-        self._text_cache.stats = lambda: classifier.text_cache.stats
-
-    def observe_shadow_check(self, layer: int, operating_point: str, agree: bool) -> None:
-        """One shadow check's outcome (called from the inference worker; prometheus_client is thread-safe)."""
-        self.shadow_checks.labels(layer=str(layer), operating_point=operating_point, agree=str(agree).lower()).inc()
-
-    def observe_batch(self, keys: Sequence[Hashable], seconds: float, results: Sequence[ExitResult]) -> None:
-        """Record one engine batch (each image's request key) and where each of its images left."""
-        self.batch_size.observe(len(results))
-        self.inference.observe(seconds)
-        for key, result in zip(keys, results, strict=True):
-            self.exit_layer.labels(layer=str(result.exit_layer) if result.exit_path == "head" else FULL_PATH).inc()
-            if isinstance(key, BatchKey):
-                self.answers.labels(operating_point=key.operating_point, exit_path=result.exit_path).inc()
-            self.flops_saved.observe(result.flops_saved)
-            self.flops_spent.inc(result.flops)
-            self.flops_full.inc(result.flops_full)
+                        self.shadow_checks.labels(model=name, layer=str(layer), operating_point=point_name, agree=agree)
+        if shadow:
+            self.shadow_dropped.labels(model=name)
+        self.queue_depth.labels(model=name).set(0)
+        self._text_cache.stats[name] = lambda: classifier.text_cache.stats
+        return ModelMetrics(self, name)
 
     def observe_body_timeout(self, reason: TimeoutReason) -> None:
         """One request body cut off for arriving too slowly."""
@@ -173,6 +182,49 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
+
+
+class ModelMetrics:
+    """The observers of one served model's engine, batcher and shadow sampler (each series labelled with it)."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.metrics = metrics
+        self.name = name
+
+    def observe_batch(self, keys: Sequence[WorkKey], seconds: float, results: Sequence[RowResult]) -> None:
+        """Record one engine batch (each image's request key) and where each of its classified images left."""
+        metrics, name = self.metrics, self.name
+        metrics.batch_size.labels(model=name).observe(len(results))
+        metrics.inference.labels(model=name).observe(seconds)
+        for key, result in zip(keys, results, strict=True):
+            if not isinstance(key, BatchKey) or not isinstance(result, ExitResult):
+                continue  # an image embedded for /v1/embeddings: counted by observe_embedded
+            layer = str(result.exit_layer) if result.exit_path == "head" else FULL_PATH
+            metrics.exit_layer.labels(model=name, layer=layer).inc()
+            metrics.answers.labels(
+                model=name, operating_point=key.question.operating_point, exit_path=result.exit_path
+            ).inc()
+            metrics.flops_saved.labels(model=name).observe(result.flops_saved)
+            metrics.flops_spent.labels(model=name).inc(result.flops)
+            metrics.flops_full.labels(model=name).inc(result.flops_full)
+
+    def set_queue_depth(self, depth: int) -> None:
+        """Images waiting for this model's engine."""
+        self.metrics.queue_depth.labels(model=self.name).set(depth)
+
+    def observe_shadow_check(self, layer: int, operating_point: str, agree: bool) -> None:
+        """One shadow check's outcome (called from the inference worker; prometheus_client is thread-safe)."""
+        self.metrics.shadow_checks.labels(
+            model=self.name, layer=str(layer), operating_point=operating_point, agree=str(agree).lower()
+        ).inc()
+
+    def shadow_dropped(self) -> None:
+        """One sampled early exit dropped (the shadow queue was full)."""
+        self.metrics.shadow_dropped.labels(model=self.name).inc()
+
+    def observe_embedded(self, modality: str, count: int) -> None:
+        """``count`` inputs of one modality embedded."""
+        self.metrics.embedded.labels(model=self.name, modality=modality).inc(count)
 
 
 class RequestMetricsMiddleware:

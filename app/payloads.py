@@ -7,8 +7,8 @@ Memory: bodies arrive through app/limits.py, which bounds each one and all of th
 into one buffer and parsed, base64 included, on a worker thread (a 40 MB body takes a noticeable time to parse, and
 the event loop must keep answering probes meanwhile). A multipart body is never held whole: starlette's parser
 streams it, keeping text fields (bounded by the text allowance) in memory and spooling files over 1 MiB to the
-temporary directory, from which each image is read back once. The service never fetches anything: an image
-given as a URL is simply invalid base64.
+temporary directory, from which each image is read back once. An image given by URL (``image_url``) stays a URL
+here; the request flow fetches it (app/fetch.py), when the service fetches URLs at all.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,21 +35,23 @@ from .errors import (
     validation_details,
     validation_message,
 )
-from .schemas import BatchJsonRequest, ClassifyJsonRequest, ClassifyOptions
+from .fetch import ImageUrl
+from .schemas import BatchJsonRequest, ClassifyJsonRequest, ClassifyOptions, EmbeddingsRequest
 from .settings import MAX_TEMPLATES, Settings
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 _LIST_FIELDS = ("labels", "templates")  # repeated form fields, or one field holding a JSON list
+URL_FIELD = "image_url"  # /classify's image by URL, in a form or a JSON body
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    """What a classify request asks for, before any image is decoded."""
+    """What a classify request asks for, before any image is fetched or decoded."""
 
-    images: list[bytes]  # encoded image files, in request order
+    images: list[bytes | ImageUrl]  # encoded image files, or where to fetch them, in request order
     options: ClassifyOptions
 
 
@@ -114,10 +117,26 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest("the image is not valid base64 (URLs are not fetched)", code="invalid_base64") from None
+        raise BadRequest(
+            "the image is not valid base64 (an image URL goes in 'image_url')", code="invalid_base64"
+        ) from None
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {max_bytes}", code="image_too_large")
     return data
+
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def is_url(text: str) -> bool:
+    """Whether an image string is a URL (``scheme://...``, any scheme: a ``file://`` one is refused as a URL, not
+    read as base64) rather than base64 or a ``data:`` URI."""
+    return bool(_URL.match(text.lstrip()))
+
+
+def image_or_url(text: str, max_bytes: int) -> bytes | ImageUrl:
+    """An image string as the request flow takes it: a URL to fetch, or decoded bytes (:func:`decode_base64`)."""
+    return ImageUrl(text.strip()) if is_url(text) else decode_base64(text, max_bytes)
 
 
 def json_object(body: bytes | bytearray) -> dict[str, Any]:
@@ -148,8 +167,18 @@ def _parse_json(body: bytes | bytearray, settings: Settings, *, batch: bool) -> 
         _check_batch_count(len(encoded), settings)
     else:
         assert isinstance(parsed, ClassifyJsonRequest)
+        if parsed.image is None and parsed.image_url is None:
+            raise InvalidInput(
+                "image: Field required (the image as base64, or 'image_url': a URL to fetch it from)",
+                code="validation_error",
+            )
+        if parsed.image is not None and parsed.image_url is not None:
+            raise InvalidInput("send the image once: as 'image' (base64) or as 'image_url'", code="validation_error")
+        if parsed.image_url is not None:
+            return ParsedRequest([ImageUrl(parsed.image_url)], parsed)
+        assert parsed.image is not None
         encoded = [parsed.image]
-    images = []
+    images: list[bytes | ImageUrl] = []
     for index, text in enumerate(encoded):
         try:
             images.append(decode_base64(text, settings.max_upload_bytes))
@@ -203,6 +232,25 @@ async def _files(form: FormData, name: str, settings: Settings, *, batch: bool) 
     return images
 
 
+async def _one_image(form: FormData, settings: Settings) -> list[bytes | ImageUrl]:
+    """A one-image form's image: the file ``image``, or the text field ``image_url``."""
+    files, urls = form.getlist("image"), [url for url in form.getlist(URL_FIELD) if url != ""]
+    if not files and not urls:
+        raise InvalidInput(
+            "the multipart field 'image' (a file) is required, or 'image_url' (text)", code="validation_error"
+        )
+    if (files and urls) or len(urls) > 1:
+        raise InvalidInput(
+            "send the image once: the multipart field 'image' (a file) or 'image_url' (text)", code="validation_error"
+        )
+    if files:
+        return list(await _files(form, "image", settings, batch=False))
+    [url] = urls
+    if not isinstance(url, str):
+        raise InvalidInput("'image_url' must be a text field, not a file", code="validation_error")
+    return [ImageUrl(url)]
+
+
 async def _parse_multipart(request: Request, settings: Settings, *, batch: bool) -> ParsedRequest:
     image_field = "images" if batch else "image"
     try:
@@ -212,14 +260,15 @@ async def _parse_multipart(request: Request, settings: Settings, *, batch: bool)
             # A text field may hold every label as one JSON list; files are not parts in this sense (they spool).
             max_part_size=settings.body_limit(0),
         ) as form:
+            images: list[bytes | ImageUrl] = []
             if batch:
                 _check_batch_count(len(form.getlist(image_field)), settings)
-            elif not form.getlist(image_field):
-                raise InvalidInput("the multipart field 'image' (a file) is required", code="validation_error")
-            images = await _files(form, image_field, settings, batch=batch)
+                images.extend(await _files(form, image_field, settings, batch=batch))
+            else:
+                images.extend(await _one_image(form, settings))
             data: dict[str, Any] = {}
             for name in dict.fromkeys(form.keys()):
-                if name == image_field:
+                if name in (image_field, URL_FIELD):
                     continue
                 values = form.getlist(name)
                 if name in _LIST_FIELDS:
@@ -244,3 +293,65 @@ async def parse_classify_request(request: Request, settings: Settings, *, batch:
         return await _parse_multipart(request, settings, batch=batch)
     body = await read_body(request, settings.body_limit(settings.max_batch_images if batch else 1))
     return await asyncio.to_thread(_parse_json, body, settings, batch=batch)
+
+
+@dataclass(frozen=True)
+class ParsedEmbeddings:
+    """What a ``/v1/embeddings`` request asks for: texts, or images (bytes or URLs), never both."""
+
+    model: str | None
+    texts: list[str] | None
+    images: list[bytes | ImageUrl] | None
+    dimensions: int | None
+    encoding_format: str  # "float" or "base64"
+
+
+def _is_image_data_uri(text: str) -> bool:
+    return text.lstrip()[:11].lower() == "data:image/"
+
+
+def _parse_embeddings(body: bytes | bytearray, settings: Settings) -> ParsedEmbeddings:
+    parsed = validate_model(EmbeddingsRequest, json_object(body))
+    inputs: list[Any] = [parsed.input] if isinstance(parsed.input, str) else list(parsed.input)
+    if not inputs:
+        raise InvalidInput("input must not be empty", code="invalid_input")
+    if not all(isinstance(item, str) for item in inputs):
+        raise InvalidInput("token-id inputs are not supported; send texts (or images)", code="invalid_input")
+    modality = parsed.modality
+    if modality is None:
+        modality = "image" if all(_is_image_data_uri(item) for item in inputs) else "text"
+    if modality == "text":
+        if len(inputs) > settings.max_embedding_inputs:
+            raise InvalidInput(
+                f"too many inputs: {len(inputs)} > {settings.max_embedding_inputs}", code="too_many_inputs"
+            )
+        for index, text in enumerate(inputs):
+            if not text.strip():
+                raise InvalidInput(f"input {index} is empty", code="invalid_input", details={"index": index})
+            if len(text) > settings.max_embedding_input_chars:
+                raise InvalidInput(
+                    f"input {index} is {len(text)} characters; the limit is {settings.max_embedding_input_chars}",
+                    code="invalid_input",
+                    details={"index": index},
+                )
+        return ParsedEmbeddings(parsed.model, inputs, None, parsed.dimensions, parsed.encoding_format)
+    if len(inputs) > settings.max_embedding_images:
+        raise InvalidInput(
+            f"too many image inputs: {len(inputs)} > {settings.max_embedding_images}", code="too_many_inputs"
+        )
+    images: list[bytes | ImageUrl] = []
+    for index, text in enumerate(inputs):
+        try:
+            images.append(image_or_url(text, settings.max_upload_bytes))
+        except (BadRequest, PayloadTooLarge) as exc:
+            raise exc.for_image(index) from None
+    return ParsedEmbeddings(parsed.model, None, images, parsed.dimensions, parsed.encoding_format)
+
+
+async def parse_embeddings_request(request: Request, settings: Settings) -> ParsedEmbeddings:
+    """Read and parse a ``/v1/embeddings`` body (JSON; images decoded from base64 off the event loop)."""
+    kind = media_type(request)
+    if not is_json(kind):
+        raise UnsupportedMediaType(f"content type {kind or '(none)'!r} is not supported; send {JSON}")
+    body = await read_body(request, settings.body_limit(settings.max_embedding_images))
+    return await asyncio.to_thread(_parse_embeddings, body, settings)

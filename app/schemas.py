@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 # Hard ceilings on every request field, above any allowed setting: validation never walks an absurd list or string.
 # The configured limits (LRAEE_MAX_LABELS, LRAEE_MAX_LABEL_CHARS, ...) are tighter and are checked afterwards in
-# ModelService.prepare, with messages that name them.
+# ModelService.question, with messages that name them.
 MAX_LIST_ITEMS = 10_000  # labels or templates (LRAEE_MAX_LABELS <= 10,000)
 MAX_TEXT_CHARS = 1_000  # one label or template (LRAEE_MAX_LABEL_CHARS <= 200)
 MAX_NAME_CHARS = 100  # an operating point's name
@@ -18,6 +18,8 @@ MAX_IMAGES = 1_024  # images of one batch (LRAEE_MAX_BATCH_IMAGES <= 1024)
 MAX_IMAGE_CHARS = 1 << 30  # one base64 image; the body limit (LRAEE_MAX_INFLIGHT_BYTES) is far tighter
 BoundedText = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 Base64Image = Annotated[str, StringConstraints(max_length=MAX_IMAGE_CHARS)]
+MAX_URL_CHARS = 8_192  # one image URL (signed object-store URLs run to a few thousand characters)
+ImageUrlText = Annotated[str, StringConstraints(max_length=MAX_URL_CHARS)]
 
 
 class ClassifyOptions(BaseModel):
@@ -44,12 +46,22 @@ class ClassifyOptions(BaseModel):
         description="A stored operating point (see GET /model), or 'full' for the full-depth answer with no early "
         "exit; default: the checkpoint's default",
     )
+    model: str | None = Field(
+        default=None,
+        max_length=MAX_NAME_CHARS,
+        description="Which served model answers (GET /models); default: the first of LRAEE_CHECKPOINT",
+        examples=["everyday"],
+    )
 
 
 class ClassifyJsonRequest(ClassifyOptions):
-    """``POST /classify`` as JSON."""
+    """``POST /classify`` as JSON: the image as ``image`` (base64) or ``image_url``."""
 
-    image: Base64Image = Field(description="The image file, base64 (plain or a data: URL); never a URL to fetch")
+    image: Base64Image | None = Field(default=None, description="The image file, base64 (plain or a data: URL)")
+    image_url: ImageUrlText | None = Field(
+        default=None,
+        description="An http(s) URL the service fetches the image from (only when LRAEE_IMAGE_URLS is on)",
+    )
 
 
 class BatchJsonRequest(ClassifyOptions):
@@ -78,6 +90,9 @@ class HuggingFaceParameters(BaseModel):
     operating_point: str | None = Field(
         default=None, description="LRA-EE extension: a stored threshold set (see GET /model)"
     )
+    model: str | None = Field(
+        default=None, description="LRA-EE extension: a served model (GET /models); or ?model= on the URL"
+    )
 
 
 class HuggingFaceInputs(BaseModel):
@@ -85,7 +100,7 @@ class HuggingFaceInputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="The image file, base64 (plain or a data: URL)")
+    image: str = Field(description="The image file, base64 (plain or a data: URL), or an http(s) URL")
     candidate_labels: list[str] | str | None = Field(default=None, description=_HF_LABELS)
 
 
@@ -96,7 +111,7 @@ class HuggingFaceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str | HuggingFaceInputs | None = Field(
-        default=None, description="The image file as base64, or {image, candidate_labels}"
+        default=None, description="The image file as base64 or an http(s) URL, or {image, candidate_labels}"
     )
     image: str | None = Field(
         default=None, description="The image as base64 (older huggingface_hub releases send this)"
@@ -105,6 +120,38 @@ class HuggingFaceRequest(BaseModel):
     options: dict[str, Any] | None = Field(
         default=None, description="The serverless API's options (wait_for_model, use_cache): accepted, ignored"
     )
+
+
+# OpenAI's embeddings (POST /v1/embeddings): what its SDK and the libraries built on it send.
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingsRequest(BaseModel):
+    """``POST /v1/embeddings``: OpenAI's request, plus ``modality`` (Infinity's convention; the OpenAI SDK sends it
+    through ``extra_body``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: EmbeddingInput = Field(
+        description="A text or a list of them; with modality 'image', images as data: URIs, base64, or http(s) URLs "
+        "(when LRAEE_IMAGE_URLS is on). Token-id arrays are not supported",
+        examples=[["a photo of a cat.", "a photo of a dog."]],
+    )
+    model: str | None = Field(
+        default=None, max_length=MAX_NAME_CHARS, description="A served model (GET /v1/models); default: the first"
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="'float': lists of numbers; 'base64': little-endian float32 bytes, base64"
+    )
+    dimensions: int | None = Field(
+        default=None, description="Must equal the model's embedding width when given (no shortening)"
+    )
+    modality: Literal["text", "image"] | None = Field(
+        default=None,
+        description="'image': every input is an image. Default: images when every input is a data:image/... URI, "
+        "else texts",
+    )
+    user: str | None = Field(default=None, max_length=MAX_TEXT_CHARS, description="OpenAI's end-user id: ignored")
 
 
 # ---- responses -------------------------------------------------------------------------------------------------
@@ -137,7 +184,7 @@ class ClassifyResponse(BaseModel):
     flops: float = Field(description="GFLOPs spent on this image, heads and gates included")
     flops_saved: float = Field(description="Fraction of full-depth FLOPs not spent (negative if heads cost more)")
     operating_point: str = Field(description="The operating point actually used")
-    model: str = Field(description="Checkpoint id")
+    model: str = Field(description="The model that answered (its served name)")
     timing_ms: Timing
 
 
@@ -145,6 +192,48 @@ class BatchResponse(BaseModel):
     """One result per image, in request order."""
 
     results: list[ClassifyResponse]
+
+
+class EmbeddingOut(BaseModel):
+    """One input's embedding."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int = Field(description="The input's position in the request")
+    embedding: list[float] | str = Field(
+        description="The unit full-depth embedding (FP32): numbers, or their little-endian float32 bytes in base64"
+    )
+
+
+class EmbeddingsUsage(BaseModel):
+    """Tokens the text tower read (images count none)."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    """``POST /v1/embeddings``'s answer, in OpenAI's shape."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingOut]
+    model: str = Field(description="The served model that embedded the inputs")
+    usage: EmbeddingsUsage
+
+
+class OpenAIModel(BaseModel):
+    """One served model in OpenAI's ``/v1/models`` shape."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the model was loaded")
+    owned_by: str = "lraee"
+
+
+class OpenAIModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
 
 
 class OperatingPointOut(BaseModel):
@@ -185,12 +274,14 @@ class PrunedLayerOut(BaseModel):
 class ModelSummary(BaseModel):
     """What ``GET /model`` tells about the loaded checkpoint."""
 
-    model: str = Field(description="Checkpoint id")
+    model: str = Field(description="The name requests choose it by (an embedded checkpoint's name, else its id)")
+    checkpoint_id: str = Field(description="The manifest's checkpoint id (also accepted as its name)")
     backbone: str = Field(description="open_clip architecture / weights source")
     quant_mode: str
     quantized_modules: int = Field(description="Modules converted to INT8 (dynamic, or static with calibrated scales)")
     num_layers: int
     image_size: int
+    embedding_dimensions: int = Field(description="Width of its image and text embeddings (/v1/embeddings)")
     candidate_layers: list[int]
     pruned_layers: list[PrunedLayerOut]
     operating_points: dict[str, OperatingPointOut]
@@ -199,6 +290,26 @@ class ModelSummary(BaseModel):
     calibration: dict[str, Any] = Field(description="How the thresholds were calibrated")
     metrics: dict[str, Any] = Field(description="Accuracies and FLOPs measured at calibration")
     limits: dict[str, int] = Field(description="Request limits of this service")
+
+
+class ModelEntry(BaseModel):
+    """One served model in ``GET /models``."""
+
+    model: str = Field(description="The name requests choose it by (`model` on /classify, /v1/embeddings, ...)")
+    default: bool = Field(description="True for the model a request that names none gets")
+    checkpoint_id: str
+    backbone: str
+    quant_mode: str
+    embedding_dimensions: int
+    operating_points: list[str] = Field(description="What `operating_point` may name ('full' included)")
+    default_operating_point: str
+
+
+class ModelList(BaseModel):
+    """``GET /models``: every model this service serves, the default first."""
+
+    default: str
+    models: list[ModelEntry]
 
 
 class Status(BaseModel):
@@ -223,12 +334,14 @@ class ErrorResponse(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "Malformed request (JSON, base64, multipart, empty image)",
+    400: "Malformed request (JSON, base64, multipart, empty image), or an image URL while fetching is off",
     401: "Missing or wrong API key",
+    403: "An image URL this service will not fetch (scheme, credentials, an address not allowed)",
+    404: "Unknown model (the message lists the served ones)",
     413: "Body, image bytes or image pixels over the limit",
     415: "Unsupported content type, or not an image",
-    422: "Invalid labels, templates, top_k, operating point, or a damaged image",
-    429: "Queue full; see Retry-After",
+    422: "Invalid labels, templates, top_k, operating point, a damaged image, or an image URL that failed",
+    429: "Queue full, or too many image URLs being fetched; see Retry-After",
     503: "Model not loaded yet, or shutting down",
 }
 

@@ -8,13 +8,15 @@ transport; raises the service's errors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from lraee_core.assets import EMBEDDED_CHECKPOINTS
 from lraee_core.backends import BackendOptions
 from lraee_core.checkpoint import MANIFEST, load_classifier
 from lraee_core.config import FULL_OPERATING_POINT
@@ -24,7 +26,15 @@ from lraee_core.exits import ExitRule
 from lraee_core.text import validate_labels, validate_templates
 
 from .errors import InvalidInput, StartupError
-from .schemas import ClassifyOptions, ClassifyResponse, ModelSummary, OperatingPointOut, PredictionOut, PrunedLayerOut
+from .schemas import (
+    ClassifyOptions,
+    ClassifyResponse,
+    ModelEntry,
+    ModelSummary,
+    OperatingPointOut,
+    PredictionOut,
+    PrunedLayerOut,
+)
 from .schemas import Timing as TimingOut
 from .settings import MAX_TEMPLATES, Settings
 from .text_worker import TextWorker
@@ -35,32 +45,55 @@ WARM_UP_LABELS = ("a photo",)
 
 
 @dataclass(frozen=True)
-class BatchKey:
-    """A request's question: its text side and thresholds. Requests with different keys share engine batches; the
-    engine answers each image against its own key."""
+class Question:
+    """A request's text side and options, validated once against the limits and the checkpoint
+    (:meth:`ModelService.question`); nothing after this checks them again."""
 
-    labels: tuple[str, ...]  # validated, stripped, in request order
-    templates: tuple[str, ...] | None  # None: the engine's default templates
+    labels: tuple[str, ...]  # stripped, unique, in request order
+    templates: tuple[str, ...]  # the request's, or the checkpoint's default templates
     operating_point: str  # resolved name (never None)
-    # Each label's text embedding [E], once resolved (ModelService.resolve_text): the inference worker stacks them
-    # and never encodes. Left out of equality and hashing, which stay those of the three fields above.
-    text_rows: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
+    rule: ExitRule = field(compare=False, repr=False)  # the point's rule for this label count
+    top_k: int  # predictions wanted, 1..len(labels)
 
 
-@dataclass(frozen=True)
-class Query:
-    """A validated request: its batch key and how many predictions it wants."""
+@dataclass(frozen=True, eq=False)
+class BatchKey:
+    """What rides with each image of a request through the inference queue: its question and each label's text
+    embedding, resolved before the request may join the queue (the inference worker stacks them and never encodes).
+    Requests with different keys share engine batches; the engine answers each image against its own key."""
 
-    key: BatchKey
-    top_k: int
+    question: Question
+    text_rows: tuple[torch.Tensor, ...]  # each label's FP16 unit text embedding [E], in label order
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingKey:
+    """What rides with each image of a ``/v1/embeddings`` request: nothing to classify, the image's unit full-depth
+    embedding is the answer. Its images share engine batches with classified ones."""
+
+
+# A queued image's key and what the inference worker answers for it: an ExitResult for a BatchKey, the unit
+# full-depth embedding [E] float32 for an EmbeddingKey.
+WorkKey = BatchKey | EmbeddingKey
+RowResult = ExitResult | torch.Tensor
+
+
+def served_name(path: Path, checkpoint_id: str) -> str:
+    """How requests name a checkpoint: an embedded one by its embedded name (``everyday``), any other by its
+    manifest's checkpoint id."""
+    for name, directory in EMBEDDED_CHECKPOINTS.items():
+        if path.resolve() == directory.resolve():
+            return name
+    return checkpoint_id
 
 
 class ModelService:
-    """An :class:`EarlyExitClassifier` plus the service's limits."""
+    """An :class:`EarlyExitClassifier` plus the service's limits, served under ``name``."""
 
-    def __init__(self, classifier: EarlyExitClassifier, settings: Settings) -> None:
+    def __init__(self, classifier: EarlyExitClassifier, settings: Settings, name: str | None = None) -> None:
         self.classifier = classifier
         self.settings = settings
+        self.name = name if name is not None else classifier.checkpoint_id  # what requests call it
         self.text_worker = TextWorker(capacity=settings.text_queue_capacity)
         if settings.max_labels > classifier.max_labels:
             raise StartupError(
@@ -68,15 +101,14 @@ class ModelService:
             )
 
     @classmethod
-    def load(cls, settings: Settings) -> ModelService:
-        """Load the configured checkpoint (blocking); :class:`StartupError` says what to fix."""
-        path = settings.checkpoint
+    def load(cls, settings: Settings, path: Path, *, weights: Path | None = None) -> ModelService:
+        """Load the checkpoint at ``path`` (blocking; ``weights``: a local copy of its backbone weights);
+        :class:`StartupError` says what to fix."""
         if not (path / MANIFEST).is_file():
             raise StartupError(
                 f"no LRA-EE checkpoint at {path} ({MANIFEST} not found). Set LRAEE_CHECKPOINT to a checkpoint "
                 "directory (manifest.json + heads.safetensors), e.g. one written by `lraee-train`."
             )
-        weights = settings.backbone_weights
         if weights is not None and not weights.is_file():
             raise StartupError(f"LRAEE_BACKBONE_WEIGHTS={weights} is not a file")
         try:
@@ -98,7 +130,7 @@ class ModelService:
             len(classifier.quant_report.converted),
             list(classifier.policy.candidate_layers),
         )
-        return cls(classifier, settings)
+        return cls(classifier, settings, served_name(path, classifier.checkpoint_id))
 
     def preprocess(self, image: Image.Image) -> Any:
         """The backbone's own transform: RGB PIL image -> [3, H, W] tensor."""
@@ -116,14 +148,16 @@ class ModelService:
             for rule in (stay, ExitRule.full()):
                 classifier.classify(batch, WARM_UP_LABELS, top_k=1, exit_rule=rule)
 
-    def prepare(self, options: ClassifyOptions) -> Query:
-        """Validate a request's text side and options against the limits and the checkpoint."""
+    def question(self, options: ClassifyOptions) -> Question:
+        """Validate a request's text side and options against the limits and the checkpoint, once: the labels,
+        the templates (the checkpoint's defaults when none), the prompt budget, the operating point (its rule for
+        this label count) and ``top_k``."""
         settings = self.settings
         try:
             labels = validate_labels(options.labels, settings.max_labels, settings.max_label_chars)
         except InputError as exc:
             raise InvalidInput(str(exc), code="invalid_labels") from exc
-        templates = None
+        templates = self.classifier.default_templates
         if options.templates is not None:
             if len(options.templates) > MAX_TEMPLATES:
                 raise InvalidInput(
@@ -137,12 +171,12 @@ class ModelService:
                 templates = validate_templates(options.templates)
             except InputError as exc:
                 raise InvalidInput(str(exc), code="invalid_templates") from exc
-        prompts = len(labels) * len(templates if templates is not None else self.classifier.default_templates)
+        prompts = len(labels) * len(templates)
         if prompts > settings.max_prompts:
             raise InvalidInput(
-                f"{len(labels)} labels x {prompts // len(labels)} templates = {prompts} prompts; "
+                f"{len(labels)} labels x {len(templates)} templates = {prompts} prompts; "
                 f"the limit is {settings.max_prompts}",
-                code="invalid_templates" if templates is not None else "invalid_labels",
+                code="invalid_templates" if options.templates is not None else "invalid_labels",
             )
         policy = self.classifier.policy
         operating_point = options.operating_point or policy.default_operating_point
@@ -153,68 +187,84 @@ class ModelService:
             )
         if not 1 <= options.top_k <= settings.max_labels:
             raise InvalidInput(f"top_k must be between 1 and {settings.max_labels}", code="invalid_top_k")
-        return Query(BatchKey(labels, templates, operating_point), options.top_k)
+        rule = self.classifier.exit_rule(operating_point).for_labels(len(labels))
+        return Question(labels, templates, operating_point, rule, min(options.top_k, len(labels)))
 
-    def with_cached_text(self, query: Query) -> Query | None:
-        """``query`` with its text embeddings when every label is in the cache (no waiting, no torch op on the
+    def cached_key(self, question: Question) -> BatchKey | None:
+        """``question`` with its text embeddings when every label is in the cache (no waiting, no torch op on the
         event loop), else None."""
-        rows = self.classifier.cached_text_rows(query.key.labels, query.key.templates)
-        return None if rows is None else replace(query, key=replace(query.key, text_rows=rows))
+        rows = self.classifier.text_cache.lookup_rows(question.labels, question.templates)
+        return None if rows is None else BatchKey(question, rows)
 
-    async def resolve_text(self, query: Query) -> Query:
-        """``query`` with its text embeddings resolved, before it may join the inference queue: from the cache at
-        once when every label is there, else encoded on the text worker (:class:`TextQueueFull` when its queue is
-        full). The inference worker never encodes a request's labels."""
-        cached = self.with_cached_text(query)
-        if cached is not None:
-            return cached
-        rows = await self.text_worker.run(self._encode, query.key)
-        return replace(query, key=replace(query.key, text_rows=rows))
+    async def encoded_key(self, question: Question) -> BatchKey:
+        """``question`` with its text embeddings encoded on the text worker (what the cache lacks;
+        :class:`TextQueueFull` when the worker's queue is full), for a question :meth:`cached_key` could not answer."""
+        return BatchKey(question, await self.text_worker.run(self._encode, question))
 
-    def _encode(self, key: BatchKey) -> tuple[torch.Tensor, ...]:
+    def _encode(self, question: Question) -> tuple[torch.Tensor, ...]:
         """Encode (what the cache lacks of) a label set; runs on the text worker."""
-        return tuple(self.classifier.text_embeddings(key.labels, key.templates).unbind(0))
+        return tuple(self.classifier.text_cache.get(question.labels, question.templates).unbind(0))
 
-    def _question(self, key: BatchKey, top_k: int, rule: ExitRule | None = None) -> LabelQuery:
-        """The engine's form of a key (on the inference worker): its resolved embeddings stacked, or, for a key
-        that skipped :meth:`resolve_text`, the cache's."""
-        text = torch.stack(key.text_rows) if key.text_rows is not None else None
-        return self.classifier.query(
-            key.labels,
-            templates=key.templates,
-            operating_point=key.operating_point,
-            top_k=top_k,
-            exit_rule=rule,
-            text=text,
-        )
+    @staticmethod
+    def _label_query(key: BatchKey, rule: ExitRule | None = None) -> LabelQuery:
+        """The engine's form of a key (on the inference worker): its validated question with its embeddings
+        stacked [K, E]; ``rule`` replaces the question's."""
+        question = key.question
+        return LabelQuery(question.labels, torch.stack(key.text_rows), rule or question.rule, question.top_k)
 
-    def run_batch(self, keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
-        """One engine call, each image against its own request's key (blocking; the batcher's worker thread makes
-        it)."""
-        questions: dict[int, LabelQuery] = {}
+    def run_batch(self, keys: Sequence[WorkKey], images: torch.Tensor) -> list[RowResult]:
+        """One engine batch, each image against its own request's key (blocking; the batcher's worker thread makes
+        it): the classified images in one engine call, the images to embed in one more."""
+        classified = [row for row, key in enumerate(keys) if isinstance(key, BatchKey)]
+        results: list[RowResult] = []
+        if len(classified) == len(keys):
+            results.extend(self._classify(keys, images))
+            return results
+        answers: dict[int, RowResult] = {}
+        if classified:
+            results_of_classified = self._classify([keys[row] for row in classified], images[torch.tensor(classified)])
+            answers.update(zip(classified, results_of_classified, strict=True))
+        embedded = [row for row in range(len(keys)) if row not in answers]
+        vectors = self.classifier.embed_images(images[torch.tensor(embedded)])  # [n, E]
+        answers.update(zip(embedded, vectors.unbind(0), strict=True))
+        return [answers[row] for row in range(len(keys))]
+
+    def _classify(self, keys: Sequence[WorkKey], images: torch.Tensor) -> list[ExitResult]:
+        queries: dict[int, LabelQuery] = {}
+        for key in keys:
+            assert isinstance(key, BatchKey)  # run_batch hands only classified rows here
+            if id(key) not in queries:
+                queries[id(key)] = self._label_query(key)
         try:
-            for key, top_k in zip(keys, top_ks, strict=True):
-                assert isinstance(key, BatchKey)
-                if id(key) not in questions:
-                    questions[id(key)] = self._question(key, top_k)
-            return self.classifier.classify_rows(images, [questions[id(key)] for key in keys])
-        except InputError as exc:  # prepare() checks all of this first; kept so a gap is a 422, not a 500
+            return self.classifier.classify_rows(images, [queries[id(key)] for key in keys])
+        except InputError as exc:  # question() checks all of this first; kept so a gap is a 422, not a 500
             raise InvalidInput(str(exc)) from exc
+
+    async def embed_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        """Unit text embeddings [N, E] float32 of ``texts`` as given (no template), with each text's token count
+        (its start and end tokens included, at most CLIP's context), encoded on the text worker
+        (:class:`TextQueueFull` when its queue is full)."""
+        return await self.text_worker.run(self._embed_texts, texts)
+
+    def _embed_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        tokens = self.classifier.backbone.tokenizer(list(texts))  # [N, context], 0-padded
+        counts = (tokens != 0).sum(dim=-1).tolist()
+        return self.classifier.embed_texts(texts), counts
 
     def run_full_depth(self, key: BatchKey, images: torch.Tensor) -> list[ExitResult]:
         """``key``'s label set at full depth, no exit heads run (shadow checks; blocking, on the worker thread).
         Uses the key's resolved text embeddings, so a check never encodes labels on the inference worker."""
-        query = self._question(key, 1, ExitRule.full())
+        query = self._label_query(key, ExitRule.full())
         return self.classifier.classify_rows(images, [query] * images.shape[0])
 
     def close(self) -> None:
         """Stop the text worker (queued encodings are dropped)."""
         self.text_worker.close()
 
-    def response(self, result: ExitResult, *, top_k: int, operating_point: str, timing: TimingOut) -> ClassifyResponse:
-        """The API's view of one engine result (predictions cut to this request's ``top_k``)."""
+    def response(self, result: ExitResult, question: Question, timing: TimingOut) -> ClassifyResponse:
+        """The API's view of one engine result for ``question``."""
         return ClassifyResponse(
-            predictions=[PredictionOut(label=p.label, score=p.score) for p in result.predictions[:top_k]],
+            predictions=[PredictionOut(label=p.label, score=p.score) for p in result.predictions[: question.top_k]],
             exit_layer=result.exit_layer,
             num_layers=result.num_layers,
             exited_early=result.exited_early,
@@ -222,8 +272,8 @@ class ModelService:
             gate_probability=result.gate_probability,
             flops=result.flops / 1e9,
             flops_saved=result.flops_saved,
-            operating_point=operating_point,
-            model=self.classifier.checkpoint_id,
+            operating_point=question.operating_point,
+            model=self.name,
             timing_ms=timing,
         )
 
@@ -250,6 +300,20 @@ class ModelService:
         )
         return points
 
+    def entry(self, *, default: bool) -> ModelEntry:
+        """This model in ``GET /models``."""
+        classifier = self.classifier
+        return ModelEntry(
+            model=self.name,
+            default=default,
+            checkpoint_id=classifier.checkpoint_id,
+            backbone=classifier.backbone.name,
+            quant_mode=classifier.quant_report.mode,
+            embedding_dimensions=classifier.backbone.shape.embed_dim,
+            operating_points=list(classifier.policy.names),
+            default_operating_point=classifier.policy.default_operating_point,
+        )
+
     def summary(self) -> ModelSummary:
         """Manifest summary for ``GET /model``."""
         classifier = self.classifier
@@ -257,12 +321,14 @@ class ModelService:
         policy = classifier.policy
         settings = self.settings
         return ModelSummary(
-            model=classifier.checkpoint_id,
+            model=self.name,
+            checkpoint_id=classifier.checkpoint_id,
             backbone=classifier.backbone.name,
             quant_mode=classifier.quant_report.mode,
             quantized_modules=len(classifier.quant_report.converted),
             num_layers=classifier.num_layers,
             image_size=classifier.backbone.shape.image_size,
+            embedding_dimensions=classifier.backbone.shape.embed_dim,
             candidate_layers=list(policy.candidate_layers),
             pruned_layers=[
                 PrunedLayerOut(layer=p.layer, inr=p.inr, reason=p.reason)

@@ -16,6 +16,8 @@ from lraee_core.backends import BackendChoice
 from lraee_core.images import DEFAULT_MAX_PIXELS
 from lraee_core.text import MAX_LABEL_CHARS
 
+from .addresses import is_host_or_network
+
 MIB = 1024 * 1024
 MAX_TEMPLATES = 100  # prompt templates per request; each label is encoded once per template
 # Prompts (labels x templates) one request may send to the text tower: 1000 labels x the 7 default templates fit.
@@ -32,13 +34,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LRAEE_", frozen=True, extra="ignore")
 
-    checkpoint: Path = Field(
-        default=DEFAULT_CHECKPOINT,
-        description="LRA-EE checkpoint directory (manifest.json + heads), or an embedded one by name: "
-        + ", ".join(EMBEDDED_CHECKPOINTS),
+    # NoDecode: a plain comma-separated list ("everyday,photos"), not the JSON pydantic-settings expects for lists.
+    checkpoint: Annotated[tuple[Path, ...], NoDecode] = Field(
+        default=(DEFAULT_CHECKPOINT,),
+        description="the models to serve, comma-separated, the first the default: LRA-EE checkpoint directories "
+        "(manifest.json + heads) or embedded ones by name (" + ", ".join(EMBEDDED_CHECKPOINTS) + "). Each has its "
+        "own engine, inference worker and text cache; requests choose one with their `model` field",
     )
     backbone_weights: Path | None = Field(
-        default=None, description="local backbone weights file overriding the manifest's"
+        default=None, description="local backbone weights file overriding the manifest's (of the default model)"
     )
     open_clip_cache_dir: Path | None = Field(default=None, description="open_clip download cache")
     threads: int = Field(default=2, ge=1, le=256, description="torch intra-op threads of the inference worker")
@@ -101,15 +105,56 @@ class Settings(BaseSettings):
     shadow_rate: float = Field(
         default=0.0, ge=0.0, le=1.0, description="share of early exits re-run at full depth when idle (0: off)"
     )
-    # NoDecode: the variable is a plain comma-separated list, not the JSON pydantic-settings expects for lists.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="browser origins allowed to call the API cross-origin (comma-separated); none: CORS off"
+    )
+    max_embedding_inputs: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="inputs (texts or images) of one /v1/embeddings request; images also at most LRAEE_QUEUE_CAPACITY",
+    )
+    max_embedding_input_chars: int = Field(
+        default=2000, ge=1, le=100_000, description="characters of one /v1/embeddings text input (CLIP reads 77 tokens)"
+    )
+    image_urls: bool = Field(
+        default=False, description="fetch images given by http(s) URL (image_url, URL inputs); off: refused"
+    )
+    image_url_allow_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="hostnames or CIDRs (comma-separated) whose addresses image URLs may reach although they are "
+        "loopback, private, link-local or otherwise not public (a hostname allows what it resolves to)",
+    )
+    image_url_connect_timeout_seconds: float = Field(
+        default=3.0, gt=0.0, le=60.0, description="connecting to an image URL's host (DNS included)"
+    )
+    image_url_read_timeout_seconds: float = Field(
+        default=5.0, gt=0.0, le=60.0, description="longest wait for the next bytes of an image URL's answer"
+    )
+    image_url_timeout_seconds: float = Field(
+        default=10.0, gt=0.0, le=300.0, description="one image URL's whole fetch, redirects included"
+    )
+    max_image_fetches: int = Field(
+        default=8, ge=1, le=1024, description="image URLs being fetched at once; a request over it gets 429"
     )
 
     @field_validator("checkpoint", mode="before")
     @classmethod
-    def _embedded_name(cls, value: object) -> object:
-        return resolve_checkpoint(value) if isinstance(value, str | Path) else value
+    def _checkpoint_list(cls, value: object) -> object:
+        # "everyday,photos", one path, or a sequence; embedded names become their directories.
+        items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, Path) else value
+        if not isinstance(items, list | tuple):
+            return value
+        paths = tuple(
+            resolve_checkpoint(item.strip() if isinstance(item, str) else item)
+            for item in items
+            if not (isinstance(item, str) and not item.strip())
+        )
+        if not paths:
+            raise ValueError("name at least one checkpoint")
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"a checkpoint is named twice: {', '.join(map(str, paths))}")
+        return paths
 
     @field_validator("api_key")
     @classmethod
@@ -119,11 +164,19 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "image_url_allow_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(origin.strip() for origin in value.split(",") if origin.strip())
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("image_url_allow_hosts")
+    @classmethod
+    def _hosts_or_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if not is_host_or_network(entry):
+                raise ValueError(f"{entry!r} is neither a hostname nor an IP address or CIDR")
         return value
 
     @model_validator(mode="after")
@@ -156,6 +209,17 @@ class Settings(BaseSettings):
                 f"LRAEE_BODY_GRACE_SECONDS ({self.body_grace_seconds:g})"
             )
         return self
+
+    @property
+    def default_checkpoint(self) -> Path:
+        """The default model's checkpoint (the first named)."""
+        return self.checkpoint[0]
+
+    @property
+    def max_embedding_images(self) -> int:
+        """Image inputs of one /v1/embeddings request: they enter the inference queue at once, so never more than
+        it holds."""
+        return min(self.max_embedding_inputs, self.queue_capacity)
 
     @property
     def max_batch_wait_seconds(self) -> float:

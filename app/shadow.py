@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from lraee_core.engine import ExitResult
 
-from .service import BatchKey
+from .service import BatchKey, RowResult, WorkKey
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ CheckObserver = Callable[[int, str, bool], None]
 class ShadowSample:
     """One early exit waiting for its full-depth check."""
 
-    key: BatchKey  # the request's labels, templates and operating point
+    key: BatchKey  # the request's question and its text embeddings
     image: torch.Tensor  # [3, H, W], as the engine saw it
     exit_layer: int  # where it left
     label: str  # the top-1 label it was answered with
@@ -70,13 +70,15 @@ class ShadowSampler:
         """Samples waiting for their check."""
         return len(self._queue)
 
-    def offer(self, keys: Sequence[Hashable], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+    def offer(self, keys: Sequence[WorkKey], images: Sequence[torch.Tensor], results: Sequence[RowResult]) -> None:
         """Sample the early exits of a finished live batch, each image with its request's key (called on the event
         loop; never blocks)."""
         if self.rate <= 0.0:
             return
         for key, image, result in zip(keys, images, results, strict=True):
-            if not isinstance(key, BatchKey) or result.exit_path != "head" or not result.predictions:
+            if not isinstance(key, BatchKey) or not isinstance(result, ExitResult):
+                continue  # an image embedded, not classified
+            if result.exit_path != "head" or not result.predictions:
                 continue
             if self._random.random() >= self.rate:
                 continue
@@ -96,4 +98,4 @@ class ShadowSampler:
     def _check(self, sample: ShadowSample) -> None:
         [full] = self._full_depth(sample.key, sample.image.unsqueeze(0))  # [1, 3, H, W]
         agree = bool(full.predictions) and full.predictions[0].label == sample.label
-        self._on_check(sample.exit_layer, sample.key.operating_point, agree)
+        self._on_check(sample.exit_layer, sample.key.question.operating_point, agree)

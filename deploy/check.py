@@ -60,6 +60,8 @@ GRAFANA_BUILTINS = {
     "__range_s": "300",
     "__range_ms": "300000",
 }
+# The dashboard's own variables at "All" (their allValue): the model selector covers every served model.
+DASHBOARD_VARIABLES = {"model": ".+"}
 GRAFANA_VARIABLE = re.compile(r"\$\{([A-Za-z0-9_]+)(?::[^}]*)?\}|\$([A-Za-z0-9_]+)")
 LABEL_SETS = (
     ("cat", "dog", "car"),
@@ -177,13 +179,15 @@ def panel_targets(dashboard: dict[str, Any]) -> list[PanelTarget]:
 
 
 def grafana_to_promql(expr: str) -> str:
-    """``expr`` with Grafana's built-in variables replaced; other dashboard variables are refused."""
+    """``expr`` with Grafana's built-in variables and the dashboard's own (at "All") replaced; other variables are
+    refused."""
+    known = {**GRAFANA_BUILTINS, **DASHBOARD_VARIABLES}
 
     def substitute(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
-        if name not in GRAFANA_BUILTINS:
+        if name not in known:
             raise CheckError(f"the check knows no value for the dashboard variable ${name} in: {expr}")
-        return GRAFANA_BUILTINS[name]
+        return known[name]
 
     return GRAFANA_VARIABLE.sub(substitute, expr)
 

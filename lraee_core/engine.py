@@ -128,6 +128,23 @@ class EarlyExitClassifier:
         chosen = self.default_templates if templates is None else validate_templates(templates)
         return self.text_cache.lookup_rows(labels, chosen)
 
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit full-depth image embeddings [B, E] float32 of preprocessed images [B, 3, H, W]: the ones the ``full``
+        path classifies with (every block, no exit head), through the backend that serves the classifier."""
+        _check_images(images)
+        final = self.backbone.span(0, self.num_layers, images, final=True).final
+        assert final is not None  # a span that ends at the top block with final=True returns it
+        return final
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit text embeddings [N, E] float32 of ``texts`` as given: no prompt template, nothing cached (label
+        embeddings for classification are :meth:`text_embeddings`). CLIP's tokenizer truncates a text past its
+        context (77 tokens for ViT-B-32)."""
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise InputError("expected one or more texts")
+        return self.backbone.encode_text(list(texts))
+
     def exit_rule(self, operating_point: str | None = None) -> ExitRule:
         """The rule of a named operating point (the default when None; ``full`` on every checkpoint);
         :class:`InputError` naming the known ones if unknown."""
@@ -324,7 +341,8 @@ class EarlyExitClassifier:
 @dataclass(frozen=True, eq=False)
 class LabelQuery:
     """One request's question, shared by the rows (images) that ask it: build it with
-    :meth:`EarlyExitClassifier.query`."""
+    :meth:`EarlyExitClassifier.query`, which validates it, or directly from parts validated already (the service
+    validates a request once, before its text is encoded)."""
 
     labels: tuple[str, ...]  # validated label set, in request order
     text: torch.Tensor  # [K, E] FP16 unit text embeddings of ``labels`` (prompt-ensembled)

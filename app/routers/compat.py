@@ -2,7 +2,7 @@
 already have (``huggingface_hub.InferenceClient``, ``@huggingface/inference``) pointed at this service's URL.
 
 Only the envelope differs from ``/classify``: the body becomes the same :class:`ParsedRequest` and runs through
-:func:`run_classification`, so limits, errors (the one JSON error shape) and metrics are those of ``/classify``. The
+:func:`app.flow.classify`, so limits, errors (the one JSON error shape) and metrics are those of ``/classify``. The
 answer is the task's list of ``{label, score}``, every label, highest first; the early-exit facts, which that list has
 no room for, travel in ``X-LRAEE-*`` response headers.
 """
@@ -14,9 +14,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from ..deps import BatcherDep, DecoderDep, ServiceDep, SettingsDep
+from ..deps import FetcherDep, ModelsDep, SettingsDep
 from ..errors import InvalidInput, UnsupportedMediaType
-from ..payloads import JSON, ParsedRequest, decode_base64, is_json, json_object, media_type, read_body, validate_model
+from ..flow import classify as run_flow
+from ..payloads import JSON, ParsedRequest, image_or_url, is_json, json_object, media_type, read_body, validate_model
 from ..schemas import (
     ClassifyOptions,
     HuggingFaceInputs,
@@ -26,7 +27,6 @@ from ..schemas import (
     inline_schema,
 )
 from ..settings import Settings
-from .classify import run_classification
 
 router = APIRouter(tags=["compatibility"])
 
@@ -42,8 +42,9 @@ def _labels(value: list[str] | str) -> list[str]:
     return value
 
 
-def huggingface_options(body: HuggingFaceRequest) -> tuple[str, ClassifyOptions]:
-    """The base64 image and the ``/classify`` options a Hugging Face task body asks for.
+def huggingface_options(body: HuggingFaceRequest, model: str | None = None) -> tuple[str, ClassifyOptions]:
+    """The image (base64 or a URL) and the ``/classify`` options a Hugging Face task body asks for; ``model``:
+    the one the URL's query names, if any.
 
     ``hypothesis_template`` becomes the request's single template; none means the checkpoint's default templates
     (the ones its operating points were calibrated with), exactly as on ``/classify``.
@@ -73,18 +74,29 @@ def huggingface_options(body: HuggingFaceRequest) -> tuple[str, ClassifyOptions]
             "templates": [template] if template is not None else None,
             "top_k": max(len(labels), 1),  # the task answers every label; an empty set fails label validation
             "operating_point": parameters.operating_point,
+            "model": _one_model(parameters.model, model),
         },
     )
     return (inputs.image if isinstance(inputs, HuggingFaceInputs) else inputs), options
 
 
-def _parse_body(body: bytes | bytearray, settings: Settings) -> ParsedRequest:
-    image, options = huggingface_options(validate_model(HuggingFaceRequest, json_object(body)))
-    return ParsedRequest([decode_base64(image, settings.max_upload_bytes)], options)
+def _one_model(in_body: str | None, in_query: str | None) -> str | None:
+    if in_body is not None and in_query is not None and in_body != in_query:
+        raise InvalidInput(
+            f"two models named: {in_body!r} in parameters.model and {in_query!r} in ?model=; name one",
+            code="validation_error",
+        )
+    return in_body if in_body is not None else in_query
+
+
+def _parse_body(body: bytes | bytearray, settings: Settings, model: str | None) -> ParsedRequest:
+    image, options = huggingface_options(validate_model(HuggingFaceRequest, json_object(body)), model)
+    return ParsedRequest([image_or_url(image, settings.max_upload_bytes)], options)
 
 
 async def parse_huggingface_request(request: Request, settings: Settings) -> ParsedRequest:
-    """Read a Hugging Face task body (JSON, the size limit of a one-image ``/classify``) into a parsed request."""
+    """Read a Hugging Face task body (JSON, the size limit of a one-image ``/classify``) into a parsed request;
+    ``?model=`` on the URL chooses the model (a client pointed at ``.../compat/huggingface?model=photos``)."""
     kind = media_type(request)
     if not is_json(kind):
         raise UnsupportedMediaType(
@@ -93,7 +105,7 @@ async def parse_huggingface_request(request: Request, settings: Settings) -> Par
         )
     body = await read_body(request, settings.body_limit(1))
     # Parsed off the event loop, like /classify's JSON: megabytes of base64 must not hold up other requests.
-    return await asyncio.to_thread(_parse_body, body, settings)
+    return await asyncio.to_thread(_parse_body, body, settings, request.query_params.get("model"))
 
 
 _REQUEST_BODY_DOC: dict[str, Any] = {
@@ -116,7 +128,7 @@ _REQUEST_BODY_DOC: dict[str, Any] = {
                 OPERATING_POINT_HEADER: {"description": "the operating point used", "schema": {"type": "string"}},
             },
         },
-        **error_responses(400, 401, 413, 415, 422, 429, 503),
+        **error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
     },
     openapi_extra=_REQUEST_BODY_DOC,
     summary="Zero-shot image classification in the Hugging Face inference task format",
@@ -125,18 +137,18 @@ async def huggingface(
     request: Request,
     response: Response,
     settings: SettingsDep,
-    service: ServiceDep,
-    batcher: BatcherDep,
-    decoder: DecoderDep,
+    models: ModelsDep,
+    fetcher: FetcherDep,
 ) -> list[PredictionOut]:
     """What ``InferenceClient(model="<this URL>").zero_shot_image_classification(image, candidate_labels=[...])``
     sends: ``{"inputs": <base64 image>, "parameters": {"candidate_labels": [...], "hypothesis_template": "..."}}``.
 
     Also accepted: ``inputs`` as ``{"image", "candidate_labels"}``, a top-level ``image``, labels as one
-    comma-separated string, and ``parameters.operating_point``.
+    comma-separated string, ``parameters.operating_point``, the model as ``parameters.model`` or ``?model=``, and
+    the image as an http(s) URL (when LRAEE_IMAGE_URLS is on).
     """
     parsed = await parse_huggingface_request(request, settings)
-    (result,) = await run_classification(request, parsed, service, batcher, decoder, batch=False)
+    (result,) = await run_flow(request, parsed, models, fetcher, batch=False)
     response.headers[EXIT_LAYER_HEADER] = str(result.exit_layer)
     response.headers[FLOPS_SAVED_HEADER] = repr(result.flops_saved)
     response.headers[OPERATING_POINT_HEADER] = result.operating_point

@@ -29,12 +29,14 @@ async def readyz(runtime: ReadyRuntimeDep) -> Status:
     """200 once the checkpoint is loaded and warmed up and the inference worker runs; 503 with the reason before
     that, if the worker has stopped, from the start of shutdown, and while images wait behind one engine call that
     has run longer than ``LRAEE_STALL_SECONDS``."""
-    assert runtime.batcher is not None
-    stalled = runtime.batcher.stalled_seconds()
-    if stalled > runtime.settings.stall_seconds:
-        raise ServiceUnavailable(
-            f"the inference worker has made no progress for {stalled:.1f} s with {runtime.batcher.depth} images waiting"
-        )
+    assert runtime.models is not None
+    for model in runtime.models:
+        stalled = model.batcher.stalled_seconds()
+        if stalled > runtime.settings.stall_seconds:
+            raise ServiceUnavailable(
+                f"the inference worker of model {model.name!r} has made no progress for {stalled:.1f} s with "
+                f"{model.batcher.depth} images waiting"
+            )
     return Status(status="ready")
 
 

@@ -144,10 +144,35 @@ function describeOperatingPoint() {
   }
 }
 
+/** Fill the model chooser from GET /models (shown only when the service serves more than one). */
+async function loadModels() {
+  const select = byId("model");
+  const chosen = select.value;
+  let listing;
+  try {
+    listing = await api("/models");
+  } catch (error) {
+    return; // loadModel reports why the service does not answer
+  }
+  select.replaceChildren();
+  for (const entry of listing.models) {
+    const option = document.createElement("option");
+    option.value = entry.model;
+    option.textContent = entry.default ? `${entry.model} (default)` : entry.model;
+    option.title = `${entry.backbone}, checkpoint ${entry.checkpoint_id}`;
+    select.append(option);
+  }
+  const names = listing.models.map((entry) => entry.model);
+  select.value = names.includes(chosen) ? chosen : listing.default;
+  byId("model-choice").hidden = names.length < 2;
+}
+
 async function loadModel() {
   const line = byId("model-line");
+  await loadModels();
+  const chosen = byId("model").value;
   try {
-    state.model = await api("/model");
+    state.model = await api(chosen ? `/model?model=${encodeURIComponent(chosen)}` : "/model");
   } catch (error) {
     state.model = null;
     line.textContent = error instanceof ApiError && error.status === 401
@@ -218,6 +243,7 @@ async function classify(operatingPoint) {
   for (const template of parseTemplates()) form.append("templates", template);
   form.append("top_k", byId("top-k").value || "5");
   if (operatingPoint) form.append("operating_point", operatingPoint);
+  if (byId("model").value) form.append("model", byId("model").value);
   const started = performance.now();
   const result = await api("/classify", { method: "POST", body: form });
   result.roundTripMs = performance.now() - started;
@@ -403,6 +429,7 @@ function setUp() {
   // A new key may unlock /model (and with it the operating points).
   byId("api-key").addEventListener("change", loadModel);
   byId("operating-point").addEventListener("change", describeOperatingPoint);
+  byId("model").addEventListener("change", loadModel);
   byId("classify-form").addEventListener("submit", onSubmit);
   loadModel();
 }

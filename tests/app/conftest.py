@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from lraee_core.config import BackboneConfig
 
 LABELS = ["cat", "dog", "car", "tree", "boat"]
 
@@ -32,9 +33,19 @@ def make_settings(tiny_checkpoint: Path) -> Any:
     """Settings on the tiny checkpoint with overrides; environment variables do not leak in for the overridden."""
 
     def make(**overrides: Any) -> Settings:
-        return Settings(checkpoint=tiny_checkpoint, **overrides)
+        return Settings(**{"checkpoint": tiny_checkpoint, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def second_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config: BackboneConfig) -> Path:
+    """Another untrained tiny checkpoint (other seed), served as ``untrained-b`` beside ``untrained``."""
+    from lraee_core.random_init import untrained_checkpoint
+
+    directory = tmp_path_factory.mktemp("tiny-ckpt-b")
+    untrained_checkpoint(directory, tiny_config, seed=1, checkpoint_id="untrained-b")
+    return directory
 
 
 @pytest.fixture(scope="session")

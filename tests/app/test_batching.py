@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Hashable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import httpx
@@ -104,8 +104,8 @@ async def test_concurrent_requests_batch_and_match_sequential(make_settings: Any
 
         text = (await client.get("/metrics")).text
         buckets = metric_samples(text, "lraee_batch_size_bucket")
-        single = buckets[(("le", "1.0"),)]
-        total = metric_samples(text, "lraee_batch_size_count")[()]
+        single = buckets[(("le", "1.0"), ("model", "untrained"))]
+        total = metric_samples(text, "lraee_batch_size_count")[(("model", "untrained"),)]
         assert total > single, "no engine batch held more than one image"
         assert metric_samples(text, "lraee_requests_total")[(("route", "/classify"), ("status", "200"))] == 216
 
@@ -212,23 +212,23 @@ def fake_result() -> ExitResult:
 
 @pytest.mark.anyio
 async def test_requests_with_different_keys_share_batches_oldest_first() -> None:
-    calls: list[list[Hashable]] = []
+    calls: list[list[str]] = []
     entered, gate = threading.Event(), threading.Event()
 
-    def run_batch(keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
+    def run_batch(keys: Sequence[str], images: torch.Tensor) -> list[ExitResult]:
         entered.set()
         gate.wait(timeout=10)
         calls.append(list(keys))
         return [fake_result() for _ in range(images.shape[0])]
 
-    batcher = MicroBatcher(max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
     batcher.start(run_batch)
     image = torch.zeros(3, 2, 2)
-    blocker = asyncio.create_task(batcher.submit("warm", [image], 1))
+    blocker = asyncio.create_task(batcher.submit("warm", [image]))
     assert await asyncio.to_thread(entered.wait, 10)  # the worker now holds the "warm" batch
-    waiting = [asyncio.create_task(batcher.submit(key, [image], 1)) for key in "ababa"]
+    waiting = [asyncio.create_task(batcher.submit(key, [image])) for key in "ababa"]
     await wait_until(lambda: batcher.depth == 5)
-    late = asyncio.create_task(batcher.submit("c", [image] * 2, 1))  # two images of one request, queued last
+    late = asyncio.create_task(batcher.submit("c", [image] * 2))  # two images of one request, queued last
     await wait_until(lambda: batcher.depth == 7)
     gate.set()
     await asyncio.gather(blocker, late, *waiting)
@@ -241,19 +241,19 @@ async def test_requests_with_different_keys_share_batches_oldest_first() -> None
 async def test_queue_bound_and_shutdown() -> None:
     release = threading.Event()
 
-    def run_batch(keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
+    def run_batch(keys: Sequence[str], images: torch.Tensor) -> list[ExitResult]:
         release.wait(timeout=10)
         return [fake_result() for _ in range(images.shape[0])]
 
-    batcher = MicroBatcher(max_batch_size=1, max_wait_seconds=0.0, capacity=2, threads=1)
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=1, max_wait_seconds=0.0, capacity=2, threads=1)
     batcher.start(run_batch)
     image = torch.zeros(3, 2, 2)
-    in_flight = asyncio.create_task(batcher.submit("k", [image], 1))
+    in_flight = asyncio.create_task(batcher.submit("k", [image]))
     await asyncio.sleep(0.05)
-    waiting = asyncio.create_task(batcher.submit("k", [image, image], 1))
+    waiting = asyncio.create_task(batcher.submit("k", [image, image]))
     await asyncio.sleep(0.01)
     with pytest.raises(QueueFull):
-        await batcher.submit("k", [image], 1)
+        await batcher.submit("k", [image])
     stopping = asyncio.create_task(batcher.stop())
     await asyncio.sleep(0.01)
     release.set()
@@ -262,20 +262,20 @@ async def test_queue_bound_and_shutdown() -> None:
     with pytest.raises(ServiceUnavailable):
         await waiting  # what waited is failed with 503
     with pytest.raises(ServiceUnavailable):
-        await batcher.submit("k", [image], 1)
+        await batcher.submit("k", [image])
 
 
 @pytest.mark.anyio
 async def test_a_dead_consumer_fails_waiting_requests(monkeypatch: pytest.MonkeyPatch) -> None:
-    batcher = MicroBatcher(max_batch_size=4, max_wait_seconds=0.0, capacity=8, threads=1)
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=4, max_wait_seconds=0.0, capacity=8, threads=1)
 
     async def broken() -> None:
         raise RuntimeError("a bug in the batcher")
 
     monkeypatch.setattr(batcher, "_let_batch_fill", broken)
-    batcher.start(lambda keys, images, top_ks: [fake_result() for _ in range(images.shape[0])])
+    batcher.start(lambda keys, images: [fake_result() for _ in range(images.shape[0])])
     with pytest.raises(ServiceUnavailable, match="worker has stopped"):
-        await batcher.submit("k", [torch.zeros(3, 2, 2)], 1)
+        await batcher.submit("k", [torch.zeros(3, 2, 2)])
     assert not batcher.running and batcher.depth == 0
     await batcher.stop()  # still stops cleanly
 

@@ -125,7 +125,11 @@ def test_operating_point_is_honoured(client: TestClient, operating_point: str, e
     [
         (task_body(b"this is not an image"), 415, "invalid_image"),
         ({"inputs": "%%% not base64 %%%", "parameters": {"candidate_labels": LABELS}}, 400, "invalid_base64"),
-        ({"inputs": "https://example.com/cat.jpg", "parameters": {"candidate_labels": LABELS}}, 400, "invalid_base64"),
+        (
+            {"inputs": "https://example.com/cat.jpg", "parameters": {"candidate_labels": LABELS}},
+            400,
+            "image_urls_disabled",
+        ),
         ({"inputs": "", "parameters": {"candidate_labels": LABELS}}, 400, "empty_image"),
         ({"inputs": b64(imagegen.png())}, 422, "invalid_labels"),
         (task_body(imagegen.png(), labels=[]), 422, "invalid_labels"),

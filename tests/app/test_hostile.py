@@ -101,8 +101,8 @@ CASES = {
         "'image' (a file) is required",
     ),
     "invalid-base64": Case(as_json(image="not base64!!"), 400, "invalid_base64", "not valid base64"),
-    "image-url-is-not-fetched": Case(
-        as_json(image="https://example.com/cat.jpg"), 400, "invalid_base64", "URLs are not fetched"
+    "image-url-in-the-base64-field": Case(
+        as_json(image="https://example.com/cat.jpg"), 400, "invalid_base64", "an image URL goes in 'image_url'"
     ),
     "data-url-not-base64": Case(as_json(image="data:image/png,abc"), 400, "invalid_base64", "data: URL"),
     "base64-of-text": Case(as_json(image=b64(b"just text")), 415, "invalid_image", "not a decodable image"),

@@ -114,7 +114,7 @@ async def test_readiness_fails_while_the_worker_is_wedged_and_recovers(
 
 
 def test_missing_checkpoint_stops_start_up(tmp_path: Path) -> None:
-    app = create_app(Settings(checkpoint=tmp_path / "nowhere"))
+    app = create_app(Settings(checkpoint=(tmp_path / "nowhere",)))
     with pytest.raises(StartupError, match="LRAEE_CHECKPOINT") as info, TestClient(app):
         pass
     assert str(tmp_path / "nowhere") in str(info.value)
@@ -124,7 +124,7 @@ def test_corrupt_checkpoint_stops_start_up(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{ not json")
     with (
         pytest.raises(StartupError, match=r"LRAEE_CHECKPOINT=.*unreadable"),
-        TestClient(create_app(Settings(checkpoint=tmp_path))),
+        TestClient(create_app(Settings(checkpoint=(tmp_path,)))),
     ):
         pass
 
@@ -146,14 +146,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_settings_from_environment(clean_env: pytest.MonkeyPatch) -> None:
-    assert Settings().checkpoint == DEFAULT_CHECKPOINT
+    assert Settings().checkpoint == (DEFAULT_CHECKPOINT,)
     clean_env.setenv("LRAEE_CHECKPOINT", "/models/ckpt")
     clean_env.setenv("LRAEE_MAX_BATCH_SIZE", "7")
     clean_env.setenv("LRAEE_MAX_BATCH_WAIT_MS", "2.5")
     clean_env.setenv("LRAEE_API_KEY", "")
     clean_env.setenv("LRAEE_BACKBONE_WEIGHTS", "/weights/vit.safetensors")
     settings = Settings()
-    assert settings.checkpoint == Path("/models/ckpt") and settings.max_batch_size == 7
+    assert settings.checkpoint == (Path("/models/ckpt"),) and settings.max_batch_size == 7
     assert settings.max_batch_wait_seconds == 0.0025 and settings.api_key is None
     assert settings.backbone_weights == Path("/weights/vit.safetensors")
     clean_env.setenv("LRAEE_API_KEY", "hunter2-secret")
@@ -161,7 +161,15 @@ def test_settings_from_environment(clean_env: pytest.MonkeyPatch) -> None:
     assert key is not None and key.get_secret_value() == "hunter2-secret"
     assert "hunter2" not in repr(Settings())  # the secret never shows in logs of the settings
     clean_env.setenv("LRAEE_CHECKPOINT", "world")  # an embedded checkpoint by name
-    assert Settings().checkpoint == EMBEDDED_CHECKPOINTS["world"] != DEFAULT_CHECKPOINT
+    assert Settings().checkpoint == (EMBEDDED_CHECKPOINTS["world"],) != (DEFAULT_CHECKPOINT,)
+    clean_env.setenv("LRAEE_CHECKPOINT", "everyday, photos,/models/ckpt")  # several: the first is the default
+    settings = Settings()
+    assert settings.checkpoint == (
+        EMBEDDED_CHECKPOINTS["everyday"],
+        EMBEDDED_CHECKPOINTS["photos"],
+        Path("/models/ckpt"),
+    )
+    assert settings.default_checkpoint == EMBEDDED_CHECKPOINTS["everyday"]
 
 
 @pytest.mark.parametrize(
@@ -171,6 +179,9 @@ def test_settings_from_environment(clean_env: pytest.MonkeyPatch) -> None:
         ({"LRAEE_MAX_BATCH_SIZE": "many"}, "max_batch_size"),
         ({"LRAEE_MAX_LABEL_CHARS": "500"}, "max_label_chars"),
         ({"LRAEE_MAX_BATCH_IMAGES": "64", "LRAEE_QUEUE_CAPACITY": "16"}, "LRAEE_QUEUE_CAPACITY"),
+        ({"LRAEE_CHECKPOINT": "everyday,photos,everyday"}, "named twice"),
+        ({"LRAEE_CHECKPOINT": " , "}, "at least one checkpoint"),
+        ({"LRAEE_IMAGE_URL_ALLOW_HOSTS": "10.0.0.0/8,not a host!"}, "neither a hostname"),
     ],
 )
 def test_bad_settings_fail_at_start_up(clean_env: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:

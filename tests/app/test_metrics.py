@@ -31,25 +31,29 @@ def value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **l
     return matches[0]
 
 
+MODEL = "untrained"  # the served name of the tiny test checkpoint (its checkpoint id)
+
+
 def test_every_metric_with_its_labels(make_settings: Any) -> None:
     with TestClient(create_app(make_settings())) as client:
         before = scrape(client)
         # Series exist before any traffic: one per candidate layer plus the full path, at 0.
         for layer in ("9", "11", "12", "full"):
-            assert value(before, "lraee_exit_layer_total", layer=layer) == 0
-        assert value(before, "lraee_queue_depth") == 0
+            assert value(before, "lraee_exit_layer_total", model=MODEL, layer=layer) == 0
+        assert value(before, "lraee_queue_depth", model=MODEL) == 0
         assert (
             value(
                 before,
                 "lraee_model_info",
+                model=MODEL,
                 backbone="lraee-tiny-vit12/random-init",
                 quant_mode="paper",
                 checkpoint="untrained",
             )
             == 1
         )
-        misses_before = value(before, "lraee_text_cache_misses_total")
-        hits_before = value(before, "lraee_text_cache_hits_total")
+        misses_before = value(before, "lraee_text_cache_misses_total", model=MODEL)
+        hits_before = value(before, "lraee_text_cache_hits_total", model=MODEL)
 
         labels = ["metric-a", "metric-b", "metric-c"]
         answers = []
@@ -69,24 +73,24 @@ def test_every_metric_with_its_labels(make_settings: Any) -> None:
         routes = {labels["route"] for labels, _ in after["lraee_requests_total"]}
         assert not any("123" in route for route in routes)  # templates, not raw paths
         assert value(after, "lraee_request_duration_seconds_count", route="/classify") == 4
-        assert value(after, "lraee_inference_seconds_count") == 3
-        assert value(after, "lraee_exit_layer_total", layer="full") == 1  # the "never" request
+        assert value(after, "lraee_inference_seconds_count", model=MODEL) == 3
+        assert value(after, "lraee_exit_layer_total", model=MODEL, layer="full") == 1  # the "never" request
         assert sum(v for _, v in after["lraee_exit_layer_total"]) == 3
-        assert value(after, "lraee_flops_saved_ratio_count") == 3
+        assert value(after, "lraee_flops_saved_ratio_count", model=MODEL) == 3
         # The FLOPs counters add up what the responses reported (GFLOPs there), so a dashboard's compute-weighted
         # saving 1 - spent / full is the responses' saving.
         spent = sum(answer.json()["flops"] for answer in answers) * 1e9
         full = sum(a.json()["flops"] / (1 - a.json()["flops_saved"]) for a in answers) * 1e9
-        assert value(after, "lraee_flops_total") == pytest.approx(spent, rel=1e-3)
-        assert value(after, "lraee_flops_full_total") == pytest.approx(full, rel=1e-3)
+        assert value(after, "lraee_flops_total", model=MODEL) == pytest.approx(spent, rel=1e-3)
+        assert value(after, "lraee_flops_full_total", model=MODEL) == pytest.approx(full, rel=1e-3)
         buckets = {labels["le"] for labels, _ in after["lraee_batch_size_bucket"]}
         assert buckets == {"1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "+Inf"}
-        assert value(after, "lraee_batch_size_count") == 3
-        assert value(after, "lraee_queue_depth") == 0
+        assert value(after, "lraee_batch_size_count", model=MODEL) == 3
+        assert value(after, "lraee_queue_depth", model=MODEL) == 0
         # The refused image's request had its (new, default) labels left alone: a non-image is refused from its
         # header before any text work.
-        assert value(after, "lraee_text_cache_misses_total") == misses_before + len(labels)
-        assert value(after, "lraee_text_cache_hits_total") == hits_before + 2 * len(labels)
+        assert value(after, "lraee_text_cache_misses_total", model=MODEL) == misses_before + len(labels)
+        assert value(after, "lraee_text_cache_hits_total", model=MODEL) == hits_before + 2 * len(labels)
 
 
 def test_apps_have_their_own_registries(make_settings: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -12,15 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.batching import MicroBatcher
 from app.main import create_app
-from app.service import BatchKey
+from app.service import BatchKey, Question
 from app.shadow import ShadowSampler
 from lraee_core.engine import ExitResult, Prediction
+from lraee_core.exits import ExitRule
 
 from . import imagegen
 from .conftest import multipart, running
 from .test_metrics import value
 
-KEY = BatchKey(labels=("cat", "dog"), templates=None, operating_point="fast")
+KEY = BatchKey(Question(("cat", "dog"), ("a photo of a {}.",), "fast", ExitRule.full(), top_k=1), text_rows=())
 
 
 def result(label: str, path: str = "head", layer: int = 9) -> ExitResult:
@@ -42,7 +43,7 @@ def test_sampler_keeps_early_exits_only_and_drops_when_full() -> None:
     answers = {0.0: "cat", 1.0: "dog"}  # full depth answers by the image's value
 
     def full_depth(key: BatchKey, images: torch.Tensor) -> list[ExitResult]:
-        assert images.shape == (1, 3, 2, 2) and key == KEY
+        assert images.shape == (1, 3, 2, 2) and key is KEY
         return [result(answers[float(images[0, 0, 0, 0])], "full")]
 
     sampler = ShadowSampler(
@@ -77,7 +78,7 @@ class Recorder:
         self.offered = 0
         self.jobs = 0
 
-    def offer(self, keys: Sequence[Hashable], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+    def offer(self, keys: Sequence[str], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
         self.offered += len(images)
         self.jobs += len(images)
 
@@ -92,16 +93,16 @@ class Recorder:
 async def test_background_work_runs_only_when_no_live_image_waits() -> None:
     log: list[str] = []
 
-    def run_batch(keys: Sequence[Hashable], images: torch.Tensor, top_ks: Sequence[int]) -> list[ExitResult]:
+    def run_batch(keys: Sequence[str], images: torch.Tensor) -> list[ExitResult]:
         log.append(f"live {''.join(map(str, keys))}")
         return [result("cat")] * images.shape[0]
 
-    batcher = MicroBatcher(max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=4, max_wait_seconds=0.0, capacity=64, threads=1)
     background = Recorder(log)
     batcher.start(run_batch, background=background)
     image = torch.zeros(3, 2, 2)
     # Eight images of two groups arrive at once: both groups run before any shadow job.
-    await asyncio.gather(*(batcher.submit(key, [image] * 4, 1) for key in ("a", "b")))
+    await asyncio.gather(*(batcher.submit(key, [image] * 4) for key in ("a", "b")))
     for _ in range(100):
         if log.count("shadow") == 8:
             break
@@ -120,7 +121,15 @@ async def test_shadow_checks_are_counted_per_layer_and_operating_point(make_sett
         layers = {labels_["layer"] for labels_, _ in before["lraee_shadow_checks_total"]}
         assert (
             layers == {"9", "11", "12"}
-            and value(before, "lraee_shadow_checks_total", layer="9", operating_point="always", agree="true") == 0
+            and value(
+                before,
+                "lraee_shadow_checks_total",
+                model="untrained",
+                layer="9",
+                operating_point="always",
+                agree="true",
+            )
+            == 0
         )
         early, full = [], []
         for seed in range(4):
@@ -137,11 +146,21 @@ async def test_shadow_checks_are_counted_per_layer_and_operating_point(make_sett
             await asyncio.sleep(0.02)
     assert all(answer["exit_path"] == "head" and answer["exit_layer"] == 9 for answer in early)
     agree = sum(e["predictions"][0]["label"] == f["predictions"][0]["label"] for e, f in zip(early, full, strict=True))
-    assert value(samples, "lraee_shadow_checks_total", layer="9", operating_point="always", agree="true") == agree
-    assert value(samples, "lraee_shadow_checks_total", layer="9", operating_point="always", agree="false") == 4 - agree
-    assert value(samples, "lraee_answers_total", operating_point="always", exit_path="head") == 4
-    assert value(samples, "lraee_answers_total", operating_point="full", exit_path="full") == 4
-    assert value(samples, "lraee_shadow_dropped_total") == 0
+    assert (
+        value(
+            samples, "lraee_shadow_checks_total", model="untrained", layer="9", operating_point="always", agree="true"
+        )
+        == agree
+    )
+    assert (
+        value(
+            samples, "lraee_shadow_checks_total", model="untrained", layer="9", operating_point="always", agree="false"
+        )
+        == 4 - agree
+    )
+    assert value(samples, "lraee_answers_total", model="untrained", operating_point="always", exit_path="head") == 4
+    assert value(samples, "lraee_answers_total", model="untrained", operating_point="full", exit_path="full") == 4
+    assert value(samples, "lraee_shadow_dropped_total", model="untrained") == 0
 
 
 def scrape_async(response: Any) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -31,7 +31,7 @@ def static_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config: Bac
 
 
 def test_static_checkpoint_serves_classify(static_checkpoint: Path) -> None:
-    with TestClient(create_app(Settings(checkpoint=static_checkpoint))) as client:
+    with TestClient(create_app(Settings(checkpoint=(static_checkpoint,)))) as client:
         model = client.get("/model").json()
         assert model["quant_mode"] == "static" and model["quantized_modules"] == 48
         response = client.post("/classify", **multipart(imagegen.noise_png(1)))

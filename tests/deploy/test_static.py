@@ -72,6 +72,7 @@ SERVICE_METRICS = {
     "lraee_inflight_requests": "gauge",
     "lraee_inflight_bytes": "gauge",
     "lraee_body_timeouts_total": "counter",
+    "lraee_embedded_inputs_total": "counter",
 }
 PROMETHEUS_SERIES = frozenset({"up"})  # what Prometheus itself records per target, usable in panels
 PROMQL_KEYWORDS = frozenset(
@@ -405,14 +406,14 @@ def test_dashboard_covers_what_operators_of_an_early_exit_service_watch(dashboar
         "lraee_exit_layer_total",  # exit-layer distribution and early-exit rate
         'layer!="full"',
         "lraee_flops_saved_ratio",
-        "1 - sum(rate(lraee_flops_total[$__rate_interval])) / sum(rate(lraee_flops_full_total",  # mean saving
+        '1 - sum(rate(lraee_flops_total{model=~"$model"}[$__rate_interval])) / sum(rate(lraee_flops_full_total',  # mean
         "lraee_requests_total",
         "histogram_quantile(0.99, sum by (le) (rate(lraee_request_duration_seconds_bucket",
         "lraee_batch_size",
         "lraee_queue_depth",
         "lraee_text_cache_hits_total",
         "lraee_model_info",
-        'lraee_shadow_checks_total{agree="true"}',  # agreement of early exits with full depth
+        'lraee_shadow_checks_total{agree="true", model=~"$model"}',  # agreement of early exits with full depth
         "lraee_inflight_bytes",
         "lraee_body_timeouts_total",  # slow bodies cut off
     ):
@@ -426,6 +427,19 @@ def test_dashboard_queries_only_metrics_the_service_exposes(dashboard: dict[str,
             unknown = metric_names(target["expr"]) - exposed_series()
             assert not unknown, f"{panel['title']}: unknown metrics {sorted(unknown)} in {target['expr']}"
             assert set(re.findall(r'job="([^"]+)"', target["expr"])) <= jobs, panel["title"]
+
+
+def test_every_engine_panel_follows_the_model_selector(dashboard: dict[str, Any]) -> None:
+    [variable] = dashboard["templating"]["list"]
+    assert variable["name"] == "model" and variable["includeAll"] and variable["multi"]
+    assert {"model": variable["allValue"]} == check.DASHBOARD_VARIABLES
+    assert "lraee_model_info" in variable["query"]["query"]
+    request_level = ("lraee_requests_total", "lraee_request_duration_seconds", "lraee_inflight_bytes", "up{")
+    for panel in dashboard_panels(dashboard):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            if not any(name in expr for name in request_level):
+                assert expr.count('model=~"$model"') == expr.count("lraee_"), f"{panel['title']}: {expr}"
 
 
 def test_metric_names_reads_promql() -> None:

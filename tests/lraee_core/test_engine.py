@@ -126,3 +126,22 @@ def test_custom_templates_and_bad_requests(classifier: EarlyExitClassifier, imag
         classifier.classify(images[:1], ["cat", "cat"])
     with pytest.raises(InputError, match="non-empty image batch"):
         classifier.classify(images[:0], LABELS)
+
+
+def test_embeddings_are_the_full_depth_paths_in_the_classifiers_space(
+    classifier: EarlyExitClassifier, images: torch.Tensor
+) -> None:
+    embeddings = classifier.embed_images(images)
+    with torch.inference_mode():
+        expected = F.normalize(classifier.backbone.model.encode_image(images), dim=-1)  # the (quantized) tower
+    assert embeddings.shape == (8, classifier.backbone.shape.embed_dim) and embeddings.dtype == torch.float32
+    assert torch.allclose(embeddings, expected, atol=1e-5)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(8), atol=1e-5)
+    # One template, one text per label: the texts' embeddings are the labels' and rank them as `full` does.
+    texts = classifier.embed_texts([f"a photo of a {label}." for label in LABELS])
+    assert torch.allclose(texts, classifier.text_embeddings(LABELS, ["a photo of a {}."]).float(), atol=2e-3)
+    results = classifier.classify(images, LABELS, templates=["a photo of a {}."], operating_point="full", top_k=1)
+    best = (embeddings @ texts.T).argmax(dim=-1).tolist()
+    assert [LABELS[index] for index in best] == [result.predictions[0].label for result in results]
+    with pytest.raises(InputError):
+        classifier.embed_texts([])
