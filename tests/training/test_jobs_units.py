@@ -533,9 +533,8 @@ def test_stratified_order_spreads_every_class_over_every_prefix() -> None:
 
 
 def test_generated_world_source(tmp_path: Path) -> None:
-    world = pytest.importorskip("training.clip.world")
-    if not hasattr(world, "export_imagefolder"):
-        pytest.skip("training.clip.world has no export_imagefolder yet")
+    from training.clip import world
+
     splits = make_splits(
         DataConfig(source="world:test:shapes:40", head_split=0.5, gate_split=0.2, calib_split=0.15), tmp_path
     )
