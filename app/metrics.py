@@ -119,7 +119,7 @@ class Metrics:
         """Describe the loaded model and create every exit series at 0, so dashboards see them before traffic
         (the shadow series too when shadow sampling is on: absent series say it is off)."""
         self.model_info.labels(
-            backbone=classifier.backbone.name,
+            backbone=classifier.backbone.config.model_name,  # no weights path: /metrics names no machine path
             quant_mode=classifier.quant_report.mode,
             checkpoint=classifier.checkpoint_id,
         ).set(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from lraee_core.config import FULL_OPERATING_POINT
 from lraee_core.engine import EarlyExitClassifier, ExitResult, LabelQuery
 from lraee_core.errors import InputError, LraeeError
 from lraee_core.exits import ExitRule
+from lraee_core.manifest import portable_paths
 from lraee_core.text import validate_labels, validate_templates
 
 from .errors import InvalidInput, StartupError
@@ -32,6 +34,7 @@ from .text_worker import TextWorker
 log = logging.getLogger(__name__)
 
 WARM_UP_LABELS = ("a photo",)
+COMPACT_FIGURES = ("agreement", "flops_saved", "rows")  # per label count in GET /model's compact summary
 
 
 @dataclass(frozen=True)
@@ -228,12 +231,18 @@ class ModelService:
             timing_ms=timing,
         )
 
-    def _operating_points(self) -> dict[str, OperatingPointOut]:
-        """Stored points with their promises and held-out figures per label count, then the built-in ``full``."""
+    def _operating_points(self, full: bool) -> dict[str, OperatingPointOut]:
+        """Stored points with their promises and held-out (validation) figures per label count, then the built-in
+        ``full``; unless ``full``, each label count keeps only its agreement, FLOPs saved and rows."""
         policy = self.classifier.policy
         manifest = self.classifier.manifest
         held_out = manifest.metrics.get("held_out", {}) if manifest is not None else {}
         measured = held_out.get("operating_points", {})
+        if not full:
+            measured = {
+                point: {k: {name: f[name] for name in COMPACT_FIGURES if name in f} for k, f in per_k.items()}
+                for point, per_k in measured.items()
+            }
         points = {
             point.name: OperatingPointOut(
                 thresholds={str(layer): value for layer, value in sorted(point.thresholds.items())},
@@ -248,29 +257,29 @@ class ModelService:
         )
         return points
 
-    def summary(self) -> ModelSummary:
-        """Manifest summary for ``GET /model``."""
+    def summary(self, *, full: bool = False) -> ModelSummary:
+        """Manifest summary for ``GET /model``; ``full`` adds the whole manifest and every measured figure."""
         classifier = self.classifier
         manifest = classifier.manifest
         policy = classifier.policy
         settings = self.settings
         return ModelSummary(
             model=classifier.checkpoint_id,
-            backbone=classifier.backbone.name,
+            backbone=classifier.backbone.config.model_name,
+            backbone_source=self._backbone_source(),
             quant_mode=classifier.quant_report.mode,
             quantized_modules=len(classifier.quant_report.converted),
             num_layers=classifier.num_layers,
             image_size=classifier.backbone.shape.image_size,
+            exit_heads=classifier.head_config.pooling,
             candidate_layers=list(policy.candidate_layers),
             pruned_layers=[
                 PrunedLayerOut(layer=p.layer, inr=p.inr, reason=p.reason)
                 for p in (manifest.pruned_layers if manifest is not None else ())
             ],
-            operating_points=self._operating_points(),
+            operating_points=self._operating_points(full),
             default_operating_point=policy.default_operating_point,
             default_templates=list(classifier.default_templates),
-            calibration=dict(manifest.calibration) if manifest is not None else {},
-            metrics=dict(manifest.metrics) if manifest is not None else {},
             limits={
                 "max_labels": settings.max_labels,
                 "max_label_chars": settings.max_label_chars,
@@ -280,4 +289,24 @@ class ModelService:
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_image_pixels": settings.max_image_pixels,
             },
+            manifest=(
+                portable_paths(manifest.to_json(), {"checkpoint": str(settings.checkpoint)})
+                if full and manifest is not None
+                else None
+            ),
         )
+
+    def _backbone_source(self) -> str:
+        """Where the backbone's weights came from, without a directory of this machine."""
+        if self.settings.backbone_weights is not None:
+            return f"{self.settings.backbone_weights.name} (the backbone_weights setting)"
+        manifest = self.classifier.manifest
+        if manifest is None:
+            return "unknown"
+        ref = manifest.backbone
+        if ref.pretrained_kind == "random" or ref.pretrained is None:
+            return f"random init (seed {ref.random_init_seed})"
+        if ref.pretrained_kind == "file":
+            inside = not Path(ref.pretrained).is_absolute()
+            return Path(ref.pretrained).name + (" (in the checkpoint)" if inside else "")
+        return ref.pretrained  # an open_clip pretrained tag

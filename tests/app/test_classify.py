@@ -9,8 +9,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from lraee_core.text import DEFAULT_TEMPLATES
-
 from . import imagegen
 from .conftest import LABELS, multipart
 
@@ -146,18 +144,6 @@ def test_a_non_image_is_refused_before_its_new_labels_are_encoded(
     assert encoded == []
     assert client.post("/classify", **multipart(imagegen.png(), labels=fresh)).status_code == 200
     assert len(encoded) == 1  # a good image with the same labels encodes them once
-
-
-def test_model_summary(client: TestClient) -> None:
-    body = client.get("/model").json()
-    assert body["model"] == "untrained" and body["backbone"].startswith("lraee-tiny-vit12")
-    assert body["quant_mode"] == "paper" and body["quantized_modules"] == 24
-    assert body["candidate_layers"] == [9, 11, 12] and body["pruned_layers"] == []
-    assert body["default_operating_point"] == "half"
-    assert body["default_templates"] == list(DEFAULT_TEMPLATES)  # the untrained checkpoint stores none
-    assert body["operating_points"]["never"]["thresholds"] == {"9": 1.0, "11": 1.0, "12": 1.0}
-    assert body["calibration"]["kind"] == "untrained"
-    assert body["limits"]["max_labels"] == 1000
 
 
 def test_openapi_documents_both_content_types(client: TestClient) -> None:
