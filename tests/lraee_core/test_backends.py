@@ -10,6 +10,8 @@ import torch
 
 from lraee_core import BackendOptions, CheckpointError, EarlyExitClassifier, load_classifier, read_manifest
 
+from ..decisions import near, top2_gap
+
 # Imported under another name so that pytest does not collect it here a second time.
 from .test_engine import test_batch_gives_each_image_its_own_result as engine_batch_equals_single
 
@@ -205,11 +207,16 @@ def test_onnxruntime_spans_answer_the_gate_as_pytorch_does(
     finite = reference.logits.isfinite()
     torch.testing.assert_close(span.gate.logits[finite], reference.logits[finite], rtol=0, atol=1e-5)
     torch.testing.assert_close(span.gate.probability, reference.probability, rtol=0, atol=1e-6)
-    assert torch.equal(span.gate.top1, reference.top1)
+    # Top-1 labels are compared where the runner-up's cosine is further than the tie band (tests/decisions.py):
+    # other kernels may rank a near tie either way. At most one of the six rows may be that close.
+    decided = ~near(top2_gap(reference.logits / ort_full._logit_scale), 0.0)
+    assert decided.sum() >= rows - 1
+    mask = torch.from_numpy(decided)
+    assert span.gate.top1[mask].tolist() == reference.top1[mask].tolist()
     for i, single in enumerate(alone):
         assert single.gate is not None
         torch.testing.assert_close(single.gate.probability[0], span.gate.probability[i], rtol=0, atol=1e-6)
-        assert int(single.gate.top1[0]) == int(span.gate.top1[i])
+        assert int(single.gate.top1[0]) == int(span.gate.top1[i]) or not decided[i]
     with pytest.raises(ValueError, match="pass the head"):
         backbone.span(1, layer, hidden, gate=question(slice(None)))
 
