@@ -151,7 +151,7 @@ class Metrics:
         shadow series too when shadow sampling is on: absent series say it is off); the observers of its engine."""
         self.model_info.labels(
             model=name,
-            backbone=classifier.backbone.name,
+            backbone=classifier.backbone.config.model_name,  # no weights path: /metrics names no machine path
             quant_mode=classifier.quant_report.mode,
             checkpoint=classifier.checkpoint_id,
         ).set(1)

@@ -256,10 +256,12 @@ class OperatingPointOut(BaseModel):
     )
     held_out: dict[str, Any] | None = Field(
         default=None,
-        description="Measured on held-out images never used to choose thresholds: label count K -> agreement with "
-        'full depth, top-1, FLOPs saved, exit shares; "words-K" keys: label sets of K everyday words (the image\'s '
-        'word and K-1 others), where the checkpoint was built with word sets; "group-NAME" keys: label sets that are '
-        "one class group whole (a dataset's own classes), where it was built with groups",
+        description="Measured by the build on its evaluation images, held out of fitting (no threshold was chosen "
+        "on them) but validation images, not a sealed test set: the build recipe may have been tuned after reading "
+        "them. Label count K -> agreement with full depth, FLOPs saved and rows (with `?full=true` also top-1, exit "
+        'shares and the standard error); "words-K" keys: label sets of K everyday words (the image\'s word and K-1 '
+        'others), where the checkpoint was built with word sets; "group-NAME" keys: label sets that are one class '
+        "group whole (a dataset's own classes), where it was built with groups",
     )
 
 
@@ -272,24 +274,34 @@ class PrunedLayerOut(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    """What ``GET /model`` tells about the loaded checkpoint."""
+    """What ``GET /model`` tells about the loaded checkpoint: a compact summary, and with ``?full=true`` the whole
+    manifest too. No path of the serving machine appears in either."""
 
     model: str = Field(description="The name requests choose it by (an embedded checkpoint's name, else its id)")
     checkpoint_id: str = Field(description="The manifest's checkpoint id (also accepted as its name)")
-    backbone: str = Field(description="open_clip architecture / weights source")
+    backbone: str = Field(description="open_clip architecture name", examples=["ViT-B-32"])
+    backbone_source: str = Field(
+        description="Where the weights come from: an open_clip pretrained tag, a weights file by name (in the "
+        "checkpoint, or the backbone_weights setting), or random init with its seed",
+        examples=["openai", "weights.safetensors (in the checkpoint)"],
+    )
     quant_mode: str
     quantized_modules: int = Field(description="Modules converted to INT8 (dynamic, or static with calibrated scales)")
     num_layers: int
     image_size: int
     embedding_dimensions: int = Field(description="Width of its image and text embeddings (/v1/embeddings)")
+    exit_heads: str = Field(description="Pooling of the exit heads: ssa (mean of the patch tokens) or cls ([CLS])")
     candidate_layers: list[int]
     pruned_layers: list[PrunedLayerOut]
     operating_points: dict[str, OperatingPointOut]
     default_operating_point: str
     default_templates: list[str] = Field(description="Prompt templates used when a request names none")
-    calibration: dict[str, Any] = Field(description="How the thresholds were calibrated")
-    metrics: dict[str, Any] = Field(description="Accuracies and FLOPs measured at calibration")
     limits: dict[str, int] = Field(description="Request limits of this service")
+    manifest: dict[str, Any] | None = Field(
+        default=None,
+        description="With `?full=true`: the checkpoint's whole manifest (how it was built and calibrated, every "
+        "figure it measured), absolute paths written as `${checkpoint}/...` or `${elsewhere}/NAME`; null otherwise",
+    )
 
 
 class ModelEntry(BaseModel):

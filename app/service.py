@@ -23,6 +23,7 @@ from lraee_core.config import FULL_OPERATING_POINT
 from lraee_core.engine import EarlyExitClassifier, ExitResult, LabelQuery
 from lraee_core.errors import InputError, LraeeError
 from lraee_core.exits import ExitRule
+from lraee_core.manifest import portable_paths
 from lraee_core.text import validate_labels, validate_templates
 
 from .errors import InvalidInput, StartupError
@@ -42,6 +43,7 @@ from .text_worker import TextWorker
 log = logging.getLogger(__name__)
 
 WARM_UP_LABELS = ("a photo",)
+COMPACT_FIGURES = ("agreement", "flops_saved", "rows")  # per label count in GET /model's compact summary
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,20 @@ def served_name(path: Path, checkpoint_id: str) -> str:
 class ModelService:
     """An :class:`EarlyExitClassifier` plus the service's limits, served under ``name``."""
 
-    def __init__(self, classifier: EarlyExitClassifier, settings: Settings, name: str | None = None) -> None:
+    def __init__(
+        self,
+        classifier: EarlyExitClassifier,
+        settings: Settings,
+        name: str | None = None,
+        *,
+        path: Path | None = None,
+        weights: Path | None = None,
+    ) -> None:
         self.classifier = classifier
         self.settings = settings
         self.name = name if name is not None else classifier.checkpoint_id  # what requests call it
+        self.path = path  # the checkpoint directory it was loaded from (None: built in memory)
+        self.weights = weights  # the local backbone weights it was loaded with (None: the checkpoint's own)
         self.text_worker = TextWorker(capacity=settings.text_queue_capacity)
         if settings.max_labels > classifier.max_labels:
             raise StartupError(
@@ -130,7 +142,7 @@ class ModelService:
             len(classifier.quant_report.converted),
             list(classifier.policy.candidate_layers),
         )
-        return cls(classifier, settings, served_name(path, classifier.checkpoint_id))
+        return cls(classifier, settings, served_name(path, classifier.checkpoint_id), path=path, weights=weights)
 
     def preprocess(self, image: Image.Image) -> Any:
         """The backbone's own transform: RGB PIL image -> [3, H, W] tensor."""
@@ -277,12 +289,18 @@ class ModelService:
             timing_ms=timing,
         )
 
-    def _operating_points(self) -> dict[str, OperatingPointOut]:
-        """Stored points with their promises and held-out figures per label count, then the built-in ``full``."""
+    def _operating_points(self, full: bool) -> dict[str, OperatingPointOut]:
+        """Stored points with their promises and held-out (validation) figures per label count, then the built-in
+        ``full``; unless ``full``, each label count keeps only its agreement, FLOPs saved and rows."""
         policy = self.classifier.policy
         manifest = self.classifier.manifest
         held_out = manifest.metrics.get("held_out", {}) if manifest is not None else {}
         measured = held_out.get("operating_points", {})
+        if not full:
+            measured = {
+                point: {k: {name: f[name] for name in COMPACT_FIGURES if name in f} for k, f in per_k.items()}
+                for point, per_k in measured.items()
+            }
         points = {
             point.name: OperatingPointOut(
                 thresholds={
@@ -307,15 +325,15 @@ class ModelService:
             model=self.name,
             default=default,
             checkpoint_id=classifier.checkpoint_id,
-            backbone=classifier.backbone.name,
+            backbone=classifier.backbone.config.model_name,
             quant_mode=classifier.quant_report.mode,
             embedding_dimensions=classifier.backbone.shape.embed_dim,
             operating_points=list(classifier.policy.names),
             default_operating_point=classifier.policy.default_operating_point,
         )
 
-    def summary(self) -> ModelSummary:
-        """Manifest summary for ``GET /model``."""
+    def summary(self, *, full: bool = False) -> ModelSummary:
+        """Manifest summary for ``GET /model``; ``full`` adds the whole manifest and every measured figure."""
         classifier = self.classifier
         manifest = classifier.manifest
         policy = classifier.policy
@@ -323,22 +341,22 @@ class ModelService:
         return ModelSummary(
             model=self.name,
             checkpoint_id=classifier.checkpoint_id,
-            backbone=classifier.backbone.name,
+            backbone=classifier.backbone.config.model_name,
+            backbone_source=self._backbone_source(),
             quant_mode=classifier.quant_report.mode,
             quantized_modules=len(classifier.quant_report.converted),
             num_layers=classifier.num_layers,
             image_size=classifier.backbone.shape.image_size,
             embedding_dimensions=classifier.backbone.shape.embed_dim,
+            exit_heads=classifier.head_config.pooling,
             candidate_layers=list(policy.candidate_layers),
             pruned_layers=[
                 PrunedLayerOut(layer=p.layer, inr=p.inr, reason=p.reason)
                 for p in (manifest.pruned_layers if manifest is not None else ())
             ],
-            operating_points=self._operating_points(),
+            operating_points=self._operating_points(full),
             default_operating_point=policy.default_operating_point,
             default_templates=list(classifier.default_templates),
-            calibration=dict(manifest.calibration) if manifest is not None else {},
-            metrics=dict(manifest.metrics) if manifest is not None else {},
             limits={
                 "max_labels": settings.max_labels,
                 "max_label_chars": settings.max_label_chars,
@@ -348,4 +366,24 @@ class ModelService:
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_image_pixels": settings.max_image_pixels,
             },
+            manifest=(
+                portable_paths(manifest.to_json(), {} if self.path is None else {"checkpoint": str(self.path)})
+                if full and manifest is not None
+                else None
+            ),
         )
+
+    def _backbone_source(self) -> str:
+        """Where the backbone's weights came from, without a directory of this machine."""
+        if self.weights is not None:
+            return f"{self.weights.name} (the backbone_weights setting)"
+        manifest = self.classifier.manifest
+        if manifest is None:
+            return "unknown"
+        ref = manifest.backbone
+        if ref.pretrained_kind == "random" or ref.pretrained is None:
+            return f"random init (seed {ref.random_init_seed})"
+        if ref.pretrained_kind == "file":
+            inside = not Path(ref.pretrained).is_absolute()
+            return Path(ref.pretrained).name + (" (in the checkpoint)" if inside else "")
+        return ref.pretrained  # an open_clip pretrained tag

@@ -64,6 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-photos", dest="photos", action="store_false", help="noise images for the default model too"
     )
     parser.add_argument(
+        "--test-photos",
+        action="store_true",
+        help="the default model's photos from the everyday sets' sealed test split instead of validation (a "
+        "release's final figure only)",
+    )
+    parser.add_argument(
         "--text-full-context",
         action="store_true",
         help="also time open_clip's full-context text encoder (ViT-B-32: ~4 more minutes)",
@@ -151,15 +157,16 @@ def _describe(under_test: BackboneUnderTest) -> str:
     )
 
 
-def bench_images(under_test: BackboneUnderTest, photos: bool) -> BenchImages:
-    """Real everyday photos for a trained checkpoint (its operating points depend on what it sees), noise for
-    random weights or without the shared photos."""
+def bench_images(under_test: BackboneUnderTest, photos: bool, test_photos: bool = False) -> BenchImages:
+    """Real everyday photos for a trained checkpoint (its operating points depend on what it sees; validation
+    photos, or with ``test_photos`` the sealed test split's), noise for random weights or without the shared
+    photos."""
     side = under_test.fp32.shape.image_size
     if under_test.name == VIT_B_32:
         return noise_images(side, LARGE_BATCH, f"{VIT_B_32} has random weights; its early exits are forced")
     if not photos:
         return noise_images(side, LARGE_BATCH, "--no-photos")
-    found = everyday_photos(under_test.fp32.preprocess, LARGE_BATCH)
+    found = everyday_photos(under_test.fp32.preprocess, LARGE_BATCH, test=test_photos)
     return found or noise_images(side, LARGE_BATCH, f"the shared photos are not at {everyday_dir()}")
 
 
@@ -181,7 +188,7 @@ def bench_backbone(name: str, args: argparse.Namespace, workdir: Path) -> tuple[
     under_test.share_text_cache(cache)
 
     shape = under_test.fp32.shape
-    inputs = bench_images(under_test, args.photos)
+    inputs = bench_images(under_test, args.photos, args.test_photos)
     row_labels = list(inputs.labels) if inputs.labels is not None else labels
     rows = measure_interleaved(
         workloads(under_test, row_labels, inputs.classes),

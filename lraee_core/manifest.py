@@ -9,6 +9,7 @@ images. :mod:`lraee_core.checkpoint` reads and writes it next to the tensors.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,23 @@ def points_from_json(data: dict[str, Any], version: int) -> dict[str, OperatingP
         )
         for name, thresholds in stored.items()
     }
+
+
+def portable_paths(value: Any, roots: dict[str, str]) -> Any:
+    """``value`` with every absolute path string rewritten as ``${root}/relative`` under the most specific named
+    root, or ``${elsewhere}/<file name>`` when none holds it: what a manifest or report may record."""
+    if isinstance(value, dict):
+        return {key: portable_paths(item, roots) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(item, roots) for item in value]
+    if not isinstance(value, str) or not value.startswith(os.sep):
+        return value
+    path = Path(value)
+    best: tuple[int, str] | None = None
+    for name, root in roots.items():
+        base = Path(root).resolve()
+        if path == base or base in path.parents:
+            depth = len(base.parts)
+            if best is None or depth > best[0]:
+                best = (depth, f"${{{name}}}" + ("" if path == base else "/" + path.relative_to(base).as_posix()))
+    return best[1] if best is not None else f"${{elsewhere}}/{path.name}"

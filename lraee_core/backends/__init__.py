@@ -86,7 +86,7 @@ def prepare_backbone(
 
     ``activation_ranges``: the calibrated ranges the static modes (:data:`~lraee_core.static_quant.STATIC_MODES`)
     need; those modes run on the torch backend only (fbgemm's static kernels).
-    :class:`~lraee_core.errors.BackboneError` for an unknown backend, or one whose optional packages are missing.
+    :class:`~lraee_core.errors.BackboneError` for an unknown backend, or one whose packages do not import.
     """
     if quant_mode not in QUANT_MODES:  # checked before a backend spends minutes compiling
         raise BackboneError(f"unknown quant mode {quant_mode!r}; expected one of {QUANT_MODES}")
@@ -102,7 +102,8 @@ def prepare_backbone(
             from .onnxruntime import prepare_onnxruntime
         except ImportError as exc:
             raise BackboneError(
-                f"the onnxruntime backend needs onnx and onnxruntime ({exc}); install the [onnx] extra"
+                f"the onnxruntime backend needs onnx and onnxruntime, dependencies of this package ({exc}); "
+                "reinstall it (pip install -e .)"
             ) from exc
         return prepare_onnxruntime(backbone, quant_mode, options)
     raise BackboneError(f"unknown backend {backend!r}; expected one of {BACKENDS}")

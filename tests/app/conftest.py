@@ -67,3 +67,8 @@ async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 def multipart(image: bytes, labels: list[str] = LABELS, **fields: Any) -> dict[str, Any]:
     """Keyword arguments of a multipart ``/classify`` post."""
     return {"files": {"image": ("image.bin", image, "application/octet-stream")}, "data": {"labels": labels, **fields}}
+
+
+def ranking(body: dict[str, Any]) -> list[tuple[str, float]]:
+    """A /classify answer's predictions as (label, score), highest first."""
+    return [(p["label"], p["score"]) for p in body["predictions"]]

@@ -60,6 +60,7 @@ def test_every_row_is_measured_with_positive_numbers(result: tuple[dict[str, Any
             assert row[metric] > 0, (row["key"], metric)
         assert row["latency_p95_ms"] >= row["latency_p50_ms"]
         assert len(row["batch1_pass_s"]) == data["meta"]["repeats"] == len(row["batch32_pass_s"])
+    assert_engine_rows_account_for_every_image(backbone)
     targets = {
         (r["numerator"], r["metric"]): r["target"] for r in backbone["ratios"] if r["denominator"] == "openclip_fp32"
     }
@@ -68,9 +69,6 @@ def test_every_row_is_measured_with_positive_numbers(result: tuple[dict[str, Any
     for item in backbone["early_exit_efficiency"]:  # time saved is paired round by round with its reference
         assert item["time_saving_min"] <= item["time_saving"] <= item["time_saving_max"]
         assert by_key[item["reference"]]["key"].endswith("_full_depth")
-        if row["key"].startswith("lraee_"):
-            assert row["flops_saving_batch32"] is not None
-            assert sum(row["exit_shares_batch32"].values()) == pytest.approx(1.0)
     text = backbone["text"]
     assert text["labels"] == 1000 and text["cold_s"] > 0 and text["cached_s"] > 0
     assert 0 < backbone["flops"]["head_plus_gate_share"] < 1
@@ -87,6 +85,15 @@ def test_every_row_is_measured_with_positive_numbers(result: tuple[dict[str, Any
 
 def by_key_of(backbone: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {row["key"]: row for row in backbone["rows"]}
+
+
+def assert_engine_rows_account_for_every_image(backbone: dict[str, Any]) -> None:
+    """Every LRA-EE engine row has a FLOPs saving and exit shares that add up to all of its images."""
+    engine_rows = [row for row in backbone["rows"] if row["key"].startswith("lraee_")]
+    assert engine_rows
+    for row in engine_rows:
+        assert row["flops_saving_batch32"] is not None, row["key"]
+        assert sum(row["exit_shares_batch32"].values()) == pytest.approx(1.0), row["key"]
 
 
 def test_few_label_sets_hold_each_image_s_class_and_others() -> None:

@@ -17,7 +17,6 @@ def test_the_clock_counts_each_outermost_backbone_call_once(tiny_checkpoint: Pat
     """One engine call on either backend: the clocked time is inside the call's wall time and is not zero (the
     onnxruntime engine calls only ``span``; the torch ``span`` calls ``embed``, ``blocks`` and ``block`` inside,
     which must not be counted twice), and the wrappers are gone afterwards."""
-    pytest.importorskip("onnxruntime")
     engine = load_classifier(tiny_checkpoint, backend=backend)  # type: ignore[arg-type]
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     labels = ["cat", "dog", "car"]

@@ -4,15 +4,12 @@ quantization, one image's result independent of its batch, and a run of blocks e
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
-
-pytest.importorskip("onnxruntime", reason="the onnxruntime backend is the optional [onnx] extra")
-
-import onnxruntime as ort
 from onnx import TensorProto, helper
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
 
 from lraee_core.backends.ort_graphs import (
     INPUT,

@@ -10,10 +10,13 @@ import torch
 
 from lraee_core import BackendOptions, CheckpointError, EarlyExitClassifier, load_classifier, read_manifest
 
+from ..decisions import near, top2_gap
+
 # Imported under another name so that pytest does not collect it here a second time.
 from .test_engine import test_batch_gives_each_image_its_own_result as engine_batch_equals_single
 
-pytest.importorskip("onnxruntime", reason="the onnxruntime backend is the optional [onnx] extra")
+# onnxruntime is a core dependency (pyproject.toml): these tests run everywhere, and an install without it fails them
+# rather than skipping them.
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,9 @@ def test_unknown_backend_or_mode_is_a_checkpoint_error(tiny_checkpoint: Path) ->
         load_classifier(tiny_checkpoint, quant_mode="int4")  # type: ignore[arg-type]
 
 
-def test_a_missing_onnxruntime_names_the_extra(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "lraee_core.backends.onnxruntime", None)  # what a plain install sees
-    with pytest.raises(CheckpointError, match=r"\[onnx\] extra"):
+def test_a_broken_onnxruntime_install_is_named(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "lraee_core.backends.onnxruntime", None)  # what a broken install sees
+    with pytest.raises(CheckpointError, match="onnx and onnxruntime, dependencies of this package"):
         load_classifier(tiny_checkpoint, backend="onnxruntime")
 
 
@@ -237,11 +240,16 @@ def test_onnxruntime_spans_answer_the_gate_as_pytorch_does(
     finite = reference.logits.isfinite()
     torch.testing.assert_close(span.gate.logits[finite], reference.logits[finite], rtol=0, atol=1e-5)
     torch.testing.assert_close(span.gate.probability, reference.probability, rtol=0, atol=1e-6)
-    assert torch.equal(span.gate.top1, reference.top1)
+    # Top-1 labels are compared where the runner-up's cosine is further than the tie band (tests/decisions.py):
+    # other kernels may rank a near tie either way. At most one of the six rows may be that close.
+    decided = ~near(top2_gap(reference.logits / ort_full._logit_scale), 0.0)
+    assert decided.sum() >= rows - 1
+    mask = torch.from_numpy(decided)
+    assert span.gate.top1[mask].tolist() == reference.top1[mask].tolist()
     for i, single in enumerate(alone):
         assert single.gate is not None
         torch.testing.assert_close(single.gate.probability[0], span.gate.probability[i], rtol=0, atol=1e-6)
-        assert int(single.gate.top1[0]) == int(span.gate.top1[i])
+        assert int(single.gate.top1[0]) == int(span.gate.top1[i]) or not decided[i]
     with pytest.raises(ValueError, match="pass the head"):
         backbone.span(1, layer, hidden, gate=question(slice(None)))
 

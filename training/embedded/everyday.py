@@ -8,8 +8,11 @@ Sources (read at run time, never committed):
   of every class (the same seeded choice as ``training.embedded.photo_clip``) never reach training: they are the LRA-EE
   build's images, written to ``holdout.csv``.
 * ``cifar10``, ``intel``, ``flowers``: ``../shared/data/everyday-photos/*-train.tar`` (``<class>/<file>`` members).
-  A seeded ``eval_fraction`` of every class is held out for evaluation and never trained on.
-* ``flickr8k``: photos with five human captions each; ``flickr_eval_images`` photos are held out for retrieval.
+  A seeded ``eval_fraction`` of every class is held out and never trained on (``everyday_eval_split``). Half of it
+  builds the exits (``everyday_build_split``); the other half is cut into validation, which tuning reads, and a
+  sealed test split read once per release (``everyday_validation_split``).
+* ``flickr8k``: photos with five human captions each; ``flickr_eval_images`` photos are held out for retrieval
+  (validation and test halves as above).
 
 Captions: every labelled class is a WordNet synset (ImageNet wnids are synset offsets; the other sets' class names are
 pinned to synsets in ``SET_CLASSES``). A caption is drawn per image and step (``training.embedded.captions``): the class
@@ -312,7 +315,8 @@ BUILD_SHARE = 0.5
 def everyday_build_split(cfg: EverydayClipConfig) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """The held-out members (never trained on by the CLIP) cut in two, per class and seeded: (build, evaluation).
     The build half of CIFAR-10 / Intel / flowers joins the LRA-EE build's photos; the evaluation half, and every
-    held-out Flickr8k photo (no labels to build on), are what ``training.embedded.everyday_eval`` scores."""
+    held-out Flickr8k photo (no labels to build on), are cut again into validation and test
+    (:func:`everyday_validation_split`)."""
     held = everyday_eval_split(cfg)
     build: dict[str, list[str]] = {}
     evaluation: dict[str, list[str]] = {"flickr8k": held["flickr8k"]}
@@ -322,6 +326,29 @@ def everyday_build_split(cfg: EverydayClipConfig) -> tuple[dict[str, list[str]],
         build[name] = [members[i] for i in to_build]
         evaluation[name] = [members[i] for i in to_eval]
     return build, evaluation
+
+
+# Share of the evaluation half that is sealed as the test split (per class, seeded): read once per release for its
+# final figure, never while a recipe, a build setting or a threshold is being chosen. The rest is validation: what
+# every tuning run, the bench and the default evaluation read.
+TEST_SHARE = 0.5
+
+
+def everyday_validation_split(cfg: EverydayClipConfig) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The evaluation half of :func:`everyday_build_split` cut in two per class, seeded: (validation, test).
+
+    Validation is what tuning consults (the bench's photos, ``training.embedded.everyday_eval`` by default); test is
+    sealed, read only with an explicit opt-in for a release's final figure. The CLIP's holdout and the build half are
+    unchanged (their seeds are ``cfg.seed`` and ``cfg.seed + 1``; this cut uses ``cfg.seed + 2``). Flickr8k's
+    held-out photos, one group without classes, are cut the same way."""
+    _, evaluation = everyday_build_split(cfg)
+    validation: dict[str, list[str]] = {}
+    test: dict[str, list[str]] = {}
+    for name, members in evaluation.items():
+        to_validate, sealed = split_members(members, TEST_SHARE, cfg.seed + 2)
+        validation[name] = [members[i] for i in to_validate]
+        test[name] = [members[i] for i in sealed]
+    return validation, test
 
 
 def collect_sources(cfg: EverydayClipConfig, shares: dict[str, float]) -> list[EncodedSource]:

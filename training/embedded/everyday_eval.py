@@ -1,10 +1,12 @@
-"""What a user sees: a checkpoint scored on held-out real photos with the label sets users send.
+"""What a user sees: a checkpoint scored on real photos it was not built on, with the label sets users send.
 
 Every image is decoded by the service's decoder (``lraee_core.images.load_image``), preprocessed by the backbone's
 own transform and classified by the engine with the checkpoint's default templates, exactly as ``/classify`` does
 without HTTP. No image below was seen by CLIP training or by the LRA-EE build (``training.embedded.everyday`` holds the
 everyday sets' eval members out with the same seed; Tiny-ImageNet's val photos and the ILSVRC2012 val photos are
-separate sets by construction).
+separate sets by construction). They are *validation* photos, not test photos: recipes and build settings were
+chosen after reading these figures. The everyday sets also keep a sealed *test* split
+(``everyday.everyday_validation_split``), read only with ``--test``, once per release, for its final figure.
 
 Tasks:
 
@@ -14,15 +16,17 @@ Tasks:
 * ``everyday-5way``: photos whose class falls under exactly one everyday word (``captions.EVERYDAY_CONCEPTS``, by
   WordNet hypernyms), against that word + 4 seeded other everyday words that are neither above nor below it
   ("animal" is never a distractor for a dog). ILSVRC val photos of all 725 classes and a Tiny val sample.
-* ``cifar10-10way``, ``intel-6way``, ``flowers-5way``: the evaluation half of the held-out members
-  (``everyday.everyday_build_split``; the build half calibrates the exits), their class names as labels.
-* ``flickr8k-retrieval``: image -> text recall@5 among the 5 captions of each held-out Flickr8k photo (no exits: the
-  gate needs a label set, so this row is full depth only).
+* ``cifar10-10way``, ``intel-6way``, ``flowers-5way``: the validation part of the held-out members' evaluation half
+  (``everyday.everyday_validation_split``; the build half calibrates the exits; with ``--test``, the sealed test
+  part instead), their class names as labels.
+* ``flickr8k-retrieval``: image -> text recall@5 among the 5 captions of each held-out Flickr8k photo of the same
+  part (no exits: the gate needs a label set, so this row is full depth only).
 
 Rows: FP32 full depth, INT8 full depth (``full``), and each stored operating point; per row top-1, agreement of the
 top-1 with the same model's INT8 full depth, mean FLOPs saved and the exit-layer shares.
 
-Run: ``python -m training.embedded.everyday_eval CHECKPOINT --out reports/everyday/NAME``.
+Run: ``python -m training.embedded.everyday_eval CHECKPOINT --out reports/everyday/NAME`` (``--test``: the sealed test
+part, for a release's final figure only).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from training.embedded.everyday import (
     FLICKR_TAR,
     SET_CLASSES,
     EverydayClipConfig,
-    everyday_build_split,
+    everyday_validation_split,
     read_flickr_captions,
 )
 from training.embedded.photo_clip import scan_photos
@@ -131,10 +135,14 @@ def imagenet_tasks(
     return tasks
 
 
-def everyday_tasks(cfg: EverydayClipConfig) -> tuple[dict[str, list[Item]], list[tuple[bytes, list[str]]]]:
-    """The CIFAR-10 / Intel / flowers tasks on the evaluation half of their held-out members (the other half is the
-    LRA-EE build's), and the held-out Flickr8k photos with their captions."""
-    held = everyday_build_split(cfg)[1]
+def everyday_tasks(
+    cfg: EverydayClipConfig, test: bool = False
+) -> tuple[dict[str, list[Item]], list[tuple[bytes, list[str]]]]:
+    """The CIFAR-10 / Intel / flowers tasks on the validation part of their held-out members' evaluation half (the
+    other half is the LRA-EE build's), and those Flickr8k photos with their captions; ``test``: the sealed test part
+    instead (a release's final figure)."""
+    validation, sealed = everyday_validation_split(cfg)
+    held = sealed if test else validation
     root = Path(cfg.everyday_dir)
     tasks: dict[str, list[Item]] = {}
     for name, (tar, classes) in SET_CLASSES.items():
@@ -211,15 +219,22 @@ def retrieval_recall_at_5(classifier: EarlyExitClassifier, photos: Sequence[tupl
     return hits / len(photos)
 
 
-def evaluate(checkpoint: str | Path, cfg: EverydayClipConfig, sample: int, seed: int) -> dict[str, Any]:
-    """Every task under every row; see the module docstring."""
+def evaluate(
+    checkpoint: str | Path, cfg: EverydayClipConfig, sample: int, seed: int, test: bool = False
+) -> dict[str, Any]:
+    """Every task under every row; see the module docstring (``test``: the everyday sets' sealed test part)."""
     int8 = load_classifier(checkpoint)
     fp32 = load_classifier(checkpoint, quant_mode="none")
     points = [p for p in int8.policy.names if p != "full"]
     tasks = imagenet_tasks(Path(cfg.train_dir).parent / "val", Path(cfg.train_dir).parent / "acuity", sample, seed)
-    everyday, flickr = everyday_tasks(cfg)
+    everyday, flickr = everyday_tasks(cfg, test)
     tasks |= everyday
-    report: dict[str, Any] = {"checkpoint": int8.checkpoint_id, "templates": list(int8.default_templates), "tasks": {}}
+    report: dict[str, Any] = {
+        "checkpoint": int8.checkpoint_id,
+        "templates": list(int8.default_templates),
+        "everyday_split": "test" if test else "validation",
+        "tasks": {},
+    }
     for name, items in tasks.items():
         started = time.perf_counter()
         pixels = preprocess(int8, items)  # one preprocessing for both (same backbone transform)
@@ -277,6 +292,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--train-dir", default=EverydayClipConfig().train_dir, help="extracted Tiny train photos")
     parser.add_argument("--sample", type=int, default=500, help="Tiny val photos sampled for the k-way tasks")
     parser.add_argument("--seed", type=int, default=0, help="label-set and sample draws")
+    parser.add_argument(
+        "--test",
+        action="store_true",
+        help="score the everyday sets' sealed test part instead of validation: once per release, for its final "
+        "figure, never while choosing anything",
+    )
     args = parser.parse_args(argv)
     if args.table:
         named = (entry.split("=", 1) for entry in args.table)
@@ -287,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lraee_core.assets import resolve_checkpoint
 
     cfg = EverydayClipConfig(train_dir=args.train_dir)
-    report = evaluate(resolve_checkpoint(args.checkpoint), cfg, args.sample, args.seed)
+    report = evaluate(resolve_checkpoint(args.checkpoint), cfg, args.sample, args.seed, args.test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -194,6 +194,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--label-counts", "evaluate.label_counts", _counts, "the evaluation's K-sweep (0: all labels)"),
     Option("--patience", "evaluate.patience", int, "PABEE patience (consecutive agreeing heads)"),
     Option("--engine-check-images", "evaluate.engine_check_images", int, "images run through the real engine"),
+    Option(
+        "--engine-check-tolerance",
+        "evaluate.engine_check_tolerance",
+        float,
+        "engine check: a gate probability or top-1 cosine gap this close to its boundary may decide either way",
+    ),
     Option("--out", "checkpoint_dir", _path, "checkpoint directory; unset: <work dir>/checkpoint"),
     Option("--report-dir", "report_dir", _path, "report directory; unset: <checkpoint>/report"),
 )

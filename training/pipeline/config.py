@@ -148,7 +148,8 @@ class EvaluateConfig:
     label_counts: tuple[int, ...] = (2, 3, 5, 10, 20, 50, 0)  # the K-sweep (0: every label of the data)
     patience: int = 2  # PABEE: leave once this many consecutive exit heads agree on the top-1 class
     engine_check_images: int = 32  # evaluation images also run through the real engine (0: skip the check)
-    engine_check_tolerance: float = 1e-4  # gate probabilities this close to a threshold may flip either way
+    engine_check_tolerance: float = 1e-4  # gate probabilities this close to a threshold, and top-1 cosines this
+    # close to the runner-up, may decide either way between the engine and the simulation
     seed: int = 2  # label-set sampling
 
 

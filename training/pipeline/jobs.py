@@ -20,6 +20,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lraee_core.manifest import portable_paths as portable_paths  # the one rewrite, shared with the service
 from lraee_core.paths import REPO_ROOT, data_root
 
 from .config import BuildConfig, to_jsonable
@@ -28,24 +29,6 @@ log = logging.getLogger("training")
 
 
 # ---- portable paths ----------------------------------------------------------------------------------------------
-def portable_paths(value: Any, roots: dict[str, str]) -> Any:
-    """``value`` with every absolute path string rewritten as ``${root}/relative`` under the most specific named
-    root, or ``${elsewhere}/<file name>`` when none holds it: what a manifest or report may record."""
-    if isinstance(value, dict):
-        return {key: portable_paths(item, roots) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [portable_paths(item, roots) for item in value]
-    if not isinstance(value, str) or not value.startswith(os.sep):
-        return value
-    path = Path(value)
-    best: tuple[int, str] | None = None
-    for name, root in roots.items():
-        base = Path(root).resolve()
-        if path == base or base in path.parents:
-            depth = len(base.parts)
-            if best is None or depth > best[0]:
-                best = (depth, f"${{{name}}}" + ("" if path == base else "/" + path.relative_to(base).as_posix()))
-    return best[1] if best is not None else f"${{elsewhere}}/{path.name}"
 
 
 # ---- hashing and step records -----------------------------------------------------------------------------------

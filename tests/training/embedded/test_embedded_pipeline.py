@@ -196,7 +196,8 @@ def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_
     assert 1 <= result.exit_layer <= classifier.num_layers
 
 
-def test_readme_table_is_read_from_the_report(built: Path) -> None:
+def test_summary_table_rows_are_read_from_the_report(built: Path) -> None:
+    """The README's table script renders a report's own figures (tests/test_readme.py checks the README itself)."""
     from training.embedded.reports.summary_tables import table
 
     report = json.loads((built / "report" / "report.json").read_text())

@@ -22,6 +22,7 @@ from training.embedded.everyday import (
     BUILD_SHARE,
     PACK_SPLIT_FIELDS,
     SET_CLASSES,
+    TEST_SHARE,
     EverydayClipConfig,
     Source,
     concept_loss,
@@ -29,6 +30,7 @@ from training.embedded.everyday import (
     draw_batch,
     everyday_build_split,
     everyday_eval_split,
+    everyday_validation_split,
     flickr_split,
     load_sources,
     parse_mix,
@@ -129,6 +131,27 @@ def test_the_build_half_and_the_evaluation_half_of_the_held_out_photos_never_mee
         classes = {member.split("/")[0] for member in held[name]}
         assert {member.split("/")[0] for member in build[name]} == classes  # every class on both sides
         assert abs(len(build[name]) - BUILD_SHARE * len(held[name])) <= len(classes)
+
+
+def test_validation_and_sealed_test_cut_the_evaluation_half_and_move_nothing_else() -> None:
+    cfg = EverydayClipConfig()
+    if not Path(cfg.everyday_dir).is_dir():
+        pytest.skip("the everyday photos are not here")
+    held = everyday_eval_split(cfg)
+    build, evaluation = everyday_build_split(cfg)
+    validation, test = everyday_validation_split(cfg)
+    assert everyday_validation_split(cfg) == (validation, test)  # seeded
+    assert set(validation) == set(test) == set(evaluation) == set(held)
+    for name, members in evaluation.items():
+        assert not set(validation[name]) & set(test[name]), name
+        assert sorted(validation[name] + test[name]) == sorted(members), name
+        assert not set(test[name]) & set(build.get(name, [])), name
+        classes = {member.split("/")[0] for member in members}
+        assert {member.split("/")[0] for member in test[name]} == classes, name  # every class on both sides
+        assert {member.split("/")[0] for member in validation[name]} == classes, name
+        assert abs(len(test[name]) - TEST_SHARE * len(members)) <= len(classes), name
+    # The CLIP's training holdout and the build half are what they were before the cut (their own seeds).
+    assert everyday_eval_split(cfg) == held and everyday_build_split(cfg) == (build, evaluation)
 
 
 def test_splits_are_disjoint_stratified_and_seeded() -> None:

@@ -5,34 +5,42 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from lraee_core import load_classifier
 from lraee_core.assets import MODEL_CONFIGS_DIR
 from lraee_core.checkpoint import read_manifest
-from lraee_core.exits import ExitRule
-from lraee_core.images import load_image
 from training.pipeline.build import STEPS as BUILD_STEPS
 from training.pipeline.cli import main
 from training.pipeline.config import SPLIT_NAMES, load_build_config
 from training.pipeline.data import load_splits
-from training.pipeline.evaluate import _remapped
+from training.pipeline.evaluate import _remapped, top1_gaps
 from training.pipeline.features import FeatureStore
 from training.pipeline.heads import VARIANTS, load_heads
 from training.pipeline.jobs import Job, read_record
 from training.pipeline.label_sets import ExitView, exit_view, label_sets_for
-from training.pipeline.simulate import METHODS, method_scores, simulate
+from training.pipeline.simulate import METHODS, Outcome, method_scores, simulate
+
+from .. import engine_answers
+from ..decisions import TIE_BAND, another_instruction_set, near, split_threshold
 
 # The build's step order (written once, in training.pipeline.build); paper mode needs no activation ranges.
 STEPS = tuple(name for name in BUILD_STEPS if name != "ranges")
 CLASSES = {"red_square": (150, 90, 90), "green_thing": (90, 140, 95), "blue": (90, 100, 150), "grey": (115, 115, 115)}
 IMAGES_PER_CLASS = 12
+REPO = Path(__file__).resolve().parents[2]
+# Engine checks compare decisions outside the tie band (tests/decisions.py); at most this many of the 7 evaluation
+# images per setting may lie inside it (a deciding number within TIE_BAND of its boundary).
+MAX_IN_BAND = 1
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +91,7 @@ def stepwise(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Ru
         "--epochs", "2",
         "--head-batch-size", "8",
         "--engine-check-images", "8",
+        "--engine-check-tolerance", str(TIE_BAND),
         "--gate-label-sets", "2",
         "--threads", "2",
     ]  # fmt: skip
@@ -177,42 +186,90 @@ def _engine_view(job: Job, k: int, rows: np.ndarray) -> tuple[FeatureStore, Exit
     return store, view, label_rows
 
 
-def test_engine_from_checkpoint_matches_the_simulation_at_every_label_count(stepwise: Run) -> None:
+def decided_in_the_band(
+    outcome: Outcome,
+    layers: Sequence[int],
+    scores: dict[int, np.ndarray],
+    thresholds: Sequence[float],
+    gaps: np.ndarray,
+) -> np.ndarray:
+    """[N] rows with a deciding number inside the tie band on their simulated path: a gate probability near a
+    threshold that decides (strictly between 0 and 1), or a top-1 near a tie, at a candidate the row reaches, or at
+    full depth when it gets there (``gaps``: [N, candidates + 1], ``top1_gaps``). Every other row's path does not
+    hang on kernels, so the simulated path is the engine's and only these rows may differ."""
+    flagged = np.zeros(len(gaps), dtype=bool)
+    for column, (layer, threshold) in enumerate(zip(layers, thresholds, strict=True)):
+        deciding = near(scores[layer], threshold) if 0.0 < threshold < 1.0 else np.zeros(len(gaps), dtype=bool)
+        flagged |= (outcome.exit_layer >= layer) & (deciding | near(gaps[:, column], 0.0))
+    return flagged | (~outcome.exited & near(gaps[:, -1], 0.0))
+
+
+def _answers_elsewhere(request: dict[str, Any], environment: dict[str, str], folder: Path) -> dict[str, Any]:
+    """``tests.engine_answers`` for ``request`` in a fresh process with ``environment`` added."""
+    folder.mkdir()
+    (folder / "in.json").write_text(json.dumps(request))
+    command = [sys.executable, "-m", "tests.engine_answers", str(folder / "in.json"), str(folder / "out.json")]
+    env = {**os.environ, **environment, "PYTHONPATH": str(REPO)}
+    subprocess.run(command, env=env, cwd=REPO, check=True, timeout=600)
+    answers: dict[str, Any] = json.loads((folder / "out.json").read_text())
+    return answers
+
+
+def test_engine_from_checkpoint_matches_the_simulation_at_every_label_count(stepwise: Run, tmp_path: Path) -> None:
+    """The engine answers every image alone as the simulation says it would, here and with torch's kernels on another
+    instruction set (tests/decisions.py): compared outside the tie band, where no kernel decides; the rows inside
+    it are counted, at most MAX_IN_BAND per setting."""
     from training.pipeline.gate_fit import load_gates
 
     job = stepwise.job()
-    classifier = load_classifier(stepwise.checkpoint)
-    layers = classifier.policy.candidate_layers
+    policy = read_manifest(stepwise.checkpoint).policy()
+    layers = policy.candidate_layers
     split = load_splits(job).splits["eval"]
     rows = np.arange(len(split.items))
-    images = torch.stack([classifier.backbone.preprocess(load_image(path)) for path in split.paths])
     method = METHODS[_shipped(job)]
     bank = load_gates(job.step_dir("fit-gate"), method.gates)
     for k in (2, 4):
         store, view, label_rows = _engine_view(job, k, rows)
         scores = method_scores(view, method, bank, layers)
-        # medians split the images between exits and the full path
-        settings = {"median": [float(np.median(scores[layer])) for layer in layers], "zero": [0.0] * len(layers)}
-        at_k = classifier.policy.point("fast").thresholds_at(k) or {}  # the engine's own thresholds of this K
+        settings = {
+            "split": [split_threshold(scores[layer]) for layer in layers],  # some leave at each layer, some go on
+            "zero": [0.0] * len(layers),
+        }
+        at_k = policy.point("fast").thresholds_at(k) or {}  # the engine's own thresholds of this K
         settings["fast"] = [at_k.get(layer, 1.0) for layer in layers]
+        request = {
+            "checkpoint": str(stepwise.checkpoint),
+            "images": [str(path) for path in split.paths],
+            "labels": [[store.labels[int(i)] for i in label_rows[row]] for row in rows],
+            "templates": None,
+            "rules": {name: dict(zip(map(str, layers), values, strict=True)) for name, values in settings.items()},
+        }
+        engines = {
+            "this process": engine_answers.answers(request),
+            "another instruction set": _answers_elsewhere(request, another_instruction_set(), tmp_path / f"k{k}"),
+        }
+        gaps = top1_gaps(store, "eval", view, rows, label_rows, layers)
         for name, thresholds in settings.items():
-            rule = ExitRule.from_thresholds(dict(zip(layers, thresholds, strict=True)))
-            results = []
-            for row in rows:
-                labels = [store.labels[int(i)] for i in label_rows[row]]
-                results += classifier.classify(images[row : row + 1], labels, top_k=1, exit_rule=rule)
             expected = simulate(view, layers, scores, thresholds)
-            assert [r.exit_layer for r in results] == expected.exit_layer.tolist(), (k, name)
-            assert [r.exit_path == "head" for r in results] == expected.exited.tolist(), (k, name)
-            assert [store.labels.index(r.predictions[0].label) for r in results] == expected.predictions.tolist()
-            assert [r.flops for r in results] == expected.flops.tolist(), (k, name)
+            in_band = decided_in_the_band(expected, layers, scores, thresholds, gaps)
+            assert in_band.sum() <= MAX_IN_BAND, (k, name, int(in_band.sum()))
+            outside = ~in_band
+            for engine, answers in engines.items():
+                exit_layer, exit_path, label, flops = (np.array(column) for column in zip(*answers[name], strict=True))
+                where = (k, name, engine)
+                assert exit_layer[outside].tolist() == expected.exit_layer[outside].tolist(), where
+                assert (exit_path == "head")[outside].tolist() == expected.exited[outside].tolist(), where
+                predictions = [store.labels.index(answer) for answer in label[outside]]
+                assert predictions == expected.predictions[outside].tolist(), where
+                assert flops.astype(np.int64)[outside].tolist() == expected.flops[outside].tolist(), where
         assert simulate(view, layers, scores, settings["zero"]).exited.all()
     report = json.loads((stepwise.checkpoint / "report" / "report.json").read_text())
     assert report["engine_check"]["ok"] is True
     probe = report["engine_check"]["settings"]["K=2 probe-median"]
     assert probe["unexplained_disagreements"] == 0 and probe["images"] == 7
     full = report["engine_check"]["settings"]["K=4 full"]
-    assert full["agree"] == 7 and full["flops_agree"] == 7 and full["engine_agreement_with_full"] == 1.0
+    assert full["unexplained_disagreements"] == 0 and full["near_threshold"] <= MAX_IN_BAND
+    assert full["flops_agree"] == full["agree"] >= 7 - full["near_threshold"]
 
 
 def test_report_holds_every_analysis(stepwise: Run) -> None:
