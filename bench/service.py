@@ -402,11 +402,9 @@ def plain_open_clip_rate(checkpoint: Path, image: bytes, threads: int) -> Callab
 
 
 async def _metric(client: httpx.AsyncClient, name: str) -> float:
+    """The value of a /metrics series ``name``, summed over its labels (one per served model, say)."""
     text = (await client.get("/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 def run_varied_service(

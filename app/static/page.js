@@ -187,7 +187,7 @@ async function loadModel() {
       : model.candidate_layers.length === 1 ? `, one exit head, after block ${model.candidate_layers[0]}.`
         : `, exit heads after blocks ${model.candidate_layers.join(", ")}.`);
   const select = byId("operating-point");
-  const chosen = select.value;
+  const chosenPoint = select.value;
   select.replaceChildren();
   const names = Object.keys(model.operating_points);
   if (!names.includes(FULL) && fullDepthPoint() === null) {
@@ -203,7 +203,7 @@ async function loadModel() {
     option.textContent = name === model.default_operating_point ? `${name} (default)` : name;
     select.append(option);
   }
-  select.value = names.includes(chosen) ? chosen : model.default_operating_point;
+  select.value = names.includes(chosenPoint) ? chosenPoint : model.default_operating_point;
   describeOperatingPoint();
   byId("templates").placeholder = model.default_templates.join("\n");
   byId("templates-help").textContent =

@@ -100,7 +100,7 @@ async def test_concurrent_requests_batch_and_match_sequential(make_settings: Any
         # Batched rows run other GEMM shapes than single ones: exits compare exactly where no image lies on a
         # threshold, and rankings where no two scores tie (tests/decisions.py).
         classifier = app.state.runtime.service.classifier
-        assert_exits_clear_of_ties(classifier, images, label_sets, classifier.policy.thresholds(None))
+        assert_exits_clear_of_ties(classifier, images, label_sets, classifier.policy.point(None))
         for i, response in answers:
             assert response.status_code == 200, response.text
             got, want = response.json(), sequential[request_of(i)]
@@ -323,7 +323,7 @@ async def test_requests_with_different_label_sets_share_one_engine_batch(
     assert sorted(batches[1]) == sorted(tuple(labels) for labels in label_sets), "the label sets should share a batch"
     # One batch of three runs other GEMM shapes than each image alone (tests/decisions.py).
     images = [imagegen.noise_png(i) for i in range(len(label_sets))]
-    assert_exits_clear_of_ties(classifier, images, label_sets, classifier.policy.thresholds(None))
+    assert_exits_clear_of_ties(classifier, images, label_sets, classifier.policy.point(None))
     for got, want in zip(answers, alone, strict=True):
         assert got.status_code == 200
         assert got.json()["exit_layer"] == want.json()["exit_layer"]

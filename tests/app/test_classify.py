@@ -99,7 +99,7 @@ def test_batch_in_order_both_forms(client: TestClient) -> None:
     # A batch of three runs other GEMM shapes than each image alone (tests/decisions.py): exits compare exactly
     # where no image lies on a threshold, rankings where no two scores tie.
     classifier = client.app.state.runtime.service.classifier  # type: ignore[attr-defined]
-    assert_exits_clear_of_ties(classifier, images, [LABELS], classifier.policy.thresholds(None))
+    assert_exits_clear_of_ties(classifier, images, [LABELS], classifier.policy.point(None))
     for response in (form, body):
         assert response.status_code == 200, response.text
         results = response.json()["results"]

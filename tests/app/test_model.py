@@ -91,7 +91,8 @@ def test_the_summary_is_compact(client: TestClient) -> None:
     assert body["candidate_layers"] == [9, 11, 12] and body["pruned_layers"] == []
     assert body["default_operating_point"] == "half"
     assert body["default_templates"] == list(DEFAULT_TEMPLATES)  # the untrained checkpoint stores none
-    assert body["operating_points"]["never"]["thresholds"] == {"9": 1.0, "11": 1.0, "12": 1.0}
+    # thresholds per calibrated label count; the untrained checkpoint has one set, for every K from 1
+    assert body["operating_points"]["never"]["thresholds"] == {"1": {"9": 1.0, "11": 1.0, "12": 1.0}}
     assert body["operating_points"]["full"]["thresholds"] == {}
     assert body["limits"]["max_labels"] == 1000
     assert body["manifest"] is None and "calibration" not in body and "metrics" not in body

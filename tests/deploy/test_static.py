@@ -434,7 +434,13 @@ def test_every_engine_panel_follows_the_model_selector(dashboard: dict[str, Any]
     assert variable["name"] == "model" and variable["includeAll"] and variable["multi"]
     assert {"model": variable["allValue"]} == check.DASHBOARD_VARIABLES
     assert "lraee_model_info" in variable["query"]["query"]
-    request_level = ("lraee_requests_total", "lraee_request_duration_seconds", "lraee_inflight_bytes", "up{")
+    request_level = (  # series of the HTTP layer, before a request names its model
+        "lraee_requests_total",
+        "lraee_request_duration_seconds",
+        "lraee_inflight_bytes",
+        "lraee_body_timeouts_total",
+        "up{",
+    )
     for panel in dashboard_panels(dashboard):
         for target in panel.get("targets", []):
             expr = target["expr"]

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lraee_core.config import OperatingPoint
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.gate import gate_features, spatial_activation_variance
 from lraee_core.heads import class_logits
 from lraee_core.images import load_image
 
-from ..decisions import near, split_threshold
+from ..decisions import TIE_BAND, near, split_threshold
 
 
 def gate_probabilities(
@@ -35,14 +36,21 @@ def gate_probabilities(
     return probabilities
 
 
-def split_thresholds(classifier: EarlyExitClassifier, images: torch.Tensor, labels: Sequence[str]) -> dict[int, float]:
+def split_thresholds(
+    classifier: EarlyExitClassifier, images: torch.Tensor, labels: Sequence[str], band: float = TIE_BAND
+) -> dict[int, float]:
     """A threshold per candidate that splits these images there (some leave, some go on), each in a gap of their
-    gate probabilities (``tests.decisions.split_threshold``): no image's exit hangs on the last bits of a kernel."""
-    return {layer: split_threshold(p) for layer, p in gate_probabilities(classifier, images, labels).items()}
+    gate probabilities at least ``band`` from each (``tests.decisions.split_threshold``): no image's exit hangs on
+    the last bits of a kernel."""
+    return {layer: split_threshold(p, band) for layer, p in gate_probabilities(classifier, images, labels).items()}
 
 
 def near_thresholds(
-    classifier: EarlyExitClassifier, images: torch.Tensor, labels: Sequence[str], thresholds: dict[int, float]
+    classifier: EarlyExitClassifier,
+    images: torch.Tensor,
+    labels: Sequence[str],
+    thresholds: dict[int, float],
+    band: float = TIE_BAND,
 ) -> np.ndarray:
     """[N] True for the images whose gate probability lies within the tie band of a threshold below 1 (one that
     can let an image leave): where two code paths may decide an exit either way."""
@@ -50,7 +58,7 @@ def near_thresholds(
     flagged = np.zeros(images.shape[0], dtype=bool)
     for layer, threshold in thresholds.items():
         if threshold < 1.0:
-            flagged |= near(probabilities[layer], threshold)
+            flagged |= near(probabilities[layer], threshold, band)
     return flagged
 
 
@@ -58,12 +66,16 @@ def assert_exits_clear_of_ties(
     classifier: EarlyExitClassifier,
     encoded: Sequence[bytes],
     label_sets: Sequence[Sequence[str]],
-    thresholds: dict[int, float],
+    point: OperatingPoint,
 ) -> None:
     """The precondition of a test that compares exits across batch shapes: no image (decoded and preprocessed as the
-    service does) has a gate probability within the tie band of a threshold, for any of the label sets, so the
-    comparison does not hang on the last bits a batch shape may change (tests/decisions.py)."""
+    service does) has a gate probability within the tie band of ``point``'s threshold at the label set's size, for
+    any of the label sets, so the comparison does not hang on the last bits a batch shape may change
+    (tests/decisions.py)."""
     images = torch.stack([classifier.backbone.preprocess(load_image(data)) for data in encoded])
     for labels in label_sets:
+        thresholds = point.thresholds_at(len(labels))
+        if thresholds is None:  # above the point's label cap: no exit head runs, nothing to decide
+            continue
         flagged = near_thresholds(classifier, images, labels, thresholds)
         assert not flagged.any(), f"images {np.flatnonzero(flagged).tolist()} lie on a threshold for {list(labels)}"
