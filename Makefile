@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup tools serve test lint format bench load deploy-check clean
+.PHONY: setup tools serve test lint format docs docs-check bench load deploy-check clean
 # System packages the tests drive for real, installed with apt-get when missing and possible (root); otherwise the
 # tests that need them skip, saying why. $(call apt_ensure,WHAT,CHECK,PACKAGES): install PACKAGES unless CHECK passes.
 define apt_ensure
@@ -49,11 +49,18 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/mypy docs/examples.py
 
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The tables of figures in README.md and docs/*.md, rendered anew from the committed reports (seconds); the check
+# changes nothing and fails on a stale block (tests/test_docs.py runs it too).
+docs: setup
+	$(BIN)/python -m docs.generate
+
+docs-check: setup
+	$(BIN)/python -m docs.generate --check
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -1,7 +1,7 @@
-"""Re-record the README's examples against a real service: ``python -m docs.examples`` from the repository root.
+"""Re-record the client examples (docs/api.md) against a real service: ``python -m docs.examples`` from the repo root.
 
 It starts the service as ``make serve`` does (``uvicorn app.main:create_app --factory``, the default checkpoint and
-backend unless ``LRAEE_*`` variables say otherwise) on a free loopback port, then prints, in the README's order:
+backend unless ``LRAEE_*`` variables say otherwise) on a free loopback port, then prints:
 
 1. the banana ``curl`` (the second request with those labels, so their embeddings come from the cache), re-indented,
    and the same photo at ``operating_point=full``;
@@ -12,7 +12,7 @@ backend unless ``LRAEE_*`` variables say otherwise) on a free loopback port, the
 
 The photos are read from the shared photo folder (``training.embedded.photos.source_dir``) into a temporary folder,
 never copied into the project.
-Nothing is written back: the README's blocks are edited by hand from this output.
+Nothing is written back: the pages' examples are edited by hand from this output.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def extract(acuity: Path, folder: Path) -> dict[str, Path]:
 
 
 def curl_classify(url: str, image: Path, labels: list[str], *extra: str) -> dict[str, object]:
-    """``curl -s -F image=@... -F labels=... ... URL/classify``, as the README types it."""
+    """``curl -s -F image=@... -F labels=... ... URL/classify``, as a user types it."""
     command = ["curl", "-s", "-F", f"image=@{image}"]
     for label in labels:
         command += ["-F", f"labels={label}"]

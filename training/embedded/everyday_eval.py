@@ -58,9 +58,11 @@ from training.embedded.everyday import (
 from training.embedded.photo_clip import scan_photos
 from training.embedded.photos import CLASSES_TSV
 from training.embedded.photos import SOURCE_DIR as IMAGENET_DIR
+from training.embedded.reports.summary_tables import EVERYDAY_EVAL_FILE
+from training.embedded.reports.summary_tables import everyday_table as table
 from training.pipeline.data import read_classes_tsv
 
-REPORT_FILE = "everyday_eval.json"
+REPORT_FILE = EVERYDAY_EVAL_FILE
 
 
 @dataclass(frozen=True)
@@ -252,34 +254,6 @@ def evaluate(
         }
     }
     return report
-
-
-def table(reports: dict[str, dict[str, Any]]) -> str:
-    """Markdown table from ``everyday_eval.json`` reports keyed by a model name: per task and model, FP32 and INT8
-    full-depth top-1, then top-1 / agreement with full depth / FLOPs saved at each operating point."""
-    points = ("accurate", "balanced", "fast")
-    lines = [
-        "| task | model | images | FP32 full | INT8 full (`full`) | "
-        + " | ".join(f"{p}: top-1 / agreement / saved" for p in points)
-        + " |",
-        "|---|---|---|---|---|" + "---|" * len(points),
-    ]
-    tasks = next(iter(reports.values()))["tasks"]
-    for task in tasks:
-        for model, report in reports.items():
-            if task not in report["tasks"]:
-                continue
-            rows = report["tasks"][task]["rows"]
-            if "recall_at_5" in rows["int8-full"]:
-                cells = [f"R@5 {rows[r]['recall_at_5']:.1%}" for r in ("fp32-full", "int8-full")] + ["–"] * len(points)
-            else:
-                cells = [f"{rows[r]['top1']:.1%}" for r in ("fp32-full", "int8-full")]
-                cells += [
-                    f"{rows[p]['top1']:.1%} / {rows[p]['agreement_with_full']:.1%} / {rows[p]['flops_saved']:.1%}"
-                    for p in points
-                ]
-            lines.append(f"| {task} | {model} | {rows['int8-full']['images']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

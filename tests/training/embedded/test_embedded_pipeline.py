@@ -197,7 +197,7 @@ def test_checkpoint_moved_elsewhere_still_loads_and_classifies(built: Path, tmp_
 
 
 def test_summary_table_rows_are_read_from_the_report(built: Path) -> None:
-    """The README's table script renders a report's own figures (tests/test_readme.py checks the README itself)."""
+    """The docs' table script renders a report's own figures (tests/test_docs.py checks the pages themselves)."""
     from training.embedded.reports.summary_tables import table
 
     report = json.loads((built / "report" / "report.json").read_text())

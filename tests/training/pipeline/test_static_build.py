@@ -80,7 +80,8 @@ def test_static_checkpoint_serves_and_matches_its_evaluation(static_build: Path)
 
 
 def test_quant_modes_summary_is_read_from_the_report(static_build: Path) -> None:
-    from training.embedded.reports.quant_modes import mode_summary, readme_table, render
+    from training.embedded.reports.quant_modes import mode_summary, render
+    from training.embedded.reports.summary_tables import quant_modes_table
 
     report = json.loads((static_build / "checkpoint" / "report" / "report.json").read_text())
     summary = mode_summary(report)
@@ -88,7 +89,7 @@ def test_quant_modes_summary_is_read_from_the_report(static_build: Path) -> None
         counts = report["four_quadrants"][k]["counts"]
         assert (row["rescue"], row["loss"]) == (counts["rescue"], counts["loss"])
     assert summary["final_cosine"] == report["profile"][-1]["cosine"]
-    table = readme_table({"static": {"tiny-val": summary}})
+    table = quant_modes_table({"static": {"tiny-val": summary}})
     assert table.count("| `static` |") == 2  # K = 2 and K = all (3 labels: no K = 10)
     assert "Does LRA-EE beat its own full depth" in render({"static": {"tiny-val": summary}})
 

@@ -7,9 +7,10 @@ into ``reports/quant-modes/MODE/EVAL``. ``tiny-val`` evaluates on 3,030 Tiny-Ima
 does; ``ilsvrc-val`` on the 259 ILSVRC2012 val photos, copying the head/gate/calib features from the mode's tiny-val
 work dir (the same photos). ``paper`` copies its features from the shipped build's work dir when it is there.
 
-``python -m training.embedded.reports.quant_modes summary`` reads every report there and writes ``summary.json``,
-``summary.md``, ``readme_table.md`` (the table the README shows) and ``qirc.png`` (NSR, cosine and outlier share
-per layer and mode). The tower timings beside them (``speed.json``) are a benchmark: ``python -m bench.quant_speed``.
+``python -m training.embedded.reports.quant_modes summary`` reads every report there and writes ``summary.json``
+(which docs/quant-modes.md's table is rendered from: ``summary_tables.quant_modes_table``), ``summary.md`` and
+``qirc.png`` (NSR, cosine and outlier share per layer and mode). The tower timings beside them (``speed.json``)
+are a benchmark: ``python -m bench.quant_speed``.
 """
 
 from __future__ import annotations
@@ -235,35 +236,6 @@ def render(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-README_KS = ("2", "10")  # label counts the README table shows, besides "all"
-
-
-def readme_table(summary: dict[str, dict[str, dict[str, Any]]], evaluation: str = "tiny-val") -> str:
-    """The README's table: per mode, the QIRC headline and, at a few K, full depth against the shipped exits."""
-    lines = [
-        "| mode | cosine to FP32 at layer 12 | pruned | K | FP32 full top-1 | INT8 full top-1 | LRA-EE top-1 "
-        "(balanced) | FLOPs saved | rescued / lost |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, evaluations in summary.items():
-        s = evaluations.get(evaluation)
-        if s is None:
-            continue
-        pruned = ", ".join(str(p["layer"]) for p in s["pruned_layers"]) or "none"
-        everything = str(s["num_labels"])
-        for k in (*README_KS, everything):
-            row = s["sweep"].get(k)
-            if row is None:
-                continue
-            k_name = f"{k} (all)" if k == everything else k
-            lines.append(
-                f"| `{mode}` | {s['final_cosine']:.5f} | {pruned} | {k_name} | {_pct(row['fp32_top1'])}% | "
-                f"{_pct(row['int8_top1'])}% | {_pct(row['lraee_top1'])}% | {_pct(row['flops_saved'])}% | "
-                f"{row['rescue']} / {row['loss']} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
     """NSR (log), token cosine to FP32 and outlier share per layer, one line per mode (tiny-val profiles)."""
     import matplotlib
@@ -290,7 +262,7 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
 
 
 def write_summary() -> dict[str, Any]:
-    """Write summary.json, summary.md, readme_table.md and qirc.png from the reports found; returns the summary."""
+    """Write summary.json, summary.md and qirc.png from the reports found; returns the summary."""
     summary = {
         mode: {evaluation: mode_summary(report) for evaluation, report in evaluations.items()}
         for mode, evaluations in _reports().items()
@@ -298,7 +270,6 @@ def write_summary() -> dict[str, Any]:
     REPORTS.mkdir(parents=True, exist_ok=True)
     (REPORTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (REPORTS / "summary.md").write_text(render(summary))
-    (REPORTS / "readme_table.md").write_text(readme_table(summary))
     if summary:
         plot(summary, REPORTS / "qirc.png")
     return summary
