@@ -1,1 +1,1 @@
-"""README.md's companions: design notes and measurements (Markdown), their table generator and the examples' recorder."""
+"""README.md's companions: design notes and measurements, their table generator, the examples' recorder."""

@@ -134,3 +134,38 @@ def test_api_table_names_every_route() -> None:
         if f"`{method} {route.path}`" not in documented
     ]
     assert not missing, f"routes the README's API table does not name: {missing}"
+
+
+def test_checkpoints_table_reads_manifest_formats_3_and_4() -> None:
+    """The README's checkpoint table renders a format-4 manifest (one record per operating point) as it renders the
+    same points in format 3's parallel maps, so a rebuilt checkpoint regenerates it without a change here."""
+    import json
+
+    from training.embedded.reports.summary_tables import checkpoints_table
+
+    old: dict[str, Any] = {
+        "checkpoint_id": "x",
+        "backbone": {"model_name": "lraee-tiny-vit12"},
+        "quant_mode": "full",
+        "num_layers": 12,
+        "width": 128,
+        "image_size": 64,
+        "head": {"pooling": "cls"},
+        "candidate_layers": [6],
+        "default_operating_point": "balanced",
+        "format_version": 3,
+        "operating_points": {"accurate": {"6": 0.9}, "balanced": {"6": 0.8}},
+        "promises": {"accurate": 0.99, "balanced": 0.97},
+        "label_caps": {"accurate": 5, "balanced": 10},
+    }
+    new = json.loads(json.dumps(old))
+    for key in ("promises", "label_caps"):
+        del new[key]
+    new["format_version"] = 4
+    new["operating_points"] = {
+        name: {"promise": old["promises"][name], "label_cap": old["label_caps"][name], "thresholds": {"2": layers}}
+        for name, layers in old["operating_points"].items()
+    }
+    rendered = checkpoints_table({"x": old})
+    assert rendered == checkpoints_table({"x": new})
+    assert "`accurate` ≥99%, ≤5 labels; `balanced` (default) ≥97%, ≤10 labels" in rendered
