@@ -1,8 +1,8 @@
 """The models one service serves (``LRAEE_CHECKPOINT=everyday,photos``), each with its own engine, inference worker
 (batcher), text worker and text cache, looked up by the name requests give in their ``model`` field.
 
-One more engine in a process costs its weights and caches, not another interpreter, torch runtime and server (see
-the README for the memory per model). The models share the event loop, the image decoding pool, the request limits
+One more engine in a process costs its weights and caches, not another interpreter, torch runtime and server. The
+models share the event loop, the image decoding pool, the request limits
 and the URL fetcher; their inference workers are separate threads, so one model's long batch never holds up
 another's queue.
 """

@@ -4,7 +4,7 @@ Three embedded checkpoints, all built by the project's own ``lraee-train`` jobs 
 
 * ``everyday``: the photos CLIP trained further on everyday photos (CIFAR-10, Intel scenes, flowers, Flickr8k's
   human captions) with WordNet captions, so it knows everyday words ("dog", "car", "fruit"); the default, since
-  clients send such labels (see the README's measurements);
+  clients send such labels (docs/measurements.md);
 * ``photos``: the CLIP trained on real ImageNet-class photos (202 classes) only; the default before ``everyday``,
   kept by name;
 * ``world``: the CLIP trained on the generated shape world; it knows coloured shapes and nothing else.

@@ -36,7 +36,7 @@ from .test_uvicorn import REPO, free_port, start, stop, wait_until_ready
 pytestmark = pytest.mark.slow
 
 KEY = "browser-test-key"
-PHOTO_MEMBER = "n04146614/ILSVRC2012_val_00031163.JPEG"  # a school bus, the README's curl example
+PHOTO_MEMBER = "n04146614/ILSVRC2012_val_00031163.JPEG"  # a school bus, the README's screenshot
 LABELS = ["school bus", "sports car", "tractor", "trolleybus", "police van", "lifeboat"]  # the page's Vehicles preset
 SCREENSHOTS = (
     REPO / "docs" / "screenshots"

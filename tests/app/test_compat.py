@@ -27,7 +27,7 @@ from .test_uvicorn import free_port, start, stop, wait_until_ready
 
 ROUTE = "/compat/huggingface"
 PHOTOS_TAR = photos_root() / "imagenet-val-acuity.tar"
-SCHOOL_BUS = "n04146614/ILSVRC2012_val_00031163.JPEG"  # the README's example photo
+SCHOOL_BUS = "n04146614/ILSVRC2012_val_00031163.JPEG"  # docs/api.md's example photo
 PHOTO_LABELS = ["school bus", "sports car", "lion", "banana", "teapot"]
 
 
@@ -229,7 +229,7 @@ def test_openapi_documents_the_route(client: TestClient) -> None:
 
 @pytest.fixture(scope="module")
 def school_bus_photo() -> bytes:
-    """The README's school-bus photo, a real ILSVRC2012 validation photo (read from the shared tar, never copied)."""
+    """docs/api.md's school-bus photo, a real ILSVRC2012 validation photo (read from the shared tar, never copied)."""
     if not PHOTOS_TAR.is_file():
         pytest.skip(f"real photos not found at {PHOTOS_TAR}")
     with tarfile.open(PHOTOS_TAR) as tar:

@@ -24,7 +24,7 @@ from pathlib import Path
 WORDNET_DIR = Path(os.environ.get("LRAEE_WORDNET_DIR", "/usr/share/wordnet"))
 
 # Everyday words a client types, each pinned to its WordNet 3.0 noun synset (offset) so that "mouse" means the
-# animal and "bus" the vehicle. The everyday-word evaluation uses the same table, so it is documented in the README.
+# animal and "bus" the vehicle. The everyday-word evaluation uses the same table (docs/measurements.md).
 EVERYDAY_CONCEPTS: dict[str, str] = {
     "dog": "n02084071",
     "cat": "n02121808",
