@@ -160,7 +160,11 @@ def regenerate(text: str) -> tuple[str, list[str]]:
         if name not in BLOCKS:
             unknown.append(name)
             return match[0]
-        return match["open"] + BLOCKS[name]().rstrip("\n") + "\n" + match["close"]
+        try:
+            body = BLOCKS[name]()
+        except (OSError, KeyError, ValueError, TypeError) as error:  # a report moved, renamed or reshaped
+            raise RuntimeError(f"generated block {name!r} could not be rendered: {error!r}") from error
+        return match["open"] + body.rstrip("\n") + "\n" + match["close"]
 
     return BLOCK.sub(render, text), unknown
 
