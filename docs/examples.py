@@ -7,8 +7,10 @@ backend unless ``LRAEE_*`` variables say otherwise) on a free loopback port, the
    and the same photo at ``operating_point=full``;
 2. the seven-label check: the 18 ILSVRC val photos of the cat, car, elephant, mountain-bike, banana and school-bus
    classes in ``imagenet-val-acuity.tar``, top-1 and exit block at every operating point;
-3. the Hugging Face client's answer for the school bus, the compat endpoint's headers, and the client's error on a bad
-   image.
+3. the Hugging Face client's answer for the school bus (docs/api.md's example), the compat endpoint's headers, and
+   the client's error on a bad image.
+
+1 and 2 are a look at real photos through every operating point; the pages show no recorded figures of theirs.
 
 The photos are read from the shared photo folder (``training.embedded.photos.source_dir``) into a temporary folder,
 never copied into the project.
