@@ -78,6 +78,19 @@ def probe_run(run_dir: Path, tasks: dict[str, list[Item]]) -> dict[str, Any]:
     return report
 
 
+def table(reports: Sequence[dict[str, Any]], layers: Sequence[int] = (3, 6, 9, 11)) -> str:
+    """Markdown: per probed run and task, the full-depth top-1 and the exit heads' agreement with it at ``layers``."""
+    header = ["run", "steps", "task", "images", "full top-1", *(f"agree @{layer}" for layer in layers)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for report in reports:
+        for task, figures in report["tasks"].items():
+            cells = [report["run"], str(report["steps"]), task, str(figures["images"])]
+            cells.append(f"{100 * figures['full']['top1']:.1f}%")
+            cells += [f"{100 * figures[str(layer)]['agreement_with_full']:.1f}%" for layer in layers]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Probe runs on the validation tasks; write their reports as one JSON list."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

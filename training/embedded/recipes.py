@@ -552,10 +552,10 @@ def everyday(
     if clip_weights is not None:  # the split every stage made (EverydayClipConfig's defaults; no stage sets them)
         split = EverydayClipConfig(train_dir=str(train))
         holdout = holdout_csv(train, RUNS / "everyday_holdout", split.holdout_per_class, split.seed)
-    elif len(set(holdouts)) != 1:  # every stage holds out the same photos (seed 0), or the build would see trained ones
+    elif len(set(holdouts)) > 1:  # every stage holds out the same photos (seed 0), or the build would see trained ones
         raise RuntimeError("the everyday stages' holdout.csv files differ")
-    else:
-        holdout = RUNS / stages[first].run / HOLDOUT_FILE  # the same file in every stage run here (checked above)
+    else:  # the same file in every stage run here (checked above); the last stage's when every stage had finished
+        holdout = RUNS / stages[min(first, len(stages) - 1)].run / HOLDOUT_FILE
     source = everyday_build_source(holdout, EverydayClipConfig(train_dir=str(train)), RUNS / "everyday_build.csv")
     words = everyday_word_sets(source, RUNS / "everyday_word_sets.json")
     summary = photo(

@@ -3,15 +3,15 @@
 **Operating points are promises, kept at every label count.** ``accurate``, ``balanced`` and ``fast`` each promise a
 share of images whose answer equals the full-depth answer (agreement: 99%, 97%, 93% by default), for the client's
 own labels at any label count K. A request's K is known before its image runs, so each point holds one threshold
-per calibrated K (``label_counts``; shared by the candidate layers: an image leaves at the first candidate layer
-whose gate probability reaches it), and the engine interpolates between calibrated counts
-(:meth:`lraee_core.config.OperatingPoint.thresholds_at`: linear in log K). The search goes up the calibrated K:
-at each, among ``threshold_candidates`` quantiles of the calib gate scores, the threshold that maximises the
-objective (below) on the keys whose K lies above the previous calibrated K and up to this one, among those at which
-the calib split's agreement clears the promise by ``promise_margin`` standard errors on every such key: the random
-label sets of that K (true class + K - 1 others), and, when the build has word sets, the "words-K" and
-"group-NAME" keys whose K falls there (:mod:`training.pipeline.label_sets`). Rows between two calibrated counts
-follow the interpolated thresholds, which is why the smaller K is fixed first. So no single worst K sets every
+per calibrated K (every label count the calibration asks: ``label_counts`` and the K of every word set and class
+group, so that no calibration row sits between two calibrated counts; shared by the candidate layers: an image
+leaves at the first candidate layer whose gate probability reaches it), and the engine interpolates between
+calibrated counts (:meth:`lraee_core.config.OperatingPoint.thresholds_at`: linear in log K). The search goes up
+the calibrated K: at each, among ``threshold_candidates`` quantiles of the calib gate scores, the threshold that
+maximises the objective (below) on the keys of that K, among those at which the calib split's agreement clears the
+promise by ``promise_margin`` standard errors on every such key: the random label sets of that K (true class +
+K - 1 others), and, when the build has word sets, the "words-K" and "group-NAME" keys of that K
+(:mod:`training.pipeline.label_sets`). So no single worst K sets every
 threshold, and each K's threshold is a one-dimensional search, too small to fit noise; the report then measures
 the same thresholds on the evaluation split.
 
@@ -24,10 +24,12 @@ default point's thresholds as above; the subset with the largest objective wins 
 costs a head and a gate). Baseline methods get the same treatment.
 
 **Label caps.** Exits grow rarer as the label set grows, while every image still pays for the heads and gates it
-runs. The search stops at the first calibrated K whose best threshold saves less than the heads cost (its objective
-is not positive): the point's label cap is the calibrated K below it, and a request with more labels runs no head
-or gate and gets the full-depth answer (lraee_core.exits, ``ExitRule.for_labels``). When every K pays, the cap is
-the largest calibrated K: above it nothing was measured. ``label_caps=False`` keeps every K's thresholds instead.
+runs. A calibrated K whose best threshold saves less than the heads cost (its objective is not positive) keeps that
+best threshold when a larger K pays (one awkward label set, a small class group say, must not switch the exits off
+for every larger request); the point's label cap is the largest calibrated K that pays, and a request with more
+labels runs no head or gate and gets the full-depth answer (lraee_core.exits, ``ExitRule.for_labels``). When no K
+pays, the cap is 1. Above the largest calibrated K nothing was measured, so the cap is at most that K.
+``label_caps=False`` keeps every K's thresholds instead.
 
 **What a saving is.** FLOPs saved, less each candidate layer's *charge* for every row that ran its head and gate, in
 blocks' worth of FLOPs. The charge is what running that candidate costs in time on the service's backend (its head,
@@ -156,15 +158,14 @@ def search_point(
     calibrated K the threshold (shared by the layers) that maximises the objective on the keys whose K lies
     between the previous calibrated K (excluded) and this one, among those whose agreement keeps the promise there
     (rows between two calibrated K follow the interpolated thresholds, so the previous K's threshold is fixed
-    first). The first K whose best saving does not pay for its heads ends the search: the label cap is the
-    calibrated K below it. Without such a K the cap is the largest calibrated K (nothing was measured above it)."""
+    first). The label cap is the largest calibrated K whose best saving pays for its heads (module docstring)."""
     charges = uniform_charges(config, layers) if charges is None else charges
     if thresholds is None:
         thresholds = candidate_thresholds(scores, config.threshold_candidates)
     key_counts = _key_counts(view)
-    calibrated = sorted(int(key) for key in key_counts if key.isdigit())
+    calibrated = sorted(set(key_counts.values()))  # every K asked: no row between two calibrated counts
     curve: list[tuple[int, float]] = []
-    cap: int | None = None
+    paying: list[int] = []
     previous = 0
     groups = view.groups()
     for count in calibrated:
@@ -180,16 +181,17 @@ def search_point(
         # higher threshold, met first)
         stop = int(np.argmin(feasible)) if not feasible.all() else len(feasible)
         best = None if stop == 0 else (float(values[:stop].max()), float(descending[int(values[:stop].argmax())]))
-        assert best is not None  # threshold 1.0 (nobody leaves) always keeps the promise: agreement is 1.0
-        if config.label_caps and best[0] <= 0.0:
-            cap = previous or 1  # nothing at this K pays for its heads: none run from here up
-            break
+        assert best is not None  # threshold 1.0 (nobody leaves) keeps the promise: every row of the band is at K
+        if best[0] > 0.0:
+            paying.append(count)
         curve.append((count, best[1]))
         previous = count
+    cap: int | None = None
+    if config.label_caps:
+        cap = paying[-1] if paying else 1  # no head runs above the last K that pays (none measured above it)
+        curve = [(count, threshold) for count, threshold in curve if count <= cap]
     if not curve:  # not even the smallest K pays: a cap of 1, and thresholds that would let nobody leave
         curve = [(calibrated[0] if calibrated else 1, 1.0)]
-    if cap is None and calibrated and config.label_caps:
-        cap = calibrated[-1]  # nothing was measured above the largest calibrated K
     return _setting(view, layers, scores, tuple(curve), cap, promise, charges, config.promise_margin)
 
 

@@ -135,3 +135,17 @@ def test_exit_training_parses_from_config_fields() -> None:
         ExitTraining.parse("6,3", "cls", 1.0, 0.0)
     with pytest.raises(ValueError):
         ExitTraining.parse("3", "mean", 1.0, 0.0)
+
+
+def test_probe_table_renders_each_run_and_task() -> None:
+    from training.embedded.exit_probe import table
+
+    figures = {"images": 4, "full": {"top1": 0.5}} | {
+        str(layer): {"top1": 0.25, "agreement_with_full": layer / 20} for layer in range(3, 12)
+    }
+    rendered = table([{"run": "both", "steps": 300, "tasks": {"cifar10-10way": figures}}], layers=(3, 11))
+    assert rendered.splitlines() == [
+        "| run | steps | task | images | full top-1 | agree @3 | agree @11 |",
+        "|---|---|---|---|---|---|---|",
+        "| both | 300 | cifar10-10way | 4 | 50.0% | 15.0% | 55.0% |",
+    ]

@@ -616,14 +616,19 @@ def test_fractional_split_sizes_never_ask_for_more_images_than_there_are(total: 
     assert _counts([10, 0.5, 0.5], 30, ["a", "b", "c"]) == [10, 15, 15]
 
 
-def test_the_label_cap_is_the_calibrated_k_below_the_first_that_does_not_pay() -> None:
+def test_the_label_cap_is_the_largest_calibrated_k_that_pays() -> None:
     (view, scores), layers = _view(size=3000, ks=(2, 5, 10)), (6,)
-    # nobody can leave at K = 5 (its best saving is minus the charge); K = 10 could, but the cap comes first
+    # nobody can leave at K = 5 (its best saving is minus the charge); K = 10 can: the heads keep running at 5
     scores = {6: np.where(view.counts == 5, np.float32(0.0), scores[6])}
     config = CalibrateConfig(promise_margin=0.0, head_cost_blocks=0.5)
     tried = np.array([0.05, 0.3, 0.6, 1.0])
     point = search_point(view, layers, scores, 0.5, config, thresholds=tried)
-    assert point.label_cap == 2 and [k for k, _ in point.thresholds] == [2]
+    assert point.label_cap == 10 and [k for k, _ in point.thresholds] == [2, 5, 10]
+    assert dict(point.thresholds)[5] == 1.0  # nobody leaves at K = 5 whatever the threshold: the highest is kept
+    # nobody can leave at K = 10 either: nothing above K = 2 pays, and the cap cuts the curve there
+    neither = {6: np.where(view.counts >= 5, np.float32(0.0), scores[6])}
+    capped = search_point(view, layers, neither, 0.5, config, thresholds=tried)
+    assert capped.label_cap == 2 and [k for k, _ in capped.thresholds] == [2]
     every = search_point(view, layers, _view(size=3000, ks=(2, 5, 10))[1], 0.5, config, thresholds=tried)
     assert every.label_cap == 10  # every K pays: the largest calibrated K (nothing was measured above it)
     first = {6: np.zeros(view.size, dtype=np.float32)}  # not even the smallest K pays
