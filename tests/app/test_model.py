@@ -55,7 +55,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, ti
 @pytest.fixture(scope="module")
 def client(measured: Path) -> Iterator[TestClient]:
     """The service on that checkpoint, its weights given by the backbone_weights setting (a machine path)."""
-    settings = Settings(checkpoint=measured, backbone_weights=measured.parent / "weights.safetensors")
+    settings = Settings(checkpoint=(measured,), backbone_weights=measured.parent / "weights.safetensors")
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 

@@ -91,7 +91,11 @@ def measure(
 
 
 def _interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each of ``calls`` over ``rounds`` rounds in alternating order, after warm-up."""
+    """Median CPU seconds per call of each of ``calls`` over ``rounds`` rounds in alternating order, after warm-up.
+
+    CPU seconds of this process, all its threads (``time.process_time``), not wall time: a build shares its machine
+    with other jobs, whose time slices enter wall time and not this process's CPU time (wall-time charges measured
+    on a loaded machine came out between -1.0 and +1.3 blocks for the same head at different layers)."""
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():  # warm-up: sessions built, caches filled
         call()
@@ -99,9 +103,9 @@ def _interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[st
     for round_number in range(rounds):
         order = list(calls) if round_number % 2 == 0 else list(calls)[::-1]
         for name in order:
-            started = time.perf_counter()
+            started = time.process_time()
             calls[name]()
-            seconds[name].append(time.perf_counter() - started)
+            seconds[name].append(time.process_time() - started)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
@@ -158,7 +162,8 @@ def candidate_charges(
         "threads": torch.get_num_threads(),
         "cpu": cpu_info().to_json(),
         "per_batch": per_batch,
-        "charges": {layer: statistics.mean(per_batch[str(b)][layer] for b in batches) for layer in layers},
+        # a head never saves time: a negative difference is noise, charged 0
+        "charges": {layer: max(0.0, statistics.mean(per_batch[str(b)][layer] for b in batches)) for layer in layers},
     }
 
 

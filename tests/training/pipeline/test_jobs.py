@@ -30,8 +30,8 @@ from training.pipeline.jobs import Job, read_record
 from training.pipeline.label_sets import ExitView, exit_view, label_sets_for
 from training.pipeline.simulate import METHODS, Outcome, method_scores, simulate
 
-from .. import engine_answers
-from ..decisions import TIE_BAND, another_instruction_set, near, split_threshold
+from ... import engine_answers
+from ...decisions import TIE_BAND, another_instruction_set, near, split_threshold
 
 # The build's step order (written once, in training.pipeline.build); paper mode needs no activation ranges.
 STEPS = tuple(name for name in BUILD_STEPS if name != "ranges")
