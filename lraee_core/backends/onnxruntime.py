@@ -389,6 +389,7 @@ class OrtClipBackbone(ClipBackbone):
                         gate=params,
                         logit_scale=1.0 if gate is None else gate.logit_scale,
                         embed=self.visual if first == 0 else None,
+                        tokens=self.shape.num_tokens,
                     )
                     options = self._small_options if small else self._options
                     session = ort.InferenceSession(

@@ -48,6 +48,8 @@ GATE_INPUTS = (TEXT, COLUMNS, PADDING, LOG_K, ENTROPY_DIVISOR, PREVIOUS)
 LOGITS = "logits"  # [B, W] float32 each row's exit logits against its own labels (-inf past its K)
 PROBABILITY = "probability"  # [B, 1] float32 gate probability
 TOP1 = "top1"  # [B, 1] int64 each row's top-1 label index
+# The gate features the graph computes (those of lraee_core.gate).
+GATE_FEATURES = ("cos_top1", "cos_gap", "entropy_norm", "log_k", "sav", "agree_prev", "confidence", "margin")
 OPSET = 21  # per-axis QuantizeLinear with a dynamic scale, LayerNormalization, Gelu
 # Activations take 7 bits, [0, 127], as fbgemm's dynamic Linear does (reduce_range): without AVX-512 VNNI, ORT's
 # u8s8 kernel adds pairs of u8*s8 products in int16 (VPMADDUBSW), which saturates for 8-bit activations. Measured
@@ -104,15 +106,17 @@ class GraphWriter:
     def per_image_quantize(self, x: str, rank: int) -> tuple[str, str, str]:
         """Asymmetric 7-bit UINT8 of ``x`` [B, ...] with one (scale, zero point) per image: ONNX's
         ``DynamicQuantizeLinear`` formula over that image alone, on [0, 127]. Returns (quantized [B, ...] uint8,
-        scale [B, 1, ..] float, zero point [B, 1, ..] as float).
+        scale [B, 1, ..] float, scale x zero point [B, 1, ..] float: what the epilogue subtracts per image).
 
         Written in as few nodes as the formula allows (each node costs ORT a few microseconds, which is most of a
         block's time on a small model at batch 1). The formula's clip of the zero point to [0, 127] is left out
         because it cannot bite: low <= 0 <= high, so ``|low| / scale = 127 |low| / (high - low) <= 127`` up to one
         rounding (and ``Abs`` rather than ``Neg`` keeps a zero ``low`` at +0): the same bits as with the clip. The
-        epilogue reads the zero point as the float ``Round`` gives, not cast back from UINT8. The ranges are
-        reduced to [B] (``keepdims=0``): with ``keepdims=1`` ORT's reductions ran a 12-block ``full`` tower 8%
-        slower at batch 32 here.
+        zero point is itself a ``QuantizeLinear`` of ``|low|`` by the image's scale (``round(|low| / scale)``, half to
+        even, as ``Div`` + ``Round`` + ``Cast`` gave it), and ``DequantizeLinear`` turns it back into
+        ``zero point x scale`` for the epilogue (one float product, as ``Mul`` gave it): 11 nodes where the same bits
+        took 14. The ranges are reduced to [B] (``keepdims=0``): with ``keepdims=1`` ORT's reductions ran a 12-block
+        ``full`` tower 8% slower at batch 32 here.
 
         The range's top is floored at ``127 * tiny`` (float32's smallest normal) rather than at 0: that one ``Max``
         both puts 0 in the range and keeps the scale positive on an all-zero image (scale ``tiny``; any positive
@@ -123,18 +127,14 @@ class GraphWriter:
         high = self.op("Max", [self.op("ReduceMax", [x, axes], keepdims=0), floor])  # [B] range includes 0
         low = self.op("Min", [self.op("ReduceMin", [x, axes], keepdims=0), self.const("zero", 0.0)])
         scale = self.op("Div", [self.op("Sub", [high, low]), self.const("levels", _LEVELS)], "scale")
-        zero_point = self.op("Round", [self.op("Div", [self.op("Abs", [low]), scale])], "zero_point")  # 0..127
-        quantized = self.op(
-            "QuantizeLinear",
-            [x, scale, self.op("Cast", [zero_point], to=TensorProto.UINT8)],
-            "quantized",
-            axis=0,  # per image
-        )
+        zero_point = self.op("QuantizeLinear", [self.op("Abs", [low]), scale], "zero_point", axis=0)  # [B] 0..127
+        quantized = self.op("QuantizeLinear", [x, scale, zero_point], "quantized", axis=0)  # per image
+        scaled_zero_point = self.op("DequantizeLinear", [zero_point, scale], "scaled_zero_point", axis=0)
         per_image = self.const("per_image", [-1] + [1] * (rank - 1), np.int64)
         return (
             quantized,
             self.op("Reshape", [scale, per_image], "scale_b"),
-            self.op("Reshape", [zero_point, per_image], "zero_point_b"),
+            self.op("Reshape", [scaled_zero_point, per_image], "scaled_zero_point_b"),
         )
 
     def linear(
@@ -143,6 +143,8 @@ class GraphWriter:
         """``x @ weight.T + bias`` for an ``nn.Linear`` weight [N, K]; INT8 with activation scales per image
         (``per_image``) or per tensor."""
         w = weight.detach().float().numpy().T  # [K, N]
+        if not int8 and rank == 2 and bias is not None:  # one Gemm (an exit head's Linears)
+            return self.op("Gemm", [x, self.const("w", w), self.const("b", bias.detach().float().numpy())])
         if not int8:
             out = self.op("MatMul", [x, self.const("w", w)])
         else:
@@ -159,7 +161,7 @@ class GraphWriter:
                 exact = self.op("Cast", [product], to=TensorProto.FLOAT)
                 out = self.op("Mul", [exact, self.op("Mul", [x_scale, self.const("w_scale", w_scale)])])
                 return out if bias is None else self.op("Add", [out, self.const("b", bias.detach().float().numpy())])
-            quantized, x_scale, x_zero_point = self.per_image_quantize(x, rank)
+            quantized, x_scale, scaled_zero_point = self.per_image_quantize(x, rank)
             # x @ W.T ~ x_scale[b] * ((q - zp[b]) @ W_int8) * w_scale = x_scale[b] * (q @ W_int8 * w_scale)
             # - x_scale[b] * zp[b] * colsum(W_int8) * w_scale: one fused integer matmul with its per-column scale,
             # then one multiply and one add per output element; the zero-point term is a small [B, 1, N] tensor.
@@ -176,7 +178,7 @@ class GraphWriter:
             zero_point_term = self.op(
                 "Mul",
                 [
-                    self.op("Mul", [x_scale, x_zero_point]),
+                    scaled_zero_point,
                     self.const("colsum_scaled", colsum.astype(np.float32) * w_scale),
                 ],
             )  # [B, 1, N]
@@ -319,77 +321,94 @@ def _write_final(w: GraphWriter, hidden: str, visual: Any) -> str:  # Any: an op
     return _unit(w, pooled)
 
 
-def _top2(w: GraphWriter, x: str, filler: str) -> tuple[str, str]:
-    """The two largest entries of each row of ``x`` [B, W] as two [B, 1] columns. One column of ``filler`` is
-    appended first (a single ``Pad``), so a row with one entry gets ``filler`` as its runner-up, even when W is 1."""
-    padded = w.op("Pad", [x, w.const("pads", [0, 0, 0, 1], np.int64), filler])
+def _top2(w: GraphWriter, x: str, filler: float) -> str:
+    """The two largest entries of each row of ``x`` [B, W] as one [B, 2] tensor. One column of ``filler`` is
+    appended first (a single ``Pad``), so a row with one entry gets ``filler`` as its runner-up, even when W is 1;
+    -inf padding columns lie below it and are never picked."""
+    padded = w.op("Pad", [x, w.const("pads", [0, 0, 0, 1], np.int64), w.const("filler", filler)])
     values = w.name("top2")
     w.nodes.append(
-        helper.make_node("TopK", [padded, w.const("two", [2], np.int64)], [values, w.name("top2_index")], axis=1)
+        helper.make_node(
+            "TopK", [padded, w.const("two", [2], np.int64)], [values, w.name("top2_index")], axis=1, name=w.name("TopK")
+        )
     )
-    first, second = w.name("first"), w.name("second")
-    w.nodes.append(helper.make_node("Split", [values], [first, second], axis=1, num_outputs=2, name=w.name("Split")))
-    return first, second
+    return values
 
 
-def _write_gate(w: GraphWriter, hidden: str, embedding: str, gate: Any, logit_scale: float) -> tuple[str, str, str]:
+def _write_gate(
+    w: GraphWriter, hidden: str, embedding: str, gate: Any, logit_scale: float, tokens: int | None
+) -> tuple[str, str, str]:
     """The exit gate on a head's unit embedding ``embedding`` [B, E] (``gate``: a lraee_core.gate.GateParams), as
     :func:`lraee_core.gate.gate_features` and :meth:`GateParams.probability` compute it in PyTorch (equal within
     float rounding): returns (logits [B, W], probability [B, 1], top1 [B, 1]).
 
-    Written in few nodes, each feature a [B, 1] column: every node costs ORT a few microseconds, and a gated span
-    runs at every candidate layer. Rows with a single label need no branch: their runner-up cosine is a padded
-    -1 (logit ``-logit_scale``), which gives ``cos_gap`` = top-1 + 1 exactly as PyTorch's rule does, and their
-    entropy, 0, is divided by the fed :data:`ENTROPY_DIVISOR` (-log K, or -1 when K is 1) instead of being
-    replaced."""
-    scale = w.const("logit_scale", logit_scale)
-    every = w.op("Gemm", [w.op("Mul", [embedding, scale]), TEXT], transB=1)  # [B, S], scale x cosine
+    Written in few nodes: every node costs ORT a few microseconds, and a gated span runs at every candidate layer.
+    The gate is linear in its features, so a feature that is itself linear in a tensor the graph has anyway is not
+    computed as a column: that tensor enters the gate's one ``Gemm`` with the feature's weight spread over it.
+
+    * ``cos_top1`` and ``cos_gap`` are ``t1 / s`` and ``(t1 - t2) / s`` for the top two logits ``t1, t2`` (``s``:
+      the logit scale): the [B, 2] ``TopK`` values enter with weights ``(w_top1 + w_gap) / s`` and ``-w_gap / s``.
+      A row with a single label gets the appended lowest logit (cosine -1) as its runner-up, which gives
+      ``cos_gap`` = top-1 + 1 exactly as PyTorch's rule does; its -inf padding lies below that and is never picked.
+    * ``confidence`` and ``margin`` are ``p1`` and ``p1 - p2`` of the top two probabilities, likewise (a single
+      label's runner-up has probability 0).
+    * ``sav`` = Var(n) / Mean(n)^2 over the patch tokens' norms ``n`` is ``mean((n / m)^2) - 1``: the squared
+      ratios [B, T] enter with weight ``w_sav / N`` on each patch column (0 on [CLS]) and the ``- w_sav`` joins the
+      bias; the mean ``m`` is one MatMul of the norms of every token with those same column weights.
+    * ``entropy_norm`` (the entropy divided by the fed :data:`ENTROPY_DIVISOR`, -log K or -1 for one label, whose
+      entropy is 0), ``log_k`` (fed) and ``agree_prev`` enter as [B, 1] columns.
+    """
+    features = gate.features
+    unknown = [name for name in features if name not in GATE_FEATURES]
+    if unknown:
+        raise UnsupportedBlock(f"gate feature {unknown[0]!r}")
+    if "sav" in features and tokens is None:
+        raise ValueError("the 'sav' gate feature needs the token count: pass tokens (or embed)")
+    weights = dict(zip(features, (float(value) for value in gate.weight), strict=True))
+    bias = float(gate.bias)
+    every = w.op("Gemm", [embedding, TEXT], transB=1, alpha=float(logit_scale))  # [B, S], scale x cosine
     gathered = w.op("GatherElements", [every, COLUMNS], axis=1)  # [B, W] each row's own labels
     logits = w.op("Where", [PADDING, w.const("minus_inf", -np.inf), gathered])
     top1 = w.op("ArgMax", [logits], axis=-1, keepdims=1)  # [B, 1]
-    probs = w.op("Softmax", [logits], axis=-1)  # padding gets 0
-    columns: dict[str, str] = {}
-    for name in gate.features:
-        if name in ("cos_top1", "cos_gap"):
-            if "cos_top1" not in columns:
-                lowest = w.const("lowest", -logit_scale)  # the logit of cosine -1
-                # Padding columns and the appended one hold the lowest logit: never above a real second label.
-                first, second = _top2(w, w.op("Where", [PADDING, lowest, gathered]), lowest)
-                columns["cos_top1"] = w.op("Div", [first, scale])
-                columns["cos_gap"] = w.op("Sub", [columns["cos_top1"], w.op("Div", [second, scale])])
-        elif name == "entropy_norm":
+    columns: list[str] = []  # [B, n] tensors, side by side the gate's input
+    column_weights: list[np.ndarray] = []  # the gate's weights of each, [n]
+    if "cos_top1" in features or "cos_gap" in features:
+        top1_weight, gap_weight = weights.get("cos_top1", 0.0), weights.get("cos_gap", 0.0)
+        columns.append(_top2(w, logits, -logit_scale))  # the lowest logit (cosine -1) as a lone label's runner-up
+        column_weights.append(np.array([(top1_weight + gap_weight) / logit_scale, -gap_weight / logit_scale]))
+    if {"entropy_norm", "confidence", "margin"} & set(features):
+        probs = w.op("Softmax", [logits], axis=-1)  # padding gets 0
+        if "entropy_norm" in features:
             logs = w.op("Log", [w.op("Max", [probs, w.const("floor", 1e-30)])])
             minus_entropy = w.op(
                 "ReduceSum", [w.op("Mul", [probs, logs]), w.const("last", [-1], np.int64)], keepdims=1
             )  # [B, 1]
-            columns[name] = w.op("Div", [minus_entropy, ENTROPY_DIVISOR])
-        elif name == "log_k":
-            columns[name] = LOG_K
-        elif name == "sav":
-            patches = w.op(
-                "Slice",
-                [hidden, w.const("p0", [1], np.int64), w.const("p1", [2**62], np.int64), w.const("pa", [1], np.int64)],
-            )
-            norms = w.op("ReduceL2", [patches, w.const("width", [-1], np.int64)], keepdims=0)  # [B, N]
-            tokens = w.const("tokens", [1], np.int64)
-            mean = w.op("ReduceMean", [norms, tokens], keepdims=1)  # [B, 1]
-            centred = w.op("Sub", [norms, mean])
-            variance = w.op("ReduceMean", [w.op("Mul", [centred, centred]), tokens], keepdims=1)
-            floor = w.op("Max", [mean, w.const("eps", 1e-12)])
-            columns[name] = w.op("Div", [variance, w.op("Mul", [floor, floor])])
-        elif name == "agree_prev":
-            columns[name] = w.op("Cast", [w.op("Equal", [top1, PREVIOUS])], to=TensorProto.FLOAT)
-        elif name in ("confidence", "margin"):
-            if "confidence" not in columns:
-                first, second = _top2(w, probs, w.const("nought", 0.0))  # one label: the runner-up has 0
-                columns["confidence"] = first
-                columns["margin"] = w.op("Sub", [first, second])
-        else:
-            raise UnsupportedBlock(f"gate feature {name!r}")
-    features = w.op("Concat", [columns[name] for name in gate.features], axis=1)  # [B, F]
-    weights = w.const("gate_w", np.asarray(gate.weight, dtype=np.float32)[:, None])  # [F, 1]
-    probability = w.op("Sigmoid", [w.op("Add", [w.op("MatMul", [features, weights]), w.const("gate_b", gate.bias)])])
-    return logits, probability, top1
+            columns.append(w.op("Div", [minus_entropy, ENTROPY_DIVISOR]))
+            column_weights.append(np.array([weights["entropy_norm"]]))
+        if "confidence" in features or "margin" in features:
+            confidence_weight, margin_weight = weights.get("confidence", 0.0), weights.get("margin", 0.0)
+            columns.append(_top2(w, probs, 0.0))  # one label: the runner-up has probability 0
+            column_weights.append(np.array([confidence_weight + margin_weight, -margin_weight]))
+    if "log_k" in features:
+        columns.append(LOG_K)
+        column_weights.append(np.array([weights["log_k"]]))
+    if "sav" in features:
+        assert tokens is not None  # checked above
+        patch_weights = np.full(tokens, 1.0 / (tokens - 1))
+        patch_weights[0] = 0.0  # [CLS] is not a patch
+        norms = w.op("ReduceL2", [hidden, w.const("width", [-1], np.int64)], keepdims=0)  # [B, T]
+        mean = w.op("MatMul", [norms, w.const("patch_mean", patch_weights[:, None])])  # [B, 1]
+        ratios = w.op("Div", [norms, w.op("Max", [mean, w.const("eps", 1e-12)])])
+        columns.append(w.op("Mul", [ratios, ratios]))
+        column_weights.append(weights["sav"] * patch_weights)
+        bias -= weights["sav"]
+    if "agree_prev" in features:
+        columns.append(w.op("Cast", [w.op("Equal", [top1, PREVIOUS])], to=TensorProto.FLOAT))
+        column_weights.append(np.array([weights["agree_prev"]]))
+    joined = columns[0] if len(columns) == 1 else w.op("Concat", columns, axis=1)  # [B, F']
+    stacked = np.concatenate(column_weights).astype(np.float32)[:, None]  # [F', 1]
+    score = w.op("Gemm", [joined, w.const("gate_w", stacked), w.const("gate_b", [bias])])
+    return logits, w.op("Sigmoid", [score]), top1
 
 
 def final_in_graph(visual: Any) -> bool:  # Any: an open_clip VisionTransformer
@@ -407,13 +426,15 @@ def blocks_graph(
     gate: Any | None = None,  # Any: a lraee_core.gate.GateParams, evaluated on the head's embedding
     logit_scale: float = 1.0,  # CLIP's temperature, for the gate's logits
     embed: Any | None = None,  # Any: the open_clip VisionTransformer whose embedding stage comes first
+    tokens: int | None = None,  # tokens per image (T); the gate's 'sav' needs it, taken from ``embed`` if given
 ) -> onnx.ModelProto:
     """Consecutive open_clip ``ResidualAttentionBlock`` s (batch-first self-attention) as one ONNX graph
     ``input`` [B, T, D] -> ``output`` [B, T, D], plus ``exit`` [B, E] (the unit embedding of exit ``head`` read at the
     last block) when a head is given and ``final`` [B, E] (the unit full-depth embedding) when the tower is. A
     ``gate`` (with a head) adds the inputs :data:`GATE_INPUTS` and the outputs ``logits``, ``probability`` and
-    ``top1`` (see :func:`_write_gate`). With ``embed`` the graph starts from the images: ``input`` is [B, 3, H, W]
-    and the embedding stage (:func:`_write_embed`) runs first.
+    ``top1`` (see :func:`_write_gate`); a gate that reads ``sav`` needs ``tokens`` (T, the token count: its patch
+    mean is a MatMul of fixed width) unless ``embed`` gives it. With ``embed`` the graph starts from the images:
+    ``input`` is [B, 3, H, W] and the embedding stage (:func:`_write_embed`) runs first.
 
     ``quantize`` names the Linears of every block that run INT8 (:data:`LINEARS`); ``per_image``: activation scales
     per image (the engine's promise) or, False, one per tensor as a bare ``quantize_dynamic`` (diagnosis only).
@@ -428,6 +449,8 @@ def blocks_graph(
         raise ValueError("no blocks to write")
     w = GraphWriter()
     hidden = INPUT
+    if tokens is None and embed is not None:
+        tokens = int(embed.positional_embedding.shape[0])
     if embed is not None:
         w.prefix = "embed/"
         hidden = _write_embed(w, INPUT, embed)
@@ -455,7 +478,7 @@ def blocks_graph(
             if name == EXIT and gate is not None:
                 w.prefix = "gate/"
                 for output, value in zip(
-                    (LOGITS, PROBABILITY, TOP1), _write_gate(w, hidden, written, gate, logit_scale), strict=True
+                    (LOGITS, PROBABILITY, TOP1), _write_gate(w, hidden, written, gate, logit_scale, tokens), strict=True
                 ):
                     renames[value] = output
                 outputs += [

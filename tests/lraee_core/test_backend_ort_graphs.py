@@ -12,17 +12,23 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from lraee_core.backends.ort_graphs import (
+    EXIT,
     INPUT,
     IR_VERSION,
     LINEARS,
     OPSET,
     OUTPUT,
+    PROBABILITY,
+    TOP1,
     GraphWriter,
     UnsupportedBlock,
     blocks_graph,
     embed_graph,
     quantize_weight,
 )
+from lraee_core.backends.ort_graphs import LOGITS as GATE_LOGITS
+
+from ..decisions import near, top2_gap
 
 WIDTH, HEADS, TOKENS = 32, 4, 9
 
@@ -154,3 +160,70 @@ def test_embed_graph_equals_open_clip() -> None:
     got = _run(_session(embed_graph(visual)), images.numpy())
     assert got.shape == (3, 17, WIDTH)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+# Nodes the graph writes for an exit head and for a gate over every feature (before ORT's own fusions). Each node
+# costs ORT a few microseconds whatever its size, which on a small model at batch 1 is what a head and gate cost.
+HEAD_NODES = 8  # Gather, LayerNorm, Gemm, Gelu, Gemm, ReduceL2, Max, Div (was 10: MatMul + Add per Linear)
+GATE_NODES = 24  # was 35 with every feature (everyday's six: 32 -> 22; the paper's three: 22 -> 15)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "ssa"])
+@pytest.mark.parametrize("label_sets", ["one", "several"])
+def test_head_and_gate_in_the_span_equal_pytorch_in_few_nodes(
+    blocks: list[nn.Module], hidden: np.ndarray, pooling: str, label_sets: str
+) -> None:
+    """The exit head and the gate written into a span's graph give what PyTorch's head and
+    :func:`lraee_core.gate.answer_gate` give on the same hidden state (every feature, random weights; one label set,
+    and a label set per row with one-label rows), in few nodes: the gate's features that are linear in a tensor the
+    graph has anyway (the top-two logits and probabilities, the squared token-norm ratios of 'sav') enter its one
+    Gemm directly, with the feature's weight spread over them."""
+    from lraee_core.backends.onnxruntime import _gate_feeds
+    from lraee_core.config import HeadConfig
+    from lraee_core.gate import FEATURES, GateParams, GateQuestion, answer_gate
+    from lraee_core.heads import ExitHead
+
+    torch.manual_seed(4)
+    head = ExitHead(HeadConfig(pooling=pooling, width=WIDTH, hidden_dim=16, embed_dim=8)).eval()  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(5)
+    params = GateParams(tuple(torch.randn(len(FEATURES), generator=generator).tolist()), 0.3, FEATURES)
+    text = torch.nn.functional.normalize(torch.randn(9, 8, generator=generator), dim=-1)
+    rows, scale = hidden.shape[0], 30.0
+    columns = counts = None
+    if label_sets == "several":  # label sets [0:3], [3:4] (one label) and [4:9]
+        counts = torch.tensor([3, 1, 5, 3, 1])
+        starts = torch.tensor([0, 3, 4, 0, 3])
+        columns = starts.unsqueeze(1) + torch.arange(5).clamp_max(counts.unsqueeze(1) - 1)
+    question = GateQuestion(params, scale, text, columns, counts, torch.tensor([-1, 0, 2, 1, 0]))
+    graph = blocks_graph(blocks[:1], head=head, gate=params, logit_scale=scale, tokens=TOKENS)
+    parts = [node.name.split("/")[0] for node in graph.graph.node]
+    assert parts.count(EXIT) == HEAD_NODES + (pooling == "ssa")  # ssa pools with Slice + ReduceMean, not Gather
+    assert parts.count("gate") == GATE_NODES
+
+    session = _session(graph)
+    names = [OUTPUT, EXIT, GATE_LOGITS, PROBABILITY, TOP1]
+    feeds = {INPUT: hidden, **_gate_feeds(question, rows)}
+    layer, embedding, logits, probability, top1 = session.run(names, feeds)
+    with torch.inference_mode():
+        expected_embedding = head(head.pool(torch.from_numpy(layer)))
+        reference = answer_gate(question, torch.from_numpy(embedding), torch.from_numpy(layer))
+    np.testing.assert_allclose(embedding, expected_embedding.numpy(), rtol=0, atol=1e-6)
+    assert np.array_equal(np.isinf(logits), reference.logits.isinf().numpy())  # the same padding
+    finite = np.isfinite(logits)
+    np.testing.assert_allclose(logits[finite], reference.logits.numpy()[finite], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probability.reshape(-1), reference.probability.numpy(), rtol=0, atol=1e-6)
+    # Top-1 labels compared where the runner-up is further than the tie band (tests/decisions.py).
+    decided = torch.from_numpy(~near(top2_gap(reference.logits / scale), 0.0))
+    assert decided.sum() >= rows - 1
+    assert torch.from_numpy(top1.reshape(-1))[decided].tolist() == reference.top1[decided].tolist()
+
+
+def test_a_gate_reading_sav_needs_the_token_count(blocks: list[nn.Module]) -> None:
+    from lraee_core.config import HeadConfig
+    from lraee_core.gate import GateParams
+    from lraee_core.heads import ExitHead
+
+    head = ExitHead(HeadConfig(pooling="cls", width=WIDTH, hidden_dim=16, embed_dim=8))
+    with pytest.raises(ValueError, match="token count"):
+        blocks_graph(blocks[:1], head=head, gate=GateParams((1.0,), 0.0, ("sav",)))
+    blocks_graph(blocks[:1], head=head, gate=GateParams((1.0,), 0.0, ("cos_top1",)))  # no 'sav': no count needed
