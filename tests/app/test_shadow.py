@@ -16,6 +16,7 @@ from app.service import BatchKey, Question
 from app.shadow import ShadowSampler
 from lraee_core.engine import ExitResult, Prediction
 from lraee_core.exits import ExitRule
+from lraee_core.promises import ShadowOutcome
 
 from . import imagegen
 from .conftest import multipart, running
@@ -38,7 +39,7 @@ def result(label: str, path: str = "head", layer: int = 9) -> ExitResult:
 
 
 def test_sampler_keeps_early_exits_only_and_drops_when_full() -> None:
-    checks: list[tuple[int, str, bool]] = []
+    checks: list[ShadowOutcome] = []
     dropped: list[int] = []
     answers = {0.0: "cat", 1.0: "dog"}  # full depth answers by the image's value
 
@@ -46,15 +47,18 @@ def test_sampler_keeps_early_exits_only_and_drops_when_full() -> None:
         assert images.shape == (1, 3, 2, 2) and key is KEY
         return [result(answers[float(images[0, 0, 0, 0])], "full")]
 
-    sampler = ShadowSampler(
-        1.0, full_depth, lambda *check: checks.append(check), on_drop=lambda: dropped.append(1), capacity=2
-    )
+    sampler = ShadowSampler(1.0, full_depth, checks.append, on_drop=lambda: dropped.append(1), capacity=2)
     images = [torch.full((3, 2, 2), float(i % 2)) for i in range(4)]
     sampler.offer([KEY] * 4, images, [result("cat"), result("cat", layer=11), result("cat", "full"), result("dog")])
     assert sampler.pending == 2 and dropped == [1]  # the full-path image is never sampled; the third early exit dropped
     while (job := sampler.next_job()) is not None:
         job()
-    assert checks == [(9, "fast", True), (11, "fast", False)]
+    # Each outcome carries what the thresholds depend on: the label count, the exit layer and its gate probability.
+    assert [(c.exit_layer, c.operating_point, c.agree, c.label_count, c.gate_probability) for c in checks] == [
+        (9, "fast", True, 2, 0.9),
+        (11, "fast", False, 2, 0.9),
+    ]
+    assert all(check.rule is KEY.question.rule for check in checks)
     assert sampler.next_job() is None
 
 
