@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,3 +175,48 @@ def scrape_async(response: Any) -> dict[str, list[tuple[dict[str, str], float]]]
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
+
+
+class TimedRecorder(Recorder):
+    """Background work that always has a job, each taking ``seconds`` of the worker (measured into ``spent``)."""
+
+    def __init__(self, log: list[str], seconds: float) -> None:
+        super().__init__(log)
+        self.seconds = seconds
+        self.spent = 0.0
+
+    def next_job(self) -> Any:
+        def job() -> None:
+            started = time.perf_counter()
+            time.sleep(self.seconds)
+            self.log.append("shadow")
+            self.spent += time.perf_counter() - started
+
+        return job
+
+
+@pytest.mark.anyio
+async def test_under_sustained_load_background_work_takes_at_most_its_budget() -> None:
+    log: list[str] = []
+    engine = [0.0]
+
+    def run_batch(keys: Sequence[str], images: torch.Tensor) -> list[ExitResult]:
+        started = time.perf_counter()
+        time.sleep(0.01)  # every live batch: about 10 ms of engine time
+        log.append("live")
+        engine[0] += time.perf_counter() - started
+        return [result("cat")] * images.shape[0]
+
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=1, max_wait_seconds=0.0, capacity=1024, threads=1)
+    background = TimedRecorder(log, 0.002)
+    batcher.start(run_batch, background=background, background_budget=0.02)
+    image = torch.zeros(3, 2, 2)
+    await asyncio.gather(*(batcher.submit("a", [image]) for _ in range(300)))  # 300 images waiting at once: load
+    under_load = log[: len(log) - 1 - log[::-1].index("live")]  # up to the last live batch
+    await batcher.stop()
+    shadow = under_load.count("shadow")
+    assert log.count("live") == 300 and shadow >= 10, log  # not blind under load...
+    # ... within its budget (2% of engine time, give or take the one job that overdraws it) ...
+    assert background.spent * shadow / max(log.count("shadow"), 1) <= 0.02 * engine[0] + 0.01
+    # ... and a live image never waits behind two checks.
+    assert "shadow, shadow" not in ", ".join(under_load)
