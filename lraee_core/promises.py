@@ -67,7 +67,7 @@ class ControlConfig:
     min_answers: int = 50  # live answers at one level before it may be relaxed
     z_raise: float = 1.0  # one-sided normal quantile of the "broken" test (84%)
     z_relax: float = 1.645  # one-sided normal quantile of the "comfortably kept" test (95%)
-    relax_margin: float = 0.25  # relax only above promise + this share of the disagreement budget (1 - promise)
+    relax_margin: float = 0.1  # relax only above promise + this share of the disagreement budget (1 - promise)
     max_raise: float = 0.5  # the largest raise at once, in rungs of the ladder
     raise_grid: float = 0.125  # raises are whole multiples of this
     relax_step: float = 0.25  # one relax, in rungs

@@ -5,10 +5,10 @@ quality 8), then clean photos again.
 The tiny test checkpoint's heads and gates are random, so which photo would leave where, and whether its exit would
 agree with the full depth, is anybody's guess. The engine's answers are therefore a stand-in that reads each photo:
 its gate probability is a fixed pseudo-random function of the pixels, and an exit disagrees with the full depth only
-on a shifted (smooth) photo whose gate probability is below 0.9. Which rows leave follows each row's own exit rule,
+on a shifted (smooth) photo whose gate probability is below 0.7. Which rows leave follows each row's own exit rule,
 the thresholds the controller hands the request, exactly as in the engine. The test knows the answer: at the
-calibrated `fast` thresholds (0.5) about half the shifted photos leave and 80% of those disagree (agreement ~60%
-against a 90% promise); from a threshold of 0.8 the promise holds.
+calibrated `fast` threshold (0.3) 70% of the shifted photos leave and 4 in 7 of those disagree (agreement ~60%
+against a 90% promise); from a threshold of 0.6 (`accurate`'s) the promise holds.
 """
 
 from __future__ import annotations
@@ -35,23 +35,23 @@ from .test_shadow import scrape_async
 
 LABELS = ["a cat", "a dog"]
 PROMISE = 0.9
-SURE = 0.9  # a shifted photo's exit agrees with the full depth from this gate probability up
+SURE = 0.7  # a shifted photo's exit agrees with the full depth from this gate probability up
 FLOPS_FULL = 1000
 EXIT_LAYER = 9  # the stand-in's exits leave at the first candidate layer
 
 
 @pytest.fixture(scope="module")
 def promised_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with two promised points: `fast` (90%, gate threshold 0.5 at layer 9) and `accurate`
-    (99%, 0.8), so fast's calibrated curve runs 0.5 -> 0.8 -> 1.0 (never leave)."""
+    """The tiny checkpoint with two promised points: `fast` (90%, gate threshold 0.3 at layer 9) and `accurate`
+    (99%, 0.6), so fast's calibrated curve runs 0.3 -> 0.6 -> 1.0 (never leave)."""
     directory = tmp_path_factory.mktemp("promised")
     for path in tiny_checkpoint.iterdir():
         shutil.copy(path, directory / path.name)
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["format_version"] = 4
     manifest["operating_points"] = {
-        "fast": {"promise": PROMISE, "label_cap": None, "thresholds": {"2": {str(EXIT_LAYER): 0.5}}},
-        "accurate": {"promise": 0.99, "label_cap": None, "thresholds": {"2": {str(EXIT_LAYER): 0.8}}},
+        "fast": {"promise": PROMISE, "label_cap": None, "thresholds": {"2": {str(EXIT_LAYER): 0.3}}},
+        "accurate": {"promise": 0.99, "label_cap": None, "thresholds": {"2": {str(EXIT_LAYER): 0.6}}},
     }
     manifest.pop("promises", None)
     manifest.pop("label_caps", None)
@@ -152,8 +152,8 @@ async def test_shifted_photos_raise_the_thresholds_until_the_promise_holds_and_c
     make_settings: Any, promised_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = create_app(make_settings(checkpoint=promised_checkpoint, shadow_rate=1.0))
-    shifted_photos = [shifted(seed) for seed in range(160)]
-    clean_photos = [clean(seed) for seed in range(1000, 1160)]
+    shifted_photos = [shifted(seed) for seed in range(100)]
+    clean_photos = [clean(seed) for seed in range(1000, 1100)]
     async with running(app) as client:
         service = app.state.runtime.models.default.service
         smooth = [sharpness(service.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))) for data in shifted_photos]
@@ -166,17 +166,16 @@ async def test_shifted_photos_raise_the_thresholds_until_the_promise_holds_and_c
 
         first, _ = await run_pass(client, shifted_photos)
         assert first < 0.75  # the calibrated thresholds break the promise on shifted photos
-        for _ in range(3):  # warm-up
-            await run_pass(client, shifted_photos)
+        await run_pass(client, shifted_photos)  # warm-up: two passes in all
         band = await fast_band(client)
         assert band["offset"] >= 1.0 and band["corrections"]["raise"] >= 1
-        assert min(float(t) for t in band["thresholds"].values()) >= 0.8 - 1e-9
+        assert min(float(t) for t in band["thresholds"].values()) >= 0.6 - 1e-9
         restored, shifted_saved = await run_pass(client, shifted_photos)
         assert restored >= PROMISE - 0.01 and shifted_saved > 0.0  # kept, and some exits still pay
 
-        for _ in range(4):  # clean photos again: the thresholds come back down, never below the calibrated ones
+        for _ in range(3):  # clean photos again: the thresholds come back down, never below the calibrated ones
             await run_pass(client, clean_photos)
-            assert float((await fast_band(client))["thresholds"][str(EXIT_LAYER)]) >= 0.5
+            assert float((await fast_band(client))["thresholds"][str(EXIT_LAYER)]) >= 0.3
         band = await fast_band(client)
         assert band["offset"] == 0.0 and band["corrections"]["relax"] >= 1
         again, saved_again = await run_pass(client, clean_photos)

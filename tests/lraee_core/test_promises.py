@@ -144,7 +144,7 @@ def test_every_step_is_bounded_and_logged() -> None:
             assert change["checks"] >= 30 and change["upper"] < 0.95
         else:
             assert -0.25 - 1e-9 <= step < 0
-            assert change["answers"] >= 50 and change["lower"] >= 0.95 + 0.25 * 0.05
+            assert change["answers"] >= 50 and change["lower"] >= 0.95 + 0.1 * 0.05
 
 
 def test_no_move_below_the_minimum_sample_count() -> None:
@@ -167,15 +167,16 @@ def test_hysteresis_holds_between_broken_and_comfortable() -> None:
         control.observe_check(ShadowOutcome("fast", 2, 4, 0.99, False, rule))
     raised = control.rule("fast", 2)
     assert raised is not rule
-    # Now agreement 1 - 0.5 x 0.15 = 92.5%: above the 90% promise, below the 92.5% + margin a relax needs.
+    # Now agreement 1 - 0.5 x 2/11 = 91%, misses spread evenly: above the 90% promise, not surely above the 91% a
+    # relax needs.
     for index in range(4000):
         exited = index % 2 == 0
         control.observe_answers([("fast", 2, raised, exited)])
         if exited:
-            control.observe_check(ShadowOutcome("fast", 2, 4, 0.99, index % 40 >= 6, raised))
+            control.observe_check(ShadowOutcome("fast", 2, 4, 0.99, (index // 2) % 11 not in (3, 8), raised))
     assert control.rule("fast", 2) is raised
     band = next(band for band in control.state()["bands"] if band["operating_point"] == "fast")
-    assert band["verdict"] == "kept" and band["estimate"] == pytest.approx(0.925, abs=0.01)
+    assert band["verdict"] == "kept" and band["estimate"] == pytest.approx(0.91, abs=0.01)
 
 
 def test_evidence_about_old_thresholds_is_ignored_and_reset_returns_to_calibrated() -> None:
