@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -147,12 +148,22 @@ def test_every_step_is_bounded_and_logged() -> None:
             assert change["answers"] >= 50 and change["lower"] >= 0.95 + 0.1 * 0.05
 
 
+def misses(control: PromiseKeeper, point: str, rule: ExitRule, count: int, gate: float = 0.99) -> None:
+    """``count`` answers under ``rule`` (K = 2), each leaving at layer 4 and disagreeing with the full depth."""
+    for _ in range(count):
+        control.observe_answers([(point, 2, rule, True)])
+        control.observe_check(ShadowOutcome(point, 2, 4, gate, False, rule))
+
+
+def band_state(control: PromiseKeeper, point: str) -> dict[str, Any]:
+    """The state of ``point``'s band that holds K = 2."""
+    return dict(next(band for band in control.state()["bands"] if band["operating_point"] == point))
+
+
 def test_no_move_below_the_minimum_sample_count() -> None:
     control = keeper(min_checks=30)
     rule = control.rule("fast", 2)
-    for _ in range(29):  # every answer leaves and every check disagrees: still too few checks to act on
-        control.observe_answers([("fast", 2, rule, True)])
-        control.observe_check(ShadowOutcome("fast", 2, 4, 0.55, False, rule))
+    misses(control, "fast", rule, 29, gate=0.55)  # every exit disagrees: still too few checks to act on
     assert control.rule("fast", 2) is rule and not control.state()["changes"]
     control.observe_check(ShadowOutcome("fast", 2, 4, 0.55, False, rule))
     assert control.rule("fast", 2) is not rule
@@ -161,10 +172,7 @@ def test_no_move_below_the_minimum_sample_count() -> None:
 def test_hysteresis_holds_between_broken_and_comfortable() -> None:
     control = keeper()
     rule = control.rule("fast", 2)
-    # Raise once, so that there is room to relax.
-    for _ in range(40):
-        control.observe_answers([("fast", 2, rule, True)])
-        control.observe_check(ShadowOutcome("fast", 2, 4, 0.99, False, rule))
+    misses(control, "fast", rule, 40)  # raise once, so that there is room to relax
     raised = control.rule("fast", 2)
     assert raised is not rule
     # Now agreement 1 - 0.5 x 2/11 = 91%, misses spread evenly: above the 90% promise, not surely above the 91% a
@@ -175,26 +183,21 @@ def test_hysteresis_holds_between_broken_and_comfortable() -> None:
         if exited:
             control.observe_check(ShadowOutcome("fast", 2, 4, 0.99, (index // 2) % 11 not in (3, 8), raised))
     assert control.rule("fast", 2) is raised
-    band = next(band for band in control.state()["bands"] if band["operating_point"] == "fast")
+    band = band_state(control, "fast")
     assert band["verdict"] == "kept" and band["estimate"] == pytest.approx(0.91, abs=0.01)
 
 
 def test_evidence_about_old_thresholds_is_ignored_and_reset_returns_to_calibrated() -> None:
     control = keeper()
     old = control.rule("balanced", 2)
-    for _ in range(40):
-        control.observe_answers([("balanced", 2, old, True)])
-        control.observe_check(ShadowOutcome("balanced", 2, 4, 0.99, False, old))
-    new = control.rule("balanced", 2)
-    assert new is not old
-    for _ in range(100):  # late answers and checks of requests that still followed the old rule
-        control.observe_answers([("balanced", 2, old, True)])
-        control.observe_check(ShadowOutcome("balanced", 2, 4, 0.99, False, old))
-    band = next(band for band in control.state()["bands"] if band["operating_point"] == "balanced")
+    misses(control, "balanced", old, 40)
+    assert control.rule("balanced", 2) is not old
+    misses(control, "balanced", old, 100)  # late answers and checks of requests that still followed the old rule
+    band = band_state(control, "balanced")
     assert band["answers"] == 0 and band["checks"] == 0 and band["verdict"] == "broken"
     control.reset("balanced")
     assert control.rule("balanced", 2) is old
-    band = next(band for band in control.state()["bands"] if band["operating_point"] == "balanced")
+    band = band_state(control, "balanced")
     assert band["offset"] == 0.0 and band["verdict"] == "unknown" and band["corrections"]["reset"] == 1
     assert control.state()["changes"][-1]["direction"] == "reset"
 
