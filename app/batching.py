@@ -14,7 +14,11 @@ does not fit is refused whole (429) rather than partly admitted. Requests take t
 :meth:`MicroBatcher.admit` before their images are decoded, so a full queue costs a refused request no decoding.
 
 When no live image waits, the worker may run one small piece of background work (shadow checks, app/shadow.py);
-live images that arrive meanwhile wait at most for that one piece. :meth:`MicroBatcher.stalled_seconds` tells
+live images that arrive meanwhile wait at most for that one piece. Under sustained load (images always waiting) it
+still runs background work within a budget: each live batch earns ``background_budget`` times its engine time, and
+one piece runs between two live batches while the earned time is positive (what it took is spent; at most
+``BACKGROUND_CREDIT_CAP`` seconds are banked), so background work takes at most that share of engine time under load
+and a live image waits at most for one piece. :meth:`MicroBatcher.stalled_seconds` tells
 readiness how long the worker has been stuck on one call while images wait.
 """
 
@@ -48,6 +52,7 @@ RunBatch = Callable[[Sequence[KeyT], torch.Tensor], list[ResultT]]
 # (each row's key, engine seconds, results) after each batch, for metrics.
 BatchObserver = Callable[[Sequence[KeyT], float, Sequence[ResultT]], None]
 DepthObserver = Callable[[int], None]
+BACKGROUND_CREDIT_CAP = 1.0  # seconds of background work under load earned and not yet spent, at most
 
 
 class BackgroundWork(Protocol[KeyT_contra, ResultT_contra]):
@@ -123,6 +128,9 @@ class MicroBatcher(Generic[KeyT, ResultT]):
         self._depth = 0
         self._reserved = 0  # places held by admitted requests whose images are still being decoded
         self._background: BackgroundWork[KeyT, ResultT] | None = None
+        self._background_budget = 0.0  # share of live engine time background work may take while images wait
+        self._background_credit = 0.0  # seconds of background work earned under load and not yet spent
+        self._loaded = False  # images were waiting when the last live batch finished (sustained load)
         self._busy_since: float | None = None  # perf_counter at the start of the worker call in progress
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -164,12 +172,15 @@ class MicroBatcher(Generic[KeyT, ResultT]):
         *,
         on_batch: BatchObserver[KeyT, ResultT] | None = None,
         on_depth: DepthObserver | None = None,
+        background_budget: float = 0.0,
     ) -> None:
         """Start draining the queue into ``run_batch`` (a consumer task on the running loop); ``background`` gets
-        the worker's idle time, ``on_batch`` sees each finished batch and ``on_depth`` each change of the depth."""
+        the worker's idle time and ``background_budget`` of its engine time under load, ``on_batch`` sees each
+        finished batch and ``on_depth`` each change of the depth."""
         self._on_batch, self._on_depth = on_batch, on_depth
         self._run_batch = run_batch
         self._background = background
+        self._background_budget = background_budget
         if self._consumer is None:
             self._consumer = asyncio.get_running_loop().create_task(self._consume(), name="lraee-batcher")
             self._consumer.add_done_callback(self._consumer_done)
@@ -261,35 +272,43 @@ class MicroBatcher(Generic[KeyT, ResultT]):
     async def _consume(self) -> None:
         while not self._closed:
             if not self._queue:
-                if await self._run_background():
+                self._loaded = False
+                if await self._run_background() is not None:
                     continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if self._loaded and self._background_credit > 0.0:  # sustained load: background work within its budget
+                spent = await self._run_background()
+                self._loaded = False  # at most one piece between two live batches
+                if spent is not None:
+                    self._background_credit -= spent
+                    continue
             await self._let_batch_fill()
             jobs = self._take()
             if jobs:
                 await self._execute(jobs)
+                self._loaded = bool(self._queue)
 
-    async def _run_background(self) -> bool:
-        """Run one background job on the worker if there is one; False when there was none."""
+    async def _run_background(self) -> float | None:
+        """Run one background job on the worker if there is one: the seconds it took, None when there was none."""
         if self._background is None:
-            return False
+            return None
         try:
             job = self._background.next_job()
         except Exception:
             log.exception("background work failed to provide a job")
-            return False
+            return None
         if job is None:
-            return False
-        self._busy_since = time.perf_counter()
+            return None
+        started = self._busy_since = time.perf_counter()
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, job)
         except Exception:  # background work must never disturb the live queue
             log.exception("background job failed")
         finally:
             self._busy_since = None
-        return True
+        return time.perf_counter() - started
 
     async def _let_batch_fill(self) -> None:
         """Wait until a full batch waits or the oldest image has waited ``max_wait_seconds``."""
@@ -326,6 +345,10 @@ class MicroBatcher(Generic[KeyT, ResultT]):
         finally:
             self._busy_since = None
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        if self._background_budget > 0.0:
+            self._background_credit = min(
+                BACKGROUND_CREDIT_CAP, self._background_credit + self._background_budget * seconds
+            )
         if self._on_batch is not None:
             try:
                 self._on_batch(keys, seconds, results)

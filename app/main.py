@@ -10,7 +10,7 @@ Run: ``uvicorn app.main:create_app --factory`` (``make serve``).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from lraee_core.images import set_pil_pixel_limit
+from lraee_core.promises import ShadowOutcome
 
 from .auth import ApiKeyMiddleware
 from .batching import MicroBatcher
@@ -31,7 +32,7 @@ from .images import ImageDecoder
 from .limits import BodyLimitMiddleware, InFlight
 from .metrics import Metrics, RequestMetricsMiddleware
 from .models import ServedModel, ServedModels
-from .routers import classify, compat, embeddings, health, model, page
+from .routers import classify, compat, embeddings, health, model, page, thresholds
 from .service import ModelService, RowResult, WorkKey
 from .settings import Settings
 from .shadow import ShadowSampler
@@ -58,17 +59,32 @@ async def _load(
     except BaseException:
         await batcher.stop()
         raise
-    observers = metrics.for_model(service.name, service.classifier, shadow=settings.shadow_rate > 0)
+    promises = None
+    if settings.threshold_control and any(p.promise is not None for p in service.classifier.policy.operating_points):
+        promises = service.keep_promises()
+        if settings.shadow_rate <= 0:
+            log.warning("LRAEE_SHADOW_RATE=0: the threshold controller sees no shadow checks and can only relax")
+    observers = metrics.for_model(service.name, service.classifier, shadow=settings.shadow_rate > 0, promises=promises)
+
+    def on_check(outcome: ShadowOutcome) -> None:  # on the inference worker
+        observers.observe_shadow_check(outcome)
+        if promises is not None:
+            promises.observe_check(outcome)
+
     shadow = None
     if settings.shadow_rate > 0:
-        shadow = ShadowSampler(
-            settings.shadow_rate,
-            service.run_full_depth,
-            observers.observe_shadow_check,
-            on_drop=observers.shadow_dropped,
-        )
+        shadow = ShadowSampler(settings.shadow_rate, service.run_full_depth, on_check, on_drop=observers.shadow_dropped)
+
+    def on_batch(keys: Sequence[WorkKey], seconds: float, results: Sequence[RowResult]) -> None:
+        observers.observe_batch(keys, seconds, results)
+        service.observe_answers(keys, results)
+
     batcher.start(
-        service.run_batch, background=shadow, on_batch=observers.observe_batch, on_depth=observers.set_queue_depth
+        service.run_batch,
+        background=shadow,
+        on_batch=on_batch,
+        on_depth=observers.set_queue_depth,
+        background_budget=settings.shadow_load_budget,
     )
     if decoder is None:
         decoder = ImageDecoder(service.preprocess, max_pixels=settings.max_image_pixels)
@@ -129,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(embeddings.router)
     app.include_router(model.router)
     app.include_router(health.router)
+    app.include_router(thresholds.router)
     app.include_router(page.router)
     app.mount(page.STATIC_URL, StaticFiles(directory=page.STATIC_DIR), name="static")
     # Innermost: bodies are bounded whoever reads them, after the key check has refused strangers for free.

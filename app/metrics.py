@@ -2,7 +2,9 @@
 
 Label values stay bounded: ``route`` is a route template or ``other``, ``status`` an HTTP status code, ``model`` a
 served model's name (LRAEE_CHECKPOINT), ``layer`` a candidate layer or ``full``, ``operating_point`` one of the
-model's (``full`` included), ``agree`` true/false, ``modality`` text/image, ``reason`` one of app/body_deadline.py's.
+model's (``full`` included), ``agree`` true/false, ``modality`` text/image, ``reason`` one of
+app/body_deadline.py's, ``labels`` a label-count band of an operating point (between its calibrated label counts:
+``2-4``, ``10+``), ``bound`` estimate/lower/upper, ``direction`` raise/relax/reset.
 Everything an engine does carries its ``model``; what happens before a request reaches one (requests, latency,
 bodies in flight, body timeouts) does not.
 """
@@ -13,11 +15,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lraee_core.engine import EarlyExitClassifier, ExitResult
+from lraee_core.promises import DIRECTIONS, PromiseKeeper, ShadowOutcome
 from lraee_core.text import CacheStats
 
 from .body_deadline import TIMEOUT_REASONS, TimeoutReason
@@ -50,6 +53,54 @@ class _TextCacheCollector(Collector):
             misses.add_metric([model], counts.misses)
         yield hits
         yield misses
+
+
+class _PromiseCollector(Collector):
+    """Reads each model's threshold controllers at scrape time (lraee_core/promises.py): the live agreement estimate
+    and its bounds, the threshold offset, whether a promise is estimated broken, the corrections made."""
+
+    def __init__(self) -> None:
+        self.keepers: dict[str, PromiseKeeper] = {}  # served model -> its controllers
+
+    def collect(self) -> Iterable[Metric]:
+        labels = [MODEL, "operating_point", "labels"]
+        estimate = GaugeMetricFamily(
+            "lraee_agreement_estimate",
+            "Live agreement with the full-depth top-1 estimated at the current thresholds (1 - early-exit share x "
+            "shadow-check disagreement), per operating point and label-count band; absent until answers arrive",
+            labels=[*labels, "bound"],
+        )
+        offset = GaugeMetricFamily(
+            "lraee_threshold_offset",
+            "How far the thresholds are raised along the calibrated curve (0: calibrated; 1: the next stricter "
+            "point's thresholds; the largest: never leave)",
+            labels=labels,
+        )
+        broken = GaugeMetricFamily(
+            "lraee_promise_broken",
+            "1 from the moment the live agreement is estimated below the promise until a level is found that keeps it",
+            labels=labels,
+        )
+        corrections = CounterMetricFamily(
+            "lraee_threshold_corrections",
+            "Threshold changes made by the controller (raise, relax) or asked for (reset)",
+            labels=[*labels, "direction"],
+        )
+        for model, keeper in self.keepers.items():
+            for band in keeper.bands():
+                names = [model, band.point.name, band.band]
+                bounds = band.bounds(keeper.config.z_raise)
+                if bounds is not None:
+                    for bound, value in zip(("estimate", "lower", "upper"), bounds, strict=True):
+                        estimate.add_metric([*names, bound], value)
+                offset.add_metric(names, band.offset)
+                broken.add_metric(names, 1.0 if band.broken_since is not None else 0.0)
+                for direction in DIRECTIONS:
+                    corrections.add_metric([*names, direction], band.corrections[direction])
+        yield estimate
+        yield offset
+        yield broken
+        yield corrections
 
 
 class Metrics:
@@ -145,10 +196,20 @@ class Metrics:
         )
         self._text_cache = _TextCacheCollector()
         registry.register(self._text_cache)
+        self._promises = _PromiseCollector()
+        registry.register(self._promises)
 
-    def for_model(self, name: str, classifier: EarlyExitClassifier, *, shadow: bool = False) -> ModelMetrics:
+    def for_model(
+        self,
+        name: str,
+        classifier: EarlyExitClassifier,
+        *,
+        shadow: bool = False,
+        promises: PromiseKeeper | None = None,
+    ) -> ModelMetrics:
         """Describe a served model and create its exit series at 0, so dashboards see them before traffic (the
-        shadow series too when shadow sampling is on: absent series say it is off); the observers of its engine."""
+        shadow series too when shadow sampling is on: absent series say it is off) and its threshold controllers
+        (``promises``, read at scrape time); the observers of its engine."""
         self.model_info.labels(
             model=name,
             backbone=classifier.backbone.config.model_name,  # no weights path: /metrics names no machine path
@@ -173,6 +234,8 @@ class Metrics:
             self.shadow_dropped.labels(model=name)
         self.queue_depth.labels(model=name).set(0)
         self._text_cache.stats[name] = lambda: classifier.text_cache.stats
+        if promises is not None:
+            self._promises.keepers[name] = promises
         return ModelMetrics(self, name)
 
     def observe_body_timeout(self, reason: TimeoutReason) -> None:
@@ -212,10 +275,13 @@ class ModelMetrics:
         """Images waiting for this model's engine."""
         self.metrics.queue_depth.labels(model=self.name).set(depth)
 
-    def observe_shadow_check(self, layer: int, operating_point: str, agree: bool) -> None:
+    def observe_shadow_check(self, outcome: ShadowOutcome) -> None:
         """One shadow check's outcome (called from the inference worker; prometheus_client is thread-safe)."""
         self.metrics.shadow_checks.labels(
-            model=self.name, layer=str(layer), operating_point=operating_point, agree=str(agree).lower()
+            model=self.name,
+            layer=str(outcome.exit_layer),
+            operating_point=outcome.operating_point,
+            agree=str(outcome.agree).lower(),
         ).inc()
 
     def shadow_dropped(self) -> None:

@@ -324,6 +324,58 @@ class ModelList(BaseModel):
     models: list[ModelEntry]
 
 
+class BandStateOut(BaseModel):
+    """One threshold controller: an operating point's thresholds for one band of label counts."""
+
+    operating_point: str
+    labels: str = Field(description="the label counts this band covers, e.g. `2-4`, `10+`")
+    promise: float = Field(description="agreement with the full-depth top-1 the checkpoint promises")
+    offset: float = Field(description="rungs up the calibrated curve (0: calibrated; 1: the next stricter point's)")
+    max_offset: float = Field(description="the top of the curve: thresholds of 1.0, no image leaves")
+    verdict: Literal["unknown", "broken", "kept", "comfortable"] = Field(
+        description="the last judgement of the current thresholds (unknown: too few samples since the last change)"
+    )
+    broken_since: float | None = Field(description="Unix time the promise was first estimated broken, until kept")
+    estimate: float | None = Field(description="live agreement estimate at the current thresholds")
+    lower: float | None
+    upper: float | None
+    answers: int = Field(description="live answers under the current thresholds (halved past a cap)")
+    exits: int
+    checks: int = Field(description="shadow checks of exits under the current thresholds (halved past a cap)")
+    disagreements: int
+    calibrated_thresholds: dict[str, float] = Field(description="layer -> the calibrated threshold, at `labels`' start")
+    thresholds: dict[str, float] = Field(description="layer -> the threshold now, at the same label count")
+    thresholds_at_labels: int
+    corrections: dict[str, int] = Field(description="raises, relaxes and resets so far (not reset by a reset)")
+
+
+class ThresholdChangeOut(BaseModel):
+    """One change of a band's thresholds, with the evidence at the level it left."""
+
+    at: float = Field(description="Unix time")
+    operating_point: str
+    band: str
+    direction: Literal["raise", "relax", "reset"]
+    offset_before: float
+    offset_after: float
+    estimate: float | None
+    lower: float | None
+    upper: float | None
+    checks: int
+    answers: int
+
+
+class ThresholdStateOut(BaseModel):
+    """A model's threshold controllers (`GET /thresholds`)."""
+
+    model: str
+    enabled: bool = Field(description="LRAEE_THRESHOLD_CONTROL on, and the checkpoint has promises to keep")
+    shadow_rate: float
+    bands: list[BandStateOut] = []
+    changes: list[ThresholdChangeOut] = Field(default=[], description="the latest changes, oldest first")
+    config: dict[str, float] = Field(default={}, description="the controllers' constants")
+
+
 class Status(BaseModel):
     """Health probe answer."""
 

@@ -24,6 +24,7 @@ from lraee_core.engine import EarlyExitClassifier, ExitResult, LabelQuery
 from lraee_core.errors import InputError, LraeeError
 from lraee_core.exits import ExitRule
 from lraee_core.manifest import portable_paths
+from lraee_core.promises import PromiseKeeper
 from lraee_core.text import validate_labels, validate_templates
 
 from .errors import InvalidInput, StartupError
@@ -107,6 +108,8 @@ class ModelService:
         self.path = path  # the checkpoint directory it was loaded from (None: built in memory)
         self.weights = weights  # the local backbone weights it was loaded with (None: the checkpoint's own)
         self.text_worker = TextWorker(capacity=settings.text_queue_capacity)
+        # The threshold controllers (None: the calibrated thresholds always); see :meth:`keep_promises`.
+        self.promises: PromiseKeeper | None = None
         if settings.max_labels > classifier.max_labels:
             raise StartupError(
                 f"LRAEE_MAX_LABELS={settings.max_labels} exceeds the engine's limit of {classifier.max_labels}"
@@ -143,6 +146,32 @@ class ModelService:
             list(classifier.policy.candidate_layers),
         )
         return cls(classifier, settings, served_name(path, classifier.checkpoint_id), path=path, weights=weights)
+
+    def keep_promises(self) -> PromiseKeeper:
+        """Start controlling this model's thresholds (lraee_core/promises.py): from now on requests follow the
+        controllers' rules, which start at the calibrated ones."""
+        classifier = self.classifier
+        self.promises = PromiseKeeper(
+            classifier.policy, lambda point, count: classifier.exit_rule(point).for_labels(count), name=self.name
+        )
+        return self.promises
+
+    def rule(self, operating_point: str, count: int) -> ExitRule:
+        """The rule a request at ``operating_point`` with ``count`` labels follows now (the controllers' when they
+        run, else the calibrated one)."""
+        if self.promises is not None:
+            return self.promises.rule(operating_point, count)
+        return self.classifier.exit_rule(operating_point).for_labels(count)
+
+    def observe_answers(self, keys: Sequence[WorkKey], results: Sequence[RowResult]) -> None:
+        """Tell the controllers where a finished batch's classified images left (on the event loop; no torch)."""
+        if self.promises is None:
+            return
+        self.promises.observe_answers(
+            (key.question.operating_point, len(key.question.labels), key.question.rule, result.exit_path == "head")
+            for key, result in zip(keys, results, strict=True)
+            if isinstance(key, BatchKey) and isinstance(result, ExitResult)
+        )
 
     def preprocess(self, image: Image.Image) -> Any:
         """The backbone's own transform: RGB PIL image -> [3, H, W] tensor."""
@@ -199,7 +228,7 @@ class ModelService:
             )
         if not 1 <= options.top_k <= settings.max_labels:
             raise InvalidInput(f"top_k must be between 1 and {settings.max_labels}", code="invalid_top_k")
-        rule = self.classifier.exit_rule(operating_point).for_labels(len(labels))
+        rule = self.rule(operating_point, len(labels))
         return Question(labels, templates, operating_point, rule, min(options.top_k, len(labels)))
 
     def cached_key(self, question: Question) -> BatchKey | None:

@@ -103,7 +103,22 @@ class Settings(BaseSettings):
         default=30.0, gt=0.0, le=3600.0, description="/readyz is 503 while images wait and one engine call runs longer"
     )
     shadow_rate: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="share of early exits re-run at full depth when idle (0: off)"
+        default=0.25,
+        ge=0.0,
+        le=1.0,
+        description="share of early exits re-run at full depth (shadow checks: idle time first, then at most "
+        "LRAEE_SHADOW_LOAD_BUDGET of engine time under load) to measure their agreement (0: off)",
+    )
+    shadow_load_budget: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=0.5,
+        description="share of engine time shadow checks may take while live images wait (0: idle time only)",
+    )
+    threshold_control: bool = Field(
+        default=True,
+        description="raise an operating point's thresholds along its calibrated curve when shadow checks say its "
+        "promise is broken, relax them back when it is comfortably kept (per process; reset on restart)",
     )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="browser origins allowed to call the API cross-origin (comma-separated); none: CORS off"

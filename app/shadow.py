@@ -1,11 +1,13 @@
 """Shadow sampling: does an early exit give the answer the full depth would have given?
 
-A share (``LRAEE_SHADOW_RATE``) of the images that left at an exit head is kept, after their request has been
-answered, in a small bounded queue. When no live image waits, the inference worker runs one of them again with no
-exits (the ``full`` rule: the plain CLIP answer the operating points' agreement promises are measured against) and
-the metrics count whether the top-1 labels agree, per exit layer and operating point. A sample that finds the queue
-full is dropped and counted: shadow checks only ever use idle time, and a live image waits at most for one of them
-(one image at full depth).
+A share (``LRAEE_SHADOW_RATE``, 0.25 by default) of the images that left at an exit head is kept, after their request
+has been answered, in a small bounded queue. The inference worker runs one of them again with no exits (the ``full``
+rule: the plain CLIP answer the operating points' agreement promises are measured against) when no live image waits,
+and under sustained load within a small budget of engine time (``LRAEE_SHADOW_LOAD_BUDGET``, app/batching.py). The
+metrics count whether the top-1 labels agree, per exit layer and operating point, and each outcome, with the label
+count K, the exit layer and the gate probability it left with, goes to the threshold controller
+(lraee_core/promises.py). A sample that finds the queue full is dropped and counted. A live image waits at most for
+one check (one image at full depth).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lraee_core.engine import ExitResult
+from lraee_core.promises import ShadowOutcome
 
 from .service import BatchKey, RowResult, WorkKey
 
@@ -28,8 +31,8 @@ SHADOW_QUEUE_CAPACITY = 32  # samples waiting for idle time; each holds one prep
 
 # (key, images [B, 3, H, W]) -> full-depth results; blocking, runs on the inference worker.
 FullDepth = Callable[[BatchKey, torch.Tensor], list[ExitResult]]
-# (exit layer, operating point, agree) for each finished check.
-CheckObserver = Callable[[int, str, bool], None]
+# Each finished check's outcome (on the inference worker).
+CheckObserver = Callable[[ShadowOutcome], None]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class ShadowSample:
     key: BatchKey  # the request's question and its text embeddings
     image: torch.Tensor  # [3, H, W], as the engine saw it
     exit_layer: int  # where it left
+    gate_probability: float  # the gate's probability there
     label: str  # the top-1 label it was answered with
 
 
@@ -86,7 +90,8 @@ class ShadowSampler:
                 if self._on_drop is not None:
                     self._on_drop()
                 continue
-            self._queue.append(ShadowSample(key, image, result.exit_layer, result.predictions[0].label))
+            gate = result.gate_probability if result.gate_probability is not None else 1.0
+            self._queue.append(ShadowSample(key, image, result.exit_layer, gate, result.predictions[0].label))
 
     def next_job(self) -> Callable[[], None] | None:
         """The oldest sample's check as a blocking job for the worker, or None when nothing waits."""
@@ -97,5 +102,14 @@ class ShadowSampler:
 
     def _check(self, sample: ShadowSample) -> None:
         [full] = self._full_depth(sample.key, sample.image.unsqueeze(0))  # [1, 3, H, W]
-        agree = bool(full.predictions) and full.predictions[0].label == sample.label
-        self._on_check(sample.exit_layer, sample.key.question.operating_point, agree)
+        question = sample.key.question
+        self._on_check(
+            ShadowOutcome(
+                operating_point=question.operating_point,
+                label_count=len(question.labels),
+                exit_layer=sample.exit_layer,
+                gate_probability=sample.gate_probability,
+                agree=bool(full.predictions) and full.predictions[0].label == sample.label,
+                rule=question.rule,
+            )
+        )

@@ -34,6 +34,8 @@ def test_probes_need_no_key(guarded: TestClient, path: str) -> None:
         ("POST", "/classify/batch"),
         ("GET", "/model"),
         ("GET", "/metrics"),
+        ("GET", "/thresholds"),
+        ("POST", "/thresholds/reset"),
         ("GET", "/docs"),
         ("GET", "/openapi.json"),
         ("GET", "/nowhere"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from app.service import BatchKey, Question
 from app.shadow import ShadowSampler
 from lraee_core.engine import ExitResult, Prediction
 from lraee_core.exits import ExitRule
+from lraee_core.promises import ShadowOutcome
 
 from . import imagegen
 from .conftest import multipart, running
@@ -38,7 +40,7 @@ def result(label: str, path: str = "head", layer: int = 9) -> ExitResult:
 
 
 def test_sampler_keeps_early_exits_only_and_drops_when_full() -> None:
-    checks: list[tuple[int, str, bool]] = []
+    checks: list[ShadowOutcome] = []
     dropped: list[int] = []
     answers = {0.0: "cat", 1.0: "dog"}  # full depth answers by the image's value
 
@@ -46,15 +48,18 @@ def test_sampler_keeps_early_exits_only_and_drops_when_full() -> None:
         assert images.shape == (1, 3, 2, 2) and key is KEY
         return [result(answers[float(images[0, 0, 0, 0])], "full")]
 
-    sampler = ShadowSampler(
-        1.0, full_depth, lambda *check: checks.append(check), on_drop=lambda: dropped.append(1), capacity=2
-    )
+    sampler = ShadowSampler(1.0, full_depth, checks.append, on_drop=lambda: dropped.append(1), capacity=2)
     images = [torch.full((3, 2, 2), float(i % 2)) for i in range(4)]
     sampler.offer([KEY] * 4, images, [result("cat"), result("cat", layer=11), result("cat", "full"), result("dog")])
     assert sampler.pending == 2 and dropped == [1]  # the full-path image is never sampled; the third early exit dropped
     while (job := sampler.next_job()) is not None:
         job()
-    assert checks == [(9, "fast", True), (11, "fast", False)]
+    # Each outcome carries what the thresholds depend on: the label count, the exit layer and its gate probability.
+    assert [(c.exit_layer, c.operating_point, c.agree, c.label_count, c.gate_probability) for c in checks] == [
+        (9, "fast", True, 2, 0.9),
+        (11, "fast", False, 2, 0.9),
+    ]
+    assert all(check.rule is KEY.question.rule for check in checks)
     assert sampler.next_job() is None
 
 
@@ -170,3 +175,48 @@ def scrape_async(response: Any) -> dict[str, list[tuple[dict[str, str], float]]]
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
+
+
+class TimedRecorder(Recorder):
+    """Background work that always has a job, each taking ``seconds`` of the worker (measured into ``spent``)."""
+
+    def __init__(self, log: list[str], seconds: float) -> None:
+        super().__init__(log)
+        self.seconds = seconds
+        self.spent = 0.0
+
+    def next_job(self) -> Any:
+        def job() -> None:
+            started = time.perf_counter()
+            time.sleep(self.seconds)
+            self.log.append("shadow")
+            self.spent += time.perf_counter() - started
+
+        return job
+
+
+@pytest.mark.anyio
+async def test_under_sustained_load_background_work_takes_at_most_its_budget() -> None:
+    log: list[str] = []
+    engine = [0.0]
+
+    def run_batch(keys: Sequence[str], images: torch.Tensor) -> list[ExitResult]:
+        started = time.perf_counter()
+        time.sleep(0.01)  # every live batch: about 10 ms of engine time
+        log.append("live")
+        engine[0] += time.perf_counter() - started
+        return [result("cat")] * images.shape[0]
+
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=1, max_wait_seconds=0.0, capacity=1024, threads=1)
+    background = TimedRecorder(log, 0.002)
+    batcher.start(run_batch, background=background, background_budget=0.02)
+    image = torch.zeros(3, 2, 2)
+    await asyncio.gather(*(batcher.submit("a", [image]) for _ in range(300)))  # 300 images waiting at once: load
+    under_load = log[: len(log) - 1 - log[::-1].index("live")]  # up to the last live batch
+    await batcher.stop()
+    shadow = under_load.count("shadow")
+    assert log.count("live") == 300 and shadow >= 10, log  # not blind under load...
+    # ... within its budget (2% of engine time, give or take the one job that overdraws it) ...
+    assert background.spent * shadow / max(log.count("shadow"), 1) <= 0.02 * engine[0] + 0.01
+    # ... and a live image never waits behind two checks.
+    assert "shadow, shadow" not in ", ".join(under_load)

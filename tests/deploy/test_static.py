@@ -73,6 +73,10 @@ SERVICE_METRICS = {
     "lraee_inflight_bytes": "gauge",
     "lraee_body_timeouts_total": "counter",
     "lraee_embedded_inputs_total": "counter",
+    "lraee_agreement_estimate": "gauge",
+    "lraee_threshold_offset": "gauge",
+    "lraee_promise_broken": "gauge",
+    "lraee_threshold_corrections_total": "counter",
 }
 PROMETHEUS_SERIES = frozenset({"up"})  # what Prometheus itself records per target, usable in panels
 PROMQL_KEYWORDS = frozenset(
@@ -347,7 +351,10 @@ def test_rules_use_only_metrics_the_service_exposes_and_compose_mounts_them(comp
     groups = load_yaml(PROMETHEUS_RULES)["groups"]
     recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
     alerts = [rule for group in groups for rule in group["rules"] if "alert" in rule]
-    assert [alert["alert"] for alert in alerts] == ["LraeeEarlyExitAgreementBelowPromise"]
+    assert [alert["alert"] for alert in alerts] == [
+        "LraeeEarlyExitAgreementBelowPromise",
+        "LraeePromiseBrokenNotCorrected",
+    ]
     for group in groups:
         for rule in group["rules"]:
             unknown = metric_names(rule["expr"]) - exposed_series() - recorded
@@ -416,6 +423,10 @@ def test_dashboard_covers_what_operators_of_an_early_exit_service_watch(dashboar
         'lraee_shadow_checks_total{agree="true", model=~"$model"}',  # agreement of early exits with full depth
         "lraee_inflight_bytes",
         "lraee_body_timeouts_total",  # slow bodies cut off
+        'lraee_agreement_estimate{bound="estimate", model=~"$model"}',  # the controller's live estimate
+        "lraee_operating_point_promise",  # ... against the promise
+        "lraee_threshold_offset",  # how far the thresholds are raised
+        "lraee_threshold_corrections_total",  # the corrections made
     ):
         assert needle in exprs, needle
 
