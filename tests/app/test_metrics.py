@@ -46,7 +46,7 @@ def test_every_metric_with_its_labels(make_settings: Any) -> None:
                 before,
                 "lraee_model_info",
                 model=MODEL,
-                backbone="lraee-tiny-vit12/random-init",
+                backbone="lraee-tiny-vit12",  # the architecture alone: no weights path on /metrics
                 quant_mode="paper",
                 checkpoint="untrained",
             )
