@@ -112,7 +112,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
             "everyday": _json(REPORTS / "everyday" / "tiny-val" / "report.json"),
             "photos": _json(REPORTS / "photos" / "tiny-val" / "report.json"),
             "world": _json(REPORTS / "world" / "colour_shape-test" / "report.json"),
-        }
+        },
+        {name: _json(ASSETS / name / "manifest.json")["calibration"].get("charges", {}) for name in EMBEDDED},
     ),
     "everyday-eval": lambda: everyday_table(
         {

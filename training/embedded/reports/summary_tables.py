@@ -200,10 +200,26 @@ def _by_heads(figures: dict[str, float]) -> str:
     return " / ".join(_pct(figures.get(method)) for method in HEAD_NAMES) if figures else "–"
 
 
-def ship_choice_table(reports: dict[str, dict[str, Any]]) -> str:
+def _charge_note(choice: dict[str, Any], charges: dict[str, Any] | None) -> str:
+    """How the build charged each head: per layer as measured (a checkpoint's ``calibration.charges``, per pooling),
+    else one constant."""
+    measured = {pool: record["charges"] for pool, record in (charges or {}).items() if isinstance(record, dict)}
+    measured = {pool: values for pool, values in measured.items() if values}
+    if measured:
+        cpu = next(iter((charges or {}).values())).get("cpu", {}).get("model", "this machine")
+        spans = ", ".join(
+            f"{'SSA' if pool == 'ssa' else '[CLS]'} {min(values.values()):.2f}–{max(values.values()):.2f}"
+            for pool, values in sorted(measured.items(), reverse=True)
+        )
+        return f" (charges measured per layer on {cpu}: {spans} blocks)"
+    return f" ({choice['head_cost_blocks']:g} blocks a head)" if "head_cost_blocks" in choice else ""
+
+
+def ship_choice_table(reports: dict[str, dict[str, Any]], charges: dict[str, dict[str, Any]] | None = None) -> str:
     """Per build (``report.json`` keyed by a model name): the heads it shipped and the mean FLOPs saving on its
     calibration split at the default operating point of each kind of heads (and, with a head-time charge, the
-    objective the choice compared), which ``--ship auto`` chose by."""
+    objective the choice compared), which ``--ship auto`` chose by. ``charges``: per model, its checkpoint's
+    ``calibration.charges`` (the per-layer charges a build measured)."""
     lines = [
         "| model | shipped heads | calibration saving at the default point: SSA / [CLS] | objective with the head "
         "charge: SSA / [CLS] |",
@@ -214,7 +230,7 @@ def ship_choice_table(reports: dict[str, dict[str, Any]]) -> str:
         saving = choice.get("calib_mean_saving_at_default_point", {})
         objective = choice.get("calib_objective_at_default_point", {})
         shipped = HEAD_NAMES.get(report.get("shipped_method", METHOD), report.get("shipped_method", METHOD))
-        charge = f" ({choice['head_cost_blocks']:g} blocks a head)" if "head_cost_blocks" in choice else ""
+        charge = _charge_note(choice, (charges or {}).get(model))
         lines.append(f"| {model} | {shipped} | {_by_heads(saving)} | {_by_heads(objective)}{charge} |")
     return "\n".join(lines)
 
