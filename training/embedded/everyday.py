@@ -307,6 +307,19 @@ def everyday_eval_split(cfg: EverydayClipConfig) -> dict[str, list[str]]:
     return held
 
 
+# The everyday checkpoint's calibration (and so default request) templates: wordings its captions used.
+EVERYDAY_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a blurry photo of a {}.",
+    "a bright photo of a {}.",
+    "a good photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a picture of a {}.",
+)
+
+
 # Share of each labelled everyday set's held-out members that goes to the LRA-EE build (heads, gates, calibration),
 # so the exits' promises are calibrated on everyday photos as well as Tiny ones; the rest is evaluation only.
 BUILD_SHARE = 0.5

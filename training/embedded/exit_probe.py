@@ -21,23 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from lraee_core.images import load_image
+from training.embedded.everyday import EVERYDAY_TEMPLATES as TEMPLATES
 from training.embedded.everyday import EverydayClipConfig
 from training.embedded.everyday_eval import Item, everyday_tasks, imagenet_tasks
 from training.embedded.exit_training import ExitTraining, exit_heads, probe
 from training.embedded.trainer import AUXILIARY_FILE, LOG_FILE, WEIGHTS_FILE, build_model
 
-# The everyday checkpoint's default prompts (training.embedded.recipes.EVERYDAY_TEMPLATES; repeated here so the probe
-# does not import the recipes).
-TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-    "a blurry photo of a {}.",
-    "a bright photo of a {}.",
-    "a good photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a picture of a {}.",
-)
 TASKS = ("tiny-names-10way", "everyday-5way", "cifar10-10way", "intel-6way", "flowers-5way")
 
 

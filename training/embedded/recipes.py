@@ -51,7 +51,13 @@ from training.pipeline.data import label_set as build_label_set
 from training.pipeline.jobs import Job, write_json
 
 from .captions import EVERYDAY_CONCEPTS, everyday_word, unrelated_words, wordnet
-from .everyday import SET_CLASSES, EverydayClipConfig, everyday_build_split, train_everyday_clip
+from .everyday import (
+    EVERYDAY_TEMPLATES,
+    SET_CLASSES,
+    EverydayClipConfig,
+    everyday_build_split,
+    train_everyday_clip,
+)
 from .photo_clip import (
     HOLDOUT_FILE,
     TEMPLATES,
@@ -408,19 +414,6 @@ def everyday_stage(
         **(dict(stage.overrides) | ({} if steps is None else {"steps": steps})),
     )
     return train_everyday_clip(clip)
-
-
-# The everyday checkpoint's calibration (and so default request) templates: wordings its captions used.
-EVERYDAY_TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-    "a blurry photo of a {}.",
-    "a bright photo of a {}.",
-    "a good photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a picture of a {}.",
-)
 
 
 # The everyday build's settings beyond the photo recipe's.
