@@ -3,9 +3,12 @@
 Every queued image can share an engine call whatever its request's labels, templates or operating point: the key a
 request is submitted under travels with each of its images, and the engine answers each row against its own key
 (:meth:`lraee_core.engine.EarlyExitClassifier.classify_rows`). The queue is one line, oldest image first: a batch
-takes up to ``max_batch_size`` of the oldest images, so nothing starves. A batch runs when ``max_batch_size``
-images wait or the oldest has waited ``max_wait`` seconds; while the worker is busy, images pile up and the next
-batch leaves at once, so the wait only costs latency when the service is idle.
+takes up to ``max_batch_size`` of the oldest images, so nothing starves. An idle worker starts a batch at once with
+what waits: a lone request pays no wait for company. Batches form where they pay, while the worker is busy: images
+pile up behind the running batch and leave together, as the next batch, the moment it is free. ``max_wait_seconds``
+(``LRAEE_MAX_BATCH_WAIT_MS``, default 0) is extra time an idle worker gives a batch to gather company: such a batch
+runs when ``max_batch_size`` images wait or its oldest has waited that long; images that arrived while the worker was
+busy never wait for it.
 
 One worker thread runs every batch: torch already spreads one batch over the intra-op threads, and two batches at
 once on two cores would only fight over them. Text encoding of new labels happens before a request is submitted,
@@ -132,6 +135,8 @@ class MicroBatcher(Generic[KeyT, ResultT]):
         self._background_credit = 0.0  # seconds of background work earned under load and not yet spent
         self._loaded = False  # images were waiting when the last live batch finished (sustained load)
         self._busy_since: float | None = None  # perf_counter at the start of the worker call in progress
+        # perf_counter at the end of the worker's last call: an image admitted before it came while the worker was busy
+        self._free_since = -math.inf
         self._wakeup = asyncio.Event()
         self._closed = False
         self._consumer: asyncio.Task[None] | None = None
@@ -163,7 +168,12 @@ class MicroBatcher(Generic[KeyT, ResultT]):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
         finally:
-            self._busy_since = None
+            self._worker_free()
+
+    def _worker_free(self) -> None:
+        """The worker's call has ended (a batch, a background piece, loading or warm-up)."""
+        self._busy_since = None
+        self._free_since = time.perf_counter()
 
     def start(
         self,
@@ -307,11 +317,14 @@ class MicroBatcher(Generic[KeyT, ResultT]):
         except Exception:  # background work must never disturb the live queue
             log.exception("background job failed")
         finally:
-            self._busy_since = None
+            self._worker_free()
         return time.perf_counter() - started
 
     async def _let_batch_fill(self) -> None:
-        """Wait until a full batch waits or the oldest image has waited ``max_wait_seconds``."""
+        """Give a batch that an idle worker starts ``max_wait_seconds`` to gather company: wait until a full batch
+        waits or the oldest image has waited that long. Images that arrived while the worker was busy go at once."""
+        if self._queue and self._queue[0].admitted_at < self._free_since:
+            return
         while self._queue and len(self._queue) < self.max_batch_size:
             remaining = self._queue[0].admitted_at + self.max_wait_seconds - time.perf_counter()
             if remaining <= 0:
@@ -343,7 +356,7 @@ class MicroBatcher(Generic[KeyT, ResultT]):
                     job.future.set_exception(exc)
             return
         finally:
-            self._busy_since = None
+            self._worker_free()
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         if self._background_budget > 0.0:
             self._background_credit = min(

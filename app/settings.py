@@ -53,7 +53,13 @@ class Settings(BaseSettings):
         "mode when it runs it, else torch)",
     )
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="images per engine batch")
-    max_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="how long a batch waits for company")
+    max_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        description="extra time an idle engine gives a batch to gather company (0: it starts at once); while a batch "
+        "runs, images pile up and leave together as the next one without this wait",
+    )
     queue_capacity: int = Field(default=256, ge=1, description="images waiting for the engine before 429")
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024, description="bytes of one encoded image")
     max_image_pixels: int = Field(

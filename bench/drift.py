@@ -23,8 +23,11 @@ The photos, read at run time and never part of the project:
   names.
 
 Live-request delay: each ``balanced`` answer's queue time (admission to the start of its engine batch) minus the
-batch wait, against one image's full-depth pass (the median engine time of the ``full`` requests, one image each):
-a shadow check that is running when a request arrives delays it by at most the rest of that check.
+batch wait the server ran with (``LRAEE_MAX_BATCH_WAIT_MS``, default 0: an idle engine starts at once), against one
+image's full-depth pass (the median engine time of the ``full`` requests, one image each): a shadow check that is
+running when a request arrives delays it by at most the rest of that check. At the default wait of 0 the figure is
+the delay itself; with a wait set, a request that arrived during a check skipped the wait (the worker was busy), so
+its delay reads up to that wait short.
 
 Run: ``python -m bench.drift`` (writes ``bench/results/drift-<time>.json`` and ``.md``; several minutes on a quiet
 machine); ``--smoke``: a few photos, rate 0.5 only, nothing written (under a minute).
@@ -41,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +59,7 @@ from lraee_core.paths import REPO_ROOT, photos_root
 
 PROMISE_POINT = "balanced"
 RESULTS = REPO_ROOT / "bench" / "results"
-MAX_BATCH_WAIT_MS = Settings.model_fields["max_batch_wait_ms"].default
+MAX_BATCH_WAIT_MS = float(Settings.model_fields["max_batch_wait_ms"].default)
 DEFAULT_RATE = float(Settings.model_fields["shadow_rate"].default)
 
 
@@ -170,7 +174,15 @@ def balanced_offset(client: httpx.Client) -> float | None:
     return None
 
 
-def run_pass(client: httpx.Client, phase: str, photos: list[Photo], shifted: bool, rng: random.Random) -> PassResult:
+def server_batch_wait_ms(env: Mapping[str, str]) -> float:
+    """The batch wait a server started with ``env`` runs with: its ``LRAEE_MAX_BATCH_WAIT_MS``, else the default."""
+    value = env.get("LRAEE_MAX_BATCH_WAIT_MS")
+    return MAX_BATCH_WAIT_MS if value is None else float(value)
+
+
+def run_pass(
+    client: httpx.Client, phase: str, photos: list[Photo], shifted: bool, rng: random.Random, batch_wait_ms: float
+) -> PassResult:
     agreed = exits = 0
     saved = 0.0
     queue, full_ms = [], []
@@ -183,7 +195,7 @@ def run_pass(client: httpx.Client, phase: str, photos: list[Photo], shifted: boo
         agreed += answer["predictions"][0]["label"] == reference["predictions"][0]["label"]
         exits += answer["exit_path"] == "head"
         saved += answer["flops_saved"]
-        queue.append(answer["timing_ms"]["queue"] - MAX_BATCH_WAIT_MS)
+        queue.append(answer["timing_ms"]["queue"] - batch_wait_ms)
         full_ms.append(reference["timing_ms"]["inference"])
     exposition = client.get("/metrics").text
     return PassResult(
@@ -205,6 +217,7 @@ def run_rate(rate: float, photos: list[Photo], args: argparse.Namespace, log: An
     env = {**os.environ, "LRAEE_SHADOW_RATE": str(rate), "LRAEE_THREADS": str(args.threads)}
     if args.checkpoint:
         env["LRAEE_CHECKPOINT"] = args.checkpoint
+    batch_wait_ms = server_batch_wait_ms(env)
     passes: list[PassResult] = []
     rng = random.Random(args.seed)
     with (
@@ -216,7 +229,7 @@ def run_rate(rate: float, photos: list[Photo], args: argparse.Namespace, log: An
         phases += [(f"clean-{n}", False) for n in range(1, args.clean_passes + 1)]
         for phase, shifted in phases:
             started = time.perf_counter()
-            result = run_pass(client, phase, photos, shifted, rng)
+            result = run_pass(client, phase, photos, shifted, rng, batch_wait_ms)
             passes.append(result)
             print(
                 f"rate {rate:g} {phase:12s} agreement {100 * result.agreement:5.1f}%  saved "
@@ -227,7 +240,7 @@ def run_rate(rate: float, photos: list[Photo], args: argparse.Namespace, log: An
                 flush=True,
             )
         changes = client.get("/thresholds").json().get("changes", [])
-    return {"rate": rate, "passes": passes, "changes": changes}
+    return {"rate": rate, "batch_wait_ms": batch_wait_ms, "passes": passes, "changes": changes}
 
 
 def verdicts(run: dict[str, Any], recover_within: int) -> dict[str, Any]:
@@ -257,6 +270,7 @@ def verdicts(run: dict[str, Any], recover_within: int) -> dict[str, Any]:
         else after_clean.flops_saved / start.flops_saved,
         "clean_ok": after_clean is not None and after_clean.flops_saved >= 0.8 * start.flops_saved,
         "full_depth_ms_median": full_ms,
+        "batch_wait_ms": run["batch_wait_ms"],
         "queue_over_wait_ms_max": max(queue),
         "queue_over_wait_ms_p99": sorted(queue)[int(0.99 * (len(queue) - 1))],
         "delay_ok": max(queue) <= full_ms,

@@ -9,19 +9,26 @@ maximum batch size, measured in the same run.
 ``python -m bench.service`` runs real traffic instead (:func:`run_varied_service`): 16 clients, each posting its own
 label set of 2-20 labels, against plain open_clip FP32 in process at batch 32 on the same backbone, rounds of the two
 interleaved; it writes ``bench/results/service-<time>.md`` with the command and what else was using the CPU.
+
+``python -m bench.service --sequential`` compares batch waits instead (:func:`run_sequential_service`): two servers
+alive at once, one with the old 5 ms wait for company and one with the default, and in each round, for each server in
+turn, one client sending one request at a time (the load's image, 5 labels: the latency a lone user sees, and the
+server's queue/decode/inference split) and then the real-traffic load (its requests/s); it writes
+``bench/results/service-sequential-<time>.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,7 +117,9 @@ def sample_image(size: tuple[int, int] = (320, 240)) -> bytes:
 class _Server:
     """A uvicorn process of the app (logging warnings only); a context manager that always stops it."""
 
-    def __init__(self, checkpoint: Path, threads: int, labels: int, log_path: Path) -> None:
+    def __init__(
+        self, checkpoint: Path, threads: int, labels: int, log_path: Path, settings: Mapping[str, str] | None = None
+    ) -> None:
         self.log_path = log_path
         env = {
             **os.environ,
@@ -118,6 +127,7 @@ class _Server:
             "LRAEE_THREADS": str(threads),
             "OMP_NUM_THREADS": str(threads),
             "LRAEE_MAX_LABELS": str(max(1000, labels)),
+            **(settings or {}),  # more LRAEE_* settings of this server
         }
         self._log = log_path.open("wb")
         self._server = start_server(env, options=("--log-level", "warning", "--no-access-log"), output=self._log)
@@ -492,6 +502,229 @@ def run_varied_service(
     )
 
 
+# ---- one request at a time: what a lone client waits, under the old batch wait and the default -----------------
+
+OLD_BATCH_WAIT_MS = 5.0  # LRAEE_MAX_BATCH_WAIT_MS before issue 41: every batch, a lone request's too, waited this long
+SEQUENTIAL_LABELS = VOCABULARY[:5]  # the one-at-a-time client's label set
+SEQUENTIAL_WARMUP = 20  # untimed one-at-a-time requests per server before the first round
+
+
+def default_batch_wait_ms() -> float:
+    """The app's default ``max_batch_wait_ms`` (what a server started without the variable waits)."""
+    from app.settings import Settings
+
+    return float(Settings.model_fields["max_batch_wait_ms"].default)
+
+
+@dataclass
+class WaitSide:
+    """One server of the comparison, started with one batch wait: what it gave over the timed rounds."""
+
+    batch_wait_ms: float  # its LRAEE_MAX_BATCH_WAIT_MS
+    sequential_ms: list[float] = field(default_factory=list)  # every timed one-at-a-time request, client side
+    round_p50_ms: list[float] = field(default_factory=list)  # each round's client p50 of those
+    server_timing_ms: dict[str, list[float]] = field(default_factory=dict)  # their answers' timing_ms, per field
+    load_requests_per_s: list[float] = field(default_factory=list)  # each round's throughput under the load
+    load_batches: float = 0.0  # engine batches of the timed load rounds (from /metrics)
+    load_images: float = 0.0  # images in those batches
+
+
+@dataclass
+class SequentialResult:
+    """Before vs after from one run: one server per batch wait, alive at once, rounds interleaved."""
+
+    checkpoint: str
+    server_threads: int
+    labels: int  # of the one-at-a-time requests
+    requests_per_round: int  # one-at-a-time requests per server per round
+    load_clients: int
+    load_requests_per_round: int  # 0: no load rounds
+    sides: list[WaitSide]  # the first is the reference the others are compared with
+    model: dict[str, object]  # GET /model: quant mode, backbone
+    backend: str
+    errors: int
+    error_samples: list[str] = field(default_factory=list)
+
+
+async def _settle(pids: Sequence[int], window_s: float = 0.3, busy_s: float = 0.02, timeout_s: float = 15.0) -> None:
+    """Wait until the processes ``pids`` are quiet (none used over ``busy_s`` CPU seconds in ``window_s``), at most
+    ``timeout_s``: one server's leftover background work (shadow checks) must not run during another's turn."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = [_cpu_seconds(pid) for pid in pids]
+        await asyncio.sleep(window_s)
+        if all(_cpu_seconds(pid) - used <= busy_s for pid, used in zip(pids, before, strict=True)):
+            return
+
+
+def run_sequential_service(
+    checkpoint: Path,
+    *,
+    waits_ms: Sequence[float] | None = None,
+    requests_per_round: int = 200,
+    clients: int = 16,
+    load_requests_per_round: int = 320,
+    threads: int = 2,
+    repeats: int = 5,
+    time_limit_s: float = 1800.0,
+    log_dir: Path,
+) -> SequentialResult:
+    """Start one server per batch wait in ``waits_ms`` (default: the old 5 ms, then the app's default), all alive at
+    once. In each of ``repeats`` rounds, each server in turn (the order alternating between rounds, the servers let
+    settle before each turn) gets ``requests_per_round`` requests from one client, one at a time (the load's image,
+    :data:`SEQUENTIAL_LABELS`), then ``load_requests_per_round`` from ``clients`` concurrent clients each posting its
+    own label set (0: no load). Raises ServiceSkipped."""
+    reason = app_import_error()
+    if reason is not None:
+        raise ServiceSkipped(f"`from app.main import create_app` fails ({reason})")
+    waits = list(waits_ms) if waits_ms is not None else [OLD_BATCH_WAIT_MS, default_batch_wait_ms()]
+    image = sample_image()
+    lone = _Request("multipart", image, SEQUENTIAL_LABELS)
+    load = [_Request("multipart", image, labels) for labels in client_label_sets(clients)]
+    sides = [WaitSide(wait) for wait in waits]
+    errors: list[str] = []
+    deadline = time.monotonic() + time_limit_s
+
+    async def turn(client: httpx.AsyncClient, side: WaitSide) -> None:
+        log = _RoundLog()
+        await _round(client, [lone], requests_per_round, errors, log)
+        side.sequential_ms += [seconds * 1e3 for seconds in log.latencies]
+        side.round_p50_ms.append(percentile(log.latencies, 50) * 1e3)
+        for name, values in log.server_timing.items():
+            side.server_timing_ms.setdefault(name, []).extend(values)
+        if load_requests_per_round:
+            batches = await _metric(client, "lraee_batch_size_count")
+            images = await _metric(client, "lraee_batch_size_sum")
+            seconds = await _round(client, load, load_requests_per_round, errors, _RoundLog())
+            side.load_requests_per_s.append(load_requests_per_round / seconds)
+            side.load_batches += await _metric(client, "lraee_batch_size_count") - batches
+            side.load_images += await _metric(client, "lraee_batch_size_sum") - images
+
+    async def drive(servers: list[_Server]) -> dict[str, object]:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with contextlib.AsyncExitStack() as stack:
+            http = []
+            for server in servers:
+                await _wait_ready(server, lone, deadline)
+                client = httpx.AsyncClient(base_url=server.base_url, timeout=120.0, limits=limits)
+                http.append(await stack.enter_async_context(client))
+                await _round(client, [lone], SEQUENTIAL_WARMUP, errors, _RoundLog())  # untimed warm-up
+                await _round(client, load, clients, errors, _RoundLog())  # every label set cached
+            model = (await http[0].get("/model")).json()
+            pids = [server.process.pid for server in servers]
+            order = list(range(len(servers)))
+            for round_index in range(repeats):
+                if time.monotonic() > deadline:
+                    errors.append("time limit reached before all rounds ran")
+                    break
+                for index in order if round_index % 2 == 0 else order[::-1]:
+                    await _settle(pids)
+                    await turn(http[index], sides[index])
+        return {key: model.get(key) for key in ("model", "backbone", "quant_mode", "quantized_modules")}
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(
+                _Server(
+                    checkpoint,
+                    threads,
+                    len(VOCABULARY),
+                    log_dir / f"server-wait-{wait:g}ms.log",
+                    {"LRAEE_MAX_BATCH_WAIT_MS": f"{wait:g}"},
+                )
+            )
+            for wait in waits
+        ]
+        model = asyncio.run(drive(servers))
+    if not all(side.sequential_ms for side in sides):
+        raise ServiceSkipped(f"no timed round finished; errors: {errors[:_ERROR_SAMPLES]}")
+    return SequentialResult(
+        checkpoint=str(checkpoint),
+        server_threads=threads,
+        labels=len(SEQUENTIAL_LABELS),
+        requests_per_round=requests_per_round,
+        load_clients=clients,
+        load_requests_per_round=load_requests_per_round,
+        sides=sides,
+        model=model,
+        backend=server_backend(checkpoint),
+        errors=len(errors),
+        error_samples=errors[:_ERROR_SAMPLES],
+    )
+
+
+def _spread(values: Sequence[float], digits: int = 1) -> str:
+    """``median [min-max]`` of per-round figures."""
+    return f"{median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def sequential_report(result: SequentialResult, command: str, load_before: list[str], load_after: list[str]) -> str:
+    """Markdown record of one batch-wait comparison."""
+    reference = result.sides[0]
+    lines = [
+        f"# One request at a time, by batch wait: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Checkpoint `{result.checkpoint}` ({result.model}); server backend `{result.backend}`, "
+        f"`LRAEE_THREADS={result.server_threads}`; {os.cpu_count()} CPUs on the machine. One server per "
+        "`LRAEE_MAX_BATCH_WAIT_MS`, alive at once; each round, each server in turn (order alternating, servers "
+        f"quiet before each turn): {result.requests_per_round} multipart `/classify` requests of one 320x240 JPEG "
+        f"with {result.labels} labels, one at a time from one client"
+        + (
+            f", then {result.load_requests_per_round} requests from {result.load_clients} concurrent clients, each "
+            "its own label set of 2-20 labels (the real-traffic load)."
+            if result.load_requests_per_round
+            else "."
+        )
+        + f" {len(reference.round_p50_ms)} timed rounds after an untimed warm-up; `[min-max]` is the spread over "
+        "rounds.",
+        "",
+        "| batch wait | one at a time: p50 ms [rounds] | p95 ms | server medians ms: queue / decode / inference | "
+        "load requests/s [rounds] | load: mean engine batch |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for side in result.sides:
+        timing = " / ".join(
+            f"{median(side.server_timing_ms[name]):.2f}" if side.server_timing_ms.get(name) else "-"
+            for name in ("queue", "decode", "inference")
+        )
+        load = _spread(side.load_requests_per_s) if side.load_requests_per_s else "-"
+        batch = f"{side.load_images / side.load_batches:.1f}" if side.load_batches else "-"
+        lines.append(
+            f"| {side.batch_wait_ms:g} ms | {percentile(side.sequential_ms, 50):.2f} "
+            f"[{min(side.round_p50_ms):.2f}-{max(side.round_p50_ms):.2f}] | "
+            f"{percentile(side.sequential_ms, 95):.2f} | {timing} | {load} | {batch} |"
+        )
+    lines.append("")
+    for side in result.sides[1:]:
+        lower = [1 - new / old for new, old in zip(side.round_p50_ms, reference.round_p50_ms, strict=False)]
+        line = (
+            f"{side.batch_wait_ms:g} ms vs {reference.batch_wait_ms:g} ms, the same round's p50: "
+            f"{100 * median(lower):.1f}% lower (rounds: " + ", ".join(f"{100 * v:.1f}%" for v in lower) + ")"
+        )
+        if side.load_requests_per_s and reference.load_requests_per_s:
+            ratios = [
+                new / old for new, old in zip(side.load_requests_per_s, reference.load_requests_per_s, strict=False)
+            ]
+            line += f"; load requests/s {median(ratios):.3f}x (rounds: " + ", ".join(f"{v:.3f}" for v in ratios) + ")"
+        lines.append(line + ".")
+    lines += [
+        "",
+        f"Errors {result.errors}" + (f" ({result.error_samples})" if result.error_samples else "") + ".",
+        "",
+        "What else was using the CPU, before the run:",
+        "",
+        *(f"    {line}" for line in load_before),
+        "",
+        "and after it:",
+        "",
+        *(f"    {line}" for line in load_after),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def machine_load() -> list[str]:
     """What else is using the CPU: the load average and the busiest other processes (``ps``), for the record."""
     lines = [f"load average: {Path('/proc/loadavg').read_text().strip()}"]
@@ -554,7 +787,8 @@ def varied_report(result: VariedServiceResult, command: str, load_before: list[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.service``: the varied-traffic run, printed and written to bench/results/service-<time>.md."""
+    """``python -m bench.service``: the varied-traffic run, printed and written to bench/results/service-<time>.md;
+    ``--sequential``: the batch-wait comparison instead (service-sequential-<time>.md)."""
     import argparse
 
     from lraee_core.assets import resolve_checkpoint
@@ -563,23 +797,52 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="everyday", help="checkpoint directory or embedded name")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="server LRAEE_THREADS and the reference's threads")
-    parser.add_argument("--requests", type=int, default=320, help="requests per timed round")
+    parser.add_argument("--requests", type=int, default=320, help="requests per timed round of the load")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one request at a time (and the load) against a server with the old 5 ms batch wait and one with the "
+        "default, rounds interleaved",
+    )
+    parser.add_argument(
+        "--sequential-requests", type=int, default=200, help="one-at-a-time requests per server per round"
+    )
+    parser.add_argument(
+        "--waits-ms",
+        default=None,
+        help=f"batch waits to compare, comma-separated, the first the reference (default {OLD_BATCH_WAIT_MS:g},"
+        "<the app's default>)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="markdown record (default bench/results/service-*.md)")
     args = parser.parse_args(argv)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or REPO_ROOT / "bench" / "results" / f"service-{stamp}.md"
-    load_before = machine_load()
-    result = run_varied_service(
-        resolve_checkpoint(args.checkpoint),
-        clients=args.clients,
-        threads=args.threads,
-        requests_per_round=args.requests,
-        repeats=args.repeats,
-        log_path=Path(f"/tmp/lraee-bench-service-{stamp}.log"),
-    )
     command = "python -m bench.service " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = varied_report(result, command.strip(), load_before, machine_load())
+    load_before = machine_load()
+    if args.sequential:
+        out = args.out or REPO_ROOT / "bench" / "results" / f"service-sequential-{stamp}.md"
+        sequential = run_sequential_service(
+            resolve_checkpoint(args.checkpoint),
+            waits_ms=None if args.waits_ms is None else [float(wait) for wait in args.waits_ms.split(",")],
+            requests_per_round=args.sequential_requests,
+            clients=args.clients,
+            load_requests_per_round=args.requests,
+            threads=args.threads,
+            repeats=args.repeats,
+            log_dir=Path(f"/tmp/lraee-bench-sequential-{stamp}"),
+        )
+        record = sequential_report(sequential, command.strip(), load_before, machine_load())
+    else:
+        out = args.out or REPO_ROOT / "bench" / "results" / f"service-{stamp}.md"
+        result = run_varied_service(
+            resolve_checkpoint(args.checkpoint),
+            clients=args.clients,
+            threads=args.threads,
+            requests_per_round=args.requests,
+            repeats=args.repeats,
+            log_path=Path(f"/tmp/lraee-bench-service-{stamp}.log"),
+        )
+        record = varied_report(result, command.strip(), load_before, machine_load())
     print(record)
     out.write_text(record)
 

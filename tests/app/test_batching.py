@@ -1,6 +1,7 @@
-"""Micro-batching under load: batches form, results equal sequential ones, a full queue answers 429, departed
-clients are withdrawn from the queue, requests with different label sets share engine batches (oldest first), and
-new labels are encoded off the inference worker: a request whose labels are cached never waits for them."""
+"""Micro-batching under load: batches form, results equal sequential ones, an idle worker starts a lone image at
+once while images arriving during a batch leave together as the next one, a full queue answers 429, departed clients
+are withdrawn from the queue, requests with different label sets share engine batches (oldest first), and new labels
+are encoded off the inference worker: a request whose labels are cached never waits for them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.batching import MicroBatcher
 from app.errors import QueueFull, ServiceUnavailable
 from app.main import create_app
+from app.settings import Settings
 from lraee_core.engine import ExitResult, Prediction
 
 from ..decisions import same_ranking
@@ -240,6 +242,100 @@ async def test_requests_with_different_keys_share_batches_oldest_first() -> None
     await batcher.stop()
     # Different keys ride together; a batch is the oldest images whatever their keys, so none waits for a group.
     assert calls == [["warm"], ["a", "b", "a", "b"], ["a", "c", "c"]]
+
+
+async def let_the_loop_run(turns: int = 20) -> None:
+    """Give the event loop ``turns`` rounds of ready callbacks, never time: a batcher that waits on a timer (for
+    company) has not moved when this returns, one that needs no timer has."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+class HeldBatches:
+    """A fake engine whose first batch is held until released; records each batch's keys."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, keys: Sequence[str], images: torch.Tensor) -> list[ExitResult]:
+        self.entered.set()
+        assert self.release.wait(timeout=30), "test never released the engine"
+        self.calls.append(list(keys))
+        return [fake_result() for _ in range(images.shape[0])]
+
+
+@pytest.mark.anyio
+async def test_an_idle_batcher_starts_a_lone_image_at_once() -> None:
+    # The service's default wait for company: a lone image on an idle worker is taken before the loop ever sleeps.
+    wait = Settings.model_fields["max_batch_wait_ms"].default / 1000.0
+    depths: list[int] = []
+    engine = HeldBatches()
+    engine.release.set()
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=4, max_wait_seconds=wait, capacity=8, threads=1)
+    batcher.start(engine, on_depth=depths.append)
+    lone = asyncio.create_task(batcher.submit("k", [torch.zeros(3, 2, 2)]))
+    await let_the_loop_run()
+    assert depths == [1, 0], "the lone image was not taken at once: it waits for company"
+    outcome = await asyncio.wait_for(lone, 30)
+    await batcher.stop()
+    assert engine.calls == [["k"]] and outcome[0].batch_size == 1
+
+
+@pytest.mark.anyio
+async def test_images_arriving_while_a_batch_runs_are_the_next_batch_at_once() -> None:
+    # An hour's wait for company, configured: it holds only a batch an idle worker would start.
+    engine = HeldBatches()
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=3, max_wait_seconds=3600.0, capacity=16, threads=1)
+    batcher.start(engine)
+    image = torch.zeros(3, 2, 2)
+    first = asyncio.create_task(batcher.submit("a", [image]))
+    await let_the_loop_run()
+    assert batcher.depth == 1, "with a wait configured, an idle worker gives the lone image time to gather company"
+    company = asyncio.create_task(batcher.submit("b", [image, image]))  # a full batch leaves at once
+    assert await asyncio.to_thread(engine.entered.wait, 30)
+    # While the full batch runs, two requests arrive: they leave together the moment the worker is free.
+    later = [asyncio.create_task(batcher.submit(key, [image])) for key in "cd"]
+    await wait_until(lambda: batcher.depth == 2)
+    engine.release.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(first, company, *later), 30)
+    await batcher.stop()
+    assert engine.calls == [["a", "b", "b"], ["c", "d"]]
+    assert [outcome[0].batch_size for outcome in outcomes] == [3, 3, 2, 2]
+
+
+@pytest.mark.anyio
+async def test_an_image_arriving_during_background_work_waits_only_for_that_piece() -> None:
+    piece_entered, piece_release = threading.Event(), threading.Event()
+
+    class OnePiece:
+        pieces = 1
+
+        def offer(self, keys: Sequence[str], images: Sequence[torch.Tensor], results: Sequence[ExitResult]) -> None:
+            pass
+
+        def next_job(self) -> Callable[[], None] | None:
+            if not self.pieces:
+                return None
+            self.pieces -= 1
+            return self.hold
+
+        @staticmethod
+        def hold() -> None:
+            piece_entered.set()
+            assert piece_release.wait(timeout=30), "test never released the background piece"
+
+    engine = HeldBatches()
+    engine.release.set()
+    batcher = MicroBatcher[str, ExitResult](max_batch_size=4, max_wait_seconds=3600.0, capacity=8, threads=1)
+    batcher.start(engine, background=OnePiece())
+    assert await asyncio.to_thread(piece_entered.wait, 30)  # the idle worker took the background piece
+    live = asyncio.create_task(batcher.submit("k", [torch.zeros(3, 2, 2)]))
+    await wait_until(lambda: batcher.depth == 1)
+    piece_release.set()
+    await asyncio.wait_for(live, 30)  # not the hour's wait for company: the worker was busy when it came
+    await batcher.stop()
+    assert engine.calls == [["k"]]
 
 
 @pytest.mark.anyio
