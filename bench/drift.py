@@ -250,9 +250,9 @@ def verdicts(run: dict[str, Any], recover_within: int) -> dict[str, Any]:
     shifted = [p for p in passes if p.phase.startswith("shifted")]
     clean = [p for p in passes if p.phase.startswith("clean-") and p.phase != "clean-start"]
     # The pass after `recover_within` shifted passes (the third after two) is the one that must keep the promise.
-    recovered = next(
-        (i + 1 for i, p in enumerate(shifted) if i >= 1 and p.agreement >= 0.96 and p.flops_saved >= 0.13), None
-    )
+    # The first shifted pass from which every later one keeps the promise (1-based; None: the last one misses it).
+    kept = [p.agreement >= 0.96 and p.flops_saved >= 0.13 for p in shifted]
+    recovered = next((i + 1 for i in range(len(kept)) if all(kept[i:])), None)
     measured = shifted[recover_within] if len(shifted) > recover_within else None
     after_clean = clean[2] if len(clean) > 2 else (clean[-1] if clean else None)
     queue = [q for p in passes for q in p.queue_ms_over_wait]
@@ -263,7 +263,7 @@ def verdicts(run: dict[str, Any], recover_within: int) -> dict[str, Any]:
         "shifted_agreement": None if measured is None else measured.agreement,
         "shifted_flops_saved": None if measured is None else measured.flops_saved,
         "shifted_ok": measured is not None and measured.agreement >= 0.96 and measured.flops_saved >= 0.13,
-        "first_shifted_pass_that_keeps_it": recovered,
+        "kept_from_shifted_pass": recovered,
         "clean_pass_measured": None if after_clean is None else after_clean.phase,
         "clean_saved_ratio": None
         if after_clean is None or start.flops_saved <= 0
