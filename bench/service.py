@@ -15,6 +15,9 @@ alive at once, one with the old 5 ms wait for company and one with the default, 
 turn, one client sending one request at a time (the load's image, 5 labels: the latency a lone user sees, and the
 server's queue/decode/inference split) and then the real-traffic load (its requests/s); it writes
 ``bench/results/service-sequential-<time>.md``.
+
+Every timed phase also records the server's CPU per request by thread group (:func:`cpu_ms_per_request`): the event
+loop, image decoding, the text worker and inference, read from ``/proc/<pid>/task`` before and after.
 """
 
 from __future__ import annotations
