@@ -33,13 +33,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
 from .errors import QueueFull, ServiceUnavailable
+from .threads import INFER_THREADS, worker_pool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,9 +142,7 @@ class MicroBatcher(Generic[KeyT, ResultT]):
         self._consumer: asyncio.Task[None] | None = None
         self._batch_seconds = 0.05  # moving average of a batch's engine time, for Retry-After
         # torch's thread count is per thread under OpenMP, so the worker sets its own.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="lraee-infer", initializer=torch.set_num_threads, initargs=(threads,)
-        )
+        self._executor = worker_pool(INFER_THREADS, workers=1, torch_threads=threads)
 
     @property
     def running(self) -> bool:

@@ -17,6 +17,7 @@ from lraee_core.errors import ImageError
 from lraee_core.images import check_image, load_image
 
 from .errors import first_failure_or_results, image_error
+from .threads import DECODE_THREADS, worker_pool
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,7 @@ class ImageDecoder:
         self._max_pixels = max_pixels
         self._owns_pool = pool is None
         # One torch thread per decode worker: the inference workers own the cores' intra-op parallelism.
-        self._executor = pool or ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="lraee-decode", initializer=torch.set_num_threads, initargs=(1,)
-        )
+        self._executor = pool or worker_pool(DECODE_THREADS, workers=workers, torch_threads=1)
 
     def with_preprocess(self, preprocess: Preprocess) -> ImageDecoder:
         """A decoder for another model's preprocessing on this one's pool (closing it leaves the pool to this one)."""

@@ -13,12 +13,11 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
-import torch
-
 from .errors import ServiceUnavailable, TextQueueFull
+from .threads import TEXT_THREADS, worker_pool
 
 T = TypeVar("T")
 
@@ -33,9 +32,7 @@ class TextWorker:
         self._closed = False
         self._job_seconds = 1.0  # moving average of a job, for Retry-After
         # torch's thread count is per thread under OpenMP: the encoder keeps to its own few.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="lraee-text", initializer=torch.set_num_threads, initargs=(threads,)
-        )
+        self._executor = worker_pool(TEXT_THREADS, workers=1, torch_threads=threads)
 
     @property
     def pending(self) -> int:

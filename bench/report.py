@@ -349,6 +349,13 @@ def _ratio_lines(items: Sequence[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
+def _cpu_split(split: dict[str, float] | None) -> str:
+    """A level's server CPU per request by thread group (bench.service.CPU_GROUPS), or why it is missing."""
+    if split is None:
+        return "not measured"  # no /proc here, or a run from before the split was recorded
+    return " / ".join(f"{split[group]:.2f}" for group in ("event loop", "decode", "text", "inference", "total"))
+
+
 def _service_lines(service: dict[str, Any] | None, markdown: bool) -> list[str]:
     if not service:
         return ["Service: not run."]
@@ -360,7 +367,18 @@ def _service_lines(service: dict[str, Any] | None, markdown: bool) -> list[str]:
         "",
     ]
     lines += _table(
-        ["clients", "req/s", "p50 ms", "p95 ms", "requests", "vs in-process", "server CPU", "client CPU", "server ms"],
+        [
+            "clients",
+            "req/s",
+            "p50 ms",
+            "p95 ms",
+            "requests",
+            "vs in-process",
+            "server CPU",
+            "client CPU",
+            "server ms",
+            "server CPU ms/request: loop / decode / text / inference / total",
+        ],
         (
             [
                 str(level["concurrency"]),
@@ -372,6 +390,7 @@ def _service_lines(service: dict[str, Any] | None, markdown: bool) -> list[str]:
                 f"{level['server_cpu_cores']:.2f} cores",
                 f"{level['client_cpu_cores']:.2f} cores",
                 " ".join(f"{name} {value:.1f}" for name, value in level["server_timing_ms"].items()) or "-",
+                _cpu_split(level.get("server_cpu_ms_per_request")),
             ]
             for level in service["levels"]
         ),

@@ -15,6 +15,9 @@ alive at once, one with the old 5 ms wait for company and one with the default, 
 turn, one client sending one request at a time (the load's image, 5 labels: the latency a lone user sees, and the
 server's queue/decode/inference split) and then the real-traffic load (its requests/s); it writes
 ``bench/results/service-sequential-<time>.md``.
+
+Every timed phase also records the server's CPU per request by thread group (:func:`cpu_ms_per_request`): the event
+loop, image decoding, the text worker and inference, read from ``/proc/<pid>/task`` before and after.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 from PIL import Image
 
 from app.local_server import start_server
+from app.threads import DECODE_THREADS, INFER_THREADS, TEXT_THREADS
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
 from lraee_core.paths import REPO_ROOT
@@ -68,6 +72,8 @@ class ServiceLevel:
     client_cpu_cores: float  # the same for this process, which runs the clients
     server_timing_ms: dict[str, float]  # medians of the server's own per-request timing (decode, queue, inference)
     ratio_to_in_process: float = 0.0  # requests_per_s / in-process images/s at the server's max batch size
+    # server CPU ms per request over the timed rounds by thread group (CPU_GROUPS); None: not measured (no /proc)
+    server_cpu_ms_per_request: dict[str, float] | None = None
 
 
 @dataclass
@@ -187,10 +193,80 @@ async def _wait_ready(server: _Server, request: _Request, deadline: float) -> st
     raise ServiceSkipped(f"the server did not answer a classify request in time:\n{server.log_tail()}")
 
 
+def _stat_cpu_ticks(stat: str) -> int:
+    """User + system CPU clock ticks from a ``/proc/.../stat`` line. Its second field, the name in parentheses, may
+    hold spaces and parentheses itself: the fields are counted from the last ``)``."""
+    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is the state (field 3 of proc(5)): utime is 14, stime 15
+    return int(fields[11]) + int(fields[12])
+
+
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of process ``pid`` (all its threads, ended ones included) so far."""
+    return _stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text()) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- the server's CPU per request outside inference: its threads' CPU time, grouped by the OS thread name -------
+
+PROC = Path("/proc")
+EVENT_LOOP, DECODE, TEXT, INFERENCE, TOTAL = "event loop", "decode", "text", "inference", "total"
+CPU_GROUPS = (EVENT_LOOP, DECODE, TEXT, INFERENCE, TOTAL)  # the columns of the CPU tables, in order
+ThreadTicks = dict[int, tuple[str, int]]  # thread id -> (OS thread name, user + system clock ticks so far)
+
+
+def thread_cpu_ticks(pid: int, proc: Path = PROC) -> ThreadTicks | None:
+    """Every thread of process ``pid`` now, from ``<proc>/<pid>/task/<tid>/{comm,stat}``; None without /proc (not
+    Linux): the split is then not measured."""
+    tasks = proc / str(pid) / "task"
+    if not tasks.is_dir():
+        return None
+    sample: ThreadTicks = {}
+    for task in tasks.iterdir():
+        try:
+            name = (task / "comm").read_text().removesuffix("\n")
+            ticks = _stat_cpu_ticks((task / "stat").read_text())
+        except OSError:  # the thread ended between the listing and the reads
+            continue
+        sample[int(task.name)] = (name, ticks)
+    return sample
+
+
+def thread_group(pid: int, tid: int, name: str) -> str:
+    """Which column a thread of the server's counts in: the main thread runs the event loop (HTTP parsing,
+    multipart, validation, responses); the app names its pools (:mod:`app.threads`); every other thread is the
+    inference worker or a runtime's pool it drives (ONNX Runtime's intra-op threads, torch's OpenMP team), so it
+    counts as inference."""
+    if tid == pid:
+        return EVENT_LOOP
+    if name.startswith(DECODE_THREADS):
+        return DECODE
+    if name.startswith(TEXT_THREADS):
+        return TEXT
+    return INFERENCE  # INFER_THREADS and the unnamed rest
+
+
+def cpu_ms_per_request(
+    pid: int, before: ThreadTicks | None, after: ThreadTicks | None, requests: int, ticks_per_s: float | None = None
+) -> dict[str, float] | None:
+    """CPU milliseconds per request of each group of :data:`CPU_GROUPS` (and their total) between two samples of
+    process ``pid``; None when either sample is missing or no request ran. A thread in ``after`` only (started in
+    between, or a new thread under a reused id: fewer ticks than before) counts from 0; one in ``before`` only
+    (ended in between) counts nothing, as /proc no longer shows it."""
+    if before is None or after is None or requests <= 0:
+        return None
+    ticks_per_s = ticks_per_s or os.sysconf("SC_CLK_TCK")
+    ticks = dict.fromkeys(CPU_GROUPS, 0)
+    for tid, (name, now) in after.items():
+        earlier = before.get(tid, (name, 0))[1]
+        ticks[thread_group(pid, tid, name)] += now - earlier if now >= earlier else now
+    ticks[TOTAL] = sum(ticks.values())
+    return {group: 1e3 * count / ticks_per_s / requests for group, count in ticks.items()}
+
+
+def _append_split(rounds: list[dict[str, float]], pid: int, before: ThreadTicks | None, requests: int) -> None:
+    """Append the CPU split of ``requests`` requests since ``before`` to ``rounds``, if it could be measured."""
+    split = cpu_ms_per_request(pid, before, thread_cpu_ticks(pid), requests)
+    if split is not None:
+        rounds.append(split)
 
 
 @dataclass
@@ -249,6 +325,7 @@ async def _drive(
             await _round(client, [request] * concurrency, concurrency, errors, _RoundLog())  # warm-up, untimed
             rates, log, wall = [], _RoundLog(), 0.0
             server_cpu, client_cpu = _cpu_seconds(server.process.pid), time.process_time()
+            threads_before = thread_cpu_ticks(server.process.pid)
             for _ in range(repeats):
                 if time.monotonic() > deadline:
                     errors.append(f"concurrency {concurrency}: section time limit reached before all rounds ran")
@@ -258,6 +335,7 @@ async def _drive(
                 wall += seconds
             if not rates or not log.latencies:
                 continue
+            threads_after = thread_cpu_ticks(server.process.pid)
             levels.append(
                 ServiceLevel(
                     concurrency=concurrency,
@@ -270,6 +348,9 @@ async def _drive(
                     server_cpu_cores=(_cpu_seconds(server.process.pid) - server_cpu) / wall,
                     client_cpu_cores=(time.process_time() - client_cpu) / wall,
                     server_timing_ms={name: median(values) for name, values in log.server_timing.items()},
+                    server_cpu_ms_per_request=cpu_ms_per_request(
+                        server.process.pid, threads_before, threads_after, len(rates) * requests_per_round
+                    ),
                 )
             )
     return transport, levels, errors
@@ -371,6 +452,7 @@ class VariedServiceResult:
     backend: str  # what runs the server's blocks (LRAEE_BACKEND, "auto" resolved as the server resolves it)
     errors: int
     error_samples: list[str] = field(default_factory=list)
+    server_cpu_ms: list[dict[str, float]] = field(default_factory=list)  # each timed round, CPU_GROUPS; [] not measured
 
 
 def server_backend(checkpoint: Path) -> str:
@@ -444,6 +526,7 @@ def run_varied_service(
     log = _RoundLog()
     service_rates: list[float] = []
     baseline_rates: list[float] = []
+    server_cpu_ms: list[dict[str, float]] = []
 
     async def drive(server: _Server) -> tuple[dict[str, object], float, float, float]:
         await _wait_ready(server, _Request("multipart", image, label_sets[0]), deadline)
@@ -460,12 +543,14 @@ def run_varied_service(
                     break
                 baseline_rate = baseline(baseline_batches)
                 cpu_before, own_before = _cpu_seconds(server.process.pid), time.process_time()
+                threads_before = thread_cpu_ticks(server.process.pid)
                 round_log = log if round_index >= warmup else _RoundLog()
                 seconds = await _round(client, requests, requests_per_round, errors, round_log)
                 if round_index < warmup:
                     batches_before = await _metric(client, "lraee_batch_size_count")
                     images_before = await _metric(client, "lraee_batch_size_sum")
                     continue
+                _append_split(server_cpu_ms, server.process.pid, threads_before, requests_per_round)
                 server_cpu += _cpu_seconds(server.process.pid) - cpu_before
                 client_cpu += time.process_time() - own_before
                 wall += seconds
@@ -499,6 +584,7 @@ def run_varied_service(
         backend=server_backend(checkpoint),
         errors=len(errors),
         error_samples=errors[:_ERROR_SAMPLES],
+        server_cpu_ms=server_cpu_ms,
     )
 
 
@@ -527,6 +613,9 @@ class WaitSide:
     load_requests_per_s: list[float] = field(default_factory=list)  # each round's throughput under the load
     load_batches: float = 0.0  # engine batches of the timed load rounds (from /metrics)
     load_images: float = 0.0  # images in those batches
+    # server CPU ms per request by thread group (CPU_GROUPS), each timed round; [] where not measured (no /proc)
+    sequential_cpu_ms: list[dict[str, float]] = field(default_factory=list)  # of the one-at-a-time requests
+    load_cpu_ms: list[dict[str, float]] = field(default_factory=list)  # of the load
 
 
 @dataclass
@@ -585,9 +674,11 @@ def run_sequential_service(
     errors: list[str] = []
     deadline = time.monotonic() + time_limit_s
 
-    async def turn(client: httpx.AsyncClient, side: WaitSide) -> None:
+    async def turn(client: httpx.AsyncClient, side: WaitSide, pid: int) -> None:
         log = _RoundLog()
+        threads_before = thread_cpu_ticks(pid)
         await _round(client, [lone], requests_per_round, errors, log)
+        _append_split(side.sequential_cpu_ms, pid, threads_before, requests_per_round)
         side.sequential_ms += [seconds * 1e3 for seconds in log.latencies]
         side.round_p50_ms.append(percentile(log.latencies, 50) * 1e3)
         for name, values in log.server_timing.items():
@@ -595,7 +686,9 @@ def run_sequential_service(
         if load_requests_per_round:
             batches = await _metric(client, "lraee_batch_size_count")
             images = await _metric(client, "lraee_batch_size_sum")
+            threads_before = thread_cpu_ticks(pid)
             seconds = await _round(client, load, load_requests_per_round, errors, _RoundLog())
+            _append_split(side.load_cpu_ms, pid, threads_before, load_requests_per_round)
             side.load_requests_per_s.append(load_requests_per_round / seconds)
             side.load_batches += await _metric(client, "lraee_batch_size_count") - batches
             side.load_images += await _metric(client, "lraee_batch_size_sum") - images
@@ -619,7 +712,7 @@ def run_sequential_service(
                     break
                 for index in order if round_index % 2 == 0 else order[::-1]:
                     await _settle(pids)
-                    await turn(http[index], sides[index])
+                    await turn(http[index], sides[index], pids[index])
         return {key: model.get(key) for key in ("model", "backbone", "quant_mode", "quantized_modules")}
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -651,6 +744,30 @@ def run_sequential_service(
         backend=server_backend(checkpoint),
         errors=len(errors),
         error_samples=errors[:_ERROR_SAMPLES],
+    )
+
+
+def cpu_split_table(first_column: str, rows: Sequence[tuple[str, Sequence[dict[str, float]]]]) -> list[str]:
+    """Markdown table of server CPU ms per request, one row per ``(label, rounds)``: each group's median [min-max]
+    over the rounds, "not measured" for a row without rounds (:func:`cpu_split_note` says what the columns mean)."""
+    lines = [f"| {first_column} | " + " | ".join(CPU_GROUPS) + " |", "|---|" + "---:|" * len(CPU_GROUPS)]
+    for label, rounds in rows:
+        cells = [_spread([split[group] for split in rounds], 2) if rounds else "not measured" for group in CPU_GROUPS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cpu_split_note() -> str:
+    """What the columns of :func:`cpu_split_table` mean, for the record."""
+    resolution = 1e3 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 10.0
+    return (
+        "Server CPU ms per request (user + system, from `/proc/<pid>/task/<tid>/stat`, sampled just before and after "
+        "each round's requests), median [min-max] over rounds: *event loop* = the main thread (HTTP and multipart "
+        f"parsing, validation, responses); *decode* = `{DECODE_THREADS}*`; *text* = `{TEXT_THREADS}*` (new labels' "
+        f"encoding); *inference* = `{INFER_THREADS}*` and every other thread, which are the runtimes' pools (ONNX "
+        "Runtime's intra-op threads, torch's OpenMP team); *total* = all of them. The kernel counts in "
+        f"{resolution:g} ms ticks, so a round of few requests is coarse; a thread that ended within a round is "
+        "missing from it."
     )
 
 
@@ -710,7 +827,18 @@ def sequential_report(result: SequentialResult, command: str, load_before: list[
             ]
             line += f"; load requests/s {median(ratios):.3f}x (rounds: " + ", ".join(f"{v:.3f}" for v in ratios) + ")"
         lines.append(line + ".")
+    phases = [("one request at a time", [side.sequential_cpu_ms for side in result.sides])]
+    if result.load_requests_per_round:
+        phases.append(("the load", [side.load_cpu_ms for side in result.sides]))
+    for phase, splits in phases:
+        lines += ["", f"Server CPU per request, {phase} (ms):", ""]
+        lines += cpu_split_table(
+            "batch wait",
+            [(f"{side.batch_wait_ms:g} ms", split) for side, split in zip(result.sides, splits, strict=True)],
+        )
     lines += [
+        "",
+        cpu_split_note(),
         "",
         f"Errors {result.errors}" + (f" ({result.error_samples})" if result.error_samples else "") + ".",
         "",
@@ -774,6 +902,12 @@ def varied_report(result: VariedServiceResult, command: str, load_before: list[s
         f"cores, clients (this process) {result.client_cpu_cores:.2f} cores; errors {result.errors}"
         + (f" ({result.error_samples})" if result.error_samples else "")
         + ".",
+        "",
+        "Server CPU per request under the load (ms):",
+        "",
+        *cpu_split_table("phase", [("service rounds", result.server_cpu_ms)]),
+        "",
+        cpu_split_note(),
         "",
         "What else was using the CPU, before the run:",
         "",
