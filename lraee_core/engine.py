@@ -17,6 +17,8 @@ classifier with :func:`lraee_core.checkpoint.load_classifier`.
 
 from __future__ import annotations
 
+import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -224,16 +226,17 @@ class EarlyExitClassifier:
             queries, self.policy.candidate_layers, self.head_config.hidden_dim, self.backbone.shape, self._logit_scale
         )
         batch = images.shape[0]
-        exit_layer = torch.full((batch,), self.num_layers, dtype=torch.long)
-        left_at_head = torch.zeros(batch, dtype=torch.bool)
-        gate_prob = torch.zeros(batch)
-        # Each running row's top-1 at the previous candidate layer, aligned with ``alive`` (-1, which matches no
-        # label, before the first candidate). Rows whose rule runs no heads carry one too and never read it.
-        previous_top1 = torch.full((batch,), -1, dtype=torch.long)
+        # Per row, as Python lists rather than tensors: a batch-1 call is mostly fixed costs, and every torch op
+        # between two session calls starts on caches the session has just evicted (tens of microseconds each).
+        exit_layer = [self.num_layers] * batch
+        gate_prob: list[float | None] = [None] * batch  # the gate's probability where a head answered, else None
         answered: list[tuple[torch.Tensor, torch.Tensor]] = []  # (batch rows [n], their padded logits [n, W])
         heads = self.heads if plan.exits.any_evaluate else {}
 
-        alive = torch.arange(batch)  # batch row of each row still running
+        # The batch row of each row still running, and each running row's top-1 at the previous candidate layer,
+        # aligned with ``alive`` (-1, which matches no label, before the first candidate). Rows whose rule runs no
+        # heads carry one too and never read it.
+        alive, previous_top1 = _batch_rows(batch)
         hidden = images  # the first span starts from the images (embedding stage included), later ones at a block
         final: torch.Tensor | None = None  # [alive, E] unit full-depth embeddings once the top span has run
         done = 0  # blocks run so far
@@ -260,15 +263,14 @@ class EarlyExitClassifier:
                 if evaluating is None
                 else (verdict.logits[evaluating], verdict.probability[evaluating])
             )
-            leave = plan.exits.leave(layer, rows, probability)
+            leaving = plan.exits.leaving(layer, rows, probability)
             previous_top1 = verdict.top1
-            if not bool(leave.any()):
+            if leaving is None:
                 continue
-            leaving = leave.nonzero().flatten()
             gone = rows[leaving]
-            exit_layer[gone] = layer
-            left_at_head[gone] = True
-            gate_prob[gone] = probability[leaving]
+            for row, value in zip(gone.tolist(), probability[leaving].float().tolist(), strict=True):
+                exit_layer[row] = layer
+                gate_prob[row] = value
             answered.append((gone, logits[leaving]))
             staying = torch.ones(batch, dtype=torch.bool)
             staying[gone] = False
@@ -282,24 +284,25 @@ class EarlyExitClassifier:
             answered.append((alive, plan.logits(final, alive)))
         # Heads and gates each row ran: every candidate up to its exit layer (all of them on the full path) when its
         # rule evaluates heads, none otherwise; counted once here rather than per layer.
-        evaluated = torch.zeros(batch, dtype=torch.long)
-        if heads:
-            evaluated = torch.searchsorted(torch.tensor(sorted(heads)), exit_layer, right=True)
-            if not plan.exits.all_evaluate:
-                evaluated = evaluated * plan.exits.evaluates
-        return self._results(plan, answered, exit_layer, left_at_head, gate_prob, evaluated)
+        candidates = sorted(heads)
+        evaluates = [True] * batch if plan.exits.all_evaluate else plan.exits.evaluates.tolist()
+        evaluated = [
+            bisect.bisect_right(candidates, layer) if runs_heads else 0
+            for layer, runs_heads in zip(exit_layer, evaluates, strict=True)
+        ]
+        return self._results(plan, answered, exit_layer, gate_prob, evaluated)
 
     def _results(
         self,
         plan: _RowPlan,
         answered: list[tuple[torch.Tensor, torch.Tensor]],
-        exit_layer: torch.Tensor,
-        left_at_head: torch.Tensor,
-        gate_prob: torch.Tensor,
-        evaluated: torch.Tensor,
+        exit_layer: list[int],
+        gate_prob: list[float | None],
+        evaluated: list[int],
     ) -> list[ExitResult]:
-        """One :class:`ExitResult` per row from the answering logits (top-k in one op per group of rows)."""
-        batch = exit_layer.shape[0]
+        """One :class:`ExitResult` per row from the answering logits (top-k in one op per group of rows); per row its
+        exit layer, its gate probability where a head answered (None: the full path) and the heads it ran."""
+        batch = len(exit_layer)
         top: list[tuple[list[float], list[int]]] = [([], [])] * batch
         for rows, logits in answered:
             probs = logits.float().softmax(dim=-1)  # [n, W]; padding gets 0
@@ -309,27 +312,22 @@ class EarlyExitClassifier:
             best = probs.topk(min(plan.max_top_k(rows), probs.shape[1]), dim=-1)
             for row, values, indices in zip(rows.tolist(), best.values.tolist(), best.indices.tolist(), strict=True):
                 top[row] = (values, indices)
-        layers, heads_run, at_head, gates = (
-            exit_layer.tolist(),
-            evaluated.tolist(),
-            left_at_head.tolist(),
-            gate_prob.tolist(),
-        )
         results = []
         for row in range(batch):
             query, cost = plan.queries[row], plan.costs[row]
             values, indices = top[row]
-            spent = cost.spent(layers[row], heads_run[row], not at_head[row])
+            at_head = gate_prob[row] is not None
+            spent = cost.spent(exit_layer[row], evaluated[row], not at_head)
             results.append(
                 ExitResult(
                     predictions=tuple(
                         Prediction(query.labels[index], score)
                         for score, index in zip(values[: query.top_k], indices[: query.top_k], strict=True)
                     ),
-                    exit_layer=layers[row],
+                    exit_layer=exit_layer[row],
                     num_layers=self.num_layers,
-                    exit_path="head" if at_head[row] else "full",
-                    gate_probability=gates[row] if at_head[row] else None,
+                    exit_path="head" if at_head else "full",
+                    gate_probability=gate_prob[row],
                     flops=spent,
                     flops_saved=cost.saved(spent),
                     flops_full=cost.full_depth,
@@ -436,6 +434,14 @@ class _RowPlan:
         if self.counts is None:
             return self.top_ks[0]
         return max(self.top_ks[row] for row in rows.tolist())
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_rows(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``arange(batch)`` and ``batch`` times -1 (long), made once per batch size: two torch ops fewer per call, where a
+    batch-1 call is mostly such fixed costs. Shared between calls and threads, so nobody writes to them (the engine
+    only indexes them, which makes new tensors)."""
+    return torch.arange(batch), torch.full((batch,), -1, dtype=torch.long)
 
 
 def _positions_within(groups: Sequence[int]) -> list[int]:

@@ -17,6 +17,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .config import FULL_OPERATING_POINT, OperatingPoint
@@ -75,6 +76,10 @@ class ExitRule:
         return {}
 
     @functools.cached_property
+    def _row_exits(self) -> dict[tuple[int, tuple[int, ...]], RowExits]:
+        return {}  # (batch, candidate layers) -> the rows' exits of a batch that follows this rule alone
+
+    @functools.cached_property
     def _without_heads(self) -> ExitRule:
         return ExitRule(self.name, {}, None, evaluate_heads=False)
 
@@ -123,6 +128,26 @@ class RowExits:
         when a single-rule batch would let it."""
         batch = len(rules)
         unique = list({id(rule): rule for rule in rules}.values())
+        if len(unique) == 1 and unique[0].forced is None:
+            # The common batch (one request, or requests at one point and K) is the same every call: made once per
+            # rule, batch size and layers (the tensors are never written to), not a few small torch ops per call.
+            [rule] = unique
+            key = (batch, tuple(candidate_layers))
+            cached = rule._row_exits.get(key)
+            if cached is None:
+                cached = rule._row_exits.setdefault(key, cls._of(rules, positions, candidate_layers, unique))
+            return cached
+        return cls._of(rules, positions, candidate_layers, unique)
+
+    @classmethod
+    def _of(
+        cls,
+        rules: Sequence[ExitRule],
+        positions: Sequence[int],
+        candidate_layers: Sequence[int],
+        unique: Sequence[ExitRule],
+    ) -> RowExits:
+        batch = len(rules)
         if len(unique) == 1:  # one rule: constant columns, no per-row look-up
             [rule] = unique
             thresholds = {
@@ -151,6 +176,20 @@ class RowExits:
         if len(unique) == 1 and forced is None:
             uniform = {layer: float(column[0]) for layer, column in thresholds.items()} if batch else {}
         return cls(thresholds, forced, is_forced, evaluates, any(flags), all(flags), uniform)
+
+    def leaving(self, layer: int, rows: torch.Tensor, probability: torch.Tensor) -> torch.Tensor | None:
+        """Positions in ``rows`` (batch indices [b], gate probabilities [b]) of the rows that leave at ``layer``, None
+        when none does. Under one unforced rule (:attr:`uniform`) the decision is one NumPy comparison, or none at a
+        threshold >= 1, instead of torch ops: the same float32 comparison as :meth:`leave`, for less per-call cost
+        (the engine decides between two session calls, where every op starts on cold caches)."""
+        if self.uniform is not None:
+            constant = self.uniform[layer]
+            if constant >= 1.0:
+                return None
+            positions = np.flatnonzero(probability.numpy() >= np.float32(constant))
+            return torch.from_numpy(positions) if positions.size else None
+        leave = self.leave(layer, rows, probability)
+        return leave.nonzero().flatten() if bool(leave.any()) else None
 
     def leave(self, layer: int, rows: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
         """Mask [b] of the rows (batch indices ``rows`` [b], gate probabilities [b]) that leave at ``layer``."""

@@ -10,6 +10,7 @@ head and reported separately.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,8 +82,10 @@ def gate_flops(shape: VisionShape, num_labels: int) -> int:
     return 2 * (shape.num_tokens - 1) * shape.width + 3 * num_labels + 2 * 3
 
 
+@functools.lru_cache(maxsize=1024)
 def flops_model(shape: VisionShape, head_hidden_dim: int, num_labels: int) -> FlopsModel:
-    """FLOPs of every stage for this tower, head width and label-set size."""
+    """FLOPs of every stage for this tower, head width and label-set size (made once per triple: the engine asks
+    for it on every call)."""
     return FlopsModel(
         embed=embed_flops(shape),
         block=block_flops(shape),
