@@ -42,6 +42,7 @@ from PIL import Image
 
 from app.local_server import start_server
 from app.threads import DECODE_THREADS, INFER_THREADS, TEXT_THREADS
+from lraee_core.backends import BackendName
 from lraee_core.engine import EarlyExitClassifier
 from lraee_core.images import load_image
 from lraee_core.paths import REPO_ROOT
@@ -442,6 +443,8 @@ class VariedServiceResult:
     service_requests_per_s: list[float]  # each timed round (one image per request)
     baseline_images_per_s: list[float]  # each timed round, measured just before the service round
     ratios: list[float]  # service / baseline of the same round
+    engine_images_per_s: list[float]  # the service's own engine in process, batch 32, each timed round
+    engine_ratios: list[float]  # service / engine of the same round (issue 41's target: >= 0.6 on the default)
     latency_p50_ms: float
     latency_p95_ms: float
     server_timing_ms: dict[str, float]  # medians of the responses' timing_ms
@@ -455,7 +458,7 @@ class VariedServiceResult:
     server_cpu_ms: list[dict[str, float]] = field(default_factory=list)  # each timed round, CPU_GROUPS; [] not measured
 
 
-def server_backend(checkpoint: Path) -> str:
+def server_backend(checkpoint: Path) -> BackendName:
     """The backend the server will pick from this environment's ``LRAEE_BACKEND`` (default ``auto``), as its loader
     picks it."""
     from lraee_core.backends import resolve_backend
@@ -493,6 +496,35 @@ def plain_open_clip_rate(checkpoint: Path, image: bytes, threads: int) -> Callab
     return rate
 
 
+def engine_rate(
+    checkpoint: Path, image: bytes, label_sets: Sequence[tuple[str, ...]], threads: int
+) -> Callable[[int], float]:
+    """The service's own engine in process, as the server loads it (the checkpoint's quant mode on
+    ``LRAEE_BACKEND``, ``threads`` intra-op threads), at batch 32 with each row asking the clients' label sets in
+    turn at the default operating point (one ``classify_rows`` call, as the server's batches are): returns a function
+    running ``batches`` batches and giving images/s. What issue 41 judges the service against."""
+    from lraee_core.backends import BackendOptions
+    from lraee_core.checkpoint import load_classifier
+
+    torch.set_num_threads(threads)
+    engine = load_classifier(
+        checkpoint, backend=server_backend(checkpoint), backend_options=BackendOptions(threads=threads)
+    )
+    tensor = engine.backbone.preprocess(load_image(image))
+    images = tensor.unsqueeze(0).repeat(BASELINE_BATCH, 1, 1, 1)  # [32, 3, H, W]
+    queries = [engine.query(labels) for labels in label_sets]
+    rows = [queries[row % len(queries)] for row in range(BASELINE_BATCH)]
+    engine.classify_rows(images, rows)  # warm: the text cache and the sessions
+
+    def rate(batches: int) -> float:
+        started = time.perf_counter()
+        for _ in range(batches):
+            engine.classify_rows(images, rows)
+        return batches * BASELINE_BATCH / (time.perf_counter() - started)
+
+    return rate
+
+
 async def _metric(client: httpx.AsyncClient, name: str) -> float:
     """The value of a /metrics series ``name``, summed over its labels (one per served model, say)."""
     text = (await client.get("/metrics")).text
@@ -521,11 +553,13 @@ def run_varied_service(
     label_sets = client_label_sets(clients)
     requests = [_Request("multipart", image, labels) for labels in label_sets]  # client i posts its own labels
     baseline = plain_open_clip_rate(checkpoint, image, threads)
+    own_engine = engine_rate(checkpoint, image, label_sets, threads)
     deadline = time.monotonic() + time_limit_s
     errors: list[str] = []
     log = _RoundLog()
     service_rates: list[float] = []
     baseline_rates: list[float] = []
+    engine_rates: list[float] = []
     server_cpu_ms: list[dict[str, float]] = []
 
     async def drive(server: _Server) -> tuple[dict[str, object], float, float, float]:
@@ -542,6 +576,7 @@ def run_varied_service(
                     errors.append("time limit reached before all rounds ran")
                     break
                 baseline_rate = baseline(baseline_batches)
+                own_engine_rate = own_engine(baseline_batches)
                 cpu_before, own_before = _cpu_seconds(server.process.pid), time.process_time()
                 threads_before = thread_cpu_ticks(server.process.pid)
                 round_log = log if round_index >= warmup else _RoundLog()
@@ -555,6 +590,7 @@ def run_varied_service(
                 client_cpu += time.process_time() - own_before
                 wall += seconds
                 baseline_rates.append(baseline_rate)
+                engine_rates.append(own_engine_rate)
                 service_rates.append(requests_per_round / seconds)
             batches = await _metric(client, "lraee_batch_size_count") - batches_before
             images = await _metric(client, "lraee_batch_size_sum") - images_before
@@ -574,6 +610,8 @@ def run_varied_service(
         service_requests_per_s=service_rates,
         baseline_images_per_s=baseline_rates,
         ratios=[s / b for s, b in zip(service_rates, baseline_rates, strict=True)],
+        engine_images_per_s=engine_rates,
+        engine_ratios=[s / e for s, e in zip(service_rates, engine_rates, strict=True)],
         latency_p50_ms=percentile(log.latencies, 50) * 1e3,
         latency_p95_ms=percentile(log.latencies, 95) * 1e3,
         server_timing_ms={name: median(values) for name, values in log.server_timing.items()},
@@ -871,7 +909,7 @@ def varied_report(result: VariedServiceResult, command: str, load_before: list[s
     """Markdown record of one varied-traffic run."""
     ratio = median(result.ratios)
     lines = [
-        f"# Service under real traffic vs plain open_clip FP32: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"# Service under real traffic vs its engine and open_clip FP32: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"Command: `{command}`",
         "",
@@ -882,7 +920,10 @@ def varied_report(result: VariedServiceResult, command: str, load_before: list[s
         f"{max(result.labels_per_client)} labels (sizes {result.labels_per_client}), multipart `/classify` of one "
         f"320x240 JPEG, {result.requests_per_round} requests per round; every label set cached after the untimed "
         f"first round. Reference: plain open_clip FP32 `visual` + cosine logits + softmax + top-5 at batch "
-        f"{BASELINE_BATCH}, in process, on the same backbone, timed just before each service round.",
+        f"{BASELINE_BATCH}, in process, on the same backbone; and the service's own engine in process (as the server "
+        f"loads it, {result.server_threads} threads) at batch {BASELINE_BATCH}, its rows asking the clients' label "
+        "sets in turn at the default operating point; both timed just before each service round (the clients run in "
+        "this process, the server in its own).",
         "",
         "| | median | rounds |",
         "|---|---:|---|",
@@ -894,6 +935,13 @@ def varied_report(result: VariedServiceResult, command: str, load_before: list[s
         + " |",
         f"| service / open_clip (same round) | **{ratio:.2f}x** | "
         + ", ".join(f"{v:.2f}" for v in result.ratios)
+        + " |",
+        f"| the service's engine in process, images/s (batch {BASELINE_BATCH}) | "
+        f"{median(result.engine_images_per_s):.1f} | "
+        + ", ".join(f"{v:.1f}" for v in result.engine_images_per_s)
+        + " |",
+        f"| service / its own engine (same round) | **{median(result.engine_ratios):.2f}x** | "
+        + ", ".join(f"{v:.2f}" for v in result.engine_ratios)
         + " |",
         "",
         f"Latency p50 {result.latency_p50_ms:.1f} ms, p95 {result.latency_p95_ms:.1f} ms; server timing medians (ms) "

@@ -49,10 +49,16 @@ def test_varied_run_on_the_tiny_checkpoint(tiny_checkpoint: Path, tmp_path: Path
         result.ratios, result.service_requests_per_s, result.baseline_images_per_s, strict=True
     ):
         assert service > 0 and baseline > 0 and ratio == pytest.approx(service / baseline)
+    assert len(result.engine_images_per_s) == len(result.engine_ratios) == 2
+    for ratio, service, engine in zip(
+        result.engine_ratios, result.service_requests_per_s, result.engine_images_per_s, strict=True
+    ):
+        assert engine > 0 and ratio == pytest.approx(service / engine)
     assert result.mean_engine_batch >= 1.0 and result.model["model"] == "untrained"
     assert len(result.server_cpu_ms) == 2 and all(tuple(split) == CPU_GROUPS for split in result.server_cpu_ms)
     record = varied_report(result, "python -m bench.service --test", ["load average: x"], ["load average: y"])
     assert "service / open_clip (same round)" in record and "load average: y" in record
+    assert "service / its own engine (same round)" in record
     assert "| phase | event loop | decode | text | inference | total |" in record
 
 
