@@ -178,28 +178,18 @@ class RowExits:
         return cls(thresholds, forced, is_forced, evaluates, any(flags), all(flags), uniform)
 
     def leaving(self, layer: int, rows: torch.Tensor, probability: torch.Tensor) -> torch.Tensor | None:
-        """Positions in ``rows`` (batch indices [b], gate probabilities [b]) of the rows that leave at ``layer``, None
-        when none does. Under one unforced rule (:attr:`uniform`) the decision is one NumPy comparison, or none at a
-        threshold >= 1, instead of torch ops: the same float32 comparison as :meth:`leave`, for less per-call cost
-        (the engine decides between two session calls, where every op starts on cold caches)."""
+        """Positions in ``rows`` (batch indices [b], gate probabilities [b] float32) of the rows that leave at
+        ``layer``, None when none does. Under one unforced rule (:attr:`uniform`) the decision is one NumPy float32
+        comparison, or none at a threshold >= 1, instead of torch ops (the engine decides between two session calls,
+        where every op starts on cold caches); otherwise each row against its own threshold or forced layer."""
         if self.uniform is not None:
             constant = self.uniform[layer]
             if constant >= 1.0:
                 return None
             positions = np.flatnonzero(probability.numpy() >= np.float32(constant))
             return torch.from_numpy(positions) if positions.size else None
-        leave = self.leave(layer, rows, probability)
-        return leave.nonzero().flatten() if bool(leave.any()) else None
-
-    def leave(self, layer: int, rows: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
-        """Mask [b] of the rows (batch indices ``rows`` [b], gate probabilities [b]) that leave at ``layer``."""
-        if self.uniform is not None:
-            constant = self.uniform[layer]  # a float32 value: the comparison is the per-row one's
-            if constant >= 1.0:
-                return torch.zeros(probability.shape, dtype=torch.bool)
-            return probability >= constant
         threshold = self.thresholds[layer][rows]
-        by_gate = (threshold < 1.0) & (probability >= threshold)
-        if self.forced is None or self.is_forced is None:
-            return by_gate
-        return torch.where(self.is_forced[rows], self.forced[rows] == layer, by_gate)
+        leave = (threshold < 1.0) & (probability >= threshold)
+        if self.forced is not None and self.is_forced is not None:
+            leave = torch.where(self.is_forced[rows], self.forced[rows] == layer, leave)
+        return leave.nonzero().flatten() if bool(leave.any()) else None
