@@ -486,11 +486,17 @@ def plain_open_clip_rate(checkpoint: Path, image: bytes, threads: int) -> Callab
     classify = tower_classifier(fp32.backbone.visual, text, fp32.backbone.logit_scale)
     tensor = fp32.backbone.preprocess(load_image(image))
     images = tensor.unsqueeze(0).repeat(BASELINE_BATCH, 1, 1, 1)  # [32, 3, H, W]
+    return _batch_rate(lambda: classify(images))
+
+
+def _batch_rate(run_batch: Callable[[], object]) -> Callable[[int], float]:
+    """A function running ``batches`` calls of ``run_batch`` (one batch of :data:`BASELINE_BATCH` images each) and
+    giving images/s."""
 
     def rate(batches: int) -> float:
         started = time.perf_counter()
         for _ in range(batches):
-            classify(images)
+            run_batch()
         return batches * BASELINE_BATCH / (time.perf_counter() - started)
 
     return rate
@@ -515,14 +521,7 @@ def engine_rate(
     queries = [engine.query(labels) for labels in label_sets]
     rows = [queries[row % len(queries)] for row in range(BASELINE_BATCH)]
     engine.classify_rows(images, rows)  # warm: the text cache and the sessions
-
-    def rate(batches: int) -> float:
-        started = time.perf_counter()
-        for _ in range(batches):
-            engine.classify_rows(images, rows)
-        return batches * BASELINE_BATCH / (time.perf_counter() - started)
-
-    return rate
+    return _batch_rate(lambda: engine.classify_rows(images, rows))
 
 
 async def _metric(client: httpx.AsyncClient, name: str) -> float:
@@ -905,9 +904,15 @@ def machine_load() -> list[str]:
     return lines + [line[:160] for line in busy[:6]]
 
 
+def _rounds_row(name: str, rounds: Sequence[float], *, ratio: bool = False) -> str:
+    """A ``| name | median | rounds |`` row: figures with one decimal, or a ratio with two, its median in bold."""
+    if ratio:
+        return f"| {name} | **{median(rounds):.2f}x** | " + ", ".join(f"{v:.2f}" for v in rounds) + " |"
+    return f"| {name} | {median(rounds):.1f} | " + ", ".join(f"{v:.1f}" for v in rounds) + " |"
+
+
 def varied_report(result: VariedServiceResult, command: str, load_before: list[str], load_after: list[str]) -> str:
     """Markdown record of one varied-traffic run."""
-    ratio = median(result.ratios)
     lines = [
         f"# Service under real traffic vs its engine and open_clip FP32: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
@@ -927,22 +932,11 @@ def varied_report(result: VariedServiceResult, command: str, load_before: list[s
         "",
         "| | median | rounds |",
         "|---|---:|---|",
-        f"| service requests/s (= images/s) | {median(result.service_requests_per_s):.1f} | "
-        + ", ".join(f"{v:.1f}" for v in result.service_requests_per_s)
-        + " |",
-        f"| plain open_clip FP32 images/s (batch {BASELINE_BATCH}) | {median(result.baseline_images_per_s):.1f} | "
-        + ", ".join(f"{v:.1f}" for v in result.baseline_images_per_s)
-        + " |",
-        f"| service / open_clip (same round) | **{ratio:.2f}x** | "
-        + ", ".join(f"{v:.2f}" for v in result.ratios)
-        + " |",
-        f"| the service's engine in process, images/s (batch {BASELINE_BATCH}) | "
-        f"{median(result.engine_images_per_s):.1f} | "
-        + ", ".join(f"{v:.1f}" for v in result.engine_images_per_s)
-        + " |",
-        f"| service / its own engine (same round) | **{median(result.engine_ratios):.2f}x** | "
-        + ", ".join(f"{v:.2f}" for v in result.engine_ratios)
-        + " |",
+        _rounds_row("service requests/s (= images/s)", result.service_requests_per_s),
+        _rounds_row(f"plain open_clip FP32 images/s (batch {BASELINE_BATCH})", result.baseline_images_per_s),
+        _rounds_row("service / open_clip (same round)", result.ratios, ratio=True),
+        _rounds_row(f"the service's engine in process, images/s (batch {BASELINE_BATCH})", result.engine_images_per_s),
+        _rounds_row("service / its own engine (same round)", result.engine_ratios, ratio=True),
         "",
         f"Latency p50 {result.latency_p50_ms:.1f} ms, p95 {result.latency_p95_ms:.1f} ms; server timing medians (ms) "
         + ", ".join(f"{k} {v:.2f}" for k, v in result.server_timing_ms.items())
